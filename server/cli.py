@@ -1,0 +1,93 @@
+"""The `nereid` command: argv -> Settings -> run. The parser is built on call, never at import."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from server import __version__
+from server.settings import INT32_MAX, Settings, parse_backend_config
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nereid", description="Triton-compatible gRPC model server")
+    parser.add_argument("--version", action="version", version=f"nereid {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="serve a model repository over gRPC")
+    serve.add_argument("--model-repository", action="append", required=True, type=Path,
+                       help="model repository path (repeatable)")
+    serve.add_argument("--grpc-address", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default 8001)")
+    serve.add_argument("--grpc-max-message-bytes", type=int, default=INT32_MAX,
+                       help="largest gRPC message accepted or sent (default 2147483647, as Triton)")
+    serve.add_argument("--disable-auto-complete-config", action="store_true",
+                       help="do not fill in missing inputs/outputs/max_batch_size from model files")
+    serve.add_argument("--strict-readiness", type=_bool, default=True,
+                       help="ready only when every model is ready (default true)")
+    serve.add_argument("--exit-timeout-secs", type=float, default=30.0,
+                       help="how long shutdown waits for in-flight requests (default 30)")
+    serve.add_argument("--log-verbose", type=int, default=0, help="verbose logging level (0 = off)")
+    serve.add_argument("--metrics-port", type=int, default=0,
+                       help="Prometheus metrics port; 0 disables (metrics are not implemented yet)")
+    serve.add_argument("--backend-config", action="append", default=[],
+                       help="[<backend>,]<key>=<value>, e.g. onnxruntime,default-max-batch-size=8")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    try:
+        backend_config = parse_backend_config(args.backend_config)
+    except ValueError as exc:
+        raise SystemExit(f"nereid: {exc}") from exc
+    return Settings(
+        model_repositories=tuple(p.resolve() for p in args.model_repository),
+        grpc_address=args.grpc_address,
+        grpc_port=args.grpc_port,
+        grpc_max_message_bytes=args.grpc_max_message_bytes,
+        disable_auto_complete_config=args.disable_auto_complete_config,
+        strict_readiness=args.strict_readiness,
+        exit_timeout_secs=args.exit_timeout_secs,
+        log_verbose=args.log_verbose,
+        metrics_port=args.metrics_port,
+        backend_config=backend_config,
+    )
+
+
+def configure_logging(verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname).1s%(asctime)s %(name)s] %(message)s",
+        datefmt="%m%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h", "--version"):
+        argv.insert(0, "serve")  # `nereid --model-repository=...` works like tritonserver
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    settings = settings_from_args(args)
+    configure_logging(settings.log_verbose)
+    from server.app import run
+
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

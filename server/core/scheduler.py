@@ -1,0 +1,65 @@
+"""Schedulers hand work to model instances; instances PULL it when they are free.
+
+Triton's scheduler interface has three verbs (enqueue, inflight count, stop);
+`next_batch` is what an instance thread calls to get its next piece of work.
+The direct scheduler (no `dynamic_batching`) gives one request at a time to
+whichever instance asks first, which spreads requests over the instances.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import queue
+from typing import Any
+
+from server.types import InferenceRequest
+
+
+class Job:
+    """One request waiting for, or being run by, an instance."""
+
+    __slots__ = ("request", "future", "loop", "enqueued_ns")
+
+    def __init__(
+        self, request: InferenceRequest, future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop,
+        enqueued_ns: int,
+    ) -> None:
+        self.request = request
+        self.future = future
+        self.loop = loop
+        self.enqueued_ns = enqueued_ns
+
+
+class Scheduler(abc.ABC):
+    @abc.abstractmethod
+    def enqueue(self, job: Job) -> None:
+        """Accept a job from the event loop; never blocks."""
+
+    @abc.abstractmethod
+    def next_batch(self) -> list[Job] | None:
+        """Block until there is work for the calling instance; None means stop."""
+
+    @abc.abstractmethod
+    def stop(self, instances: int) -> None:
+        """Wake every instance so it exits after the work already queued."""
+
+
+class DirectScheduler(Scheduler):
+    """No batching: a FIFO queue that free instances pull single requests from."""
+
+    def __init__(self) -> None:
+        # SimpleQueue is implemented in C; get() blocks without holding the GIL.
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.enqueue = self._queue.put  # type: ignore[method-assign,assignment]
+
+    def enqueue(self, job: Job) -> None:  # replaced per instance by the bound put above
+        self._queue.put(job)
+
+    def next_batch(self) -> list[Job] | None:
+        job = self._queue.get()
+        return None if job is None else [job]
+
+    def stop(self, instances: int) -> None:
+        for _ in range(instances):
+            self._queue.put(None)

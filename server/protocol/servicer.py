@@ -1,0 +1,168 @@
+"""GRPCInferenceService: decode -> core -> encode, and errors mapped in one place.
+
+Each handler is a few lines; anything that knows about models lives in
+`server/core` and `server/repository`. RPCs not implemented yet answer
+UNIMPLEMENTED with a message naming the RPC.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from server import __version__
+from server.core.model import Model
+from server.core.state import ModelState
+from server.errors import InvalidInput, ModelNotFound, NereidError, ServerUnavailable, Unsupported
+from server.protocol.codec import decode_infer_request, encode_infer_response
+from server.protocol.statistics import model_statistics
+from server.protocol.status import grpc_status
+from server.repository.manager import RepositoryManager
+
+# What ServerMetadata reports: only the extensions that really work.
+EXTENSIONS = ("model_configuration", "statistics")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def _mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Turn a NereidError raised by `handler` into the matching gRPC status."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except NereidError as exc:
+            await context.abort(grpc_status(exc), str(exc))
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def _unimplemented(rpc: str) -> Callable[..., Awaitable[Any]]:
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        raise Unsupported(f"{rpc} is not implemented by this server (nereid {__version__})")
+
+    handler.__name__ = rpc
+    return _mapped(handler)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, manager: RepositoryManager) -> None:
+        self.manager = manager
+        self.loaded = False  # startup loading finished
+        self.stopping = False
+
+    # -- health of the server --
+
+    @_mapped
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    def is_ready(self) -> bool:
+        return self.loaded and not self.stopping and self.manager.is_ready()
+
+    @_mapped
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.is_ready())
+
+    @_mapped
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        entry = self.manager.entry(request.name)
+        if not request.version:
+            return pb.ModelReadyResponse(ready=entry.latest_ready is not None and not self.stopping)
+        try:
+            model = entry.versions.get(int(request.version))
+        except ValueError:
+            raise InvalidInput(f"invalid model version '{request.version}': expected an integer") from None
+        ready = model is not None and model.state is ModelState.READY and not self.stopping
+        return pb.ModelReadyResponse(ready=ready)
+
+    # -- metadata --
+
+    @_mapped
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="nereid", version=__version__, extensions=EXTENSIONS)
+
+    @_mapped
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        model = self.manager.get(request.name, request.version)
+        entry = self.manager.entry(request.name)
+        ready = [str(v) for v, m in sorted(entry.versions.items()) if m.state is ModelState.READY]
+        response = pb.ModelMetadataResponse(
+            name=model.name, versions=ready, platform=model.config.platform or model.config.backend
+        )
+        for info in model.inputs.values():
+            response.inputs.add(name=info.name, datatype=info.datatype, shape=info.api_shape)
+        for info in model.outputs.values():
+            response.outputs.add(name=info.name, datatype=info.datatype, shape=info.api_shape)
+        return response
+
+    @_mapped
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        model = self.manager.get(request.name, request.version)
+        return pb.ModelConfigResponse(config=model.config)
+
+    @_mapped
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        models: list[Model]
+        if request.name:
+            entry = self.manager.entry(request.name)
+            if request.version:
+                model = self.manager.get(request.name, request.version)
+                models = [model]
+            else:
+                models = [m for _, m in sorted(entry.versions.items()) if m.state is ModelState.READY]
+        else:
+            models = [m for m in self.manager.loaded_models() if m.state is ModelState.READY]
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
+
+    @_mapped
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        if request.repository_name:
+            raise ModelNotFound(f"unknown repository '{request.repository_name}'; leave repository_name empty")
+        rows = self.manager.index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(name=r.name, version=r.version, state=r.state, reason=r.reason)
+                for r in rows
+            ]
+        )
+
+    # -- inference (the hot path) --
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        try:
+            if self.stopping:
+                raise ServerUnavailable("Server is stopping and has stopped accepting new requests")
+            model = self.manager.get(request.model_name, request.model_version)
+            outputs = await model.infer(decode_infer_request(request, model))
+            return encode_infer_response(model, request.id, outputs)
+        except NereidError as exc:
+            await context.abort(grpc_status(exc), str(exc))
+            raise
+
+    # -- not implemented yet --
+
+    ModelStreamInfer = _unimplemented("ModelStreamInfer")
+    RepositoryModelLoad = _unimplemented("RepositoryModelLoad")
+    RepositoryModelUnload = _unimplemented("RepositoryModelUnload")
+    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
+    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
+    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
+    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus")
+    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister")
+    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
+    TraceSetting = _unimplemented("TraceSetting")
+    LogSettings = _unimplemented("LogSettings")
