@@ -94,6 +94,11 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def last_line(path: Path) -> str:
+    found = [ln.strip() for ln in tail(path, 40).splitlines() if ln.strip()]
+    return found[-1] if found else ""
+
+
 def git_rev() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -160,7 +165,8 @@ def wait_ready(server: Server, model: str, timeout: float) -> None:
     last = "no answer"
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            raise ServerError(f"{server.name} exited with {server.proc.returncode}:\n{tail(server.log)}")
+            raise ServerError(f"{server.name} exited with {server.proc.returncode}: {last_line(server.log)}\n"
+                              f"{tail(server.log)}")
         try:
             client = grpcclient.InferenceServerClient(server.url)
             try:
@@ -223,6 +229,32 @@ def parse_pa_csv(path: Path) -> dict[str, float]:
     return {k.strip(): float(v) for k, v in row.items() if k and v not in (None, "")}
 
 
+class PerfAnalyzerStuck(RuntimeError):
+    pass
+
+
+NO_REQUESTS = "No valid requests recorded"
+
+
+def wait_perf_analyzer(proc: subprocess.Popen[Any], log: Path, timeout: float) -> int:
+    """Wait for perf_analyzer; give up at `timeout`, or soon after it reports that no request
+    completed (it then hangs instead of exiting, e.g. when a stream never answers)."""
+    deadline = time.monotonic() + timeout
+    stuck_since: float | None = None
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if stuck_since is None and NO_REQUESTS in log.read_text(errors="replace"):
+            stuck_since = now
+        if stuck_since is not None and now - stuck_since > 5:
+            raise PerfAnalyzerStuck("no request completed in a measurement window (no responses?)")
+        if now > deadline:
+            raise PerfAnalyzerStuck(f"perf_analyzer timed out after {timeout:.0f}s")
+
+
 def run_perf_analyzer(server: Server, args: argparse.Namespace, concurrency: int, pinned: bool,
                       outdir: Path) -> Row:
     pinning = "pinned" if pinned else "unpinned"
@@ -245,10 +277,9 @@ def run_perf_analyzer(server: Server, args: argparse.Namespace, concurrency: int
         proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            rc = proc.wait(timeout=args.pa_timeout)
-        except subprocess.TimeoutExpired:
-            kill_group(proc, grace=2)
-            row.error = f"perf_analyzer timed out after {args.pa_timeout:.0f}s"
+            rc = wait_perf_analyzer(proc, log, args.pa_timeout)
+        except PerfAnalyzerStuck as e:
+            row.error = str(e)
         finally:
             kill_group(proc, grace=2)
     if row.error is None and rc != 0:
@@ -281,7 +312,17 @@ def bench_target(target: str, args: argparse.Namespace, pinned: bool, outdir: Pa
         first = str(e).splitlines()[0]
         return [Row(target, pinning, c, error=first) for c in args.concurrency]
     try:
-        return [run_perf_analyzer(server, args, c, pinned, outdir) for c in args.concurrency]
+        rows: list[Row] = []
+        fatal: str | None = None  # after this, further concurrencies would fail the same way
+        for c in args.concurrency:
+            if fatal:
+                rows.append(Row(target, pinning, c, error=f"skipped ({fatal})"))
+                continue
+            row = run_perf_analyzer(server, args, c, pinned, outdir)
+            rows.append(row)
+            if row.error and any(k in row.error for k in ("server exited", "no request", "timed out")):
+                fatal = row.error
+        return rows
     finally:
         kill_group(server.proc)
         live.remove(server)
@@ -447,12 +488,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--measurement-interval", type=int, default=3000, help="ms (default 3000)")
     ap.add_argument("--stability-percentage", type=int, default=20)
     ap.add_argument("--max-trials", type=int, default=10)
-    ap.add_argument("--pa-timeout", type=float, default=180.0, help="seconds per perf_analyzer run")
+    ap.add_argument("--pa-timeout", type=float,
+                    help="seconds per perf_analyzer run (default: 3 x max-trials x measurement-interval, >= 60)")
     ap.add_argument("--startup-timeout", type=float, default=60.0, help="seconds for a server to be ready")
     ap.add_argument("--nereid-arg", action="append", default=[],
                     help="extra argument for `nereid serve` (repeatable; use --nereid-arg=--flag)")
     ap.add_argument("--ort-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.pa_timeout is None:
+        args.pa_timeout = max(60.0, 3 * args.max_trials * args.measurement_interval / 1000)
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad = [t for t in args.target_list if t not in KNOWN_TARGETS]
     if bad:

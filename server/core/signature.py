@@ -50,6 +50,11 @@ class TensorInfo:
 
     def check_shape(self, shape: tuple[int, ...], model_name: str) -> int:
         """Validate a request shape against the config; return its batch size (1 if not batching)."""
+        if shape and min(shape) < 0:
+            raise InvalidInput(
+                f"input '{self.name}' for model '{model_name}' has a negative dimension in shape "
+                f"{format_shape(shape)}; request shapes must be concrete"
+            )
         if self.max_batch_size > 0:
             if len(shape) != len(self.dims) + 1 or not self._dims_match(shape[1:]):
                 raise self._shape_error(shape, model_name)
@@ -67,7 +72,7 @@ class TensorInfo:
     def _dims_match(self, dims: tuple[int, ...]) -> bool:
         if self.fixed:
             return dims == self.dims
-        return all(want == got or (want == -1 and got >= 0) for want, got in zip(self.dims, dims, strict=False))
+        return all(want == -1 or want == got for want, got in zip(self.dims, dims, strict=False))
 
     def _shape_error(self, shape: tuple[int, ...], model_name: str) -> InvalidInput:
         return InvalidInput(

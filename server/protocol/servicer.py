@@ -7,7 +7,9 @@ UNIMPLEMENTED with a message naming the RPC.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,6 +25,8 @@ from server.protocol.codec import decode_infer_request, encode_infer_response
 from server.protocol.statistics import model_statistics
 from server.protocol.status import grpc_status
 from server.repository.manager import RepositoryManager
+
+log = logging.getLogger("nereid.protocol")
 
 # What ServerMetadata reports: only the extensions that really work.
 EXTENSIONS = ("model_configuration", "statistics")
@@ -42,6 +46,10 @@ def _mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
         except NereidError as exc:
             await context.abort(grpc_status(exc), str(exc))
             raise  # unreachable: abort raises
+        except Exception as exc:  # a bug, not the client's fault: say so, keep serving
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{handler.__name__}: internal error: {exc!r}")
+            raise
 
     return wrapper
 
@@ -151,6 +159,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return encode_infer_response(model, request.id, outputs)
         except NereidError as exc:
             await context.abort(grpc_status(exc), str(exc))
+            raise
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a bug, not the client's fault: say so, keep serving
+            log.exception("ModelInfer failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"ModelInfer: internal error: {exc!r}")
             raise
 
     # -- not implemented yet --

@@ -1,0 +1,70 @@
+"""RPCs Nereid does not implement yet answer UNIMPLEMENTED with a message naming the RPC,
+and the server keeps serving afterwards."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from util import ServerProcess, client, expect_error, expect_rpc_error
+
+UNARY = [
+    ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="id_FP32")),
+    ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="id_FP32")),
+    ("SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest()),
+    ("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=64)),
+    ("SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest(name="r")),
+    ("CudaSharedMemoryStatus", pb.CudaSharedMemoryStatusRequest()),
+    ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest(name="r", raw_handle=b"h", byte_size=64)),
+    ("CudaSharedMemoryUnregister", pb.CudaSharedMemoryUnregisterRequest(name="r")),
+    ("TraceSetting", pb.TraceSettingRequest()),
+    ("LogSettings", pb.LogSettingsRequest()),
+]
+
+
+@pytest.fixture(scope="module")
+def stub(identity_server: ServerProcess):
+    channel = identity_server.channel()
+    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+
+
+@pytest.mark.parametrize("rpc,request_msg", UNARY, ids=[name for name, _ in UNARY])
+def test_unary_rpc_is_unimplemented(stub, rpc: str, request_msg) -> None:
+    err = expect_rpc_error(grpc.StatusCode.UNIMPLEMENTED, getattr(stub, rpc), request_msg, timeout=10)
+    assert rpc in err.details()
+
+
+def test_model_stream_infer_is_unimplemented(stub) -> None:
+    request = pb.ModelInferRequest(model_name="id_FP32")
+    request.inputs.add(name="IN", datatype="FP32", shape=[1, 1])
+    request.raw_input_contents.append(np.zeros(1, np.float32).tobytes())
+    responses = stub.ModelStreamInfer(iter([request]), timeout=10)
+    with pytest.raises(grpc.RpcError) as info:
+        list(responses)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, info.value.details()
+    assert "ModelStreamInfer" in info.value.details()
+
+
+def test_tritonclient_load_unload_are_unimplemented(identity_server: ServerProcess) -> None:
+    c = client(identity_server)
+    assert "RepositoryModelLoad" in expect_error("UNIMPLEMENTED", c.load_model, "id_FP32").message()
+    assert "RepositoryModelUnload" in expect_error("UNIMPLEMENTED", c.unload_model, "id_FP32").message()
+    assert "SystemSharedMemoryStatus" in expect_error(
+        "UNIMPLEMENTED", c.get_system_shared_memory_status).message()
+    assert "LogSettings" in expect_error("UNIMPLEMENTED", c.get_log_settings).message()
+    assert "TraceSetting" in expect_error("UNIMPLEMENTED", c.get_trace_settings).message()
+
+
+def test_server_still_serves_after_unimplemented_calls(stub, identity_server: ServerProcess) -> None:
+    for rpc, request_msg in UNARY:
+        expect_rpc_error(grpc.StatusCode.UNIMPLEMENTED, getattr(stub, rpc), request_msg, timeout=10)
+    data = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
+    inp = grpcclient.InferInput("IN", list(data.shape), "FP32")
+    inp.set_data_from_numpy(data)
+    result = client(identity_server).infer("id_FP32", [inp])
+    np.testing.assert_array_equal(result.as_numpy("OUT"), data)
+    assert client(identity_server).is_model_ready("id_FP32") is True
