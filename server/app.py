@@ -9,6 +9,7 @@ new calls and in-flight requests get up to --exit-timeout-secs to finish.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -50,6 +51,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await asyncio.wait([loading, stop_wait], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[misc,type-var]
     if loading.done():
         loading.result()
+        # Everything alive now (modules, configs, sessions) lives as long as the server:
+        # keep it out of the garbage collector's scans so per-request collections stay cheap.
+        gc.collect()
+        gc.freeze()
         servicer.loaded = True
         ready = servicer.is_ready()
         await health.set_server(ready)

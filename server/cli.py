@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from server import __version__
-from server.settings import INT32_MAX, Settings, parse_backend_config
+from server.settings import CONTROL_MODES, INT32_MAX, Settings, parse_backend_config
 
 
 def _bool(text: str) -> bool:
@@ -18,6 +18,49 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got '{text}'")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'")
+    return value
+
+
+def _add_lifecycle_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--model-control-mode", choices=CONTROL_MODES, default="none",
+                       help="none: load everything at startup; poll: follow the repository on disk; "
+                       "explicit: load --load-model and the load/unload RPCs (default none)")
+    serve.add_argument("--repository-poll-secs", type=_positive_float, default=15.0,
+                       help="seconds between repository scans in poll mode; fractions allowed (default 15)")
+    serve.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                       help="explicit mode: model to load at startup (repeatable; '*' loads every model)")
+    serve.add_argument("--model-load-thread-count", type=_positive_int, default=4,
+                       help="threads that load models, several models at once (default 4)")
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    validate = sub.add_parser("validate", help="check a model repository without serving it")
+    validate.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="model repository path(s)")
+    validate.add_argument("--no-load", action="store_true",
+                          help="check configs and files only; do not load the models on this machine")
+    validate.add_argument("--disable-auto-complete-config", action="store_true",
+                          help="do not fill in missing inputs/outputs/max_batch_size from model files")
+    validate.add_argument("--backend-config", action="append", default=[],
+                          help="[<backend>,]<key>=<value>, as for serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-verbose", type=int, default=0, help="verbose logging level (0 = off)")
     serve.add_argument("--metrics-port", type=int, default=0,
                        help="Prometheus metrics port; 0 disables (metrics are not implemented yet)")
+    serve.add_argument("--inline-compute-us", type=float, default=100.0,
+                       help="models measured below this many µs per request run on the event loop when an "
+                       "instance is idle, saving a thread hand-off; 0 disables (default 100)")
     serve.add_argument("--backend-config", action="append", default=[],
                        help="[<backend>,]<key>=<value>, e.g. onnxruntime,default-max-batch-size=8")
+    _add_lifecycle_flags(serve)
+    _add_validate(sub)
     return parser
 
 
@@ -60,7 +108,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         exit_timeout_secs=args.exit_timeout_secs,
         log_verbose=args.log_verbose,
         metrics_port=args.metrics_port,
+        inline_compute_us=args.inline_compute_us,
         backend_config=backend_config,
+        model_control_mode=args.model_control_mode,
+        repository_poll_secs=args.repository_poll_secs,
+        load_models=tuple(args.load_model),
+        model_load_thread_count=args.model_load_thread_count,
     )
 
 
@@ -79,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "serve")  # `nereid --model-repository=...` works like tritonserver
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "validate":
+        return _validate(args)
     if args.command != "serve":
         parser.print_help()
         return 2
@@ -87,6 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     from server.app import run
 
     return run(settings)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        backend_config = parse_backend_config(args.backend_config)
+    except ValueError as exc:
+        raise SystemExit(f"nereid: {exc}") from exc
+    logging.basicConfig(level=logging.CRITICAL)  # problems are printed as lines, not logged
+    settings = Settings(
+        model_repositories=tuple(p.resolve() for p in args.paths),
+        disable_auto_complete_config=args.disable_auto_complete_config,
+        backend_config=backend_config,
+    )
+    from server.validate import run_validate
+
+    return run_validate(settings, load=not args.no_load)
 
 
 if __name__ == "__main__":

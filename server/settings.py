@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 INT32_MAX = 2**31 - 1
+CONTROL_MODES = ("none", "poll", "explicit")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,17 @@ class Settings:
     exit_timeout_secs: float = 30.0
     log_verbose: int = 0
     metrics_port: int = 0
+    # Compute budget (µs per request, measured) under which a model runs on the event
+    # loop instead of a worker thread when an instance is idle; 0 disables.
+    inline_compute_us: float = 100.0
+    # Lifecycle (docs/LIFECYCLE.md): "none" loads everything once, "poll" follows the
+    # repository on disk, "explicit" loads only --load-model and the load/unload RPCs.
+    model_control_mode: str = "none"
+    repository_poll_secs: float = 15.0
+    # Model names to load at startup in explicit mode; "*" means every model.
+    load_models: tuple[str, ...] = ()
+    # Loader threads: loads run here, never on the event loop, several models at once.
+    model_load_thread_count: int = 4
     # backend name -> {setting: value}; "" holds settings given for every backend.
     backend_config: dict[str, dict[str, str]] = field(default_factory=dict)
 

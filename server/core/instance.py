@@ -1,13 +1,14 @@
-"""A model instance: one backend object driven by one worker thread.
+"""A model instance: one backend object, its lock, and the worker thread that feeds it.
 
-The thread pulls work from the scheduler, runs the backend, shapes the outputs
-for each request and hands results back to the event loop with one
-`call_soon_threadsafe` per request. Model code never runs on the event loop.
+The worker pulls batches from the scheduler, runs the backend, shapes each
+request's outputs and hands all results of a batch back to the event loop with
+ONE `call_soon_threadsafe`. The same `execute` also serves the inline path
+(`Model.infer` running a cheap model on the event loop while the instance is
+idle); the instance lock keeps the two from using one backend at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from time import perf_counter_ns
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, BackendInputError
+from server.core.batching import concat_inputs, split_outputs
 from server.core.scheduler import Job, Scheduler
 from server.core.signature import TensorInfo
 from server.core.stats import ModelStats
@@ -23,15 +25,33 @@ from server.errors import InternalError, InvalidInput, NereidError
 
 log = logging.getLogger("nereid.instance")
 
+Outcome = tuple[Any, NereidError | None]  # (outputs, None) or (None, error)
 
-def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    """Runs on the event loop: complete the request unless the client already gave up."""
-    if future.done():
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
+
+def deliver_all(jobs: list[Job], outcomes: list[Outcome]) -> None:
+    """Runs on the event loop: complete each request unless its client already gave up."""
+    for job, (result, error) in zip(jobs, outcomes, strict=True):
+        future = job.future
+        if future is None or future.done():
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+class CostTracker:
+    """A moving average of compute time per batch item, to decide what may run inline."""
+
+    __slots__ = ("per_item_ns",)
+
+    def __init__(self) -> None:
+        self.per_item_ns: float | None = None
+
+    def record(self, items: int, ns: int) -> None:
+        sample = ns / max(items, 1)
+        current = self.per_item_ns
+        self.per_item_ns = sample if current is None else current + 0.1 * (sample - current)
 
 
 class OutputShaper:
@@ -43,11 +63,10 @@ class OutputShaper:
         self.output_names = tuple(outputs)
         self.input_reshapes = {n: i for n, i in inputs.items() if i.reshape is not None}
         self.output_reshapes = {n: i for n, i in outputs.items() if i.reshape is not None}
+        self.batching = any(i.max_batch_size > 0 for i in inputs.values())
 
     def backend_inputs(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         """Apply config `reshape` (API shape -> framework shape) where the config asks for it."""
-        if not self.input_reshapes:
-            return inputs
         shaped = dict(inputs)
         for name, info in self.input_reshapes.items():
             arr = shaped.get(name)
@@ -80,20 +99,24 @@ class ModelInstance:
     """One backend copy plus the thread that feeds it."""
 
     def __init__(
-        self, name: str, backend: Backend, scheduler: Scheduler, shaper: OutputShaper, stats: ModelStats
+        self, name: str, backend: Backend, scheduler: Scheduler, shaper: OutputShaper, stats: ModelStats,
+        cost: CostTracker,
     ) -> None:
         self.name = name
         self.backend = backend
+        self.lock = threading.Lock()
         self._scheduler = scheduler
         self._shaper = shaper
         self._stats = stats
+        self._cost = cost
         self._thread = threading.Thread(target=self._serve, name=f"instance-{name}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _serve(self) -> None:
         next_batch = self._scheduler.next_batch
@@ -102,51 +125,88 @@ class ModelInstance:
             if jobs is None:
                 return
             try:
-                self.run(jobs)
+                with self.lock:
+                    outcomes = self.execute(jobs)
+                jobs[0].loop.call_soon_threadsafe(deliver_all, jobs, outcomes)
             except BaseException:  # never let one batch kill the instance thread
                 log.exception("instance %s: unexpected failure", self.name)
 
-    def run(self, jobs: list[Job]) -> None:
-        """Execute one batch of jobs (a single job without the dynamic batcher)."""
-        jobs = [job for job in jobs if not job.future.done()]  # cancelled: drop before running
-        if not jobs:
-            return
+    def execute(self, jobs: list[Job]) -> list[Outcome]:
+        """Run the jobs as one backend execution; one outcome per job. Caller holds `lock`."""
+        if len(jobs) == 1:
+            job = jobs[0]
+            if job.cancelled():  # the client gave up: never run it
+                return [(None, None)]
+            return [self._execute_one(job)]
+        live = [job for job in jobs if not job.cancelled()]
+        if not live:
+            return [(None, None)] * len(jobs)
         started = perf_counter_ns()
-        if len(jobs) != 1:
-            raise NotImplementedError("batched execution arrives with the dynamic batcher")
-        job = jobs[0]
-        request = job.request
-        batch = request.batch_size
+        sizes = [job.request.batch_size for job in live]
+        total = sum(sizes)
+        shaper = self._shaper
         try:
-            inputs = self._shaper.backend_inputs(request.inputs, batch)
-            computed = perf_counter_ns()
+            inputs = shaper.backend_inputs(concat_inputs([job.request.inputs for job in live]), total)
+            prepared = perf_counter_ns()
             outputs = self.backend.execute(inputs)
             executed = perf_counter_ns()
-            result = self._shaper.response(outputs, request.requested_outputs)
-        except NereidError as exc:
-            self._fail(jobs, exc)
-            return
-        except BackendInputError as exc:
-            self._fail(jobs, InvalidInput(f"model {self._shaper.model_label}: {exc}"))
-            return
+            parts = split_outputs(outputs, sizes)
+            results = [shaper.response(part, job.request.requested_outputs) for part, job in zip(
+                parts, live, strict=True)]
         except Exception as exc:
-            log.warning("instance %s: execution failed: %s", self.name, exc)
-            self._fail(jobs, InternalError(f"model {self._shaper.model_label} failed: {exc}"))
-            return
+            return self._failed(jobs, live, _as_error(exc, shaper.model_label, self.name))
         finished = perf_counter_ns()
-        stats = self._stats
-        stats.record_execution(batch, 1, computed - started, executed - computed, finished - executed)
-        stats.record_success(finished - job.enqueued_ns, started - job.enqueued_ns)
-        job.loop.call_soon_threadsafe(_deliver, job.future, result, None)
+        queued = sum(started - job.enqueued_ns for job in live)
+        self._stats.record_execution(
+            total, len(live), prepared - started, executed - prepared, finished - executed,
+            queued, finished * len(live) - sum(job.enqueued_ns for job in live),
+        )
+        self._cost.record(total, executed - prepared)
+        if len(live) == len(jobs):
+            return [(result, None) for result in results]
+        by_job = dict(zip(map(id, live), results, strict=True))
+        return [(by_job.get(id(job)), None) for job in jobs]
 
-    def _fail(self, jobs: list[Job], error: NereidError) -> None:
+    def _execute_one(self, job: Job) -> Outcome:
+        """The common case without batching: no concat, no split."""
+        started = perf_counter_ns()
+        request = job.request
+        shaper = self._shaper
+        try:
+            inputs = request.inputs
+            if shaper.input_reshapes:
+                inputs = shaper.backend_inputs(inputs, request.batch_size)
+            prepared = perf_counter_ns()
+            outputs = self.backend.execute(inputs)
+            executed = perf_counter_ns()
+            result = shaper.response(outputs, request.requested_outputs)
+        except Exception as exc:
+            return self._failed([job], [job], _as_error(exc, shaper.model_label, self.name))[0]
+        finished = perf_counter_ns()
+        enqueued = job.enqueued_ns
+        self._stats.record_execution(
+            request.batch_size, 1, prepared - started, executed - prepared, finished - executed,
+            started - enqueued, finished - enqueued,
+        )
+        self._cost.record(request.batch_size, executed - prepared)
+        return (result, None)
+
+    def _failed(self, jobs: list[Job], live: list[Job], error: NereidError) -> list[Outcome]:
         now = perf_counter_ns()
-        for job in jobs:
-            self._stats.record_failure(now - job.enqueued_ns)
-            job.loop.call_soon_threadsafe(_deliver, job.future, None, error)
+        self._stats.record_failure(len(live), sum(now - job.enqueued_ns for job in live))
+        return [(None, error)] * len(jobs)
 
     def close(self) -> None:
         try:
             self.backend.close()
         except Exception:
             log.exception("instance %s: close failed", self.name)
+
+
+def _as_error(exc: Exception, model_label: str, instance: str) -> NereidError:
+    if isinstance(exc, NereidError):
+        return exc
+    if isinstance(exc, BackendInputError):
+        return InvalidInput(f"model {model_label}: {exc}")
+    log.warning("instance %s: execution failed: %s", instance, exc)
+    return InternalError(f"model {model_label} failed: {exc}")

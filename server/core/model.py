@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 from time import perf_counter_ns
 from typing import Any
@@ -11,14 +12,15 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from backends.base import Backend, BackendError, Device, ModelSpec
+from backends.base import Backend, BackendError, ModelSpec
 from backends.registry import backend_class
-from server.core.instance import ModelInstance, OutputShaper
+from server.core.instance import CostTracker, ModelInstance, OutputShaper
+from server.core.placement import Placement, place_instances, visible_gpus
 from server.core.scheduler import DirectScheduler, Job, Scheduler
 from server.core.signature import TensorInfo
 from server.core.state import ModelState
 from server.core.stats import ModelStats
-from server.errors import ModelUnavailable, NereidError
+from server.errors import ModelUnavailable
 from server.repository.config import config_to_json, tensor_specs
 from server.types import InferenceRequest
 
@@ -42,10 +44,17 @@ def build_spec(config: mc.ModelConfig, model_dir: Path, version: int) -> ModelSp
     )
 
 
+# Models whose measured compute per request is below this run on the event loop
+# when an instance is idle: a thread hand-off costs more than they do.
+DEFAULT_INLINE_US = 100.0
+
+
 class Model:
     """A loaded (or loading, or failed) version of a model."""
 
-    def __init__(self, config: mc.ModelConfig, model_dir: Path, version: int) -> None:
+    def __init__(
+        self, config: mc.ModelConfig, model_dir: Path, version: int, inline_us: float = DEFAULT_INLINE_US
+    ) -> None:
         self.config = config
         self.name = config.name
         self.version = version
@@ -63,6 +72,8 @@ class Model:
         self.inflight = 0
         self._scheduler: Scheduler = DirectScheduler()
         self._instances: list[ModelInstance] = []
+        self._cost = CostTracker()
+        self._inline_ns = inline_us * 1000.0
 
     # -- lifecycle (runs on a loader thread, never on the event loop) --
 
@@ -73,14 +84,11 @@ class Model:
             if cls.needs_model_file and not self.spec.model_file.exists():
                 raise BackendError(f"model file {self.spec.model_file} does not exist")
             shaper = OutputShaper(self.label, self.outputs, self.inputs)
-            for group in self.config.instance_group:
-                device = self._device(group)
-                for index in range(group.count):
-                    backend = cls()
-                    backend.load(self.spec, device)
-                    name = f"{group.name}_{index}" if group.count > 1 else group.name
-                    instance = ModelInstance(name, backend, self._scheduler, shaper, self.stats)
-                    self._instances.append(instance)
+            for placement in self._placements(cls):
+                backend = cls()
+                backend.load(replace(self.spec, instance_name=placement.name), placement.device)
+                instance = ModelInstance(placement.name, backend, self._scheduler, shaper, self.stats, self._cost)
+                self._instances.append(instance)
             self._warm(cls)
         except BaseException as exc:
             self._close_instances()
@@ -92,12 +100,9 @@ class Model:
         self.state = ModelState.READY
         self.reason = ""
 
-    def _device(self, group: mc.ModelInstanceGroup) -> Device:
-        if group.kind == mc.ModelInstanceGroup.KIND_GPU:
-            raise BackendError(
-                f"instance group '{group.name}' asks for KIND_GPU; GPU placement is not implemented yet"
-            )
-        return Device("CPU", 0)
+    def _placements(self, cls: type[Backend]) -> list[Placement]:
+        """Where each instance runs (server/core/placement.py); raises PlacementError with a reason."""
+        return place_instances(self.config.instance_group, visible_gpus(), cls.supports_gpu)
 
     def _warm(self, cls: type[Backend]) -> None:
         """Placeholder for `model_warmup` (lifecycle issue); nothing runs yet."""
@@ -120,17 +125,32 @@ class Model:
     # -- request path (event loop) --
 
     async def infer(self, request: InferenceRequest) -> dict[str, np.ndarray]:
-        """Queue the request for an instance and wait for its outputs."""
+        """Run the request and return its outputs.
+
+        A cheap model (measured compute per request under the inline budget) runs
+        right here on the event loop when nothing is queued and an instance is idle:
+        on a busy core a thread hand-off costs several times what such a model
+        computes. Everything else is queued for the instances' worker threads.
+        """
         if self.state is not ModelState.READY:
             raise ModelUnavailable(f"{self.label} is not at ready state")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
         started = perf_counter_ns()
+        cost = self._cost.per_item_ns
+        if cost is not None and cost * request.batch_size <= self._inline_ns and not self._scheduler.pending():
+            for instance in self._instances:
+                if instance.lock.acquire(blocking=False):
+                    try:
+                        result, error = instance.execute([Job(request, None, loop, started)])[0]
+                    finally:
+                        instance.lock.release()
+                    if error is not None:
+                        raise error
+                    return result  # type: ignore[no-any-return]
+        future: asyncio.Future[Any] = loop.create_future()
         self.inflight += 1
         try:
             self._scheduler.enqueue(Job(request, future, loop, started))
             return await future
-        except NereidError:
-            raise
         finally:
             self.inflight -= 1

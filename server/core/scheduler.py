@@ -22,13 +22,17 @@ class Job:
     __slots__ = ("request", "future", "loop", "enqueued_ns")
 
     def __init__(
-        self, request: InferenceRequest, future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop,
+        self, request: InferenceRequest, future: asyncio.Future[Any] | None, loop: asyncio.AbstractEventLoop,
         enqueued_ns: int,
     ) -> None:
         self.request = request
-        self.future = future
+        self.future = future  # None when run inline on the event loop
         self.loop = loop
         self.enqueued_ns = enqueued_ns
+
+    def cancelled(self) -> bool:
+        """The client gave up (deadline, cancel) before the job ran."""
+        return self.future is not None and self.future.done()
 
 
 class Scheduler(abc.ABC):
@@ -39,6 +43,10 @@ class Scheduler(abc.ABC):
     @abc.abstractmethod
     def next_batch(self) -> list[Job] | None:
         """Block until there is work for the calling instance; None means stop."""
+
+    @abc.abstractmethod
+    def pending(self) -> int:
+        """Jobs queued and not yet taken by an instance."""
 
     @abc.abstractmethod
     def stop(self, instances: int) -> None:
@@ -59,6 +67,9 @@ class DirectScheduler(Scheduler):
     def next_batch(self) -> list[Job] | None:
         job = self._queue.get()
         return None if job is None else [job]
+
+    def pending(self) -> int:
+        return self._queue.qsize()
 
     def stop(self, instances: int) -> None:
         for _ in range(instances):

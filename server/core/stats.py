@@ -1,31 +1,16 @@
 """Per model-version statistics with Triton's meaning (ModelStatistics RPC).
 
-Updated from instance threads, so every update takes the lock; the critical
-sections are a handful of integer additions.
+Updated from instance threads and the event loop, so each execution takes the
+lock once; the critical section is a handful of integer additions. Durations
+are kept as flat [count, ns] lists to keep the hot path cheap.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 
-
-@dataclass
-class Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int, count: int = 1) -> None:
-        self.count += count
-        self.ns += ns
-
-
-@dataclass
-class BatchStats:
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 class ModelStats:
@@ -36,38 +21,45 @@ class ModelStats:
         self.last_inference_ms = 0
         self.inference_count = 0  # batch items
         self.execution_count = 0  # backend executions
-        self.success = Duration()
-        self.fail = Duration()
-        self.queue = Duration()
-        self.compute_input = Duration()
-        self.compute_infer = Duration()
-        self.compute_output = Duration()
-        self.batch: dict[int, BatchStats] = {}
+        self.durations: dict[str, list[int]] = {name: [0, 0] for name in DURATIONS}
+        # batch size -> [executions, input_ns, infer_ns, output_ns]
+        self.batch: dict[int, list[int]] = {}
 
     def record_execution(
-        self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int
+        self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int,
+        queue_ns: int, success_ns: int,
     ) -> None:
-        """One backend execution that served `requests` requests with `batch_size` items in all."""
+        """One backend execution that served `requests` requests (`batch_size` items in all).
+
+        `queue_ns` and `success_ns` are sums over those requests. As in Triton, each
+        request is charged the whole batch's compute time.
+        """
+        d = self.durations
         with self._lock:
             self.last_inference_ms = time.time_ns() // 1_000_000
             self.inference_count += batch_size
             self.execution_count += 1
-            # Per-request compute figures: each request in the batch is charged the batch's time.
-            self.compute_input.add(input_ns * requests, requests)
-            self.compute_infer.add(infer_ns * requests, requests)
-            self.compute_output.add(output_ns * requests, requests)
-            stats = self.batch.get(batch_size)
-            if stats is None:
-                stats = self.batch[batch_size] = BatchStats()
-            stats.compute_input.add(input_ns)
-            stats.compute_infer.add(infer_ns)
-            stats.compute_output.add(output_ns)
+            for key, ns in (("compute_input", input_ns), ("compute_infer", infer_ns),
+                            ("compute_output", output_ns)):
+                entry = d[key]
+                entry[0] += requests
+                entry[1] += ns * requests
+            entry = d["queue"]
+            entry[0] += requests
+            entry[1] += queue_ns
+            entry = d["success"]
+            entry[0] += requests
+            entry[1] += success_ns
+            per_batch = self.batch.get(batch_size)
+            if per_batch is None:
+                per_batch = self.batch[batch_size] = [0, 0, 0, 0]
+            per_batch[0] += 1
+            per_batch[1] += input_ns
+            per_batch[2] += infer_ns
+            per_batch[3] += output_ns
 
-    def record_success(self, total_ns: int, queue_ns: int) -> None:
+    def record_failure(self, requests: int, total_ns: int) -> None:
         with self._lock:
-            self.success.add(total_ns)
-            self.queue.add(queue_ns)
-
-    def record_failure(self, total_ns: int) -> None:
-        with self._lock:
-            self.fail.add(total_ns)
+            entry = self.durations["fail"]
+            entry[0] += requests
+            entry[1] += total_ns

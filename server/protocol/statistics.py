@@ -5,12 +5,12 @@ from __future__ import annotations
 from tritonclient.grpc import service_pb2 as pb
 
 from server.core.model import Model
-from server.core.stats import Duration
+from server.core.stats import DURATIONS
 
 
-def _duration(target: pb.StatisticDuration, source: Duration) -> None:
-    target.count = source.count
-    target.ns = source.ns
+def _duration(target: pb.StatisticDuration, count: int, ns: int) -> None:
+    target.count = count
+    target.ns = ns
 
 
 def model_statistics(model: Model) -> pb.ModelStatistics:
@@ -23,15 +23,12 @@ def model_statistics(model: Model) -> pb.ModelStatistics:
         execution_count=stats.execution_count,
     )
     infer = out.inference_stats
-    _duration(infer.success, stats.success)
-    _duration(infer.fail, stats.fail)
-    _duration(infer.queue, stats.queue)
-    _duration(infer.compute_input, stats.compute_input)
-    _duration(infer.compute_infer, stats.compute_infer)
-    _duration(infer.compute_output, stats.compute_output)
-    for size, batch in sorted(stats.batch.items()):
+    for name in DURATIONS:
+        count, ns = stats.durations[name]
+        _duration(getattr(infer, name), count, ns)
+    for size, (executions, input_ns, infer_ns, output_ns) in sorted(stats.batch.items()):
         entry = out.batch_stats.add(batch_size=size)
-        _duration(entry.compute_input, batch.compute_input)
-        _duration(entry.compute_infer, batch.compute_infer)
-        _duration(entry.compute_output, batch.compute_output)
+        _duration(entry.compute_input, executions, input_ns)
+        _duration(entry.compute_infer, executions, infer_ns)
+        _duration(entry.compute_output, executions, output_ns)
     return out

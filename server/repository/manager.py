@@ -103,7 +103,7 @@ class RepositoryManager:
                 f"{list(model_dir.versions) or 'none'})"
             log.error("%s", entry.error)
         for version in versions:
-            model = Model(entry.config, model_dir.path, version)
+            model = Model(entry.config, model_dir.path, version, self.settings.inline_compute_us)
             entry.versions[version] = model
             try:
                 model.load()
