@@ -38,17 +38,6 @@ def test_unary_rpc_is_unimplemented(stub, rpc: str, request_msg) -> None:
     assert rpc in err.details()
 
 
-def test_model_stream_infer_is_unimplemented(stub) -> None:
-    request = pb.ModelInferRequest(model_name="id_FP32")
-    request.inputs.add(name="IN", datatype="FP32", shape=[1, 1])
-    request.raw_input_contents.append(np.zeros(1, np.float32).tobytes())
-    responses = stub.ModelStreamInfer(iter([request]), timeout=10)
-    with pytest.raises(grpc.RpcError) as info:
-        list(responses)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, info.value.details()
-    assert "ModelStreamInfer" in info.value.details()
-
-
 def test_tritonclient_load_unload_are_unimplemented(identity_server: ServerProcess) -> None:
     c = client(identity_server)
     assert "RepositoryModelLoad" in expect_error("UNIMPLEMENTED", c.load_model, "id_FP32").message()

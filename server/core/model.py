@@ -6,7 +6,7 @@ import asyncio
 import logging
 from dataclasses import replace
 from pathlib import Path
-from time import perf_counter_ns
+from time import monotonic, perf_counter_ns, sleep
 from typing import Any
 
 import numpy as np
@@ -14,13 +14,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from backends.base import Backend, BackendError, ModelSpec
 from backends.registry import backend_class
-from server.core.instance import CostTracker, ModelInstance, OutputShaper
+from server.core.batcher_config import make_batcher
+from server.core.instance import CostTracker, ModelInstance, Outcome, OutputShaper, deliver_all
 from server.core.placement import Placement, place_instances, visible_gpus
 from server.core.scheduler import DirectScheduler, Job, Scheduler
 from server.core.signature import TensorInfo
 from server.core.state import ModelState
 from server.core.stats import ModelStats
-from server.errors import ModelUnavailable
+from server.core.warmup import build_samples, run_warmup
+from server.errors import ModelUnavailable, NereidError
 from server.repository.config import config_to_json, tensor_specs
 from server.types import InferenceRequest
 
@@ -70,10 +72,14 @@ class Model:
         self.state = ModelState.LOADING
         self.reason = ""
         self.inflight = 0
-        self._scheduler: Scheduler = DirectScheduler()
+        self._batcher = make_batcher(config, self._reject)
+        self._scheduler: Scheduler = self._batcher or DirectScheduler()
         self._instances: list[ModelInstance] = []
         self._cost = CostTracker()
         self._inline_ns = inline_us * 1000.0
+        # Requests that arrived during this event-loop iteration, flushed together once it ends.
+        self._arrivals: list[Job] = []
+        self._flush_scheduled = False
 
     # -- lifecycle (runs on a loader thread, never on the event loop) --
 
@@ -105,15 +111,47 @@ class Model:
         return place_instances(self.config.instance_group, visible_gpus(), cls.supports_gpu)
 
     def _warm(self, cls: type[Backend]) -> None:
-        """Placeholder for `model_warmup` (lifecycle issue); nothing runs yet."""
+        """Run the config's `model_warmup` on every instance, before the instance threads start
+        and before READY, so no request meets a cold instance (server/core/warmup.py)."""
+        if not len(self.config.model_warmup):
+            return
+        samples = build_samples(self.config.model_warmup, self.inputs, self.spec.model_dir,
+                                self.config.max_batch_size, str(self.spec.model_dir / "config.pbtxt"))
+        shaper = OutputShaper(self.label, self.outputs, self.inputs)
+        run_warmup(self.label, samples, [(i.name, i.backend.execute) for i in self._instances], shaper)
 
     def unload(self, timeout: float | None = None) -> None:
-        """Stop the instance threads after queued work and release the backends."""
+        """Stop taking requests, let the in-flight ones finish, then stop the instances and release the backends.
+
+        The repository manager has already routed new requests elsewhere (state
+        UNLOADING is set on the event loop together with the routing change), so
+        `inflight` only falls from here on. `timeout` bounds the whole wait.
+        """
         self.state = ModelState.UNLOADING
+        deadline = None if timeout is None else monotonic() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - monotonic())
+
+        while self.inflight > 0 and (deadline is None or monotonic() < deadline):
+            sleep(0.005)
+        if self.inflight > 0:
+            log.warning("%s: unloading with %d request(s) still in flight after %.1fs",
+                        self.label, self.inflight, timeout or 0.0)
         self._scheduler.stop(len(self._instances))
         for instance in self._instances:
-            instance.join(timeout)
-        self._close_instances()
+            instance.join(remaining())
+        for instance in self._instances:
+            # An inline execution on the event loop holds the instance lock: never close under it.
+            wait = remaining()
+            if not instance.lock.acquire(timeout=-1 if wait is None else wait):
+                log.warning("%s: instance %s still busy; not released", self.label, instance.name)
+                continue
+            try:
+                instance.close()
+            finally:
+                instance.lock.release()
+        self._instances = []
         self.state = ModelState.UNAVAILABLE
         self.reason = "unloaded"
 
@@ -123,6 +161,12 @@ class Model:
         self._instances = []
 
     # -- request path (event loop) --
+
+    @staticmethod
+    def _reject(job: Job, error: NereidError) -> None:
+        """For the batcher's thread: fail one queued request (e.g. its queue timeout expired)."""
+        outcome: Outcome = (None, error)
+        job.loop.call_soon_threadsafe(deliver_all, [job], [outcome])
 
     async def infer(self, request: InferenceRequest) -> dict[str, np.ndarray]:
         """Run the request and return its outputs.
@@ -136,6 +180,8 @@ class Model:
             raise ModelUnavailable(f"{self.label} is not at ready state")
         loop = asyncio.get_running_loop()
         started = perf_counter_ns()
+        if self._batcher is not None:
+            return await self._infer_batched(request, loop, started)
         cost = self._cost.per_item_ns
         if cost is not None and cost * request.batch_size <= self._inline_ns and not self._scheduler.pending():
             for instance in self._instances:
@@ -154,3 +200,56 @@ class Model:
             return await future
         finally:
             self.inflight -= 1
+
+    async def _infer_batched(
+        self, request: InferenceRequest, loop: asyncio.AbstractEventLoop, started: int
+    ) -> dict[str, np.ndarray]:
+        """Join this loop iteration's arrivals; `_flush` runs them together or queues them."""
+        batcher = self._batcher
+        assert batcher is not None
+        future: asyncio.Future[Any] = loop.create_future()
+        job = Job(request, future, loop, started)
+        batcher.prepare(job, started)
+        self._arrivals.append(job)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        self.inflight += 1
+        try:
+            return await future  # type: ignore[no-any-return]
+        finally:
+            self.inflight -= 1
+
+    def _flush(self) -> None:
+        """Runs once per event-loop iteration with that iteration's arrivals.
+
+        With no queue delay, nothing queued and a cheap model, the arrivals run
+        right here as one batch (no thread hand-off); otherwise they join the
+        batcher's queue, where a free instance pulls them.
+        """
+        self._flush_scheduled = False
+        jobs = [job for job in self._arrivals if not job.cancelled()]
+        self._arrivals = []
+        batcher = self._batcher
+        if not jobs or batcher is None:
+            return
+        cost = self._cost.per_item_ns
+        policy = batcher.policy
+        if cost is not None and policy.max_queue_delay_ns == 0 and not batcher.pending():
+            total = sum(job.request.batch_size for job in jobs)
+            key = jobs[0].shape_key
+            if total <= policy.max_batch_size and cost * total <= self._inline_ns and all(
+                    job.shape_key == key for job in jobs):
+                for instance in self._instances:
+                    if instance.lock.acquire(blocking=False):
+                        try:
+                            outcomes = instance.execute(jobs)
+                        finally:
+                            instance.lock.release()
+                        deliver_all(jobs, outcomes)
+                        return
+        for job in jobs:
+            try:
+                batcher.enqueue(job)
+            except NereidError as exc:
+                deliver_all([job], [(None, exc)])

@@ -19,7 +19,7 @@ from server.types import InferenceRequest
 class Job:
     """One request waiting for, or being run by, an instance."""
 
-    __slots__ = ("request", "future", "loop", "enqueued_ns")
+    __slots__ = ("request", "future", "loop", "enqueued_ns", "level", "deadline_ns", "shape_key")
 
     def __init__(
         self, request: InferenceRequest, future: asyncio.Future[Any] | None, loop: asyncio.AbstractEventLoop,
@@ -29,6 +29,13 @@ class Job:
         self.future = future  # None when run inline on the event loop
         self.loop = loop
         self.enqueued_ns = enqueued_ns
+        self.level = 0  # priority level (dynamic batcher)
+        self.deadline_ns: int | None = None  # queue timeout (dynamic batcher)
+        self.shape_key: tuple[Any, ...] = ()  # non-batch dims; requests batch only with equal keys
+
+    @property
+    def batch_size(self) -> int:
+        return self.request.batch_size
 
     def cancelled(self) -> bool:
         """The client gave up (deadline, cancel) before the job ran."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -29,7 +29,7 @@ from server.repository.manager import RepositoryManager
 log = logging.getLogger("nereid.protocol")
 
 # What ServerMetadata reports: only the extensions that really work.
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)")
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -167,11 +167,83 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"ModelInfer: internal error: {exc!r}")
             raise
 
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Bidirectional stream: every request runs concurrently (so they batch together) and
+        its response is written when ready, carrying the request id. A failed request answers
+        with `error_message` and the stream stays open."""
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def run_one(request: pb.ModelInferRequest) -> None:
+            try:
+                if self.stopping:
+                    raise ServerUnavailable("Server is stopping and has stopped accepting new requests")
+                model = self.manager.get(request.model_name, request.model_version)
+                outputs = await model.infer(decode_infer_request(request, model))
+                response = pb.ModelStreamInferResponse(
+                    infer_response=encode_infer_response(model, request.id, outputs))
+            except NereidError as exc:
+                response = _stream_error(request, str(exc))
+            except Exception as exc:  # a bug: report it on this request only
+                log.exception("ModelStreamInfer request failed")
+                response = _stream_error(request, f"internal error: {exc!r}")
+            responses.put_nowait(response)
+
+        async def read_all() -> None:
+            try:
+                async for request in request_iterator:
+                    task = loop.create_task(run_one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                responses.put_nowait(None)
+
+        reader = loop.create_task(read_all())
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    # -- model repository (explicit mode); loads run on the manager's loader threads --
+
+    @_mapped
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        self._check_repository_call(request.repository_name)
+        parameters = {key: getattr(p, p.WhichOneof("parameter_choice") or "string_param")
+                      for key, p in request.parameters.items()}
+        await asyncio.get_running_loop().run_in_executor(
+            self.manager.loader, self.manager.load_explicit, request.model_name, parameters)
+        return pb.RepositoryModelLoadResponse()
+
+    @_mapped
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        # `unload_dependents` is accepted and has nothing to do: there are no ensembles yet.
+        self._check_repository_call(request.repository_name)
+        await asyncio.get_running_loop().run_in_executor(
+            self.manager.loader, self.manager.unload_explicit, request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _check_repository_call(self, repository_name: str) -> None:
+        if self.stopping:
+            raise ServerUnavailable("Server is stopping and has stopped accepting new requests")
+        self.manager.require_explicit()
+        if repository_name:
+            raise ModelNotFound(f"unknown repository '{repository_name}'; leave repository_name empty")
+
     # -- not implemented yet --
 
-    ModelStreamInfer = _unimplemented("ModelStreamInfer")
-    RepositoryModelLoad = _unimplemented("RepositoryModelLoad")
-    RepositoryModelUnload = _unimplemented("RepositoryModelUnload")
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
     SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
     SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
@@ -180,3 +252,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
     TraceSetting = _unimplemented("TraceSetting")
     LogSettings = _unimplemented("LogSettings")
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """A per-request error on the stream; the id lets the client match it to its request."""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id),
+    )

@@ -1,0 +1,69 @@
+"""When to close a dynamic batch: a pure function of the queue and the clock.
+
+Triton's rules (dynamic_batch_scheduler.cc, GetDynamicBatch), reduced to what a
+free instance needs to know: take the first N queued requests now, or wait.
+- Requests join in arrival order (highest priority level first) until the next
+  would exceed `max_batch_size` or has different non-batch dims; then the batch
+  is closed and sent (the largest preferred size inside it, if any).
+- A batch that reaches a preferred size, or `max_batch_size`, goes at once.
+- Otherwise it goes when the oldest request has waited `max_queue_delay`;
+  with a delay of 0 it goes at once, however small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Queued(Protocol):
+    """What the policy reads of a queued request."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def enqueued_ns(self) -> int: ...
+
+    @property
+    def shape_key(self) -> Hashable: ...
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int
+    preferred: tuple[int, ...] = ()  # ascending
+    max_queue_delay_ns: int = 0
+
+    def decide(self, queue: Sequence[Queued], now_ns: int) -> tuple[int, int | None]:
+        """(n, wait_ns): take the first n requests now if n > 0; else wait wait_ns
+        (None: until something is enqueued)."""
+        if not queue:
+            return 0, None
+        key = queue[0].shape_key
+        total = 0
+        count = 0
+        preferred_count = 0
+        closed = False
+        for item in queue:
+            if item.shape_key != key or total + item.batch_size > self.max_batch_size:
+                closed = True
+                break
+            total += item.batch_size
+            count += 1
+            if total in self.preferred:
+                preferred_count = count
+            if total == self.max_batch_size:
+                closed = True
+                break
+        if count == 0:  # a single request larger than the batch limit cannot happen (validated)
+            return 1, None
+        if closed:
+            return (preferred_count or count), None
+        if preferred_count == count and self.preferred:
+            return count, None
+        waited = now_ns - queue[0].enqueued_ns
+        if waited >= self.max_queue_delay_ns:
+            return count, None
+        return 0, self.max_queue_delay_ns - waited
