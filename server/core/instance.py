@@ -51,7 +51,13 @@ class CostTracker:
     def record(self, items: int, ns: int) -> None:
         sample = ns / max(items, 1)
         current = self.per_item_ns
-        self.per_item_ns = sample if current is None else current + 0.1 * (sample - current)
+        if current is None:
+            self.per_item_ns = sample
+            return
+        # Wall time includes moments when another thread had the core; clip such
+        # outliers so one preempted run does not flip the model off the inline path.
+        sample = min(sample, 3.0 * current)
+        self.per_item_ns = current + 0.1 * (sample - current)
 
 
 class OutputShaper:
