@@ -80,6 +80,10 @@ class Model:
         # Requests that arrived during this event-loop iteration, flushed together once it ends.
         self._arrivals: list[Job] = []
         self._flush_scheduled = False
+        # preserve_ordering: each request returns only after the one before it has.
+        self._ordered = config.WhichOneof("scheduling_choice") == "dynamic_batching" and \
+            config.dynamic_batching.preserve_ordering
+        self._last_turn: asyncio.Future[None] | None = None
 
     # -- lifecycle (runs on a loader thread, never on the event loop) --
 
@@ -216,9 +220,24 @@ class Model:
             loop.call_soon(self._flush)
         self.inflight += 1
         try:
+            if self._ordered:
+                return await self._in_order(future, loop)
             return await future  # type: ignore[no-any-return]
         finally:
             self.inflight -= 1
+
+    async def _in_order(self, future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> Any:
+        """Wait for our result, then for every earlier request to have returned (or failed)."""
+        previous, turn = self._last_turn, loop.create_future()
+        self._last_turn = turn
+        try:
+            return await future
+        finally:
+            try:
+                if previous is not None and not previous.done():
+                    await asyncio.shield(previous)
+            finally:
+                turn.set_result(None)
 
     def _flush(self) -> None:
         """Runs once per event-loop iteration with that iteration's arrivals.
