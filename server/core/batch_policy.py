@@ -5,9 +5,10 @@ free instance needs to know: take the first N queued requests now, or wait.
 - Requests join in arrival order (highest priority level first) until the next
   would exceed `max_batch_size` or has different non-batch dims; then the batch
   is closed and sent (the largest preferred size inside it, if any).
-- A batch that reaches a preferred size, or `max_batch_size`, goes at once.
-- Otherwise it goes when the oldest request has waited `max_queue_delay`;
-  with a delay of 0 it goes at once, however small.
+- A batch that reaches `max_batch_size` goes at once; so does the largest preferred
+  size that the queued requests can form (the rest wait for the next batch).
+- Otherwise it goes when the oldest request in it has waited `max_queue_delay`
+  (then whole, preferred sizes or not); with a delay of 0 it goes at once.
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ class BatchPolicy:
                 break
         if count == 0:  # a single request larger than the batch limit cannot happen (validated)
             return 1, None
-        if closed:
+        # The delay runs from the oldest request in the batch (priorities may put a newer one first).
+        waited = now_ns - min(item.enqueued_ns for item in queue[:count])
+        expired = waited >= self.max_queue_delay_ns
+        if expired:  # the whole pending batch goes, preferred sizes or not
+            return count, None
+        if closed or preferred_count:
             return (preferred_count or count), None
-        if preferred_count == count and self.preferred:
-            return count, None
-        waited = now_ns - queue[0].enqueued_ns
-        if waited >= self.max_queue_delay_ns:
-            return count, None
         return 0, self.max_queue_delay_ns - waited
