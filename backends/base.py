@@ -5,15 +5,20 @@ Triton "model instance"). The server calls `load` once, then `execute` with
 whole batches from a single worker thread, then `close`. Frameworks that
 release the GIL (ONNX Runtime, torch, TensorRT) therefore run instances in
 parallel without any locking here.
+
+Optional, for backends whose models answer requests one by one (Python models):
+`execute_requests` takes the scheduler's requests separately and returns one
+outcome each, so one request can fail alone. The core calls it instead of
+`execute` when the class sets `wants_requests`. docs/BACKENDS.md has a worked example.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -77,12 +82,36 @@ class Signature:
     max_batch_size: int | None = None  # only for formats that record it (TensorRT)
 
 
+@dataclass(frozen=True)
+class Request:
+    """One client request as `execute_requests` sees it: its own inputs (batch dim first
+    when the model batches) and what a request-aware model (Python models) may read."""
+
+    inputs: dict[str, np.ndarray]
+    id: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    requested_outputs: tuple[str, ...] | None = None  # None: every output
+
+
+# One outcome per request: its outputs, or the error that fails that request only.
+Outcome = dict[str, np.ndarray] | BackendError
+
+
 class Backend(abc.ABC):
     """One loaded model instance. Subclasses set `name` and implement the three verbs."""
 
     name: ClassVar[str] = ""
     default_model_filename: ClassVar[str] = ""
     needs_model_file: ClassVar[bool] = True
+    # Whether instances can run on a GPU: KIND_AUTO places them there when one is visible.
+    supports_gpu: ClassVar[bool] = False
+    # True when the backend wants the scheduler's requests one by one through
+    # `execute_requests` (its model answers each request, and may fail one of them)
+    # instead of one concatenated batch through `execute`.
+    wants_requests: ClassVar[bool] = False
+    # True when `execute` waits on another process (Python models): it must never run
+    # on the event loop, whatever it costs, because that process may hang or die.
+    out_of_process: ClassVar[bool] = False
 
     @classmethod
     def describe(cls, model_file: Path) -> Signature | None:
@@ -96,6 +125,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch. Inputs and outputs are keyed by config tensor names."""
+
+    def execute_requests(self, requests: Sequence[Request]) -> list[Outcome]:
+        """Run requests the scheduler grouped; one outcome per request, in order.
+
+        An error in the list fails that request only; an exception raised fails them all.
+        The default runs each request through `execute`, so every backend supports it.
+        """
+        outcomes: list[Outcome] = []
+        for request in requests:
+            try:
+                outcomes.append(self.execute(request.inputs))
+            except BackendError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def close(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release the framework's resources."""

@@ -18,11 +18,24 @@ ENTRY_POINT_GROUP = "nereid.backends"
 _BUILTIN: dict[str, str] = {
     "onnxruntime": "backends.onnxruntime:OnnxRuntimeBackend",
     "identity": "backends.identity:IdentityBackend",
+    "pytorch": "backends.torchscript:TorchScriptBackend",
+    "tensorrt": "backends.tensorrt:TensorRTBackend",
+    "python": "backends.python:PythonBackend",
 }
 
-# What to install when a built-in backend's framework is missing.
+# Built-in backends whose instances may run on a GPU (KIND_AUTO picks the GPU for them).
+# Known without importing the framework, so config normalisation stays cheap.
+_GPU_BUILTIN = frozenset({"onnxruntime", "pytorch", "tensorrt", "python"})
+
+# What to install when a built-in backend's framework is missing. The module name that
+# failed to import is matched too, so a third-party backend that needs torch gets the hint.
 INSTALL_HINT: dict[str, str] = {
-    "onnxruntime": "pip install onnxruntime (CPU) or pip install onnxruntime-gpu (CUDA)",
+    "onnxruntime": 'pip install "nereid[cpu]" (onnxruntime) or, on a CUDA machine, pip install "nereid[gpu]" '
+    "(onnxruntime-gpu; never both)",
+    "pytorch": 'pip install "nereid[torch]"',
+    "torch": 'pip install "nereid[torch]"',
+    "tensorrt": 'pip install "nereid[tensorrt]" (tensorrt and cuda-python; needs an NVIDIA GPU and driver)',
+    "cuda": 'pip install "nereid[tensorrt]" (cuda-python)',
 }
 
 # Triton's platform names and the backend each one means.
@@ -59,6 +72,21 @@ def known_backends() -> list[str]:
     return sorted(names)
 
 
+def supports_gpu(name: str) -> bool:
+    """Whether backend `name` can place instances on a GPU (False if it cannot be imported)."""
+    if name in _BUILTIN:
+        return name in _GPU_BUILTIN
+    try:
+        return bool(backend_class(name).supports_gpu)
+    except BackendError:
+        return False
+
+
+def _hint(name: str, target: str, exc: ImportError) -> str:
+    missing = (exc.name or "").split(".")[0]
+    return INSTALL_HINT.get(name) or INSTALL_HINT.get(missing) or f"install the package that provides {target}"
+
+
 def backend_class(name: str) -> type[Backend]:
     """Import and return the class for backend `name`, or raise BackendError."""
     target = _BUILTIN.get(name)
@@ -70,12 +98,14 @@ def backend_class(name: str) -> type[Backend]:
     if target is None:
         raise BackendError(f"unknown backend '{name}'; known backends: {', '.join(known_backends())}")
     module_name, _, attr = target.partition(":")
+    if not attr:
+        raise BackendError(f"backend '{name}': entry point '{target}' must be 'package.module:Class'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = INSTALL_HINT.get(name, f"install the package that provides {target}")
+        hint = _hint(name, target, exc)
         raise BackendUnavailable(f"backend '{name}' is not available ({exc}); to fix: {hint}") from exc
-    cls = getattr(module, attr)
+    cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise BackendError(f"backend '{name}' ({target}) is not a backends.base.Backend subclass")
     return cls

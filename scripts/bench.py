@@ -8,16 +8,32 @@ is parsed. Targets:
   echo    scripts/bench_echo.py: a bare grpc.aio echo, no model, no checks; the ceiling of any
           Python gRPC frontend on one core. Every other target is reported as a % of it.
   nereid  .venv/bin/nereid serve --model-repository REPO --grpc-port PORT --metrics-port 0
+  nereid-torch  the same server, with perf_analyzer on --torch-model (default mlp_torch, the
+          TorchScript twin of mlp from scripts/gen_torch_models.py) instead of --model
 
 It also measures in-process ONNX Runtime on REPO/MODEL/1/model.onnx (one intra-op thread,
 in a `taskset -c 0` subprocess): microseconds per session.run and rows/s per batch size.
+With the nereid-torch target it does the same for TorchScript on REPO/TORCH_MODEL/1/model.pt
+(torch.jit.load, inference_mode, one intra-op thread), so the framework time of each model
+stands beside its served time.
+
+`--variants direct-1,batched-2` (or `all`: direct-1,direct-2,batched-1,batched-2) replaces the
+nereid target by one server per config variant of MODEL, generated into bench-out/<timestamp>/repos/:
+`direct-N` without dynamic_batching, `batched-N` with `dynamic_batching {}`, N instances each
+(scripts/bench_variants.py). `--modes unary,streaming` runs every target both ways. After each
+perf_analyzer run the harness reads ModelStatistics and reports the mean batch size that formed
+(and the most frequent sizes); the in-process ONNX Runtime baseline then also measures those batch
+sizes, and each row shows its throughput as a % of that ceiling. The issue's sweep is one command:
+
+  scripts/bench --variants all --modes unary,streaming --concurrency 1,4,16,64
 
 Prints markdown tables; `--out FILE` appends them with the command line, date and commit.
 Servers are killed at the end, also on errors and Ctrl-C; every perf_analyzer run is bounded
 by --pa-timeout. Logs and CSVs go to bench-out/<timestamp>/.
 
 Usage: scripts/bench [--model mlp] [--targets echo,nereid] [--concurrency 1,16,64]
-                     [--streaming] [--batch-sizes 1,8,64] [--unpinned | --both] [--out FILE]
+                     [--streaming | --modes unary,streaming] [--variants all]
+                     [--batch-sizes 1,8,64] [--unpinned | --both] [--out FILE]
 """
 
 from __future__ import annotations
@@ -38,12 +54,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bench_variants import make_variant_repo, mode_list, read_batch_counts, variant_list
+
 ROOT = Path(__file__).resolve().parent.parent
 PERF_ANALYZER = ROOT / ".tools" / "bin" / "perf_analyzer"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
-KNOWN_TARGETS = ("echo", "nereid")
+KNOWN_TARGETS = ("echo", "nereid", "nereid-torch")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -140,7 +158,7 @@ class ServerError(RuntimeError):
 
 
 def server_command(target: str, args: argparse.Namespace, port: int) -> list[str]:
-    repo = Path(args.model_repository)
+    repo = Path(args.variant_repos.get(target, args.model_repository))
     if target == "echo":
         cmd = [sys.executable, str(ROOT / "scripts" / "bench_echo.py"), "--port", str(port),
                "--model", args.model]
@@ -148,13 +166,18 @@ def server_command(target: str, args: argparse.Namespace, port: int) -> list[str
         if config.is_file():
             cmd += ["--config", str(config)]
         return cmd
-    if target == "nereid":
+    if target in ("nereid", "nereid-torch") or target in args.variant_repos:
         exe = ROOT / ".venv" / "bin" / "nereid"
         if not exe.exists():
             raise ServerError(f"{exe} not found (run scripts/setup)")
         return [str(exe), "serve", "--model-repository", str(repo), "--grpc-port", str(port),
                 "--metrics-port", "0", *args.nereid_arg]
     raise ServerError(f"unknown target {target!r}")
+
+
+def target_model(target: str, args: argparse.Namespace) -> str:
+    """The model perf_analyzer drives for a target (nereid-torch: the TorchScript twin)."""
+    return args.torch_model if target == "nereid-torch" else args.model
 
 
 def wait_ready(server: Server, model: str, timeout: float) -> None:
@@ -194,7 +217,7 @@ def start_server(target: str, args: argparse.Namespace, pinned: bool, outdir: Pa
                                 start_new_session=True)
     server = Server(target, proc, port, log)
     live.append(server)
-    wait_ready(server, args.model, args.startup_timeout)
+    wait_ready(server, target_model(target, args), args.startup_timeout)
     return server
 
 
@@ -210,6 +233,9 @@ class Row:
     p50_us: float | None = None
     p99_us: float | None = None
     error: str | None = None
+    mode: str = "unary"  # or "streaming"
+    mean_batch: float | None = None  # items per execution during the run (ModelStatistics)
+    batch_summary: str = ""  # most frequent batch sizes, e.g. "8×120, 7×30"
 
 
 def ensure_perf_analyzer() -> Path:
@@ -256,21 +282,23 @@ def wait_perf_analyzer(proc: subprocess.Popen[Any], log: Path, timeout: float) -
 
 
 def run_perf_analyzer(server: Server, args: argparse.Namespace, concurrency: int, pinned: bool,
-                      outdir: Path) -> Row:
+                      outdir: Path, mode: str = "unary") -> Row:
     pinning = "pinned" if pinned else "unpinned"
-    row = Row(server.name, pinning, concurrency)
-    stem = f"pa-{server.name}-{pinning}-c{concurrency}"
+    row = Row(server.name, pinning, concurrency, mode=mode)
+    stem = f"pa-{server.name}-{pinning}-c{concurrency}" + ("-streaming" if mode == "streaming" else "")
+    model = target_model(server.name, args)
+    counts_before = None if server.name == "echo" else read_batch_counts(server.url, model)
     csv_path = outdir / f"{stem}.csv"
     log = outdir / f"{stem}.log"
-    cmd = [str(PERF_ANALYZER), "-i", "grpc", "-u", server.url, "-m", args.model, "-b", "1",
+    cmd = [str(PERF_ANALYZER), "-i", "grpc", "-u", server.url, "-m", target_model(server.name, args), "-b", "1",
            f"--concurrency-range={concurrency}:{concurrency}",
            "--measurement-interval", str(args.measurement_interval),
            "--stability-percentage", str(args.stability_percentage),
            "--max-trials", str(args.max_trials), "--async", "-f", str(csv_path)]
-    if args.streaming:
+    if mode == "streaming":
         cmd.append("--streaming")
     cmd = pin(cmd, CLIENT_CORE, pinned)
-    print(f"  {server.name} {pinning} c={concurrency} ...", end="", flush=True, file=sys.stderr)
+    print(f"  {server.name} {mode} {pinning} c={concurrency} ...", end="", flush=True, file=sys.stderr)
     with log.open("w") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n")
         fh.flush()
@@ -297,7 +325,14 @@ def run_perf_analyzer(server: Server, args: argparse.Namespace, concurrency: int
             row.error = f"cannot parse {csv_path.name}: {e}"
     if server.proc.poll() is not None:
         row.error = (row.error or "") + f" (server exited with {server.proc.returncode})"
-    print(f" {row.error or f'{row.infer_per_s:.0f} infer/s'}", file=sys.stderr)
+    elif counts_before is not None:
+        counts_after = read_batch_counts(server.url, model)
+        if counts_after is not None:
+            formed = counts_after.since(counts_before)
+            row.mean_batch = formed.mean_batch
+            row.batch_summary = formed.summary()
+    batches = f", mean batch {row.mean_batch:.2f}" if row.mean_batch else ""
+    print(f" {row.error or f'{row.infer_per_s:.0f} infer/s{batches}'}", file=sys.stderr)
     return row
 
 
@@ -310,18 +345,19 @@ def bench_target(target: str, args: argparse.Namespace, pinned: bool, outdir: Pa
     except ServerError as e:
         print(f"  {e}", file=sys.stderr)
         first = str(e).splitlines()[0]
-        return [Row(target, pinning, c, error=first) for c in args.concurrency]
+        return [Row(target, pinning, c, error=first, mode=m) for m in args.modes for c in args.concurrency]
     try:
         rows: list[Row] = []
         fatal: str | None = None  # after this, further concurrencies would fail the same way
-        for c in args.concurrency:
-            if fatal:
-                rows.append(Row(target, pinning, c, error=f"skipped ({fatal})"))
-                continue
-            row = run_perf_analyzer(server, args, c, pinned, outdir)
-            rows.append(row)
-            if row.error and any(k in row.error for k in ("server exited", "no request", "timed out")):
-                fatal = row.error
+        for mode in args.modes:
+            for c in args.concurrency:
+                if fatal:
+                    rows.append(Row(target, pinning, c, error=f"skipped ({fatal})", mode=mode))
+                    continue
+                row = run_perf_analyzer(server, args, c, pinned, outdir, mode)
+                rows.append(row)
+                if row.error and any(k in row.error for k in ("server exited", "no request", "timed out")):
+                    fatal = row.error
         return rows
     finally:
         kill_group(server.proc)
@@ -395,24 +431,95 @@ class OrtResult:
     error: str | None = None
 
 
-def bench_ort(args: argparse.Namespace, pinned: bool, outdir: Path) -> OrtResult:
+def bench_ort(args: argparse.Namespace, pinned: bool, outdir: Path,
+              batch_sizes: list[int] | None = None) -> OrtResult:
     pinning = "pinned" if pinned else "unpinned"
     result = OrtResult(pinning)
+    batch_sizes = batch_sizes or args.batch_sizes
     model = Path(args.onnx) if args.onnx else Path(args.model_repository) / args.model / "1" / "model.onnx"
     if not model.is_file():
         result.error = f"{model} not found"
         return result
     cmd = pin([sys.executable, str(Path(__file__).resolve()), "--ort-worker", str(model),
-               "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--ort-seconds", str(args.ort_seconds)],
+               "--batch-sizes", ",".join(map(str, batch_sizes)), "--ort-seconds", str(args.ort_seconds)],
               SERVER_CORE, pinned)
-    print(f"onnxruntime ({pinning}): {model}", file=sys.stderr)
-    timeout = 60 + 4 * args.ort_seconds * len(args.batch_sizes)
+    print(f"onnxruntime ({pinning}): {model}, batch sizes {','.join(map(str, batch_sizes))}", file=sys.stderr)
+    timeout = 60 + 4 * args.ort_seconds * len(batch_sizes)
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         result.error = f"timed out after {timeout:.0f}s"
         return result
     (outdir / f"ort-{pinning}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        result.error = f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"
+        return result
+    result.rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return result
+
+
+def formed_batch_sizes(rows: list[Row], base: list[int]) -> list[int]:
+    """`base` plus the (rounded) mean batch size of every run: where the ONNX Runtime ceiling is measured."""
+    formed = {max(1, round(r.mean_batch)) for r in rows if r.mean_batch}
+    return sorted(set(base) | formed)
+
+
+# --------------------------------------------------------------------------- TorchScript baseline
+
+
+def torch_worker(model_path: str, batch_sizes: list[int], seconds: float) -> int:
+    """Runs inside the (pinned) subprocess: prints one JSON object per batch size, like ort_worker.
+    The input shape comes from the model's config.pbtxt (first input, FP32)."""
+    import numpy as np
+    import torch
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    torch.set_num_threads(1)
+    config = text_format.Parse((Path(model_path).parent.parent / "config.pbtxt").read_text(), mc.ModelConfig())
+    dims = [d if d > 0 else 1 for d in config.input[0].dims]
+    module = torch.jit.load(model_path)
+    module.eval()
+    rng = np.random.default_rng(0)
+    for batch in batch_sizes:
+        x = torch.from_numpy(rng.standard_normal([batch, *dims]).astype(np.float32))
+        with torch.inference_mode():
+            for _ in range(200):
+                module(x)
+            t0 = time.perf_counter()
+            for _ in range(100):
+                module(x)
+            per = (time.perf_counter() - t0) / 100
+            n = max(20, int(seconds / 7 / per))
+            samples = []
+            for _ in range(7):
+                t0 = time.perf_counter_ns()
+                for _ in range(n):
+                    module(x)
+                samples.append((time.perf_counter_ns() - t0) / n / 1000.0)
+        us = statistics.median(samples)
+        print(json.dumps({"batch": batch, "us": us, "rows_per_s": batch * 1e6 / us, "runs": 7 * n}), flush=True)
+    return 0
+
+
+def bench_torch(args: argparse.Namespace, pinned: bool, outdir: Path) -> OrtResult:
+    pinning = "pinned" if pinned else "unpinned"
+    result = OrtResult(pinning)
+    model = Path(args.model_repository) / args.torch_model / "1" / "model.pt"
+    if not model.is_file():
+        result.error = f"{model} not found (scripts/gen_torch_models.py makes mlp_torch)"
+        return result
+    cmd = pin([sys.executable, str(Path(__file__).resolve()), "--torch-worker", str(model),
+               "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--ort-seconds", str(args.ort_seconds)],
+              SERVER_CORE, pinned)
+    print(f"torchscript ({pinning}): {model}", file=sys.stderr)
+    timeout = 90 + 4 * args.ort_seconds * len(args.batch_sizes)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        result.error = f"timed out after {timeout:.0f}s"
+        return result
+    (outdir / f"torch-{pinning}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         result.error = f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"
         return result
@@ -427,27 +534,44 @@ def fmt(v: float | None, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
-def perf_table(rows: list[Row]) -> str:
-    ceiling = {(r.pinning, r.concurrency): r.infer_per_s
+def perf_table(rows: list[Row], ort_results: list[OrtResult] | None = None) -> str:
+    """One row per run. With batch statistics: the mean batch size that formed (most frequent sizes)
+    and, where the ONNX Runtime baseline measured that size, the run as a % of that ceiling."""
+    ceiling = {(r.pinning, r.concurrency, r.mode): r.infer_per_s
                for r in rows if r.target == "echo" and r.infer_per_s}
-    out = ["| target | pinning | concurrency | infer/s | p50 ms | p99 ms | % of echo |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+    ort = {res.pinning: {o["batch"]: o["rows_per_s"] for o in res.rows if "rows_per_s" in o}
+           for res in ort_results or []}
+    with_mode = len({r.mode for r in rows}) > 1
+    with_batches = any(r.mean_batch for r in rows)
+    head = "| target |" + (" mode |" if with_mode else "") + " pinning | concurrency | infer/s | p50 ms | p99 ms " \
+        "| % of echo |"
+    rule = "|---|" + ("---|" if with_mode else "") + "---|---:|---:|---:|---:|---:|"
+    if with_batches:
+        head += " mean batch (top sizes) | ORT rows/s at that batch | % of ORT |"
+        rule += "---|---:|---:|"
+    out = [head, rule]
     for r in rows:
+        lead = f"| {r.target} |" + (f" {r.mode} |" if with_mode else "") + f" {r.pinning} | {r.concurrency} |"
         if r.error:
-            out.append(f"| {r.target} | {r.pinning} | {r.concurrency} | error: {r.error.replace('|', '/')} "
-                       "| | | |")
+            out.append(f"{lead} error: {r.error.replace('|', '/')} | | | |" + (" | | |" if with_batches else ""))
             continue
-        echo = ceiling.get((r.pinning, r.concurrency))
+        echo = ceiling.get((r.pinning, r.concurrency, r.mode))
         pct = f"{100 * r.infer_per_s / echo:.0f} %" if echo and r.infer_per_s is not None else "—"
         p50 = None if r.p50_us is None else r.p50_us / 1000
         p99 = None if r.p99_us is None else r.p99_us / 1000
-        out.append(f"| {r.target} | {r.pinning} | {r.concurrency} | {fmt(r.infer_per_s, '.0f')} "
-                   f"| {fmt(p50, '.3f')} | {fmt(p99, '.3f')} | {pct} |")
+        line = f"{lead} {fmt(r.infer_per_s, '.0f')} | {fmt(p50, '.3f')} | {fmt(p99, '.3f')} | {pct} |"
+        if with_batches:
+            batch = max(1, round(r.mean_batch)) if r.mean_batch else None
+            rows_per_s = ort.get(r.pinning, {}).get(batch) if batch else None
+            of_ort = f"{100 * r.infer_per_s / rows_per_s:.0f} %" if rows_per_s and r.infer_per_s else "—"
+            mean = f"{r.mean_batch:.2f} ({r.batch_summary})" if r.mean_batch else "—"
+            line += f" {mean} | {fmt(rows_per_s, ',.0f')} | {of_ort} |"
+        out.append(line)
     return "\n".join(out)
 
 
-def ort_table(results: list[OrtResult]) -> str:
-    out = ["| in-process ONNX Runtime, 1 intra-op thread | batch | µs per run | rows/s |",
+def ort_table(results: list[OrtResult], title: str = "in-process ONNX Runtime, 1 intra-op thread") -> str:
+    out = [f"| {title} | batch | µs per run | rows/s |",
            "|---|---:|---:|---:|"]
     for res in results:
         if res.error:
@@ -476,6 +600,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help=f"comma-separated, from {','.join(KNOWN_TARGETS)} (default echo,nereid)")
     ap.add_argument("--concurrency", type=int_list, default=[1, 16, 64], help="default 1,16,64")
     ap.add_argument("--streaming", action="store_true", help="ModelStreamInfer (perf_analyzer --streaming)")
+    ap.add_argument("--modes", type=mode_list,
+                    help="comma-separated from unary,streaming: run every target in each (default unary, "
+                         "or streaming with --streaming)")
+    ap.add_argument("--variants", type=variant_list,
+                    help="replace the nereid target by MODEL under config variants: direct-N (no dynamic "
+                         "batching) / batched-N (dynamic_batching {}), N instances; `all` = "
+                         "direct-1,direct-2,batched-1,batched-2")
     ap.add_argument("--batch-sizes", type=int_list, default=[1, 8, 64],
                     help="ONNX Runtime baseline batch sizes (default 1,8,64)")
     ap.add_argument("--no-ort", action="store_true", help="skip the in-process ONNX Runtime baseline")
@@ -493,7 +624,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--startup-timeout", type=float, default=60.0, help="seconds for a server to be ready")
     ap.add_argument("--nereid-arg", action="append", default=[],
                     help="extra argument for `nereid serve` (repeatable; use --nereid-arg=--flag)")
+    ap.add_argument("--torch-model", default="mlp_torch",
+                    help="TorchScript model for the nereid-torch target and its in-process baseline "
+                         "(default mlp_torch)")
+    ap.add_argument("--no-torch", action="store_true",
+                    help="skip the in-process TorchScript baseline of the nereid-torch target")
     ap.add_argument("--ort-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.pa_timeout is None:
         args.pa_timeout = max(60.0, 3 * args.max_trials * args.measurement_interval / 1000)
@@ -501,6 +638,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [t for t in args.target_list if t not in KNOWN_TARGETS]
     if bad:
         ap.error(f"unknown target(s) {','.join(bad)}; known: {','.join(KNOWN_TARGETS)}")
+    if args.modes is None:
+        args.modes = ["streaming"] if args.streaming else ["unary"]
+    elif args.streaming and "streaming" not in args.modes:
+        ap.error("--streaming contradicts --modes " + ",".join(args.modes))
+    args.streaming = args.modes == ["streaming"]
+    args.variant_repos = {}  # target name -> generated repository (filled in main)
+    if args.variants:
+        args.target_list = [t for t in args.target_list if t != "nereid"] + [f"nereid-{v}" for v in args.variants]
     return args
 
 
@@ -513,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.ort_worker:
         return ort_worker(args.ort_worker, args.batch_sizes, args.ort_seconds)
+    if args.torch_worker:
+        return torch_worker(args.torch_worker, args.batch_sizes, args.ort_seconds)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
@@ -528,14 +675,22 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     ort_results: list[OrtResult] = []
+    torch_results: list[OrtResult] = []
     live: list[Server] = []
     try:
+        for variant in args.variants or []:
+            args.variant_repos[f"nereid-{variant}"] = str(make_variant_repo(
+                Path(args.model_repository), args.model, variant, outdir / "repos" / variant))
         for pinned in pinnings:
-            if not args.no_ort:
-                ort_results.append(bench_ort(args, pinned, outdir))
+            if "nereid-torch" in args.target_list and not args.no_torch:
+                torch_results.append(bench_torch(args, pinned, outdir))
             # echo first: the others are reported against it.
+            pinned_rows: list[Row] = []
             for target in sorted(args.target_list, key=lambda t: t != "echo"):
-                rows.extend(bench_target(target, args, pinned, outdir, live))
+                pinned_rows.extend(bench_target(target, args, pinned, outdir, live))
+            rows.extend(pinned_rows)
+            if not args.no_ort:  # after the servers: also at the batch sizes that formed
+                ort_results.append(bench_ort(args, pinned, outdir, formed_batch_sizes(pinned_rows, args.batch_sizes)))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -543,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         for server in live:
             kill_group(server.proc)
 
-    mode = "ModelStreamInfer (--streaming)" if args.streaming else "unary ModelInfer"
+    mode = " and ".join("ModelStreamInfer (--streaming)" if m == "streaming" else "unary ModelInfer"
+                        for m in args.modes)
     pin_note = ("server on core 0, perf_analyzer on core 1 (taskset)" if pinnings == [True] else
                 "no taskset" if pinnings == [False] else "pinned (server core 0, client core 1) and unpinned")
     header = [
@@ -554,15 +710,18 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {os.cpu_count()} cores, {cpu_model()}; {pin_note}",
         f"- perf_analyzer 2.51.0: `-i grpc -b 1 --async --measurement-interval {args.measurement_interval} "
         f"--stability-percentage {args.stability_percentage} --max-trials {args.max_trials}`"
-        + (" `--streaming`" if args.streaming else ""),
+        + (" `--streaming`" if args.modes == ["streaming"] else
+           " (and `--streaming` for the streaming rows)" if "streaming" in args.modes else ""),
         f"- logs: `{outdir.relative_to(ROOT)}/`",
         "",
     ]
     parts = ["\n".join(header)]
     if rows:
-        parts.append(perf_table(rows))
+        parts.append(perf_table(rows, ort_results))
     if ort_results:
         parts.append(ort_table(ort_results))
+    if torch_results:
+        parts.append(ort_table(torch_results, f"in-process TorchScript `{args.torch_model}`, 1 intra-op thread"))
     report = "\n\n".join(parts) + "\n"
     print()
     print(report)

@@ -11,7 +11,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from util import BROKEN_CONFIG_LINE, ServerProcess, client, expect_error, expect_rpc_error
 
-EXAMPLE_MODELS = ["add_sub_autocomplete", "datatypes_onnx", "mlp", "mlp_compute", "simple", "string_lower"]
+EXAMPLE_MODELS = ["add_sub_autocomplete", "datatypes_onnx", "mlp", "mlp_compute", "mlp_torch", "simple", "string_lower",
+                  "text_features"]
 FAILED_MODELS = ["broken_config", "missing_file", "name_mismatch", "no_version", "unknown_backend"]
 
 

@@ -12,8 +12,6 @@ from tritonclient.grpc import service_pb2_grpc
 from util import ServerProcess, client, expect_error, expect_rpc_error
 
 UNARY = [
-    ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="id_FP32")),
-    ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="id_FP32")),
     ("SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest()),
     ("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=64)),
     ("SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest(name="r")),
@@ -38,10 +36,8 @@ def test_unary_rpc_is_unimplemented(stub, rpc: str, request_msg) -> None:
     assert rpc in err.details()
 
 
-def test_tritonclient_load_unload_are_unimplemented(identity_server: ServerProcess) -> None:
+def test_tritonclient_unimplemented_calls(identity_server: ServerProcess) -> None:
     c = client(identity_server)
-    assert "RepositoryModelLoad" in expect_error("UNIMPLEMENTED", c.load_model, "id_FP32").message()
-    assert "RepositoryModelUnload" in expect_error("UNIMPLEMENTED", c.unload_model, "id_FP32").message()
     assert "SystemSharedMemoryStatus" in expect_error(
         "UNIMPLEMENTED", c.get_system_shared_memory_status).message()
     assert "LogSettings" in expect_error("UNIMPLEMENTED", c.get_log_settings).message()

@@ -62,9 +62,11 @@ class BatchPolicy:
             return 1, None
         # The delay runs from the oldest request in the batch (priorities may put a newer one first).
         waited = now_ns - min(item.enqueued_ns for item in queue[:count])
-        expired = waited >= self.max_queue_delay_ns
-        if expired:  # the whole pending batch goes, preferred sizes or not
+        delay = self.max_queue_delay_ns
+        if delay and waited >= delay:  # expired: the whole pending batch goes, preferred sizes or not
             return count, None
         if closed or preferred_count:
             return (preferred_count or count), None
-        return 0, self.max_queue_delay_ns - waited
+        if not delay:  # no delay: whatever formed goes now
+            return count, None
+        return 0, delay - waited

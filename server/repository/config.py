@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -22,7 +23,9 @@ from backends.registry import (
     PLATFORM_BACKEND,
     backend_class,
     backend_for_file,
+    supports_gpu,
 )
+from server.core.placement import resolve_kind, visible_gpus
 from server.errors import ConfigError
 from server.repository.layout import ModelDir
 from server.settings import Settings
@@ -171,17 +174,24 @@ def _auto_complete_io(config: mc.ModelConfig, model_dir: ModelDir, settings: Set
         config.dynamic_batching.SetInParent()
 
 
-def _fill_instance_groups(config: mc.ModelConfig) -> None:
+def _fill_instance_groups(config: mc.ModelConfig, visible: Sequence[int] | None = None) -> None:
+    """Name every group, resolve KIND_AUTO to where the instances will really run (so the
+    ModelConfig RPC tells the truth), list the GPUs of KIND_GPU groups, default the counts.
+    A KIND_GPU group on a machine without GPUs is left as is: the load fails with a reason."""
+    if visible is None:
+        visible = visible_gpus()
     if not len(config.instance_group):
         config.instance_group.add()
+    uses_gpu = supports_gpu(config.backend)
     for index, group in enumerate(config.instance_group):
         if not group.name:
             group.name = f"{config.name}_{index}"
-        if group.kind == mc.ModelInstanceGroup.KIND_AUTO:
-            # GPU placement arrives with the backends issue; without it AUTO means CPU.
-            group.kind = mc.ModelInstanceGroup.KIND_CPU
+        group.kind = resolve_kind(group.kind, group.gpus, visible, uses_gpu)
+        if group.kind == mc.ModelInstanceGroup.KIND_GPU and not len(group.gpus):
+            group.gpus.extend(visible)
         if group.count < 1:
-            group.count = _DEFAULT_CPU_COUNT.get(config.backend, 1)
+            cpu = group.kind != mc.ModelInstanceGroup.KIND_GPU
+            group.count = _DEFAULT_CPU_COUNT.get(config.backend, 1) if cpu else 1
 
 
 def _validate_tensors(config: mc.ModelConfig, where: str) -> None:

@@ -1,195 +1,296 @@
-"""The index of models by name and version, and their loading.
+"""Every change to the model registry: startup loading, poll actions, the load/unload RPCs.
 
-Loading runs on a worker thread (never on the event loop), so loading one
-model never stalls requests to others. Requests look models up through
-`get`, two dict lookups on the hot path.
+Loads run on a pool of loader threads (`--model-load-thread-count`), never on
+the event loop, so loading one model never stalls requests to others; actions
+on one model are serialised by a per-model lock. The swap itself (new copies
+in, old copies marked UNLOADING) runs on the event loop, in one callback: a
+request either got the old copy before the swap (and is counted in its
+`inflight`) or gets the new one. Old copies are then drained and unloaded on a
+background thread. Lookups and the index live in registry.py.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-
-from tritonclient.grpc import model_config_pb2 as mc
 
 from server.core.model import Model
 from server.core.state import ModelState
-from server.errors import InvalidInput, ModelNotFound, ModelUnavailable, NereidError
-from server.repository.config import load_model_config, select_versions
-from server.repository.layout import ModelDir, scan_repository
+from server.errors import InvalidInput, ModelUnavailable, ServerUnavailable
+from server.repository.actions import Outcome, Source, describe_failure, run_action
+from server.repository.changes import ModelSnapshot, snapshot_model
+from server.repository.entry import IndexEntry, ModelEntry
+from server.repository.overrides import parse_load_parameters, remove_override_dir, write_override_dir
+from server.repository.registry import ModelRegistry, StateListener, model_paths
+from server.repository.safepath import check_model_name, find_model_dir
 from server.settings import Settings
 
 log = logging.getLogger("nereid.repository")
 
-StateListener = Callable[[str, bool], None]  # (model name, ready?)
+DUPLICATE = "model appears in two or more repositories"
+
+__all__ = ["IndexEntry", "ModelEntry", "RepositoryManager", "Source", "StateListener"]
 
 
-@dataclass
-class ModelEntry:
-    """Everything known about one model directory."""
+class RepositoryManager(ModelRegistry):
+    """The registry plus every action that changes it: startup loads, poll actions, load/unload RPCs."""
 
-    name: str
-    path: Path
-    config: mc.ModelConfig | None = None
-    versions: dict[int, Model] = field(default_factory=dict)
-    # A failure that concerns the model as a whole (config error, duplicate name).
-    error: str = ""
-    # version -> reason, for versions that failed before a Model object existed.
-    failed_versions: dict[int, str] = field(default_factory=dict)
-    latest_ready: Model | None = None
-
-    def refresh_latest(self) -> None:
-        ready = [m for v, m in sorted(self.versions.items()) if m.state is ModelState.READY]
-        self.latest_ready = ready[-1] if ready else None
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    name: str
-    version: str
-    state: str
-    reason: str
-
-
-class RepositoryManager:
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._models: dict[str, ModelEntry] = {}
-        self._lock = threading.Lock()
-        self._listeners: list[StateListener] = []
+        super().__init__(settings)
+        self.loader = ThreadPoolExecutor(settings.model_load_thread_count, thread_name_prefix="nereid-loader")
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._draining: set[Model] = set()
+        self._drains: list[threading.Thread] = []
+        self._override_dirs: set[Path] = set()
+        self._closing = False
 
-    def add_listener(self, listener: StateListener) -> None:
-        """Called (from a loader thread) whenever a model's readiness may have changed."""
-        self._listeners.append(listener)
+    # -- discovery --
 
-    # -- loading --
-
-    def scan(self) -> list[ModelDir]:
-        found: dict[str, ModelDir] = {}
+    def scan(self) -> dict[str, ModelSnapshot]:
+        """Snapshot every model directory; a name found in two repositories is reported, not loaded."""
+        found: dict[str, ModelSnapshot] = {}
         duplicates: set[str] = set()
         for repository in self.settings.model_repositories:
-            for model_dir in scan_repository(repository):
-                if model_dir.name in found:
-                    duplicates.add(model_dir.name)
-                found[model_dir.name] = model_dir
-        for name in duplicates:
-            entry = ModelEntry(name=name, path=found[name].path, error="model appears in two or more repositories")
-            self._models[name] = entry
-            del found[name]
-        return list(found.values())
+            try:
+                paths = model_paths(repository)
+            except OSError as exc:
+                log.error("cannot scan model repository %s: %s", repository, exc)
+                continue
+            for path in paths:
+                if path.name in found:
+                    duplicates.add(path.name)
+                found[path.name] = snapshot_model(path)
+        for name in sorted(duplicates):
+            snap = found.pop(name)
+            if name not in self._models:
+                entry = ModelEntry(name=name, path=snap.path, error=DUPLICATE)
+                self._on_loop(lambda e=entry: self._models.__setitem__(e.name, e))  # type: ignore[misc]
+                log.error("model '%s': %s", name, DUPLICATE)
+        return found
+
+    # -- startup --
+
+    def load_startup(self) -> None:
+        """Startup loading for `none` and `explicit` modes (the poller handles `poll`)."""
+        if self.settings.model_control_mode == "explicit":
+            self.load_named(self.settings.load_models)
+        else:
+            self.load_all()
 
     def load_all(self) -> None:
-        """Load every model in the repositories (control mode `none`)."""
-        for model_dir in self.scan():
-            self.load_model_dir(model_dir)
+        """Load every model in the repositories, several at once."""
+        self.run_all(Source(snap) for snap in self.scan().values())
 
-    def load_model_dir(self, model_dir: ModelDir) -> ModelEntry:
-        entry = ModelEntry(name=model_dir.name, path=model_dir.path)
-        with self._lock:
-            self._models[model_dir.name] = entry
-        try:
-            entry.config = load_model_config(model_dir, self.settings)
-        except NereidError as exc:
-            entry.error = str(exc)
-            log.error("model '%s' failed to load: %s", model_dir.name, exc)
-            self._notify(entry)
-            return entry
-        versions = select_versions(entry.config, model_dir.versions)
-        if not versions:
-            entry.error = f"no version of model '{model_dir.name}' to load (version folders: " \
-                f"{list(model_dir.versions) or 'none'})"
-            log.error("%s", entry.error)
-        for version in versions:
-            model = Model(entry.config, model_dir.path, version, self.settings.inline_compute_us)
-            entry.versions[version] = model
+    def load_named(self, names: Iterable[str]) -> None:
+        """Explicit mode's `--load-model` list ('*' means every model)."""
+        names = list(names)
+        if "*" in names:
+            self.load_all()
+            return
+        sources = []
+        for name in dict.fromkeys(names):
             try:
-                model.load()
-                log.info("loaded model %s (backend %s)", model.label, entry.config.backend)
-            except Exception as exc:
-                log.error("model %s failed to load: %s", model.label, exc)
-        entry.refresh_latest()
-        self._notify(entry)
-        return entry
+                path = self._find(name)
+            except InvalidInput as exc:
+                self._fail_model(name, str(exc))
+                continue
+            sources.append(Source(snapshot_model(path, name)))
+        self.run_all(sources)
 
-    def _notify(self, entry: ModelEntry) -> None:
-        ready = entry.latest_ready is not None
-        for listener in self._listeners:
-            listener(entry.name, ready)
+    def run_all(self, sources: Iterable[Source]) -> None:
+        futures = [self.loader.submit(self.apply, source) for source in sources]
+        for future in wait(futures).done:
+            if future.exception() is not None:
+                log.error("model action failed unexpectedly", exc_info=future.exception())
+
+    # -- actions (loader threads) --
+
+    def _lock_for(self, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def apply(self, source: Source) -> Outcome | None:
+        """(Re)load a model from `source`, swap on success, keep serving on failure (actions.py)."""
+        name = source.snapshot.name
+        with self._lock_for(name):
+            if self._closing:
+                return None
+            entry = self._models.get(name) or ModelEntry(name=name, path=source.snapshot.path)
+
+            def show_loading(version: int, model: Model) -> None:
+                def put() -> None:
+                    entry.versions[version] = model
+                    self._models.setdefault(name, entry)
+
+                self._on_loop(put)
+
+            outcome = run_action(entry, source, self.settings, show_loading)
+
+            def swap() -> None:
+                entry.versions = outcome.rows
+                entry.keys, entry.failures = outcome.keys, outcome.failures
+                entry.error, entry.error_covered = outcome.error, outcome.covered
+                if outcome.config is not None:
+                    entry.config = outcome.config
+                entry.path, entry.override_dir, entry.unloaded = source.snapshot.path, source.override_dir, False
+                for model, _ in outcome.retire:
+                    model.state = ModelState.UNLOADING
+                entry.refresh_latest()
+                self._models[name] = entry
+
+            if source.override_dir is not None:
+                self._override_dirs.add(source.override_dir)
+            self._on_loop(swap)
+            self._report(entry, outcome)
+            self._notify(entry)
+            self._retire(outcome.retire)
+            return outcome
+
+    def remove(self, name: str) -> None:
+        """The model's folder is gone (poll mode): stop routing to it, drain and unload it."""
+        with self._lock_for(name):
+            entry = self._models.get(name)
+            if entry is None:
+                return
+            retire = [(m, "its model folder was removed") for m in entry.versions.values()
+                      if m.state in (ModelState.READY, ModelState.LOADING)]
+
+            def swap() -> None:
+                for model, _ in retire:
+                    model.state = ModelState.UNLOADING
+                self._models.pop(name, None)
+
+            self._on_loop(swap)
+            log.info("model '%s' removed from the repository", name)
+            for listener in self._listeners:
+                listener(name, False)
+            self._retire(retire)
+
+    def require_explicit(self) -> None:
+        """The load/unload RPCs exist only in explicit mode (Triton's code and message)."""
+        if self.settings.model_control_mode != "explicit":
+            raise ServerUnavailable("explicit model load / unload is not allowed if polling is enabled")
+
+    def load_explicit(self, name: str, parameters: Mapping[str, object]) -> None:
+        """RepositoryModelLoad: synchronous; raises InvalidInput with Triton's message on failure."""
+        request = parse_load_parameters(name, parameters)
+        if request.files:
+            path = write_override_dir(request)
+            source = Source(snapshot_model(path, name), request.config, override_dir=path, force=True)
+        else:
+            source = Source(snapshot_model(self._find(name), name), request.config, force=request.overridden)
+        outcome = self.apply(source)
+        if outcome is None:
+            if source.override_dir is not None:
+                remove_override_dir(source.override_dir)
+            raise ModelUnavailable(f"failed to load '{name}': the server is stopping")
+        if not outcome.ok:
+            raise InvalidInput(describe_failure(name, outcome))
+
+    def unload_explicit(self, name: str) -> None:
+        """RepositoryModelUnload: stop routing, wait for in-flight requests, release the model."""
+        check_model_name(name)
+        with self._lock_for(name):
+            entry = self._models.get(name)
+            if entry is None:
+                raise InvalidInput(f"failed to unload '{name}': Model to be unloaded has not been served")
+            retire = [m for m in entry.versions.values() if m.state in (ModelState.READY, ModelState.LOADING)]
+
+            def swap() -> None:
+                for model in retire:
+                    model.state = ModelState.UNLOADING
+                entry.versions = {v: m for v, m in entry.versions.items() if m in retire or m.reason == "unloaded"}
+                entry.failures, entry.keys, entry.error, entry.unloaded = {}, {}, "", True
+                entry.override_dir = None  # deleted once the unload below has finished
+                entry.refresh_latest()
+
+            self._on_loop(swap)
+            self._notify(entry)
+            for model in retire:
+                model.unload(self.settings.exit_timeout_secs)
+                log.info("unloaded model %s", model.label)
+            self._cleanup_overrides()
+
+    def _find(self, name: str) -> Path:
+        check_model_name(name)
+        found = [r for r in self.settings.model_repositories if (r / name).is_dir()]
+        if len(found) > 1:
+            raise InvalidInput(f"failed to load '{name}': {DUPLICATE} ({', '.join(map(str, found))})")
+        path = find_model_dir(name, self.settings.model_repositories)
+        if path is None:
+            raise InvalidInput(
+                f"failed to load '{name}', failed to poll from model repository: no directory '{name}' in "
+                f"{', '.join(map(str, self.settings.model_repositories))}"
+            )
+        return path
+
+    def _fail_model(self, name: str, reason: str) -> None:
+        entry = ModelEntry(name=name, path=Path(), error=reason)
+        self._on_loop(lambda: self._models.__setitem__(name, entry))
+        log.error("model '%s' failed to load: %s", name, reason)
+        self._notify(entry)
+
+    # -- draining and shutdown --
+
+    def _retire(self, retire: list[tuple[Model, str]]) -> None:
+        if not retire:
+            self._cleanup_overrides()
+            return
+        for model, why in retire:
+            log.info("unloading model %s: %s (once its in-flight requests finish)", model.label, why)
+            self._draining.add(model)
+
+        def drain() -> None:
+            for model, _ in retire:
+                try:
+                    model.unload(self.settings.exit_timeout_secs)
+                    log.info("unloaded model %s", model.label)
+                finally:
+                    self._draining.discard(model)
+            self._cleanup_overrides()
+
+        thread = threading.Thread(target=drain, name="nereid-drain", daemon=True)
+        self._drains = [t for t in self._drains if t.is_alive()] + [thread]
+        thread.start()
+
+    def _cleanup_overrides(self) -> None:
+        """Delete private override directories that no loaded or draining copy uses any more."""
+        live = {m.spec.model_dir for e in list(self._models.values()) for m in list(e.versions.values())
+                if m.state is not ModelState.UNAVAILABLE}
+        live.update(m.spec.model_dir for m in list(self._draining))
+        live.update(e.override_dir for e in list(self._models.values()) if e.override_dir is not None)
+        for path in list(self._override_dirs - live):
+            self._override_dirs.discard(path)
+            remove_override_dir(path)
+
+    def close(self) -> None:
+        """No new actions from now on (shutdown)."""
+        self._closing = True
 
     def unload_all(self, timeout: float | None = None) -> None:
+        self._closing = True
+        self.loader.shutdown(wait=True)
+        for thread in list(self._drains):
+            thread.join(timeout)
         for entry in list(self._models.values()):
             for model in entry.versions.values():
-                if model.state is ModelState.READY:
+                if model.state in (ModelState.READY, ModelState.UNLOADING) and model not in self._draining:
                     model.unload(timeout)
             entry.refresh_latest()
+        for path in list(self._override_dirs):
+            remove_override_dir(path)
 
-    # -- queries (event loop) --
-
-    def get(self, name: str, version: str = "") -> Model:
-        """The model version to serve, or the error Triton gives."""
-        entry = self._models.get(name)
-        if entry is None:
-            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
-        if not version:
-            model = entry.latest_ready
-            if model is None:
-                if entry.error:
-                    raise ModelUnavailable(f"'{name}' has no available versions: {entry.error}")
-                raise ModelUnavailable(f"'{name}' has no available versions")
-            return model
-        try:
-            number = int(version)
-        except ValueError:
-            raise InvalidInput(f"invalid model version '{version}' for '{name}': expected an integer") from None
-        model = entry.versions.get(number)
-        if model is None:
-            raise ModelNotFound(f"Request for unknown model: '{name}' version {number} is not found")
-        if model.state is not ModelState.READY:
-            detail = f": {model.reason}" if model.reason else ""
-            raise ModelUnavailable(f"'{name}' version {number} is not at ready state{detail}")
-        return model
-
-    def names(self) -> list[str]:
-        return sorted(self._models)
-
-    def entry(self, name: str) -> ModelEntry:
-        entry = self._models.get(name)
-        if entry is None:
-            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
-        return entry
-
-    def loaded_models(self) -> list[Model]:
-        return [m for name in self.names() for _, m in sorted(self._models[name].versions.items())]
-
-    def index(self, ready_only: bool = False) -> list[IndexEntry]:
-        rows: list[IndexEntry] = []
-        for name in self.names():
-            entry = self._models[name]
-            if entry.error and not entry.versions:
-                if not ready_only:
-                    rows.append(IndexEntry(name, "", ModelState.UNAVAILABLE.value, entry.error))
-                continue
-            for version, model in sorted(entry.versions.items()):
-                if ready_only and model.state is not ModelState.READY:
-                    continue
-                rows.append(IndexEntry(name, str(version), model.state.value, model.reason))
-        return rows
-
-    def is_ready(self) -> bool:
-        """Strict readiness: every model that has a state is READY (or deliberately unloaded)."""
-        for entry in self._models.values():
-            if entry.error and not entry.versions:
-                return False
-            for model in entry.versions.values():
-                if model.state is ModelState.READY:
-                    continue
-                if model.state is ModelState.UNAVAILABLE and model.reason == "unloaded":
-                    continue
-                return False
-        return True
-
-    def inflight(self) -> int:
-        return sum(m.inflight for m in self.loaded_models())
+    def _report(self, entry: ModelEntry, outcome: Outcome) -> None:
+        for model in outcome.loaded:
+            log.info("loaded model %s (backend %s)", model.label, model.config.backend)
+        serving = sorted(entry.serving())
+        still = f"still serving version(s) {', '.join(map(str, serving))}" if serving else \
+            f"no version of '{entry.name}' is serving"
+        if outcome.error:
+            log.error("model '%s' failed to load: %s; %s", entry.name, outcome.error, still)
+        for version, reason in sorted(outcome.failed.items()):
+            log.error("model '%s' version %d failed to load: %s; %s", entry.name, version, reason, still)

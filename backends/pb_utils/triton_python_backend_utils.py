@@ -1,0 +1,336 @@
+"""`triton_python_backend_utils`: the module Triton Python models import (`as pb_utils`).
+
+Nereid's stub puts this folder on `sys.path`, so `import triton_python_backend_utils`
+works in a model unchanged. The names, signatures and behaviour follow Triton's
+python backend for the parts that do not need a GPU or other models (BLS, decoupled
+responses and DLPack are not available and say so when used).
+
+Input tensors are numpy views over the shared memory the server wrote the request
+into: valid until `execute` returns. Copy an array to keep it longer.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+TRITON_STRING_TO_NUMPY: dict[str, Any] = {
+    "TYPE_BOOL": bool,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_UINT16": np.uint16,
+    "TYPE_UINT32": np.uint32,
+    "TYPE_UINT64": np.uint64,
+    "TYPE_INT8": np.int8,
+    "TYPE_INT16": np.int16,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32,
+    "TYPE_FP64": np.float64,
+    "TYPE_STRING": np.object_,
+}
+
+# Triton's DataType enum values (model_config.proto).
+_ENUM_TO_NUMPY: dict[int, Any] = {
+    1: np.bool_, 2: np.uint8, 3: np.uint16, 4: np.uint32, 5: np.uint64, 6: np.int8, 7: np.int16,
+    8: np.int32, 9: np.int64, 10: np.float16, 11: np.float32, 12: np.float64, 13: np.object_,
+}
+_NUMPY_TO_ENUM: dict[Any, int] = {np.dtype(v): k for k, v in _ENUM_TO_NUMPY.items()}
+
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
+
+
+def triton_to_numpy_type(data_type: int) -> Any:
+    """DataType enum value (e.g. 11) -> numpy type (np.float32); None if unknown."""
+    return _ENUM_TO_NUMPY.get(data_type)
+
+
+def numpy_to_triton_type(data_type: Any) -> int | None:
+    """numpy dtype or type -> DataType enum value; bytes and str count as TYPE_STRING."""
+    try:
+        dtype = np.dtype(data_type)
+    except TypeError:
+        return None
+    if dtype.kind in ("S", "U", "O"):
+        return 13
+    return _NUMPY_TO_ENUM.get(dtype)
+
+
+def triton_string_to_numpy(triton_type_string: str) -> Any:
+    """"TYPE_FP32" -> np.float32 (KeyError for an unknown name, as in Triton)."""
+    return TRITON_STRING_TO_NUMPY[triton_type_string]
+
+
+def serialize_byte_tensor(input_tensor: np.ndarray) -> np.ndarray | None:
+    """BYTES tensor -> flat uint8 array of (4-byte little-endian length, bytes) elements."""
+    if input_tensor.size == 0:
+        return np.empty([0], dtype=np.uint8)
+    if input_tensor.dtype != np.object_ and input_tensor.dtype.type != np.bytes_:
+        raise TritonModelException("cannot serialize bytes tensor: invalid datatype")
+    parts = []
+    for item in input_tensor.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return np.frombuffer(b"".join(parts), dtype=np.uint8)
+
+
+def deserialize_bytes_tensor(encoded_tensor: bytes | np.ndarray) -> np.ndarray:
+    """The inverse of serialize_byte_tensor: a 1-D object array of bytes."""
+    buf = encoded_tensor.tobytes() if isinstance(encoded_tensor, np.ndarray) else bytes(encoded_tensor)
+    items, offset = [], 0
+    while offset < len(buf):
+        (length,) = struct.unpack_from("<I", buf, offset)
+        offset += 4
+        items.append(buf[offset:offset + length])
+        offset += length
+    out = np.empty(len(items), dtype=np.object_)
+    out[:] = items
+    return out
+
+
+class TritonError:
+    """An error a model puts in an InferenceResponse; fails that request only."""
+
+    UNKNOWN = 0
+    INTERNAL = 1
+    NOT_FOUND = 2
+    INVALID_ARG = 3
+    UNAVAILABLE = 4
+    UNSUPPORTED = 5
+    ALREADY_EXISTS = 6
+    CANCELLED = 7
+
+    def __init__(self, message: str, code: int = INTERNAL) -> None:
+        self._message = message
+        self._code = code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int:
+        return self._code
+
+    def __str__(self) -> str:
+        return self._message
+
+    def __repr__(self) -> str:
+        return f"TritonError({self._message!r}, code={self._code})"
+
+
+class TritonModelException(Exception):
+    """Raised by these utilities on misuse; a model may raise it too (fails its requests)."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg)
+        self._msg = msg
+
+    def message(self) -> str:
+        return self._msg
+
+
+class Tensor:
+    """A named numpy array, as an input of a request or an output of a response."""
+
+    def __init__(self, name: str, numpy_array: Any, triton_dtype: int | None = None) -> None:
+        if not isinstance(name, str):
+            raise TritonModelException("Tensor name must be a str")
+        array = numpy_array if type(numpy_array) is np.ndarray else np.asarray(numpy_array)
+        kind = array.dtype.kind
+        if kind == "U" or kind == "V":
+            raise TritonModelException(
+                "Tensor dtype used for numpy_array is not supported by the Python backend; use np.object_ instead"
+            )
+        if triton_dtype is not None:
+            wanted = np.dtype(triton_to_numpy_type(triton_dtype))
+            if array.dtype != wanted and wanted.kind != "O":
+                array = array.view(wanted)
+        self._name = name
+        self._array = array
+        self._triton_dtype = triton_dtype
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+    def triton_dtype(self) -> int | None:
+        if self._triton_dtype is None:  # computed on demand: the hot path never asks
+            self._triton_dtype = numpy_to_triton_type(self._array.dtype)
+        return self._triton_dtype
+
+    def shape(self) -> list[int]:
+        return list(self._array.shape)
+
+    def is_cpu(self) -> bool:
+        return True
+
+    def to_dlpack(self) -> Any:
+        return self._array.__dlpack__()
+
+    @staticmethod
+    def from_dlpack(name: str, capsule: Any) -> Tensor:
+        if hasattr(capsule, "__dlpack__"):
+            return Tensor(name, np.from_dlpack(capsule))
+        raise TritonModelException("Tensor.from_dlpack needs an object with __dlpack__ (e.g. a CPU torch tensor)")
+
+
+class InferenceRequest:
+    """One client request: its inputs (in the order the client sent them) and metadata."""
+
+    def __init__(
+        self,
+        model_name: str = "",
+        inputs: list[Tensor] | None = None,
+        requested_output_names: list[str] | None = None,
+        request_id: str = "",
+        correlation_id: int | str = 0,
+        flags: int = 0,
+        parameters: dict[str, Any] | str | None = None,
+        **_: Any,
+    ) -> None:
+        self._model_name = model_name
+        self._inputs = list(inputs or [])
+        self._requested = list(requested_output_names or [])
+        self._request_id = request_id
+        self._correlation_id = correlation_id
+        self._flags = flags
+        if isinstance(parameters, str):
+            self._parameters = parameters
+        else:
+            self._parameters = json.dumps(parameters or {})
+
+    def inputs(self) -> list[Tensor]:
+        return self._inputs
+
+    def requested_output_names(self) -> list[str]:
+        return self._requested
+
+    def request_id(self) -> str:
+        return self._request_id
+
+    def correlation_id(self) -> int | str:
+        return self._correlation_id
+
+    def flags(self) -> int:
+        return self._flags
+
+    def parameters(self) -> str:
+        """The request's parameters as a JSON object string (as Triton returns them)."""
+        return self._parameters
+
+    def model_name(self) -> str:
+        return self._model_name
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def get_response_sender(self) -> Any:
+        raise TritonModelException("decoupled models (get_response_sender) are not supported by Nereid yet")
+
+    def exec(self, *args: Any, **kwargs: Any) -> Any:
+        raise TritonModelException("business logic scripting (InferenceRequest.exec) is not supported by Nereid yet")
+
+    async_exec = exec
+    stream_exec = exec
+
+
+class InferenceResponse:
+    """The answer to one request: output tensors, or an error that fails that request."""
+
+    def __init__(self, output_tensors: list[Tensor] | None = None, error: TritonError | None = None,
+                 parameters: Any = None) -> None:
+        if output_tensors is None:
+            output_tensors = []
+        if not isinstance(output_tensors, list):
+            raise TritonModelException('"output_tensors" must be a list.')
+        self._output_tensors = output_tensors
+        self._error = error
+
+    def output_tensors(self) -> list[Tensor]:
+        return self._output_tensors
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+
+def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:
+    for tensor in inference_request.inputs():
+        if tensor.name() == name:
+            return tensor
+    return None
+
+
+def get_input_config_by_name(model_config: dict[str, Any], name: str) -> dict[str, Any] | None:
+    for entry in model_config.get("input", []):
+        if entry["name"] == name:
+            return dict(entry)
+    return None
+
+
+def get_output_config_by_name(model_config: dict[str, Any], name: str) -> dict[str, Any] | None:
+    for entry in model_config.get("output", []):
+        if entry["name"] == name:
+            return dict(entry)
+    return None
+
+
+def using_decoupled_model_transaction_policy(model_config: dict[str, Any]) -> bool:
+    return bool(model_config.get("model_transaction_policy", {}).get("decoupled", False))
+
+
+class ModelConfig:
+    """What `auto_complete_config(auto_complete_model_config)` receives and returns."""
+
+    def __init__(self, model_config: dict[str, Any] | str) -> None:
+        self._config = json.loads(model_config) if isinstance(model_config, str) else model_config
+        self._config.setdefault("input", [])
+        self._config.setdefault("output", [])
+        self._config.setdefault("max_batch_size", 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self._config
+
+    def max_batch_size(self) -> int:
+        return int(self._config.get("max_batch_size", 0))
+
+    def set_max_batch_size(self, max_batch_size: int) -> None:
+        if max_batch_size < 0:
+            raise TritonModelException(f"max_batch_size must be >= 0, got {max_batch_size}")
+        self._config["max_batch_size"] = int(max_batch_size)
+
+    def set_dynamic_batching(self) -> None:
+        self._config.setdefault("dynamic_batching", {})
+
+    def set_model_transaction_policy(self, policy: dict[str, Any]) -> None:
+        self._config["model_transaction_policy"] = dict(policy)
+
+    def add_input(self, input: dict[str, Any]) -> None:  # noqa: A002 - Triton's parameter name
+        self._add("input", input)
+
+    def add_output(self, output: dict[str, Any]) -> None:
+        self._add("output", output)
+
+    def _add(self, kind: str, entry: dict[str, Any]) -> None:
+        for key in ("name", "data_type", "dims"):
+            if key not in entry:
+                raise TritonModelException(f"{kind} {entry!r} has no '{key}'")
+        for existing in self._config[kind]:
+            if existing["name"] == entry["name"]:
+                if existing.get("data_type") != entry["data_type"] or [int(d) for d in existing.get("dims", [])] != [
+                    int(d) for d in entry["dims"]
+                ]:
+                    raise TritonModelException(
+                        f"{kind} '{entry['name']}' already exists in the configuration with another data_type or dims"
+                    )
+                return
+        self._config[kind].append(dict(entry))

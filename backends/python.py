@@ -1,0 +1,331 @@
+"""Python models (`backend: "python"`, `<version>/model.py`), compatible with Triton's.
+
+Each instance runs the model in its own stub process (backends/python_stub.py), as
+Triton does, so a model that holds the GIL, leaks or crashes cannot stall the
+server. Tensors cross through shared memory (backends/python_ipc.py); only their
+layout is pickled.
+
+Per-request outcomes: `execute_requests` hands the model one pb_utils request per
+client request and returns one outcome each, so an error response fails only its
+request. An exception from the model's `execute` fails the requests of that call,
+as in Triton. Through plain `execute` (one batch) the model sees a single request.
+
+A stub that dies (crash, `os._exit`, OOM kill) fails the request(s) it was running
+with the exit status, and the instance starts a new stub right away (calling
+`initialize` again). If that restart fails, each request fails fast with the reason
+and a new restart is tried at most every RESTART_INTERVAL_S seconds. A stub that
+hangs hangs its instance (as in Triton); requests time out through the core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from backends.base import (
+    Backend,
+    BackendError,
+    BackendInputError,
+    Device,
+    ModelSpec,
+    Outcome,
+    Request,
+    Signature,
+    TensorSpec,
+)
+from backends.datatypes import config_to_protocol
+from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
+
+log = logging.getLogger("nereid.python")
+
+RESTART_INTERVAL_S = 10.0
+STOP_TIMEOUT_S = 10.0
+_ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding the `backends` package
+_INVALID_ARG = 3  # pb_utils.TritonError.INVALID_ARG
+
+# int64 fields that protobuf's JSON writes as strings; Triton's model_config JSON has numbers.
+_INT64_KEYS = frozenset({
+    "dims", "shape", "max_queue_delay_microseconds", "default_timeout_microseconds", "priority_levels",
+    "default_priority_level", "max_sequence_idle_microseconds", "versions", "batch_size", "count",
+    "model_version", "max_candidate_sequences", "priority",
+})
+
+
+def _numbers(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _numbers(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v, key) for v in value]
+    if key in _INT64_KEYS and isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def triton_config_json(config_json: str) -> str:
+    """The config as Triton gives it to Python models: every field present, numbers as numbers."""
+    config = mc.ModelConfig()
+    json_format.Parse(config_json, config, ignore_unknown_fields=True)
+    as_dict = json_format.MessageToDict(
+        config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return json.dumps(_numbers(as_dict))
+
+
+def _exit_status(proc: subprocess.Popen[bytes]) -> str:
+    try:
+        code = proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Stub:
+    """One stub process and the channel and arenas shared with it."""
+
+    def __init__(self, init: dict[str, Any], label: str) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH", "")) if p)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "backends.python_stub", str(child.fileno())],
+                pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        self.channel = Channel(parent)
+        self.poller = select.poll()
+        self.poller.register(parent, select.POLLIN)
+        self.inputs = Arena(f"nereid-{label}-in")  # ours
+        self.outputs = Arena(f"nereid-{label}-out")  # the stub's, mirrored
+        self.channel.send(init)
+
+    def reply(self, what: str) -> Any:
+        """The stub's next message; BackendError with the exit status if it died."""
+        try:
+            message, fd = self.channel.recv()
+        except (ChannelClosed, ConnectionError) as exc:
+            raise BackendError(f"the Python stub process {_exit_status(self.proc)} while {what}") from exc
+        if fd is not None:
+            self.outputs.attach(fd, message[1])
+        return message
+
+    def stop(self, timeout: float) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.channel.send(("stop",))
+                self.channel.sock.settimeout(timeout)
+                self.channel.recv()  # ("stopped",) once finalize() returned
+            except (OSError, EOFError) as exc:
+                log.warning("python stub %d did not stop cleanly: %s", self.proc.pid, exc)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.channel.close()
+        self.inputs.close()
+        self.outputs.close()
+
+
+class PythonBackend(Backend):
+    name = "python"
+    default_model_filename = "model.py"
+    supports_gpu = True  # the instance's kind and device id are passed on; the model decides
+    wants_requests = True
+    out_of_process = True
+
+    @classmethod
+    def describe(cls, model_file: Path) -> Signature | None:
+        """Run the model's `auto_complete_config` (in a throwaway stub) on the config on disk."""
+        model_dir = model_file.parent.parent
+        config = mc.ModelConfig(name=model_dir.name)
+        config_path = model_dir / "config.pbtxt"
+        if config_path.exists():
+            text_format.Parse(config_path.read_text(encoding="utf-8"), config)
+        init = {"mode": "autocomplete", "model_file": str(model_file),
+                "config": triton_config_json(json_format.MessageToJson(config))}
+        stub = Stub(init, "autocomplete")
+        try:
+            message = stub.reply("running auto_complete_config")
+        finally:
+            stub.stop(STOP_TIMEOUT_S)
+        if message[0] == "fatal":
+            raise BackendError(f"auto_complete_config failed: {message[1]}")
+        if message[1] is None:
+            return None
+        return _signature(message[1])
+
+    def load(self, spec: ModelSpec, device: Device) -> None:
+        self._spec = spec
+        self._label = spec.instance_name or spec.name
+        self._outputs = [o.name for o in spec.outputs]
+        config_json = triton_config_json(spec.config_json)
+        if json.loads(config_json).get("model_transaction_policy", {}).get("decoupled"):
+            raise BackendError("decoupled Python models are not supported by Nereid yet")
+        self._init = {
+            "mode": "serve",
+            "model_file": str(spec.model_file),
+            "model_name": spec.name,
+            "args": {
+                "model_config": config_json,
+                "model_instance_kind": "GPU" if device.kind == "GPU" else "CPU",
+                "model_instance_name": self._label,
+                "model_instance_device_id": str(device.device_id),
+                "model_repository": str(spec.model_dir),
+                "model_version": str(spec.version),
+                "model_name": spec.name,
+            },
+        }
+        self._stub: Stub | None = None
+        self._pending: Stub | None = None  # the stub running submitted requests
+        self._broken = ""
+        self._last_restart = 0.0
+        self._stub = self._start()
+
+    def _start(self) -> Stub:
+        stub = Stub(self._init, self._label)
+        try:
+            message = stub.reply("initializing the model")
+        except BackendError:
+            stub.stop(1.0)
+            raise
+        if message[0] != "ready":
+            stub.stop(1.0)
+            raise BackendError(f"Python model {self._spec.model_file} failed to initialize: {message[1]}")
+        return stub
+
+    def _restart(self) -> None:
+        self._last_restart = time.monotonic()
+        try:
+            self._stub = self._start()
+            self._broken = ""
+            log.warning("python model instance %s: started a new stub (pid %d)", self._label, self._stub.proc.pid)
+        except BackendError as exc:
+            self._stub = None
+            self._broken = str(exc)
+            log.error("python model instance %s: restarting the stub failed: %s", self._label, exc)
+
+    def execute(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        outcome = self.execute_requests([Request(inputs)])[0]
+        if isinstance(outcome, BackendError):
+            raise outcome
+        return outcome
+
+    def execute_requests(self, requests: Sequence[Request]) -> list[Outcome]:
+        self.submit(requests)
+        outcomes = self.collect(None)
+        assert outcomes is not None
+        return outcomes
+
+    # -- the two halves of execute_requests, for a caller that must not block for long --
+
+    def submit(self, requests: Sequence[Request]) -> None:
+        """Hand the requests to the stub and return at once (tens of microseconds).
+
+        With `collect(timeout)` this lets the core run a Python model on the event loop
+        with a bounded wait: submit, collect(a few hundred µs), and only if the model is
+        not done by then hand the rest of the wait to a worker thread (`collect(None)`).
+        """
+        if self._pending is not None:
+            raise BackendError(f"python model instance {self._label}: submit() while a batch is in flight")
+        stub = self._running_stub()
+        tensors = [(name, arr) for r in requests for name, arr in r.inputs.items()]
+        try:
+            plan, needed = layout(tensors)
+        except UnicodeEncodeError as exc:
+            raise BackendInputError(f"cannot pass a string tensor to the model: {exc}") from exc
+        fd = stub.inputs.ensure(needed)
+        metas = write(stub.inputs, plan)
+        wire, start = [], 0
+        for r in requests:
+            count = len(r.inputs)
+            requested = list(r.requested_outputs) if r.requested_outputs else self._outputs
+            parameters = json.dumps(dict(r.parameters), default=str) if r.parameters else "{}"
+            wire.append((r.id, parameters, requested, metas[start:start + count]))
+            start += count
+        try:
+            stub.channel.send(("exec", stub.inputs.size if fd is not None else 0, wire), fd)
+        except OSError as exc:
+            self._crashed(stub, f"the Python stub process {_exit_status(stub.proc)}", exc)
+        self._pending = stub
+
+    def collect(self, timeout: float | None) -> list[Outcome] | None:
+        """The outcomes of the submitted requests; None if not ready within `timeout` seconds
+        (then call again). `timeout=None` waits as long as the model takes."""
+        stub = self._pending
+        if stub is None:
+            raise BackendError(f"python model instance {self._label}: collect() without submit()")
+        if timeout is not None and not stub.poller.poll(math.ceil(max(0.0, timeout) * 1000)):  # ms granularity
+            return None
+        self._pending = None
+        try:
+            message = stub.reply("executing the request")
+        except BackendError as exc:
+            self._crashed(stub, str(exc), exc)
+        if message[0] == "fail":
+            raise BackendError(f"python model {self._spec.name} raised {message[1]}")
+        return [self._outcome(result, stub) for result in message[2]]
+
+    def _running_stub(self) -> Stub:
+        stub = self._stub
+        if stub is None:
+            if time.monotonic() - self._last_restart >= RESTART_INTERVAL_S:
+                self._restart()
+            stub = self._stub
+            if stub is None:
+                raise BackendError(f"python model instance {self._label} is not running: {self._broken}")
+        return stub
+
+    def _crashed(self, stub: Stub, reason: str, exc: BaseException) -> NoReturn:
+        """The stub died under a request: start a new one, then fail the request with why."""
+        self._pending = None
+        stub.stop(1.0)
+        self._restart()
+        after = "a new stub was started" if self._stub else f"restarting it failed: {self._broken}"
+        raise BackendError(f"python model instance {self._label}: {reason}; {after}") from exc
+
+    @staticmethod
+    def _outcome(result: Any, stub: Stub) -> Outcome:
+        if result[0] == "ok":
+            return dict(read(stub.outputs, result[1], copy=True))
+        _, message, code = result
+        return BackendInputError(message) if code == _INVALID_ARG else BackendError(message)
+
+    def close(self) -> None:
+        stub, self._stub = getattr(self, "_stub", None), None
+        if stub is not None:
+            stub.stop(STOP_TIMEOUT_S)
+
+
+def _signature(config: dict[str, Any]) -> Signature:
+    """The auto-completed config as a Signature (batch dim -1 first when it batches)."""
+    mbs = int(config.get("max_batch_size", 0))
+    lead = (-1,) if mbs > 0 else ()
+
+    def specs(entries: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(e["name"], config_to_protocol(str(e["data_type"])), lead + tuple(int(d) for d in e["dims"]))
+            for e in entries
+        )
+
+    return Signature(specs(config.get("input", [])), specs(config.get("output", [])), max_batch_size=mbs)

@@ -1,0 +1,181 @@
+"""The stub: one process per Python model instance, as in Triton's python backend.
+
+Started by `backends/python.py` as `python -m backends.python_stub FD` with one end of a
+Unix socket pair. It imports the model's `model.py`, calls `initialize(args)`, then
+answers `exec` messages by calling `execute(requests)` until it is told to stop (it
+calls `finalize()`) or the server goes away (end of file on the socket: it exits).
+A crash or a hang here never takes the server's threads or its GIL with it.
+
+Run with `autocomplete` instead of serving, it calls the model's optional
+`auto_complete_config` on the existing config and sends back the result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "pb_utils"))
+
+import triton_python_backend_utils as pb_utils  # noqa: E402 - needs the path above
+
+
+def _describe(exc: BaseException) -> str:
+    """`ValueError: bad shape (model.py:27 in execute)`: what and where, on one line."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.endswith("python_stub.py")]
+    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _load_module(model_file: str) -> Any:
+    folder = str(Path(model_file).parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # helpers next to model.py import as they do under Triton
+    spec = importlib.util.spec_from_file_location("model", model_file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {model_file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["model"] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "TritonPythonModel"):
+        raise AttributeError(f"{model_file} defines no class TritonPythonModel")
+    return module
+
+
+class Stub:
+    def __init__(self, channel: Channel, init: dict[str, Any]) -> None:
+        self.channel = channel
+        self.model_name = init["model_name"]
+        self.inputs = Arena("nereid-in")  # the server's arena, mirrored
+        self.outputs = Arena("nereid-out")  # ours
+        module = _load_module(init["model_file"])
+        self.model = module.TritonPythonModel()
+
+    def initialize(self, args: dict[str, str]) -> None:
+        if hasattr(self.model, "initialize"):
+            self.model.initialize(args)
+        if not hasattr(self.model, "execute"):
+            raise AttributeError("TritonPythonModel has no execute(requests) method")
+
+    def serve(self) -> None:
+        while True:
+            try:
+                message, fd = self.channel.recv()
+            except (ChannelClosed, ConnectionError):
+                return  # the server went away
+            if message[0] == "stop":
+                self.finalize()
+                return
+            _, arena_size, requests = message
+            if fd is not None:
+                self.inputs.attach(fd, arena_size)
+            self.channel.send(*self.execute(requests))
+
+    def execute(self, wire_requests: list[Any]) -> tuple[Any, int | None]:
+        requests, wanted = [], []
+        for request_id, parameters, requested, metas in wire_requests:
+            tensors = [pb_utils.Tensor(name, arr) for name, arr in read(self.inputs, metas, copy=False)]
+            requests.append(pb_utils.InferenceRequest(
+                model_name=self.model_name, inputs=tensors, requested_output_names=requested,
+                request_id=request_id, parameters=parameters,
+            ))
+            wanted.append(set(requested))
+        try:
+            responses = self.model.execute(requests)
+        except Exception as exc:
+            traceback.print_exc()
+            return ("fail", _describe(exc)), None
+        if not isinstance(responses, (list, tuple)) or len(responses) != len(requests):
+            got = len(responses) if isinstance(responses, (list, tuple)) else type(responses).__name__
+            return ("fail", f"execute() must return one InferenceResponse per request ({len(requests)}), "
+                            f"got {got}"), None
+        results: list[Any] = []
+        tensors_out: list[tuple[str, Any]] = []
+        counts: list[int] = []
+        for response, names in zip(responses, wanted, strict=True):
+            outcome = self._response(response, names)
+            if isinstance(outcome, list):
+                tensors_out.extend(outcome)
+                counts.append(len(outcome))
+                results.append(None)
+            else:
+                counts.append(0)
+                results.append(outcome)
+        try:
+            plan, needed = layout(tensors_out)
+        except Exception as exc:
+            return ("fail", f"cannot send the outputs: {_describe(exc)}"), None
+        fd = self.outputs.ensure(needed)
+        metas = write(self.outputs, plan)
+        start = 0
+        for i, count in enumerate(counts):
+            if results[i] is None:
+                results[i] = ("ok", metas[start:start + count])
+                start += count
+        return ("done", self.outputs.size if fd is not None else 0, results), fd
+
+    @staticmethod
+    def _response(response: Any, wanted: set[str]) -> list[tuple[str, Any]] | tuple[str, str, int]:
+        if not isinstance(response, pb_utils.InferenceResponse):
+            return ("err", f"execute() returned {type(response).__name__} instead of an InferenceResponse",
+                    pb_utils.TritonError.INTERNAL)
+        if response.has_error():
+            error = response.error()
+            code = error.code() if hasattr(error, "code") else pb_utils.TritonError.INTERNAL
+            message = error.message() if hasattr(error, "message") else str(error)
+            return ("err", message, code)
+        return [(t.name(), t.as_numpy()) for t in response.output_tensors() if t.name() in wanted]
+
+    def finalize(self) -> None:
+        if hasattr(self.model, "finalize"):
+            try:
+                self.model.finalize()
+            except Exception:
+                traceback.print_exc()
+        self.channel.send(("stopped",))
+
+
+def _autocomplete(channel: Channel, init: dict[str, Any]) -> None:
+    module = _load_module(init["model_file"])
+    cls = module.TritonPythonModel
+    if not hasattr(cls, "auto_complete_config"):
+        channel.send(("config", None))
+        return
+    config = pb_utils.ModelConfig(json.loads(init["config"]))
+    result = cls.auto_complete_config(config)
+    channel.send(("config", (result if result is not None else config).as_dict()))
+
+
+def main() -> int:
+    # Ctrl-C, `timeout` and systemd signal the whole process group; the server decides when
+    # its stubs stop (after draining, calling finalize), and a dead server is seen as end of file.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    channel = Channel(socket.socket(fileno=int(sys.argv[1])))
+    init, _ = channel.recv()
+    try:
+        if init["mode"] == "autocomplete":
+            _autocomplete(channel, init)
+            return 0
+        stub = Stub(channel, init)
+        stub.initialize(init["args"])
+    except Exception as exc:
+        traceback.print_exc()
+        channel.send(("fatal", _describe(exc)))
+        return 1
+    channel.send(("ready", os.getpid()))
+    stub.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The registry of models by name and version: lookups, the index, readiness, listeners.
+
+Everything here is read on the event loop (requests look models up through
+`get`, two dict lookups) and changed only through `_on_loop`, so a change is
+atomic for requests. manager.py adds the actions that change it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from server.core.model import Model
+from server.core.state import ModelState
+from server.errors import InvalidInput, ModelNotFound, ModelUnavailable
+from server.repository.entry import IndexEntry, ModelEntry
+from server.settings import Settings
+
+log = logging.getLogger("nereid.repository")
+
+StateListener = Callable[[str, bool], None]  # (model name, ready?)
+
+
+def model_paths(repository: Path) -> list[Path]:
+    """The model directories of one repository (hidden entries skipped), sorted by name."""
+    return sorted(Path(e.path) for e in os.scandir(repository) if e.is_dir() and not e.name.startswith("."))
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._models: dict[str, ModelEntry] = {}
+        self._listeners: list[StateListener] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Call from the event loop's thread: changes then run there, between requests."""
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    def add_listener(self, listener: StateListener) -> None:
+        """Called (from a loader thread) whenever a model's readiness may have changed."""
+        self._listeners.append(listener)
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the event loop and wait for it (directly when there is no running loop)."""
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread or not loop.is_running():
+            fn()
+            return
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the loop closed meanwhile
+            fn()
+            return
+        while not done.wait(1.0):
+            if not loop.is_running():
+                break
+        if errors:
+            raise errors[0]
+
+    def _notify(self, entry: ModelEntry) -> None:
+        ready = entry.latest_ready is not None
+        for listener in self._listeners:
+            listener(entry.name, ready)
+
+    def _disk_names(self) -> set[str]:
+        names: set[str] = set()
+        for repository in self.settings.model_repositories:
+            try:
+                names.update(p.name for p in model_paths(repository))
+            except OSError:
+                continue
+        return names
+
+    # -- queries (event loop) --
+
+    def get(self, name: str, version: str = "") -> Model:
+        """The model version to serve, or the error Triton gives."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+        if not version:
+            model = entry.latest_ready
+            if model is None:
+                if entry.error:
+                    raise ModelUnavailable(f"'{name}' has no available versions: {entry.error}")
+                raise ModelUnavailable(f"'{name}' has no available versions")
+            return model
+        try:
+            number = int(version)
+        except ValueError:
+            raise InvalidInput(f"invalid model version '{version}' for '{name}': expected an integer") from None
+        model = entry.versions.get(number)
+        if model is None:
+            raise ModelNotFound(f"Request for unknown model: '{name}' version {number} is not found")
+        if model.state is not ModelState.READY:
+            detail = f": {model.reason}" if model.reason else ""
+            raise ModelUnavailable(f"'{name}' version {number} is not at ready state{detail}")
+        return model
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def entry(self, name: str) -> ModelEntry:
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+        return entry
+
+    def loaded_models(self) -> list[Model]:
+        return [m for name in self.names() for _, m in sorted(self._models[name].versions.items())]
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model directory, loaded or not (a never-loaded one: name only, as Triton)."""
+        names = set(self._models) if ready_only else set(self._models) | self._disk_names()
+        rows: list[IndexEntry] = []
+        for name in sorted(names):
+            entry = self._models.get(name)
+            if entry is None:
+                rows.append(IndexEntry(name, "", "", ""))
+            else:
+                rows.extend(entry.index_rows(ready_only))
+        return rows
+
+    def is_ready(self) -> bool:
+        """Strict readiness over every model the manager knows (rules in entry.py)."""
+        return all(entry.is_ready() for entry in list(self._models.values()))
+
+    def inflight(self) -> int:
+        return sum(m.inflight for m in self.loaded_models())

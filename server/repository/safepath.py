@@ -1,0 +1,79 @@
+"""Names and paths that come from clients must never leave the model repository.
+
+The load/unload RPCs take a model name and, for file overrides, relative file
+paths (`file:1/model.onnx`). Both are checked here, textually first (no `..`,
+no absolute paths, no separators in a model name) and then on disk (a symlink
+that resolves outside the repository or override directory is refused), and
+every refusal is an InvalidInput (INVALID_ARGUMENT). The operator's own
+repository may use symlinks freely; only client-named paths are confined.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from server.errors import InvalidInput
+
+_FORBIDDEN_CHARS = ("/", "\\", "\0")
+
+
+def check_model_name(name: str) -> str:
+    """A model name is one plain directory name inside the repository."""
+    if not name:
+        raise InvalidInput("model name is empty")
+    if name in (".", "..") or name.startswith("."):
+        raise InvalidInput(f"invalid model name '{name}': a model name cannot start with '.'")
+    if any(c in name for c in _FORBIDDEN_CHARS):
+        raise InvalidInput(f"invalid model name '{name}': a model name cannot contain '/', '\\' or NUL")
+    return name
+
+
+def is_within(path: Path, root: Path) -> bool:
+    """Whether `path`, with every symlink resolved, is `root` or lies under it."""
+    try:
+        path.resolve(strict=False).relative_to(root.resolve(strict=False))
+    except ValueError:
+        return False
+    return True
+
+
+def find_model_dir(name: str, repositories: tuple[Path, ...]) -> Path | None:
+    """The directory of model `name` in the repositories, refusing one that escapes them."""
+    check_model_name(name)
+    for root in repositories:
+        candidate = root / name
+        if candidate.is_dir():
+            if not is_within(candidate, root):
+                raise InvalidInput(
+                    f"model '{name}': {candidate} resolves to {candidate.resolve()}, outside the model "
+                    f"repository {root}; refusing to load it"
+                )
+            return candidate
+    return None
+
+
+def override_relpath(key: str) -> PurePosixPath:
+    """`file:<version>/<name>` -> the relative path it names inside the override directory."""
+    raw = key[len("file:"):] if key.startswith("file:") else key
+    if not raw:
+        raise InvalidInput(f"override '{key}': empty path; expected file:<version>/<file name>")
+    if "\\" in raw or "\0" in raw:
+        raise InvalidInput(f"override '{key}': the path may not contain '\\' or NUL")
+    path = PurePosixPath(raw)
+    if path.is_absolute() or raw.startswith("/"):
+        raise InvalidInput(f"override '{key}': absolute paths are not allowed; expected file:<version>/<file name>")
+    parts = raw.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise InvalidInput(
+            f"override '{key}': '.', '..' and empty path components are not allowed; "
+            "expected file:<version>/<file name>"
+        )
+    return path
+
+
+def override_target(base: Path, key: str) -> Path:
+    """Where the override file `key` goes under `base`, checked to stay inside it on disk too."""
+    target = base.joinpath(*override_relpath(key).parts)
+    if not is_within(target, base):
+        raise InvalidInput(f"override '{key}' resolves outside the override model directory")
+    return target
