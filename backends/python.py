@@ -10,6 +10,10 @@ client request and returns one outcome each, so an error response fails only its
 request. An exception from the model's `execute` fails the requests of that call,
 as in Triton. Through plain `execute` (one batch) the model sees a single request.
 
+`submit` and `collect(timeout)` are the two halves of `execute_requests`, so the core
+can run a Python model on the event loop with a bounded wait (the cheap-model inline
+path) without letting a slow or hung model stall the loop.
+
 A stub that dies (crash, `os._exit`, OOM kill) fails the request(s) it was running
 with the exit status, and the instance starts a new stub right away (calling
 `initialize` again). If that restart fails, each request fails fast with the reason
@@ -45,9 +49,8 @@ from backends.base import (
     Outcome,
     Request,
     Signature,
-    TensorSpec,
 )
-from backends.datatypes import config_to_protocol
+from backends.python_config import config_signature, triton_config_json
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
 
 log = logging.getLogger("nereid.python")
@@ -56,34 +59,6 @@ RESTART_INTERVAL_S = 10.0
 STOP_TIMEOUT_S = 10.0
 _ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding the `backends` package
 _INVALID_ARG = 3  # pb_utils.TritonError.INVALID_ARG
-
-# int64 fields that protobuf's JSON writes as strings; Triton's model_config JSON has numbers.
-_INT64_KEYS = frozenset({
-    "dims", "shape", "max_queue_delay_microseconds", "default_timeout_microseconds", "priority_levels",
-    "default_priority_level", "max_sequence_idle_microseconds", "versions", "batch_size", "count",
-    "model_version", "max_candidate_sequences", "priority",
-})
-
-
-def _numbers(value: Any, key: str = "") -> Any:
-    if isinstance(value, dict):
-        return {k: _numbers(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers(v, key) for v in value]
-    if key in _INT64_KEYS and isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)
-    return value
-
-
-def triton_config_json(config_json: str) -> str:
-    """The config as Triton gives it to Python models: every field present, numbers as numbers."""
-    config = mc.ModelConfig()
-    json_format.Parse(config_json, config, ignore_unknown_fields=True)
-    as_dict = json_format.MessageToDict(
-        config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return json.dumps(_numbers(as_dict))
-
 
 def _exit_status(proc: subprocess.Popen[bytes]) -> str:
     try:
@@ -173,7 +148,7 @@ class PythonBackend(Backend):
             raise BackendError(f"auto_complete_config failed: {message[1]}")
         if message[1] is None:
             return None
-        return _signature(message[1])
+        return config_signature(message[1])
 
     def load(self, spec: ModelSpec, device: Device) -> None:
         self._spec = spec
@@ -315,17 +290,3 @@ class PythonBackend(Backend):
         stub, self._stub = getattr(self, "_stub", None), None
         if stub is not None:
             stub.stop(STOP_TIMEOUT_S)
-
-
-def _signature(config: dict[str, Any]) -> Signature:
-    """The auto-completed config as a Signature (batch dim -1 first when it batches)."""
-    mbs = int(config.get("max_batch_size", 0))
-    lead = (-1,) if mbs > 0 else ()
-
-    def specs(entries: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
-        return tuple(
-            TensorSpec(e["name"], config_to_protocol(str(e["data_type"])), lead + tuple(int(d) for d in e["dims"]))
-            for e in entries
-        )
-
-    return Signature(specs(config.get("input", [])), specs(config.get("output", [])), max_batch_size=mbs)

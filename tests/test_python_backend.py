@@ -204,13 +204,7 @@ def test_initialize_args(py_server: ServerProcess) -> None:
     assert config["input"][0]["optional"] is False  # every field present, as in Triton's JSON
 
 
-# The core passes request ids, parameters and requested outputs only through
-# Backend.execute_requests; until it calls that, the model sees one anonymous request.
-needs_execute_requests = pytest.mark.xfail(
-    reason="the core does not call Backend.execute_requests yet (lead: server/core/instance.py)", strict=False)
 
-
-@needs_execute_requests
 def test_request_id_and_parameters_reach_the_model(py_server: ServerProcess) -> None:
     x = np.ones((1, 3), dtype=np.float32)
     result = client(py_server).infer(
@@ -220,7 +214,6 @@ def test_request_id_and_parameters_reach_the_model(py_server: ServerProcess) -> 
     assert meta["parameters"] == {"temperature": 3, "mode": "fast"}
 
 
-@needs_execute_requests
 def test_requested_outputs_are_passed_to_the_model(py_server: ServerProcess) -> None:
     x = np.ones((1, 2), dtype=np.float32)
     result = client(py_server).infer("py_probe", [_fp32("INPUT0", x)], outputs=[

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, BackendInputError
+from backends.base import Request as BackendRequest
 from server.core.batching import concat_inputs, split_outputs
 from server.core.scheduler import Job, Scheduler
 from server.core.signature import TensorInfo
@@ -115,6 +116,7 @@ class ModelInstance:
         self._shaper = shaper
         self._stats = stats
         self._cost = cost
+        self._per_request = type(backend).wants_requests
         self._thread = threading.Thread(target=self._serve, name=f"instance-{name}", daemon=True)
 
     def start(self) -> None:
@@ -139,6 +141,8 @@ class ModelInstance:
 
     def execute(self, jobs: list[Job]) -> list[Outcome]:
         """Run the jobs as one backend execution; one outcome per job. Caller holds `lock`."""
+        if self._per_request:
+            return self._execute_requests(jobs)
         if len(jobs) == 1:
             job = jobs[0]
             if job.cancelled():  # the client gave up: never run it
@@ -196,6 +200,53 @@ class ModelInstance:
         )
         self._cost.record(request.batch_size, executed - prepared)
         return (result, None)
+
+    def _execute_requests(self, jobs: list[Job]) -> list[Outcome]:
+        """For request-aware backends (Python models): each request goes in with its id,
+        parameters and requested outputs, and an error fails only its own request."""
+        live = [job for job in jobs if not job.cancelled()]
+        if not live:
+            return [(None, None)] * len(jobs)
+        started = perf_counter_ns()
+        shaper = self._shaper
+        requests = [
+            BackendRequest(
+                shaper.backend_inputs(job.request.inputs, job.request.batch_size), job.request.id,
+                job.request.parameters, job.request.requested_outputs,
+            )
+            for job in live
+        ]
+        prepared = perf_counter_ns()
+        try:
+            answers = self.backend.execute_requests(requests)
+            if len(answers) != len(live):
+                raise InternalError(f"model {shaper.model_label} answered {len(answers)} of {len(live)} requests")
+        except Exception as exc:
+            return self._failed(jobs, live, _as_error(exc, shaper.model_label, self.name))
+        executed = perf_counter_ns()
+        outcome_of: dict[int, Outcome] = {}
+        succeeded: list[Job] = []
+        failed: list[Job] = []
+        for job, answer in zip(live, answers, strict=True):
+            try:
+                if isinstance(answer, Exception):
+                    raise answer
+                outcome_of[id(job)] = (shaper.response(answer, job.request.requested_outputs), None)
+                succeeded.append(job)
+            except Exception as exc:
+                outcome_of[id(job)] = (None, _as_error(exc, shaper.model_label, self.name))
+                failed.append(job)
+        finished = perf_counter_ns()
+        if succeeded:
+            self._stats.record_execution(
+                sum(job.request.batch_size for job in succeeded), len(succeeded), prepared - started,
+                executed - prepared, finished - executed, sum(started - job.enqueued_ns for job in succeeded),
+                finished * len(succeeded) - sum(job.enqueued_ns for job in succeeded),
+            )
+            self._cost.record(sum(job.request.batch_size for job in live), executed - prepared)
+        if failed:
+            self._stats.record_failure(len(failed), finished * len(failed) - sum(job.enqueued_ns for job in failed))
+        return [outcome_of.get(id(job), (None, None)) for job in jobs]
 
     def _failed(self, jobs: list[Job], live: list[Job], error: NereidError) -> list[Outcome]:
         now = perf_counter_ns()

@@ -91,6 +91,8 @@ class Model:
         """Create every instance; on any failure release what was made and raise BackendError."""
         try:
             cls = backend_class(self.config.backend)
+            if cls.out_of_process:  # its process may hang: never wait for it on the event loop
+                self._inline_ns = -1.0
             if cls.needs_model_file and not self.spec.model_file.exists():
                 raise BackendError(f"model file {self.spec.model_file} does not exist")
             shaper = OutputShaper(self.label, self.outputs, self.inputs)
