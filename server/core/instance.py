@@ -29,6 +29,12 @@ log = logging.getLogger("nereid.instance")
 Outcome = tuple[Any, NereidError | None]  # (outputs, None) or (None, error)
 
 
+def failed_outcomes(jobs: list[Job], exc: BaseException, model_label: str) -> list[Outcome]:
+    """Every job of a batch fails with INTERNAL: used when execution itself broke."""
+    error = InternalError(f"model {model_label} failed unexpectedly: {exc!r}")
+    return [(None, error)] * len(jobs)
+
+
 def deliver_all(jobs: list[Job], outcomes: list[Outcome]) -> None:
     """Runs on the event loop: complete each request unless its client already gave up."""
     for job, (result, error) in zip(jobs, outcomes, strict=True):
@@ -122,6 +128,9 @@ class ModelInstance:
     def start(self) -> None:
         self._thread.start()
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -135,9 +144,10 @@ class ModelInstance:
             try:
                 with self.lock:
                     outcomes = self.execute(jobs)
-                jobs[0].loop.call_soon_threadsafe(deliver_all, jobs, outcomes)
-            except BaseException:  # never let one batch kill the instance thread
+            except BaseException as exc:  # a bug: fail this batch, keep the instance thread alive
                 log.exception("instance %s: unexpected failure", self.name)
+                outcomes = failed_outcomes(jobs, exc, self._shaper.model_label)
+            jobs[0].loop.call_soon_threadsafe(deliver_all, jobs, outcomes)
 
     def execute(self, jobs: list[Job]) -> list[Outcome]:
         """Run the jobs as one backend execution; one outcome per job. Caller holds `lock`."""
@@ -209,15 +219,15 @@ class ModelInstance:
             return [(None, None)] * len(jobs)
         started = perf_counter_ns()
         shaper = self._shaper
-        requests = [
-            BackendRequest(
-                shaper.backend_inputs(job.request.inputs, job.request.batch_size), job.request.id,
-                job.request.parameters, job.request.requested_outputs,
-            )
-            for job in live
-        ]
-        prepared = perf_counter_ns()
         try:
+            requests = [
+                BackendRequest(
+                    shaper.backend_inputs(job.request.inputs, job.request.batch_size), job.request.id,
+                    job.request.parameters, job.request.requested_outputs,
+                )
+                for job in live
+            ]
+            prepared = perf_counter_ns()
             answers = self.backend.execute_requests(requests)
             if len(answers) != len(live):
                 raise InternalError(f"model {shaper.model_label} answered {len(answers)} of {len(live)} requests")

@@ -15,7 +15,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 from backends.base import Backend, BackendError, ModelSpec
 from backends.registry import backend_class
 from server.core.batcher_config import make_batcher
-from server.core.instance import CostTracker, ModelInstance, Outcome, OutputShaper, deliver_all
+from server.core.instance import (
+    CostTracker,
+    ModelInstance,
+    Outcome,
+    OutputShaper,
+    deliver_all,
+    failed_outcomes,
+)
 from server.core.placement import Placement, place_instances, visible_gpus
 from server.core.scheduler import DirectScheduler, Job, Scheduler
 from server.core.signature import TensorInfo
@@ -148,6 +155,9 @@ class Model:
         for instance in self._instances:
             instance.join(remaining())
         for instance in self._instances:
+            if instance.is_alive():  # still draining queued work: closing now would pull the backend from under it
+                log.warning("%s: instance %s still busy after the timeout; not released", self.label, instance.name)
+                continue
             # An inline execution on the event loop holds the instance lock: never close under it.
             wait = remaining()
             if not instance.lock.acquire(timeout=-1 if wait is None else wait):
@@ -229,17 +239,34 @@ class Model:
             self.inflight -= 1
 
     async def _in_order(self, future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> Any:
-        """Wait for our result, then for every earlier request to have returned (or failed)."""
+        """Wait for our result, then for every earlier request to have returned (or failed).
+
+        A request whose client cancels does not wait: it hands its turn on to the next one
+        as soon as the previous request's turn is done."""
         previous, turn = self._last_turn, loop.create_future()
         self._last_turn = turn
+
+        def pass_turn(_: object = None) -> None:
+            if not turn.done():
+                turn.set_result(None)
+
         try:
-            return await future
-        finally:
             try:
+                result = await future
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
                 if previous is not None and not previous.done():
                     await asyncio.shield(previous)
-            finally:
-                turn.set_result(None)
+                raise
+            if previous is not None and not previous.done():
+                await asyncio.shield(previous)
+            return result
+        finally:
+            if previous is None or previous.done():
+                pass_turn()
+            else:
+                previous.add_done_callback(pass_turn)
 
     def _flush(self) -> None:
         """Runs once per event-loop iteration with that iteration's arrivals.
@@ -265,6 +292,9 @@ class Model:
                     if instance.lock.acquire(blocking=False):
                         try:
                             outcomes = instance.execute(jobs)
+                        except Exception as exc:  # a bug: fail these requests rather than leave them hanging
+                            log.exception("%s: inline execution failed", self.label)
+                            outcomes = failed_outcomes(jobs, exc, self.label)
                         finally:
                             instance.lock.release()
                         deliver_all(jobs, outcomes)

@@ -58,6 +58,17 @@ class ModelStats:
             per_batch[2] += infer_ns
             per_batch[3] += output_ns
 
+    def snapshot(self) -> ModelStats:
+        """A consistent copy for reporting (counters from one moment, not torn by an execution)."""
+        copy = ModelStats()
+        with self._lock:
+            copy.last_inference_ms = self.last_inference_ms
+            copy.inference_count = self.inference_count
+            copy.execution_count = self.execution_count
+            copy.durations = {name: list(value) for name, value in self.durations.items()}
+            copy.batch = {size: list(value) for size, value in self.batch.items()}
+        return copy
+
     def record_failure(self, requests: int, total_ns: int) -> None:
         with self._lock:
             entry = self.durations["fail"]

@@ -198,15 +198,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     task = loop.create_task(run_one(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+            finally:  # answer what was read, even when reading failed
                 if tasks:
-                    await asyncio.gather(*tasks)
-            finally:
+                    await asyncio.gather(*tasks, return_exceptions=True)
                 responses.put_nowait(None)
 
         reader = loop.create_task(read_all())
         try:
             while (response := await responses.get()) is not None:
                 yield response
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                log.error("ModelStreamInfer: reading the stream failed: %r", reader.exception())
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"ModelStreamInfer: reading the stream failed: {reader.exception()!r}")
         finally:
             reader.cancel()
             for task in list(tasks):

@@ -14,7 +14,7 @@ def _duration(target: pb.StatisticDuration, count: int, ns: int) -> None:
 
 
 def model_statistics(model: Model) -> pb.ModelStatistics:
-    stats = model.stats
+    stats = model.stats.snapshot()
     out = pb.ModelStatistics(
         name=model.name,
         version=model.version_str,
