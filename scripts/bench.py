@@ -444,18 +444,7 @@ def bench_ort(args: argparse.Namespace, pinned: bool, outdir: Path,
                "--batch-sizes", ",".join(map(str, batch_sizes)), "--ort-seconds", str(args.ort_seconds)],
               SERVER_CORE, pinned)
     print(f"onnxruntime ({pinning}): {model}, batch sizes {','.join(map(str, batch_sizes))}", file=sys.stderr)
-    timeout = 60 + 4 * args.ort_seconds * len(batch_sizes)
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        result.error = f"timed out after {timeout:.0f}s"
-        return result
-    (outdir / f"ort-{pinning}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        result.error = f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"
-        return result
-    result.rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    return result
+    return run_baseline_worker(cmd, 60 + 4 * args.ort_seconds * len(batch_sizes), outdir / f"ort-{pinning}.log", result)
 
 
 def formed_batch_sizes(rows: list[Row], base: list[int]) -> list[int]:
@@ -513,13 +502,18 @@ def bench_torch(args: argparse.Namespace, pinned: bool, outdir: Path) -> OrtResu
                "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--ort-seconds", str(args.ort_seconds)],
               SERVER_CORE, pinned)
     print(f"torchscript ({pinning}): {model}", file=sys.stderr)
-    timeout = 90 + 4 * args.ort_seconds * len(args.batch_sizes)
+    return run_baseline_worker(
+        cmd, 90 + 4 * args.ort_seconds * len(args.batch_sizes), outdir / f"torch-{pinning}.log", result)
+
+
+def run_baseline_worker(cmd: list[str], timeout: float, log_path: Path, result: Any) -> Any:
+    """Run an in-process baseline subprocess; its stdout JSON lines become `result.rows`."""
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         result.error = f"timed out after {timeout:.0f}s"
         return result
-    (outdir / f"torch-{pinning}.log").write_text(proc.stdout + proc.stderr)
+    log_path.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         result.error = f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"
         return result
