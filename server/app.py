@@ -55,7 +55,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     manager.add_listener(health.model_changed_threadsafe)
     manager.add_listener(_server_health_follower(loop, servicer, health))
     await server.start()
-    log.info("Started GRPCInferenceService at %s:%d", settings.grpc_address, port)
+    log.info("Started GRPCInferenceService at %s:%d (event loop: %s)", settings.grpc_address, port,
+             type(loop).__module__.split(".")[0])
 
     poller = Poller(manager) if settings.model_control_mode == "poll" else None
     startup = manager.load_startup if poller is None else functools.partial(
@@ -124,6 +125,14 @@ def _server_health_follower(
 
 
 def run(settings: Settings) -> int:
+    if settings.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if settings.event_loop == "uvloop":
+                raise SystemExit("nereid: --event-loop uvloop needs uvloop: pip install uvloop") from None
+        else:
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
         asyncio.run(serve(settings))
     except KeyboardInterrupt:

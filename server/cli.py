@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--inline-compute-us", type=float, default=100.0,
                        help="models measured below this many µs per request run on the event loop when an "
                        "instance is idle, saving a thread hand-off; 0 disables (default 100)")
+    serve.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                       help="event loop: uvloop is faster; auto uses it when installed (default auto)")
     serve.add_argument("--backend-config", action="append", default=[],
                        help="[<backend>,]<key>=<value>, e.g. onnxruntime,default-max-batch-size=8")
     _add_lifecycle_flags(serve)
@@ -109,6 +111,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         log_verbose=args.log_verbose,
         metrics_port=args.metrics_port,
         inline_compute_us=args.inline_compute_us,
+        event_loop=args.event_loop,
         backend_config=backend_config,
         model_control_mode=args.model_control_mode,
         repository_poll_secs=args.repository_poll_secs,
