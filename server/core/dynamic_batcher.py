@@ -9,6 +9,7 @@ pure function; the clock is injected so tests can step time.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ class DynamicBatchScheduler(Scheduler):
         self._queues = [collections.deque[Job]() for _ in range(self.levels)]
         self._delayed = [collections.deque[Job]() for _ in range(self.levels)]
         self._count = 0
+        # Without any queue timeout in the config, nothing can expire: skip the O(n) scans.
+        self._timeouts = any(p.default_timeout_ns or p.allow_timeout_override for p in queue_policies.values())
         self._cond = threading.Condition(threading.Lock())
         self._stopped = False
 
@@ -127,9 +130,15 @@ class DynamicBatchScheduler(Scheduler):
             return self._take(count) if count else None
 
     def _head(self) -> list[Job]:
-        """Queued jobs in service order, as many as could fill one batch."""
+        """Queued jobs in service order, as many as could fill one batch (cancelled ones dropped)."""
         view: list[Job] = []
         limit = self.policy.max_batch_size
+        for sources in (self._queues, self._delayed):
+            for index, source in enumerate(sources):
+                if any(job.cancelled() for job in itertools.islice(source, limit)):
+                    before = len(source)
+                    sources[index] = source = collections.deque(j for j in source if not j.cancelled())
+                    self._count -= before - len(source)
         for queue, delayed in zip(self._queues, self._delayed, strict=True):
             for source in (queue, delayed):
                 for job in source:
@@ -148,7 +157,9 @@ class DynamicBatchScheduler(Scheduler):
         return batch
 
     def _expire(self, now: int) -> None:
-        """Drop cancelled requests; apply REJECT/DELAY to requests whose queue timeout passed."""
+        """Apply REJECT/DELAY to requests whose queue timeout passed (and drop cancelled ones)."""
+        if not self._timeouts:
+            return
         for index, queue in enumerate(self._queues):
             if not queue:
                 continue
@@ -174,6 +185,8 @@ class DynamicBatchScheduler(Scheduler):
                 self._count -= before - len(self._delayed[index])
 
     def _nearest_deadline(self) -> int | None:
+        if not self._timeouts:
+            return None
         deadlines = [j.deadline_ns for q in self._queues for j in q if j.deadline_ns is not None]
         return min(deadlines) if deadlines else None
 
