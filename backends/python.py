@@ -261,6 +261,18 @@ class PythonBackend(Backend):
             raise BackendError(f"python model {self._spec.name} raised {message[1]}")
         return [self._outcome(result, stub) for result in message[2]]
 
+    def pending_fd(self) -> int | None:
+        """The socket that turns readable once the submitted requests are answered (or the stub
+        died), so an event loop can wait for it without a thread; None if nothing is submitted."""
+        stub = self._pending
+        return None if stub is None else stub.channel.sock.fileno()
+
+    def pending_alive(self) -> bool:
+        """Whether the stub running the submitted requests is still alive (so `collect` will not
+        have to restart it, which takes a while)."""
+        stub = self._pending
+        return stub is not None and stub.proc.poll() is None
+
     def _running_stub(self) -> Stub:
         stub = self._stub
         if stub is None:

@@ -330,6 +330,19 @@ def test_crashed_stub_fails_its_request_and_restarts(py_server: ServerProcess) -
     assert c.is_model_ready("py_probe")
 
 
+def test_cancelled_request_frees_its_instance(py_server: ServerProcess) -> None:
+    """A client that gives up on a running Python request gets DEADLINE_EXCEEDED; the stub's
+    late answer is drained off the wire and both instances serve the next requests correctly."""
+    c = client(py_server)
+    for _ in range(2):  # one slow request per instance, both abandoned
+        expect_error("DEADLINE_EXCEEDED", c.infer, "py_probe",
+                     [_fp32("INPUT0", np.full((1, 2), -6, np.float32))], client_timeout=0.05)
+    time.sleep(0.5)  # the stubs finish their 0.3 s of work
+    for i in range(6):
+        x = np.full((1, 3), float(i), dtype=np.float32)
+        np.testing.assert_array_equal(c.infer("py_probe", [_fp32("INPUT0", x)]).as_numpy("OUTPUT0"), x)
+
+
 def test_gil_heavy_model_does_not_stall_the_server(py_server: ServerProcess) -> None:
     slow_done = threading.Event()
 

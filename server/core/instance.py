@@ -218,21 +218,33 @@ class ModelInstance:
         if not live:
             return [(None, None)] * len(jobs)
         started = perf_counter_ns()
-        shaper = self._shaper
         try:
-            requests = [
-                BackendRequest(
-                    shaper.backend_inputs(job.request.inputs, job.request.batch_size), job.request.id,
-                    job.request.parameters, job.request.requested_outputs,
-                )
-                for job in live
-            ]
+            requests = self.backend_requests(live)
             prepared = perf_counter_ns()
             answers = self.backend.execute_requests(requests)
-            if len(answers) != len(live):
-                raise InternalError(f"model {shaper.model_label} answered {len(answers)} of {len(live)} requests")
         except Exception as exc:
-            return self._failed(jobs, live, _as_error(exc, shaper.model_label, self.name))
+            return self._failed(jobs, live, _as_error(exc, self._shaper.model_label, self.name))
+        return self.finish_requests(jobs, live, answers, started, prepared)
+
+    def backend_requests(self, live: list[Job]) -> list[BackendRequest]:
+        """The jobs as a request-aware backend takes them (framework-side shapes)."""
+        shaper = self._shaper
+        return [
+            BackendRequest(
+                shaper.backend_inputs(job.request.inputs, job.request.batch_size), job.request.id,
+                job.request.parameters, job.request.requested_outputs,
+            )
+            for job in live
+        ]
+
+    def finish_requests(
+        self, jobs: list[Job], live: list[Job], answers: list[Any], started: int, prepared: int
+    ) -> list[Outcome]:
+        """Shape a request-aware backend's answers into outcomes and record the statistics."""
+        shaper = self._shaper
+        if len(answers) != len(live):
+            error = InternalError(f"model {shaper.model_label} answered {len(answers)} of {len(live)} requests")
+            return self._failed(jobs, live, error)
         executed = perf_counter_ns()
         outcome_of: dict[int, Outcome] = {}
         succeeded: list[Job] = []
@@ -257,6 +269,12 @@ class ModelInstance:
         if failed:
             self._stats.record_failure(len(failed), finished * len(failed) - sum(job.enqueued_ns for job in failed))
         return [outcome_of.get(id(job), (None, None)) for job in jobs]
+
+    def fail(self, jobs: list[Job], exc: BaseException) -> list[Outcome]:
+        """Outcomes for jobs whose execution raised `exc` (mapped to the right status)."""
+        error = _as_error(exc, self._shaper.model_label, self.name) if isinstance(exc, Exception) else \
+            InternalError(f"model {self._shaper.model_label} failed: {exc!r}")
+        return self._failed(jobs, jobs, error)
 
     def _failed(self, jobs: list[Job], live: list[Job], error: NereidError) -> list[Outcome]:
         now = perf_counter_ns()
