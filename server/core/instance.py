@@ -29,12 +29,6 @@ log = logging.getLogger("nereid.instance")
 Outcome = tuple[Any, NereidError | None]  # (outputs, None) or (None, error)
 
 
-def failed_outcomes(jobs: list[Job], exc: BaseException, model_label: str) -> list[Outcome]:
-    """Every job of a batch fails with INTERNAL: used when execution itself broke."""
-    error = InternalError(f"model {model_label} failed unexpectedly: {exc!r}")
-    return [(None, error)] * len(jobs)
-
-
 def deliver_all(jobs: list[Job], outcomes: list[Outcome]) -> None:
     """Runs on the event loop: complete each request unless its client already gave up."""
     for job, (result, error) in zip(jobs, outcomes, strict=True):
@@ -76,7 +70,6 @@ class OutputShaper:
         self.output_names = tuple(outputs)
         self.input_reshapes = {n: i for n, i in inputs.items() if i.reshape is not None}
         self.output_reshapes = {n: i for n, i in outputs.items() if i.reshape is not None}
-        self.batching = any(i.max_batch_size > 0 for i in inputs.values())
 
     def backend_inputs(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         """Apply config `reshape` (API shape -> framework shape) where the config asks for it."""
@@ -146,7 +139,7 @@ class ModelInstance:
                     outcomes = self.execute(jobs)
             except BaseException as exc:  # a bug: fail this batch, keep the instance thread alive
                 log.exception("instance %s: unexpected failure", self.name)
-                outcomes = failed_outcomes(jobs, exc, self._shaper.model_label)
+                outcomes = self.fail(jobs, exc)
             jobs[0].loop.call_soon_threadsafe(deliver_all, jobs, outcomes)
 
     def execute(self, jobs: list[Job]) -> list[Outcome]:

@@ -22,7 +22,6 @@ from server.core.instance import (
     Outcome,
     OutputShaper,
     deliver_all,
-    failed_outcomes,
 )
 from server.core.placement import Placement, place_instances, visible_gpus
 from server.core.scheduler import DirectScheduler, Job, Scheduler
@@ -213,15 +212,9 @@ class Model:
                         self.inflight -= 1
         cost = self._cost.per_item_ns
         if cost is not None and cost * request.batch_size <= self._inline_ns and not self._scheduler.pending():
-            for instance in self._instances:
-                if instance.lock.acquire(blocking=False):
-                    try:
-                        result, error = instance.execute([Job(request, None, loop, started)])[0]
-                    finally:
-                        instance.lock.release()
-                    if error is not None:
-                        raise error
-                    return result  # type: ignore[no-any-return]
+            outcomes = self._run_inline([Job(request, None, loop, started)])
+            if outcomes is not None:
+                return _result(outcomes[0])
         future: asyncio.Future[Any] = loop.create_future()
         self.inflight += 1
         try:
@@ -323,6 +316,19 @@ class Model:
             else:
                 previous.add_done_callback(pass_turn)
 
+    def _run_inline(self, jobs: list[Job]) -> list[Outcome] | None:
+        """Run the jobs on the event loop on the first idle instance; None if none is idle."""
+        for instance in self._instances:
+            if instance.lock.acquire(blocking=False):
+                try:
+                    return instance.execute(jobs)
+                except Exception as exc:  # a bug: fail these requests rather than leave them hanging
+                    log.exception("%s: inline execution failed", self.label)
+                    return instance.fail(jobs, exc)
+                finally:
+                    instance.lock.release()
+        return None
+
     def _flush(self) -> None:
         """Runs once per event-loop iteration with that iteration's arrivals.
 
@@ -343,17 +349,10 @@ class Model:
             key = jobs[0].shape_key
             if total <= policy.max_batch_size and cost * total <= self._inline_ns and all(
                     job.shape_key == key for job in jobs):
-                for instance in self._instances:
-                    if instance.lock.acquire(blocking=False):
-                        try:
-                            outcomes = instance.execute(jobs)
-                        except Exception as exc:  # a bug: fail these requests rather than leave them hanging
-                            log.exception("%s: inline execution failed", self.label)
-                            outcomes = failed_outcomes(jobs, exc, self.label)
-                        finally:
-                            instance.lock.release()
-                        deliver_all(jobs, outcomes)
-                        return
+                outcomes = self._run_inline(jobs)
+                if outcomes is not None:
+                    deliver_all(jobs, outcomes)
+                    return
         for job in jobs:
             try:
                 batcher.enqueue(job)

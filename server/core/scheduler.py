@@ -66,9 +66,8 @@ class DirectScheduler(Scheduler):
     def __init__(self) -> None:
         # SimpleQueue is implemented in C; get() blocks without holding the GIL.
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self.enqueue = self._queue.put  # type: ignore[method-assign,assignment]
 
-    def enqueue(self, job: Job) -> None:  # replaced per instance by the bound put above
+    def enqueue(self, job: Job) -> None:
         self._queue.put(job)
 
     def next_batch(self) -> list[Job] | None:
