@@ -59,6 +59,7 @@ RESTART_INTERVAL_S = 10.0
 STOP_TIMEOUT_S = 10.0
 _ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding the `backends` package
 _INVALID_ARG = 3  # pb_utils.TritonError.INVALID_ARG
+_FD_SETSIZE = 1024  # select() takes descriptors below this
 
 def _exit_status(proc: subprocess.Popen[bytes]) -> str:
     try:
@@ -71,6 +72,16 @@ def _exit_status(proc: subprocess.Popen[bytes]) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
+
+
+def _readable(sock: socket.socket, poller: select.poll, timeout: float) -> bool:
+    """Whether `sock` turns readable within `timeout` seconds; microsecond resolution where
+    `select` can take the descriptor, else poll's milliseconds (rounded up)."""
+    fd = sock.fileno()
+    timeout = max(0.0, timeout)
+    if fd < _FD_SETSIZE:
+        return bool(select.select((fd,), (), (), timeout)[0])
+    return bool(poller.poll(math.ceil(timeout * 1000)))
 
 
 class Stub:
@@ -175,6 +186,7 @@ class PythonBackend(Backend):
         self._pending: Stub | None = None  # the stub running submitted requests
         self._broken = ""
         self._last_restart = 0.0
+        self._model_ns: float | None = None  # moving average of the model's own execute() time
         self._stub = self._start()
 
     def _start(self) -> Stub:
@@ -250,7 +262,7 @@ class PythonBackend(Backend):
         stub = self._pending
         if stub is None:
             raise BackendError(f"python model instance {self._label}: collect() without submit()")
-        if timeout is not None and not stub.poller.poll(math.ceil(max(0.0, timeout) * 1000)):  # ms granularity
+        if timeout is not None and not _readable(stub.channel.sock, stub.poller, timeout):
             return None
         self._pending = None
         try:
@@ -259,6 +271,9 @@ class PythonBackend(Backend):
             self._crashed(stub, str(exc), exc)
         if message[0] == "fail":
             raise BackendError(f"python model {self._spec.name} raised {message[1]}")
+        took = message[3]
+        last = self._model_ns
+        self._model_ns = took if last is None else last + 0.1 * (min(took, 3 * last) - last)
         return [self._outcome(result, stub) for result in message[2]]
 
     def pending_fd(self) -> int | None:
@@ -266,6 +281,18 @@ class PythonBackend(Backend):
         died), so an event loop can wait for it without a thread; None if nothing is submitted."""
         stub = self._pending
         return None if stub is None else stub.channel.sock.fileno()
+
+    def model_ns(self) -> float | None:
+        """A moving average of the time the model's own `execute` takes per call, as timed in
+        the stub (without the hand-off to it); None before the first call."""
+        return self._model_ns
+
+    def pending_ready(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds (microsecond resolution) for the submitted requests'
+        answer to start arriving (or the stub to die); whether it did. For a cheap model the
+        event loop waits here briefly instead of going round the loop."""
+        stub = self._pending
+        return stub is not None and _readable(stub.channel.sock, stub.poller, timeout)
 
     def pending_alive(self) -> bool:
         """Whether the stub running the submitted requests is still alive (so `collect` will not

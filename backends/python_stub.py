@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -89,11 +90,13 @@ class Stub:
                 request_id=request_id, parameters=parameters,
             ))
             wanted.append(set(requested))
+        started = time.perf_counter_ns()
         try:
             responses = self.model.execute(requests)
         except Exception as exc:
             traceback.print_exc()
             return ("fail", _describe(exc)), None
+        took = time.perf_counter_ns() - started
         if not isinstance(responses, (list, tuple)) or len(responses) != len(requests):
             got = len(responses) if isinstance(responses, (list, tuple)) else type(responses).__name__
             return ("fail", f"execute() must return one InferenceResponse per request ({len(requests)}), "
@@ -121,7 +124,7 @@ class Stub:
             if results[i] is None:
                 results[i] = ("ok", metas[start:start + count])
                 start += count
-        return ("done", self.outputs.size if fd is not None else 0, results), fd
+        return ("done", self.outputs.size if fd is not None else 0, results, took), fd
 
     @staticmethod
     def _response(response: Any, wanted: set[str]) -> list[tuple[str, Any]] | tuple[str, str, int]:

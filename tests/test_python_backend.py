@@ -104,6 +104,29 @@ output [
 instance_group [ { kind: KIND_CPU count: 2 } ]
 """
 
+# Cheap: echoes its input; a first element of -6 sleeps 0.3 s, -3 kills the stub.
+LEAN = PY_HEADER + '''
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            arr = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            if arr.reshape(-1)[0] == -6:
+                time.sleep(0.3)
+            if arr.reshape(-1)[0] == -3:
+                os._exit(7)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", arr)]))
+        return responses
+'''
+
+LEAN_CONFIG = """name: "py_lean"
+backend: "python"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
 # BYTES in, BYTES out (upper-cased), no batching.
 UPPER = PY_HEADER + '''
 class TritonPythonModel:
@@ -161,6 +184,7 @@ def py_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(repo, "py_auto", None, files={"1/model.py": AUTO.encode()})
     write_model(repo, "py_broken_init", SIMPLE_IO, files={"1/model.py": BROKEN_INIT.encode()})
     write_model(repo, "py_no_file", SIMPLE_IO)
+    write_model(repo, "py_lean", LEAN_CONFIG, files={"1/model.py": LEAN.encode()})
     write_model(repo, "good_identity", 'backend: "identity"\n' + SIMPLE_IO.split("\n", 1)[1])
     return repo
 
@@ -362,6 +386,51 @@ def test_gil_heavy_model_does_not_stall_the_server(py_server: ServerProcess) -> 
     assert not slow_done.is_set(), "the spinning request should still be running"
     assert elapsed < 1.0, f"20 requests to another model took {elapsed:.2f}s while a Python model spun"
     thread.join(10)
+
+
+def _warm_cheap(c: grpcclient.InferenceServerClient, model: str) -> None:
+    """Enough fast requests that the server knows the model's execute() is cheap (the stub
+    times it), so it waits for the stub on the event loop, bounded, instead of going round
+    the loop."""
+    x = np.ones((1, 2), dtype=np.float32)
+    for _ in range(50):
+        np.testing.assert_array_equal(c.infer(model, [_fp32("INPUT0", x)]).as_numpy("OUTPUT0"), x)
+
+
+def test_cheap_model_turning_slow_does_not_stall_the_loop(py_server: ServerProcess) -> None:
+    """The bounded wait on the loop gives up after the budget: a request that turns slow
+    (0.3 s) is finished off the loop while other models keep answering."""
+    c = client(py_server)
+    _warm_cheap(c, "py_lean")
+    slow_done = threading.Event()
+    answer: list[np.ndarray] = []
+
+    def slow() -> None:
+        x = np.full((1, 2), -6, np.float32)
+        answer.append(client(py_server).infer("py_lean", [_fp32("INPUT0", x)]).as_numpy("OUTPUT0"))
+        slow_done.set()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    a = np.ones((1, 4), dtype=np.float32)
+    for _ in range(10):
+        c.infer("py_add_sub", [_fp32("INPUT0", a), _fp32("INPUT1", a)])
+    elapsed = time.monotonic() - started
+    assert not slow_done.is_set(), "the slow request should still be running"
+    assert elapsed < 0.2, f"10 requests to another model took {elapsed:.2f}s while a cheap model turned slow"
+    thread.join(10)
+    np.testing.assert_array_equal(answer[0], np.full((1, 2), -6, np.float32))
+
+
+def test_cheap_model_crashing_in_the_bounded_wait_recovers(py_server: ServerProcess) -> None:
+    c = client(py_server)
+    _warm_cheap(c, "py_lean")
+    err = expect_error("INTERNAL", c.infer, "py_lean", [_fp32("INPUT0", np.full((1, 2), -3, np.float32))])
+    assert "exited with code 7" in err.message()
+    x = np.full((1, 2), 3.0, dtype=np.float32)
+    np.testing.assert_array_equal(c.infer("py_lean", [_fp32("INPUT0", x)]).as_numpy("OUTPUT0"), x)
 
 
 def test_auto_complete_config_from_model(py_server: ServerProcess) -> None:

@@ -53,6 +53,9 @@ def build_spec(config: mc.ModelConfig, model_dir: Path, version: int) -> ModelSp
     )
 
 
+# What an out-of-process backend provides so the event loop can await it (backends/python.py).
+_AWAITABLE = ("submit", "collect", "pending_fd", "pending_alive", "pending_ready", "model_ns")
+
 # Models whose measured compute per request is below this run on the event loop
 # when an instance is idle: a thread hand-off costs more than they do.
 DEFAULT_INLINE_US = 100.0
@@ -85,9 +88,10 @@ class Model:
         self._cost = CostTracker()
         self._inline_ns = inline_us * 1000.0
         self._awaitable = False
-        # Requests that arrived during this event-loop iteration, flushed together once it ends.
-        self._arrivals: list[Job] = []
-        self._flush_scheduled = False
+        # Out-of-process models measured this cheap are awaited with a bounded blocking wait.
+        self._wait_ns = -1.0
+        # Requests that arrived during this event-loop iteration (None: no group is forming).
+        self._arrivals: list[Job] | None = None
         # preserve_ordering: each request returns only after the one before it has.
         self._ordered = config.WhichOneof("scheduling_choice") == "dynamic_batching" and \
             config.dynamic_batching.preserve_ordering
@@ -99,11 +103,11 @@ class Model:
         """Create every instance; on any failure release what was made and raise BackendError."""
         try:
             cls = backend_class(self.config.backend)
-            if cls.out_of_process:  # its process may hang: never wait for it on the event loop
-                self._inline_ns = -1.0
+            if cls.out_of_process:  # its process may hang: never wait for it unbounded on the event loop
+                self._wait_ns, self._inline_ns = self._inline_ns, -1.0
                 # ...but when it can say "done" through a file descriptor, the loop can await that
                 # instead of parking a worker thread (a thread hop costs ~0.1 ms here).
-                self._awaitable = all(hasattr(cls, a) for a in ("submit", "collect", "pending_fd", "pending_alive"))
+                self._awaitable = all(hasattr(cls, a) for a in _AWAITABLE)
             if cls.needs_model_file and not self.spec.model_file.exists():
                 raise BackendError(f"model file {self.spec.model_file} does not exist")
             shaper = OutputShaper(self.label, self.outputs, self.inputs)
@@ -238,15 +242,21 @@ class Model:
             return _result(instance.fail([job], exc)[0])
         prepared = perf_counter_ns()
         handed_off = False
+        # A cheap model (its own execute() under the inline budget): wait for the stub right here,
+        # bounded by twice the budget (the hand-off costs about as much again), which skips a loop
+        # round trip; a late reply falls through to the loop.
+        cost = backend.model_ns()
+        cheap = cost is not None and cost <= self._wait_ns
         try:
-            ready: asyncio.Future[None] = loop.create_future()
-            fd = backend.pending_fd()
-            loop.add_reader(fd, _wake, ready)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fd)
-                os.set_blocking(fd, True)  # uvloop makes a watched fd non-blocking; the backend reads it blocking
+            if not (cheap and backend.pending_ready(2 * self._wait_ns / 1e9)):
+                ready: asyncio.Future[None] = loop.create_future()
+                fd = backend.pending_fd()
+                loop.add_reader(fd, _wake, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
+                    os.set_blocking(fd, True)  # uvloop makes a watched fd non-blocking; the backend reads it blocking
             if backend.pending_alive():
                 answers = backend.collect(0.0)
             else:  # the stub died: collecting restarts it, which must not block the loop
@@ -268,23 +278,58 @@ class Model:
     async def _infer_batched(
         self, request: InferenceRequest, loop: asyncio.AbstractEventLoop, started: int
     ) -> dict[str, np.ndarray]:
-        """Join this loop iteration's arrivals; `_flush` runs them together or queues them."""
+        """Join this loop iteration's arrivals, then run them together or queue them.
+
+        The first arrival of an iteration leads: it yields once (so the requests gRPC hands
+        over in the same iteration join it), then runs the group inline or queues it. Its own
+        result comes back without a future; the others await theirs. When batches do not
+        form (one arrival per iteration), a request costs about what it costs without the
+        batcher.
+        """
         batcher = self._batcher
         assert batcher is not None
-        future: asyncio.Future[Any] = loop.create_future()
-        job = Job(request, future, loop, started)
+        job = Job(request, None, loop, started)
         batcher.prepare(job, started)
-        self._arrivals.append(job)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
         self.inflight += 1
         try:
-            if self._ordered:
-                return await self._in_order(future, loop)
-            return await future  # type: ignore[no-any-return]
+            arrivals = self._arrivals
+            if arrivals is not None or self._ordered:  # a follower (or ordered: everyone awaits a future)
+                future: asyncio.Future[Any] = loop.create_future()
+                job.future = future
+                if arrivals is None:
+                    self._lead_later([job], loop)
+                else:
+                    arrivals.append(job)
+                if self._ordered:
+                    return await self._in_order(future, loop)
+                return await future  # type: ignore[no-any-return]
+            self._arrivals = [job]
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:  # hand the others on before leaving
+                rest, self._arrivals = self._arrivals[1:], None
+                if rest:
+                    loop.call_soon(self._flush, rest)
+                raise
+            jobs, self._arrivals = self._arrivals, None
+            outcome = self._flush(jobs, job)
+            if outcome is not None:
+                return _result(outcome)
+            assert job.future is not None
+            return await job.future  # type: ignore[no-any-return]
         finally:
             self.inflight -= 1
+
+    def _lead_later(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> None:
+        """Collect this iteration's arrivals into `jobs` and flush them once it ends."""
+        self._arrivals = jobs
+
+        def flush() -> None:
+            group, self._arrivals = self._arrivals, None
+            if group:
+                self._flush(group)
+
+        loop.call_soon(flush)
 
     async def _in_order(self, future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> Any:
         """Wait for our result, then for every earlier request to have returned (or failed).
@@ -329,19 +374,17 @@ class Model:
                     instance.lock.release()
         return None
 
-    def _flush(self) -> None:
-        """Runs once per event-loop iteration with that iteration's arrivals.
+    def _flush(self, arrivals: list[Job], leader: Job | None = None) -> Outcome | None:
+        """One loop iteration's arrivals: run them inline as one batch, or queue them.
 
-        With no queue delay, nothing queued and a cheap model, the arrivals run
-        right here as one batch (no thread hand-off); otherwise they join the
-        batcher's queue, where a free instance pulls them.
+        With no queue delay, nothing queued and a cheap model, they run right here (no
+        thread hand-off); otherwise they join the batcher's queue, where a free instance
+        pulls them. Returns the `leader`'s outcome when it ran inline (it has no future);
+        if it was queued instead, it now has a future to await.
         """
-        self._flush_scheduled = False
-        jobs = [job for job in self._arrivals if not job.cancelled()]
-        self._arrivals = []
+        jobs = [job for job in arrivals if job is leader or not job.cancelled()]
         batcher = self._batcher
-        if not jobs or batcher is None:
-            return
+        assert batcher is not None
         cost = self._cost.per_item_ns
         policy = batcher.policy
         if cost is not None and policy.max_queue_delay_ns == 0 and not batcher.pending():
@@ -351,13 +394,16 @@ class Model:
                     job.shape_key == key for job in jobs):
                 outcomes = self._run_inline(jobs)
                 if outcomes is not None:
-                    deliver_all(jobs, outcomes)
-                    return
+                    deliver_all(jobs, outcomes)  # the leader has no future: skipped
+                    return outcomes[jobs.index(leader)] if leader is not None else None
+        if leader is not None:
+            leader.future = leader.loop.create_future()
         for job in jobs:
             try:
                 batcher.enqueue(job)
             except NereidError as exc:
                 deliver_all([job], [(None, exc)])
+        return None
 
 
 def _result(outcome: Outcome) -> dict[str, np.ndarray]:
