@@ -79,6 +79,8 @@ class Model:
         self.outputs = {s.name: TensorInfo.from_spec(s, mbs) for s in self.spec.outputs}
         self.required_inputs = sum(1 for i in self.inputs.values() if not i.optional)
         self.stats = ModelStats()
+        # Owned by the protocol layer (server/protocol/codec.py): wire-format templates for this model.
+        self.wire_cache: dict[Any, Any] = {}
         self.state = ModelState.LOADING
         self.reason = ""
         self.inflight = 0
