@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter_ns
+from typing import Any
 
 from server.core.batch_policy import BatchPolicy
 from server.core.scheduler import Job, Scheduler
@@ -74,7 +75,10 @@ class DynamicBatchScheduler(Scheduler):
             if policy and policy.allow_timeout_override and asked and (not timeout_ns or asked < timeout_ns):
                 timeout_ns = asked
         job.deadline_ns = now_ns + timeout_ns if timeout_ns else None
-        job.shape_key = tuple((name, arr.shape[1:]) for name, arr in job.request.inputs.items())
+        key: tuple[Any, ...] = ()
+        for name, arr in job.request.inputs.items():
+            key += (name, arr.shape[1:])
+        job.shape_key = key
 
     def enqueue(self, job: Job) -> None:
         policy = self._policies.get(job.level)

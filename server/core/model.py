@@ -384,16 +384,21 @@ class Model:
         pulls them. Returns the `leader`'s outcome when it ran inline (it has no future);
         if it was queued instead, it now has a future to await.
         """
-        jobs = [job for job in arrivals if job is leader or not job.cancelled()]
+        jobs = arrivals if len(arrivals) == 1 and arrivals[0] is leader else \
+            [job for job in arrivals if job is leader or not job.cancelled()]
         batcher = self._batcher
         assert batcher is not None
         cost = self._cost.per_item_ns
         policy = batcher.policy
-        if cost is not None and policy.max_queue_delay_ns == 0 and not batcher.pending():
-            total = sum(job.request.batch_size for job in jobs)
+        if jobs and cost is not None and policy.max_queue_delay_ns == 0 and not batcher.pending():
             key = jobs[0].shape_key
-            if total <= policy.max_batch_size and cost * total <= self._inline_ns and all(
-                    job.shape_key == key for job in jobs):
+            total = 0
+            for job in jobs:
+                total += job.request.batch_size
+                if job.shape_key != key:
+                    total = -1  # different non-batch dims: the batcher keeps them apart
+                    break
+            if 0 < total <= policy.max_batch_size and cost * total <= self._inline_ns:
                 outcomes = self._run_inline(jobs)
                 if outcomes is not None:
                     deliver_all(jobs, outcomes)  # the leader has no future: skipped
