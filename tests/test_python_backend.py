@@ -367,23 +367,33 @@ def test_cancelled_request_frees_its_instance(py_server: ServerProcess) -> None:
         np.testing.assert_array_equal(c.infer("py_probe", [_fp32("INPUT0", x)]).as_numpy("OUTPUT0"), x)
 
 
-def test_gil_heavy_model_does_not_stall_the_server(py_server: ServerProcess) -> None:
-    slow_done = threading.Event()
+def _others_while(py_server: ServerProcess, model: str, first: float, settle: float, count: int
+                  ) -> tuple[float, bool, threading.Thread, list[np.ndarray]]:
+    """Send `model` a slow request (first element `first`) from a thread, wait `settle` s, then
+    time `count` requests to py_add_sub. Returns (their elapsed time, whether the slow one had
+    already finished, its thread, its result once the thread is joined)."""
+    done = threading.Event()
+    answer: list[np.ndarray] = []
 
     def slow() -> None:
-        client(py_server).infer("py_probe", [_fp32("INPUT0", np.full((1, 2), -4, np.float32))])
-        slow_done.set()
+        x = np.full((1, 2), first, np.float32)
+        answer.append(client(py_server).infer(model, [_fp32("INPUT0", x)]).as_numpy("OUTPUT0"))
+        done.set()
 
     thread = threading.Thread(target=slow)
     thread.start()
-    time.sleep(0.2)
+    time.sleep(settle)
     c = client(py_server)
     started = time.monotonic()
     a = np.ones((1, 4), dtype=np.float32)
-    for _ in range(20):
+    for _ in range(count):
         c.infer("py_add_sub", [_fp32("INPUT0", a), _fp32("INPUT1", a)])
-    elapsed = time.monotonic() - started
-    assert not slow_done.is_set(), "the spinning request should still be running"
+    return time.monotonic() - started, done.is_set(), thread, answer
+
+
+def test_gil_heavy_model_does_not_stall_the_server(py_server: ServerProcess) -> None:
+    elapsed, finished, thread, _ = _others_while(py_server, "py_probe", -4, 0.2, 20)
+    assert not finished, "the spinning request should still be running"
     assert elapsed < 1.0, f"20 requests to another model took {elapsed:.2f}s while a Python model spun"
     thread.join(10)
 
@@ -400,25 +410,9 @@ def _warm_cheap(c: grpcclient.InferenceServerClient, model: str) -> None:
 def test_cheap_model_turning_slow_does_not_stall_the_loop(py_server: ServerProcess) -> None:
     """The bounded wait on the loop gives up after the budget: a request that turns slow
     (0.3 s) is finished off the loop while other models keep answering."""
-    c = client(py_server)
-    _warm_cheap(c, "py_lean")
-    slow_done = threading.Event()
-    answer: list[np.ndarray] = []
-
-    def slow() -> None:
-        x = np.full((1, 2), -6, np.float32)
-        answer.append(client(py_server).infer("py_lean", [_fp32("INPUT0", x)]).as_numpy("OUTPUT0"))
-        slow_done.set()
-
-    thread = threading.Thread(target=slow)
-    thread.start()
-    time.sleep(0.05)
-    started = time.monotonic()
-    a = np.ones((1, 4), dtype=np.float32)
-    for _ in range(10):
-        c.infer("py_add_sub", [_fp32("INPUT0", a), _fp32("INPUT1", a)])
-    elapsed = time.monotonic() - started
-    assert not slow_done.is_set(), "the slow request should still be running"
+    _warm_cheap(client(py_server), "py_lean")
+    elapsed, finished, thread, answer = _others_while(py_server, "py_lean", -6, 0.05, 10)
+    assert not finished, "the slow request should still be running"
     assert elapsed < 0.2, f"10 requests to another model took {elapsed:.2f}s while a cheap model turned slow"
     thread.join(10)
     np.testing.assert_array_equal(answer[0], np.full((1, 2), -6, np.float32))

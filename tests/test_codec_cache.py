@@ -1,0 +1,80 @@
+"""Unit tests (no server) for the codec's per-model caches: accepted input signatures and
+response templates (server/protocol/codec.py). A cached shape must never let a bad request
+through, and the caches stay bounded however many shapes clients send."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+
+from server.core.model import Model
+from server.errors import InvalidInput
+from server.protocol.codec import decode_infer_request, encode_infer_response
+
+CONFIG = """
+name: "ragged"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]
+"""
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Model:
+    config = mc.ModelConfig()
+    text_format.Parse(CONFIG, config)
+    return Model(config, tmp_path, 1)
+
+
+def request(shape: list[int], datatype: str = "FP32", nbytes: int | None = None) -> pb.ModelInferRequest:
+    msg = pb.ModelInferRequest(model_name="ragged")
+    msg.inputs.add(name="X", datatype=datatype, shape=shape)
+    count = int(np.prod(shape))
+    msg.raw_input_contents.append(np.arange(count, dtype=np.float32).tobytes()[:nbytes])
+    return msg
+
+
+def test_cached_shape_still_checks_byte_count_and_datatype(model: Model) -> None:
+    decoded = decode_infer_request(request([2, 3]), model)
+    np.testing.assert_array_equal(decoded.inputs["X"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert decoded.batch_size == 2
+    with pytest.raises(InvalidInput, match="unexpected total byte size 20"):
+        decode_infer_request(request([2, 3], nbytes=20), model)
+    with pytest.raises(InvalidInput, match="data-type is 'INT32'"):
+        decode_infer_request(request([2, 3], datatype="INT32"), model)
+    again = decode_infer_request(request([2, 3]), model)  # the cached path gives the same answer
+    np.testing.assert_array_equal(again.inputs["X"], decoded.inputs["X"])
+
+
+def test_rejected_shapes_are_never_cached(model: Model) -> None:
+    for _ in range(2):  # the second time would be a cache hit if errors were cached
+        with pytest.raises(InvalidInput, match="batch-size must be <= 8"):
+            decode_infer_request(request([9, 1]), model)
+        with pytest.raises(InvalidInput, match="negative dimension"):
+            decode_infer_request(request([1, -1]), model)
+
+
+def test_caches_stay_bounded(model: Model) -> None:
+    for width in range(1, 400):
+        decoded = decode_infer_request(request([1, width]), model)
+        response = encode_infer_response(model, "r", {"Y": decoded.inputs["X"]})
+        assert list(response.outputs[0].shape) == [1, width]
+        assert response.id == "r"
+        assert np.frombuffer(response.raw_output_contents[0], np.float32).size == width
+    assert len(model.wire_cache["inputs"]) <= 256
+    assert len(model.wire_cache["responses"]) <= 256
+
+
+def test_response_template_does_not_leak_between_requests(model: Model) -> None:
+    first = encode_infer_response(model, "a", {"Y": np.ones((1, 2), np.float32)})
+    second = encode_infer_response(model, "", {"Y": np.zeros((1, 2), np.float32)})
+    assert first.id == "a" and second.id == ""
+    assert len(second.raw_output_contents) == 1 and len(second.outputs) == 1
+    assert second.model_name == "ragged" and second.model_version == "1"
+    assert np.frombuffer(second.raw_output_contents[0], np.float32).tolist() == [0.0, 0.0]
