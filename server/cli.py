@@ -40,6 +40,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'")
+    return value
+
+
 def _add_lifecycle_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--model-control-mode", choices=CONTROL_MODES, default="none",
                        help="none: load everything at startup; poll: follow the repository on disk; "
@@ -50,6 +60,8 @@ def _add_lifecycle_flags(serve: argparse.ArgumentParser) -> None:
                        help="explicit mode: model to load at startup (repeatable; '*' loads every model)")
     serve.add_argument("--model-load-thread-count", type=_positive_int, default=4,
                        help="threads that load models, several models at once (default 4)")
+    serve.add_argument("--model-load-retry-count", type=_non_negative_int, default=0,
+                       help="times a failed model load is tried again before the model is UNAVAILABLE (default 0)")
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -117,6 +129,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         repository_poll_secs=args.repository_poll_secs,
         load_models=tuple(args.load_model),
         model_load_thread_count=args.model_load_thread_count,
+        model_load_retry_count=args.model_load_retry_count,
     )
 
 

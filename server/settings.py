@@ -34,6 +34,9 @@ class Settings:
     load_models: tuple[str, ...] = ()
     # Loader threads: loads run here, never on the event loop, several models at once.
     model_load_thread_count: int = 4
+    # Extra attempts for a load that failed (tritonserver's --model-load-retry-count), e.g. a
+    # model file on a network filesystem that was briefly unreadable; 0 tries once.
+    model_load_retry_count: int = 0
     # backend name -> {setting: value}; "" holds settings given for every backend.
     backend_config: dict[str, dict[str, str]] = field(default_factory=dict)
 

@@ -140,7 +140,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryIndexResponse:
         if request.repository_name:
             raise ModelNotFound(f"unknown repository '{request.repository_name}'; leave repository_name empty")
-        rows = self.manager.index(ready_only=request.ready)
+        rows = await self.manager.index_async(ready_only=request.ready)  # lists the folders off the loop
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(name=r.name, version=r.version, state=r.state, reason=r.reason)

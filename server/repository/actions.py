@@ -6,7 +6,8 @@ The rules (docs/LIFECYCLE.md), in the order they apply:
    wanted versions among those on disk.
 2. A wanted version whose serving copy was loaded from the same files with the
    same normalised config is kept as is; every other wanted version is loaded
-   as a *new* copy while the old one keeps serving.
+   as a *new* copy while the old one keeps serving. A failed load is tried
+   again up to `--model-load-retry-count` times before it counts as failed.
 3. If everything wanted is READY, versions outside the policy are retired.
    If anything failed (or the config itself is broken), nothing is retired
    except versions whose folder was removed: the previous copies keep serving, and if the
@@ -92,6 +93,32 @@ def _load(model: Model) -> str:
     return ""
 
 
+def _build_and_load(config: mc.ModelConfig, path: Path, version: int, settings: Settings,
+                    show: ShowLoading | None) -> tuple[Model | None, str]:
+    """Build and load one version, retrying a failed load `--model-load-retry-count` times (Triton's flag).
+
+    Runs on a loader thread. Each attempt uses a fresh Model: a failed load has
+    released its instances, and a Model is not meant to be loaded twice. Only
+    load failures are retried; a copy that cannot even be set up fails the same
+    way every time. Returns the last copy tried (shown LOADING via `show` while
+    it loads) and '' on success, else its reason.
+    """
+    attempts = 1 + settings.model_load_retry_count
+    attempt = 1
+    while True:
+        model, problem = _build(config, path, version, settings)
+        if model is None:
+            return None, problem
+        if show is not None:
+            show(version, model)
+        problem = _load(model)
+        if not problem or attempt == attempts:
+            return model, problem
+        log.warning("model %s failed to load (attempt %d of %d), retrying: %s",
+                    model.label, attempt, attempts, problem)
+        attempt += 1
+
+
 def run_action(entry: ModelEntry, source: Source, settings: Settings, show_loading: ShowLoading) -> Outcome:
     """Load whatever needs loading for `entry` from `source`; runs on a loader thread."""
     snap = source.snapshot
@@ -117,11 +144,7 @@ def run_action(entry: ModelEntry, source: Source, settings: Settings, show_loadi
 
     def attempt(version: int, key: VersionKey, show: bool) -> None:
         assert config is not None
-        model, problem = _build(config, snap.path, version, settings)
-        if model is not None:
-            if show:
-                show_loading(version, model)
-            problem = _load(model)
+        model, problem = _build_and_load(config, snap.path, version, settings, show_loading if show else None)
         if problem:
             failed[version] = problem
             if model is not None:

@@ -80,7 +80,9 @@ class ModelRegistry:
         for listener in self._listeners:
             listener(entry.name, ready)
 
-    def _disk_names(self) -> set[str]:
+    def disk_names(self) -> set[str]:
+        """The model directory names on disk. Lists folders, so it blocks on a slow filesystem:
+        call it off the event loop (it reads only the settings, never the registry)."""
         names: set[str] = set()
         for repository in self.settings.model_repositories:
             try:
@@ -127,9 +129,24 @@ class ModelRegistry:
     def loaded_models(self) -> list[Model]:
         return [m for name in self.names() for _, m in sorted(self._models[name].versions.items())]
 
-    def index(self, ready_only: bool = False) -> list[IndexEntry]:
-        """Every model directory, loaded or not (a never-loaded one: name only, as Triton)."""
-        names = set(self._models) if ready_only else set(self._models) | self._disk_names()
+    async def index_async(self, ready_only: bool = False) -> list[IndexEntry]:
+        """`index` for RepositoryIndex: the folder listing runs on the default executor, so a slow or
+        network filesystem cannot stall requests on the loop; the registry is then read on the loop.
+
+        Not the loader threads: they may all be busy with long loads, just when clients watch the index.
+        """
+        on_disk = set() if ready_only else await asyncio.get_running_loop().run_in_executor(None, self.disk_names)
+        return self.index(ready_only, on_disk)
+
+    def index(self, ready_only: bool = False, on_disk: set[str] | None = None) -> list[IndexEntry]:
+        """Every model directory, loaded or not (a never-loaded one: name only, as Triton).
+
+        `on_disk` is `disk_names()` taken beforehand (off the loop); None lists the folders here.
+        """
+        if ready_only:
+            names = set(self._models)
+        else:
+            names = set(self._models) | (self.disk_names() if on_disk is None else on_disk)
         rows: list[IndexEntry] = []
         for name in sorted(names):
             entry = self._models.get(name)
