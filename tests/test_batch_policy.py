@@ -444,6 +444,242 @@ def test_enqueue_after_stop_is_unavailable() -> None:
         h.add("late")
 
 
+# --------------------------------------------------------------------------- queue timeouts under load
+
+
+def rejected_ids(h: Harness) -> list[str]:
+    return [job.request.id for job, _ in h.rejected]
+
+
+def drain(h: Harness) -> list[list[str]]:
+    batches = []
+    while (ids := h.step_ids()) is not None:
+        batches.append(ids)
+    return batches
+
+
+def chunks(ids: list[str], size: int) -> list[list[str]]:
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+def test_deep_queue_with_timeouts_drains_in_bounded_time() -> None:
+    """20,000 queued requests with queue timeouts: expiry and batch formation must not scan the whole
+    queue per decision (that drain took seconds; O(n^2)), and the results must be those of the scan.
+    Level 1 REJECTs (every 5th of its requests with a 1 ms override), level 2 DELAYs."""
+    n = 20_000
+    h = Harness(max_batch=4, levels=2, default_level=2, policies={
+        1: QueuePolicy(default_timeout_ns=100 * MS, allow_timeout_override=True),
+        2: QueuePolicy(delay_on_timeout=True, default_timeout_ns=100 * MS)})
+    high = [f"r{i}" for i in range(0, n, 2)]
+    low = [f"r{i}" for i in range(1, n, 2)]
+    short = {f"r{i}" for i in range(0, n, 10)}
+    for i in range(n):
+        if i % 2:
+            h.add(f"r{i}")
+        elif i % 10 == 0:
+            h.add(f"r{i}", priority=1, timeout=1000)
+        else:
+            h.add(f"r{i}", priority=1)
+
+    start = time.perf_counter()
+    first = [h.step_ids() for _ in range(1000)]  # t = 0: level 1 first, in arrival order
+    assert h.sched._nearest_deadline() == 1 * MS
+    h.clock.now = 2 * MS  # the 1 ms overrides still queued are rejected, in arrival order
+    second = [h.step_ids() for _ in range(1000)]
+    assert h.sched._nearest_deadline() == 100 * MS
+    h.clock.now = 200 * MS  # level 1's rest is rejected, all of level 2 moves to its delayed queue
+    rest = drain(h)
+    elapsed = time.perf_counter() - start
+
+    assert first == chunks(high[:4000], 4)
+    remaining = [i for i in high[4000:] if i not in short]
+    assert second == chunks(remaining[:4000], 4)
+    assert rest == chunks(low, 4)
+    assert rejected_ids(h) == [i for i in high[4000:] if i in short] + remaining[4000:]
+    assert all(str(err) == "Request timeout expired" for _, err in h.rejected)
+    assert h.sched.pending() == 0
+    assert h.sched._nearest_deadline() is None
+    assert elapsed < 2.0, f"draining {n} requests took {elapsed:.2f} s"
+
+
+def test_expiry_follows_arrival_order_when_deadlines_do_not() -> None:
+    """Overrides shorter than the default put deadlines out of arrival order. Requests that expire
+    together are still rejected, or delayed, in arrival order (level 1 first), as a queue scan meets them."""
+    h = Harness(max_batch=8, delay_ns=100 * MS, levels=2, default_level=2, policies={
+        1: QueuePolicy(default_timeout_ns=10 * MS, allow_timeout_override=True),
+        2: QueuePolicy(delay_on_timeout=True, default_timeout_ns=10 * MS, allow_timeout_override=True)})
+    h.add("h-long", priority=1)  # 10 ms
+    h.add("l-long")  # 10 ms
+    h.add("l-2ms", timeout=2000)
+    h.add("l-1ms", timeout=1000)
+    h.add("h-3ms", priority=1, timeout=3000)
+    h.add("h-1ms", priority=1, timeout=1000)
+    h.add("l-5ms", timeout=5000)
+    h.clock.now = 3 * MS
+    assert h.step_ids() is None  # 5 live, below max and the queue delay has not passed
+    assert rejected_ids(h) == ["h-3ms", "h-1ms"]
+    assert h.sched.pending() == 5
+    h.add("h-new", priority=1)
+    h.clock.now = 100 * MS  # every deadline and the queue delay have passed
+    assert h.step_ids() == ["l-2ms", "l-1ms", "l-long", "l-5ms"]
+    assert rejected_ids(h) == ["h-3ms", "h-1ms", "h-long", "h-new"]
+    assert h.sched.pending() == 0
+
+
+def test_delay_and_reject_with_cancelled_jobs_in_the_middle() -> None:
+    """Cancelled jobs are dropped wherever they are, also once their timeout passes (never rejected or
+    delayed), and dead entries inside the window (cancelled, moved to the delayed queue) take no batch slot."""
+    h = Harness(max_batch=3, delay_ns=100 * MS, levels=2, default_level=2, policies={
+        1: QueuePolicy(default_timeout_ns=4 * MS, allow_timeout_override=True),
+        2: QueuePolicy(delay_on_timeout=True, default_timeout_ns=10 * MS, allow_timeout_override=True)})
+    h.add("x", priority=1)  # 4 ms
+    y = h.add("y", priority=1, timeout=3000)
+    h.add("z", priority=1, timeout=1000)
+    w = h.add("w", priority=1, timeout=1000)  # cancelled: dropped when it expires, not rejected
+    a = h.add("a", timeout=1000)
+    h.add("b")  # 10 ms
+    c = h.add("c", timeout=1000)
+    h.add("d", timeout=2000)
+    h.add("e")  # 10 ms
+    for job in (y, w, c):
+        job.future.cancel()  # type: ignore[union-attr]
+    h.clock.now = 1 * MS  # z is rejected, a delayed, w and c dropped
+    assert h.step_ids() == ["x", "b", "d"]
+    assert rejected_ids(h) == ["z"]
+    assert h.sched.pending() == 2  # e, and a in the delayed queue
+    assert h.sched._nearest_deadline() == 10 * MS  # e's: d (2 ms) and x (4 ms) were taken
+    h.clock.now = 2 * MS
+    assert h.step_ids() is None  # e, a: below max and the queue delay has not passed
+    a.future.cancel()  # type: ignore[union-attr]
+    h.add("f")  # 12 ms
+    h.add("g", priority=1)  # 6 ms
+    h.clock.now = 7 * MS
+    assert h.step_ids() is None  # g rejected, a dropped from the delayed queue
+    assert rejected_ids(h) == ["z", "g"]
+    assert h.sched.pending() == 2
+    h.clock.now = 100 * MS  # e and f time out too (delayed), and the queue delay has passed
+    assert h.step_ids() == ["e", "f"]
+    assert rejected_ids(h) == ["z", "g"]
+    assert h.sched.pending() == 0
+
+
+def test_max_queue_size_counts_only_live_jobs_after_expiry() -> None:
+    """Rejected requests free their slots at once, even while their dead entries are still in the deque
+    (beyond the window the last decision looked at); delayed requests still hold theirs."""
+    h = Harness(max_batch=2, delay_ns=100 * MS, levels=2, default_level=2, policies={
+        1: QueuePolicy(default_timeout_ns=10 * MS, allow_timeout_override=True, max_queue_size=4),
+        2: QueuePolicy(delay_on_timeout=True, default_timeout_ns=10 * MS, allow_timeout_override=True,
+                       max_queue_size=4)})
+    for name, timeout in (("a", 0), ("b", 0), ("c", 1000), ("d", 1000)):
+        h.add(name, priority=1, timeout=timeout)
+    with pytest.raises(ServerUnavailable, match="Exceeds maximum queue size"):
+        h.add("full", priority=1)
+    h.add("p")
+    h.add("q", timeout=1000)
+    h.add("r", timeout=1000)
+    h.clock.now = 2 * MS  # c, d rejected; q, r delayed
+    assert h.step_ids() == ["a", "b"]
+    assert rejected_ids(h) == ["c", "d"]
+    assert h.sched.pending() == 3
+    for name in ("e", "f", "g", "h"):
+        h.add(name, priority=1)
+    with pytest.raises(ServerUnavailable, match="Exceeds maximum queue size"):
+        h.add("full", priority=1)
+    h.add("s")  # p, and the delayed q and r: one slot left
+    with pytest.raises(ServerUnavailable, match="Exceeds maximum queue size"):
+        h.add("full")
+    assert drain(h) == [["e", "f"], ["g", "h"], ["p", "s"], ["q", "r"]]
+    assert rejected_ids(h) == ["c", "d"]
+    assert h.sched.pending() == 0
+
+
+def test_taken_jobs_do_not_pile_up_in_the_deadline_heap() -> None:
+    """A job taken before its deadline leaves a stale heap entry behind; with long timeouts those must be
+    compacted away, or every served request (and its input tensors) would stay referenced until then."""
+    h = Harness(max_batch=8, policies={1: QueuePolicy(default_timeout_ns=60_000 * MS)})
+    for round_ in range(200):
+        for i in range(8):
+            h.add(f"r{round_}-{i}")
+        assert h.step_ids() == [f"r{round_}-{i}" for i in range(8)]
+    assert len(h.sched._deadlines) < 200
+
+
+class Reference:
+    """The queue semantics as first written, a full scan of every queue per decision: the oracle that the
+    incremental scheduler is compared with. Keeps its own copy of deadlines (DELAY clears the job's)."""
+
+    def __init__(self, policy: BatchPolicy, levels: int, policies: dict[int, QueuePolicy]) -> None:
+        self.policy = policy
+        self.policies = policies
+        self.main: list[list[tuple[Job, int | None]]] = [[] for _ in range(levels)]
+        self.delayed: list[list[Job]] = [[] for _ in range(levels)]
+        self.rejected: list[str] = []
+
+    def add(self, job: Job) -> None:
+        self.main[job.level - 1].append((job, job.deadline_ns))
+
+    def step(self, now: int) -> list[str] | None:
+        for index, queue in enumerate(self.main):
+            keep = []
+            for job, deadline in queue:
+                if job.cancelled():
+                    continue
+                if deadline is not None and deadline <= now:
+                    if self.policies[index + 1].delay_on_timeout:
+                        self.delayed[index].append(job)
+                    else:
+                        self.rejected.append(job.request.id)
+                else:
+                    keep.append((job, deadline))
+            self.main[index] = keep
+            self.delayed[index] = [job for job in self.delayed[index] if not job.cancelled()]
+        order = [job for index, queue in enumerate(self.main) for job in [j for j, _ in queue] + self.delayed[index]]
+        count, _ = self.policy.decide(order[:self.policy.max_batch_size], now)
+        taken = {id(job) for job in order[:count]}
+        self.main = [[entry for entry in queue if id(entry[0]) not in taken] for queue in self.main]
+        self.delayed = [[job for job in queue if id(job) not in taken] for queue in self.delayed]
+        return [job.request.id for job in order[:count]] or None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_mixes_match_the_full_scan(seed: int) -> None:
+    """Random arrivals (levels, overrides, shapes, batch sizes), cancellations anywhere (queued, delayed,
+    expired) and clock steps give the same batches and rejections, in the same order, as the full scan."""
+    rng = np.random.default_rng(seed)
+    policies = {1: QueuePolicy(default_timeout_ns=3 * MS, allow_timeout_override=True),
+                2: QueuePolicy(delay_on_timeout=True, default_timeout_ns=2 * MS, allow_timeout_override=True),
+                3: QueuePolicy(allow_timeout_override=True, max_queue_size=40)}
+    h = Harness(max_batch=4, preferred=(2,), delay_ns=1 * MS, levels=3, default_level=2, policies=policies)
+    ref = Reference(h.sched.policy, 3, policies)
+    queued: list[Job] = []
+    for n in range(3000):
+        op = rng.random()
+        if op < 0.5:
+            params = {"priority": int(rng.integers(0, 4))}
+            if rng.random() < 0.5:
+                params["timeout"] = int(rng.integers(0, 4000))
+            shape = (4,) if rng.random() < 0.8 else (3,)
+            try:
+                job = h.add(f"r{n}", batch=int(rng.integers(1, 3)), shape=shape, **params)
+            except ServerUnavailable:
+                continue
+            ref.add(job)
+            queued.append(job)
+        elif op < 0.6 and queued:
+            queued[int(rng.integers(len(queued)))].future.cancel()  # type: ignore[union-attr]
+        elif op < 0.75:
+            h.clock.now += int(rng.integers(0, 1500 * US))
+        else:
+            assert h.step_ids() == ref.step(h.clock.now)
+            assert rejected_ids(h) == ref.rejected
+    h.clock.now += 100 * MS
+    while (ids := ref.step(h.clock.now)) is not None:
+        assert h.step_ids() == ids
+    assert h.step_ids() is None
+    assert rejected_ids(h) == ref.rejected
+    assert h.sched.pending() == 0
+
+
 # --------------------------------------------------------------------------- next_batch with a real clock
 
 

@@ -9,6 +9,7 @@ pure function; the clock is injected so tests can step time.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import threading
 from collections.abc import Callable
@@ -33,6 +34,10 @@ class QueuePolicy:
 
 Reject = Callable[[Job, NereidError], None]
 
+# Job.queue_state. A deque entry is live only while its job's state names that deque; every other entry
+# (job taken, cancelled, rejected, or moved to the delayed queue) is dead and skipped when met.
+_QUEUED, _DELAYED, _GONE = 0, 1, 2
+
 
 class DynamicBatchScheduler(Scheduler):
     def __init__(
@@ -45,12 +50,18 @@ class DynamicBatchScheduler(Scheduler):
         self._policies = queue_policies
         self._reject = reject
         self._clock = clock
-        # per level: requests in time order, then requests delayed by a DELAY timeout
+        # per level: requests in time order, then requests delayed by a DELAY timeout (both may hold dead entries)
         self._queues = [collections.deque[Job]() for _ in range(self.levels)]
         self._delayed = [collections.deque[Job]() for _ in range(self.levels)]
+        self._live = [0] * self.levels  # live jobs per level: what max_queue_size limits
         self._count = 0
-        # Without any queue timeout in the config, nothing can expire: skip the O(n) scans.
+        # Without any queue timeout in the config, nothing can expire: no deadline heap, no expiry work.
         self._timeouts = any(p.default_timeout_ns or p.allow_timeout_override for p in queue_policies.values())
+        # (deadline_ns, arrival seq, job) of jobs with a timeout, so expiry and the next wake-up look at the
+        # top only instead of scanning every queued job (O(n^2) batch formation under a deep queue).
+        self._deadlines: list[tuple[int, int, Job]] = []
+        self._timed = 0  # live entries in _deadlines; the rest are stale
+        self._seq = itertools.count()
         self._cond = threading.Condition(threading.Lock())
         self._stopped = False
 
@@ -82,15 +93,18 @@ class DynamicBatchScheduler(Scheduler):
 
     def enqueue(self, job: Job) -> None:
         policy = self._policies.get(job.level)
+        index = job.level - 1
         with self._cond:
             if self._stopped:
                 raise ServerUnavailable("Server is stopping: the model is not accepting requests")
-            queue = self._queues[job.level - 1]
-            if policy and policy.max_queue_size and len(queue) + len(self._delayed[job.level - 1]) >= \
-                    policy.max_queue_size:
+            if policy and policy.max_queue_size and self._live[index] >= policy.max_queue_size:
                 raise ServerUnavailable("Exceeds maximum queue size")
-            queue.append(job)
+            self._queues[index].append(job)  # job.queue_state is already _QUEUED, a new Job's default
+            self._live[index] += 1
             self._count += 1
+            if job.deadline_ns is not None:
+                heapq.heappush(self._deadlines, (job.deadline_ns, next(self._seq), job))
+                self._timed += 1
             self._cond.notify()
 
     def pending(self) -> int:
@@ -133,66 +147,107 @@ class DynamicBatchScheduler(Scheduler):
             count, _ = self.policy.decide(view, now)
             return self._take(count) if count else None
 
+    def _sources(self, index: int) -> tuple[tuple[collections.deque[Job], int], ...]:
+        """A level's deques in service order, each with the state its live entries' jobs are in."""
+        return (self._queues[index], _QUEUED), (self._delayed[index], _DELAYED)
+
     def _head(self) -> list[Job]:
-        """Queued jobs in service order, as many as could fill one batch (cancelled ones dropped)."""
+        """The first max_batch_size live jobs in service order (level 1 first: its queue, then its delayed
+        requests, then level 2, ...). Dead entries met in that window are removed and cancelled jobs dropped
+        there, so each costs O(1) once instead of a rebuild of whole deques on every decision."""
         view: list[Job] = []
         limit = self.policy.max_batch_size
-        for sources in (self._queues, self._delayed):
-            for index, source in enumerate(sources):
-                if any(job.cancelled() for job in itertools.islice(source, limit)):
-                    before = len(source)
-                    sources[index] = source = collections.deque(j for j in source if not j.cancelled())
-                    self._count -= before - len(source)
-        for queue, delayed in zip(self._queues, self._delayed, strict=True):
-            for source in (queue, delayed):
+        for index in range(self.levels):
+            for source, state in self._sources(index):
+                start = len(view)
+                scanned = 0
                 for job in source:
-                    view.append(job)
                     if len(view) >= limit:
-                        return view
+                        break
+                    scanned += 1
+                    if job.queue_state != state:
+                        continue
+                    if job.cancelled():
+                        self._drop(job)
+                    else:
+                        view.append(job)
+                if scanned != len(view) - start:  # dead entries in the window: keep only its live jobs
+                    for _ in range(scanned):
+                        source.popleft()
+                    source.extendleft(reversed(view[start:]))
+                if len(view) >= limit:
+                    return view
         return view
 
     def _take(self, count: int) -> list[Job]:
+        """Pop the first `count` live jobs in service order: exactly the ones `_head` just showed the policy
+        (cancellation is not re-checked here, so a late cancel cannot change what the policy decided on)."""
         batch: list[Job] = []
-        for queue, delayed in zip(self._queues, self._delayed, strict=True):
-            for source in (queue, delayed):
+        for index in range(self.levels):
+            before = len(batch)
+            for source, state in self._sources(index):
                 while source and len(batch) < count:
-                    batch.append(source.popleft())
+                    job = source.popleft()
+                    if job.queue_state == state:
+                        if job.deadline_ns is not None:  # only _QUEUED jobs still have one
+                            self._timed -= 1
+                        job.queue_state = _GONE
+                        batch.append(job)
+            self._live[index] -= len(batch) - before
+            if len(batch) >= count:
+                break
         self._count -= len(batch)
         return batch
 
+    def _drop(self, job: Job) -> None:
+        """Forget a live queued job (cancelled or rejected); its deque and heap entries become dead."""
+        if job.queue_state == _QUEUED and job.deadline_ns is not None:
+            self._timed -= 1
+        job.queue_state = _GONE
+        self._live[job.level - 1] -= 1
+        self._count -= 1
+
     def _expire(self, now: int) -> None:
-        """Apply REJECT/DELAY to requests whose queue timeout passed (and drop cancelled ones)."""
+        """Apply REJECT/DELAY to requests whose queue timeout passed (cancelled ones are just dropped).
+
+        Only heap entries due by `now` are looked at. They are handled in level, then arrival order, the
+        order a scan of the queues meets them, so rejections and the delayed queues keep that order."""
         if not self._timeouts:
             return
-        for index, queue in enumerate(self._queues):
-            if not queue:
-                continue
-            keep: collections.deque[Job] = collections.deque()
-            for job in queue:
-                if job.cancelled():
-                    self._count -= 1
-                elif job.deadline_ns is not None and job.deadline_ns <= now:
-                    policy = self._policies.get(index + 1)
-                    if policy and policy.delay_on_timeout:
-                        job.deadline_ns = None
-                        self._delayed[index].append(job)
-                    else:
-                        self._count -= 1
-                        self._reject(job, ServerUnavailable("Request timeout expired"))
-                else:
-                    keep.append(job)
-            self._queues[index] = keep
-        for index, delayed in enumerate(self._delayed):
-            if any(job.cancelled() for job in delayed):
-                before = len(delayed)
-                self._delayed[index] = collections.deque(j for j in delayed if not j.cancelled())
-                self._count -= before - len(self._delayed[index])
+        heap = self._deadlines
+        due: list[tuple[int, int, Job]] = []
+        while heap and heap[0][0] <= now:
+            _, seq, job = heapq.heappop(heap)
+            if job.queue_state == _QUEUED:
+                due.append((job.level, seq, job))
+        due.sort()  # seqs are unique: jobs are never compared
+        for level, _, job in due:
+            policy = self._policies.get(level)
+            if job.cancelled():
+                self._drop(job)
+            elif policy and policy.delay_on_timeout:
+                self._timed -= 1
+                job.deadline_ns = None
+                job.queue_state = _DELAYED  # its entry in the main queue is now dead
+                self._delayed[level - 1].append(job)
+            else:
+                self._drop(job)
+                self._reject(job, ServerUnavailable("Request timeout expired"))
+        if len(heap) > 2 * self._timed + 64:  # mostly stale: they would keep finished requests' tensors alive
+            self._deadlines = [entry for entry in heap if entry[2].queue_state == _QUEUED]
+            heapq.heapify(self._deadlines)
 
     def _nearest_deadline(self) -> int | None:
-        if not self._timeouts:
-            return None
-        deadlines = [j.deadline_ns for q in self._queues for j in q if j.deadline_ns is not None]
-        return min(deadlines) if deadlines else None
+        """The earliest deadline of a live queued job, from the heap top (stale entries popped on the way)."""
+        heap = self._deadlines
+        while heap:
+            job = heap[0][2]
+            if job.queue_state == _QUEUED and not job.cancelled():
+                return heap[0][0]
+            heapq.heappop(heap)
+            if job.queue_state == _QUEUED:  # cancelled: drop it rather than wake up for it
+                self._drop(job)
+        return None
 
 
 def _uint(value: object, name: str) -> int:

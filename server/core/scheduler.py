@@ -19,7 +19,7 @@ from server.types import InferenceRequest
 class Job:
     """One request waiting for, or being run by, an instance."""
 
-    __slots__ = ("request", "future", "loop", "enqueued_ns", "level", "deadline_ns", "shape_key")
+    __slots__ = ("request", "future", "loop", "enqueued_ns", "level", "deadline_ns", "shape_key", "queue_state")
 
     def __init__(
         self, request: InferenceRequest, future: asyncio.Future[Any] | None, loop: asyncio.AbstractEventLoop,
@@ -32,6 +32,9 @@ class Job:
         self.level = 0  # priority level (dynamic batcher)
         self.deadline_ns: int | None = None  # queue timeout (dynamic batcher)
         self.shape_key: tuple[Any, ...] = ()  # non-batch dims; requests batch only with equal keys
+        # dynamic batcher: which queue entry is live (0 main queue, 1 delayed queue, 2 none: taken or dropped),
+        # so entries left behind in its deques and deadline heap are recognised as dead in O(1)
+        self.queue_state = 0
 
     @property
     def batch_size(self) -> int:
