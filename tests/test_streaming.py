@@ -29,6 +29,9 @@ def stream_server(tmp_path_factory: pytest.TempPathFactory):
     write_model(repo, "st_batched", identity_config(
         "st_batched", [("INPUT0", "FP32", [4])], max_batch_size=16, execute_delay_ms=20, instance_count=2,
         extra="dynamic_batching { }\n"))
+    # Cheap (runs inline on the event loop) with a small max_batch_size: large groups are cut.
+    write_model(repo, "st_small", identity_config(
+        "st_small", [("INPUT0", "FP32", [4])], max_batch_size=4, instance_count=1, extra="dynamic_batching { }\n"))
     srv = ServerProcess([repo])
     yield srv
     srv.stop()
@@ -192,6 +195,71 @@ def test_100_streamed_requests_batch_together(stream_server: ServerProcess) -> N
     sizes = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
     assert max(sizes) > 1, sizes
     assert sum(sizes.values()) == stats.execution_count
+
+
+def _batch_sizes(srv: ServerProcess, model: str) -> tuple[int, dict[int, int]]:
+    c = client(srv)
+    try:
+        stats = c.get_inference_statistics(model).model_stats[0]
+    finally:
+        c.close()
+    return stats.inference_count, {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
+
+
+def test_groups_larger_than_max_batch_size_are_cut(stream_server: ServerProcess) -> None:
+    """200 requests arrive on one stream faster than they run: the cheap model's groups hold
+    many of them, and each group runs inline in batches of at most max_batch_size (4)."""
+    n = 200
+    rng = np.random.default_rng(5)
+    cases = {f"k{i}": rng.standard_normal((int(rng.integers(1, 4)), 4)).astype(np.float32) for i in range(n)}
+    stream = Stream(stream_server)
+    try:
+        for request_id, data in cases.items():
+            stream.send("st_small", data, request_id)
+        events = stream.collect(n)
+    finally:
+        stream.close()
+    for result, error in events:
+        assert error is None, error
+        request_id = result.get_response().id
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), cases[request_id], err_msg=request_id)
+    count, sizes = _batch_sizes(stream_server, "st_small")
+    assert count == sum(x.shape[0] for x in cases.values())
+    assert max(sizes) <= 4, sizes
+    assert max(sizes) > 1, f"no batches formed: {sizes}"
+
+
+def test_concurrent_unary_calls_to_a_cheap_model_batch(stream_server: ServerProcess) -> None:
+    """Unary calls from 16 clients at once: groups form over a few loop iterations (the
+    leader waits longer once groups are seen to form) and every answer is its own."""
+    import threading
+
+    errors: list[str] = []
+
+    def worker(index: int) -> None:
+        c = client(stream_server)
+        try:
+            for k in range(60):
+                data = data_for(index * 1000 + k)
+                got = c.infer("st_small", [fp32_input(data)]).as_numpy("OUTPUT0")
+                if not np.array_equal(got, data):
+                    errors.append(f"client {index} request {k}: wrong answer")
+        finally:
+            c.close()
+
+    before, sizes_before = _batch_sizes(stream_server, "st_small")
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:5]
+    count, sizes = _batch_sizes(stream_server, "st_small")
+    assert count - before == 16 * 60
+    formed = {size: n - sizes_before.get(size, 0) for size, n in sizes.items() if n > sizes_before.get(size, 0)}
+    mean = (count - before) / sum(formed.values())
+    # Measured here: 1.75-2.0 with the longer wait, 1.04-1.06 when leaders wait one iteration only.
+    assert mean >= 1.3, f"batches barely formed under 16 concurrent clients: mean {mean:.2f}, {formed}"
 
 
 def test_aio_client_stream_infer(stream_server: ServerProcess) -> None:
