@@ -8,6 +8,10 @@ batch 8 on one thread here). Too large to commit; generate it where you benchmar
     .venv/bin/python scripts/gen_heavy_model.py --out /tmp/heavy [--delay-us 5000]
     scripts/bench --model mlp_heavy --model-repository /tmp/heavy --targets nereid ...
 
+`--width 8192 --name mlp_wide` makes the heavier twin (~260 MB; ~15 ms at batch 1, ~24 ms
+at batch 8, ~1.7 ms per row at batch 64), whose compute per row is several times the
+frontend's per-request cost.
+
 ONNX IR version 10 and opset 17 are pinned (the onnx package writes an IR version newer
 than onnxruntime reads).
 """
@@ -25,12 +29,12 @@ WIDTH = 4096
 FEATURES = 256
 
 
-def build() -> onnx.ModelProto:
+def build(width: int = WIDTH, name: str = "mlp_heavy") -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     weights = {
-        "W0": (rng.standard_normal((FEATURES, WIDTH)) * 0.05).astype(np.float32),
-        "W1": (rng.standard_normal((WIDTH, WIDTH)) * 0.01).astype(np.float32),
-        "W2": (rng.standard_normal((WIDTH, FEATURES)) * 0.01).astype(np.float32),
+        "W0": (rng.standard_normal((FEATURES, width)) * 0.05).astype(np.float32),
+        "W1": (rng.standard_normal((width, width)) * 0.01).astype(np.float32),
+        "W2": (rng.standard_normal((width, FEATURES)) * 0.01).astype(np.float32),
     }
     nodes = [
         helper.make_node("MatMul", ["INPUT0", "W0"], ["h0"]),
@@ -40,7 +44,7 @@ def build() -> onnx.ModelProto:
         helper.make_node("MatMul", ["r1", "W2"], ["OUTPUT0"]),
     ]
     graph = helper.make_graph(
-        nodes, "mlp_heavy",
+        nodes, name,
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", FEATURES])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", FEATURES])],
         [numpy_helper.from_array(w, name) for name, w in weights.items()],
@@ -50,11 +54,11 @@ def build() -> onnx.ModelProto:
     return model
 
 
-def config(delay_us: int, instances: int) -> str:
+def config(delay_us: int, instances: int, width: int = WIDTH, name: str = "mlp_heavy") -> str:
     batching = f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n" if delay_us >= 0 else ""
     return (
-        "# mlp_heavy: compute-bound FP32 MLP 256 -> 4096 -> 4096 -> 256 (scripts/gen_heavy_model.py)\n"
-        'name: "mlp_heavy"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\n'
+        f"# {name}: compute-bound FP32 MLP {FEATURES} -> {width} -> {width} -> {FEATURES} (gen_heavy_model.py)\n"
+        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\n'
         f'input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ {FEATURES} ] }} ]\n'
         f'output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ {FEATURES} ] }} ]\n'
         f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n" + batching
@@ -67,11 +71,15 @@ def main() -> None:
     parser.add_argument("--delay-us", type=int, default=-1,
                         help="add dynamic_batching with this max_queue_delay_microseconds (default: none)")
     parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument("--width", type=int, default=WIDTH,
+                        help=f"hidden width (default {WIDTH}); 8192 makes mlp_wide, ~260 MB, ~15 ms at batch 1")
+    parser.add_argument("--name", default="mlp_heavy", help="model name (default mlp_heavy)")
     args = parser.parse_args()
-    model_dir = args.out / "mlp_heavy"
+    model_dir = args.out / args.name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    onnx.save(build(), str(model_dir / "1" / "model.onnx"))
-    (model_dir / "config.pbtxt").write_text(config(args.delay_us, args.instances), encoding="utf-8")
+    onnx.save(build(args.width, args.name), str(model_dir / "1" / "model.onnx"))
+    (model_dir / "config.pbtxt").write_text(config(args.delay_us, args.instances, args.width, args.name),
+                                            encoding="utf-8")
     print(f"wrote {model_dir}")
 
 
