@@ -167,14 +167,15 @@ def test_unknown_model_with_tritonclient_stream(stream_server: ServerProcess) ->
         assert "no_such_model" in error.message(), error.message()
 
 
-def test_100_streamed_requests_batch_together(stream_server: ServerProcess) -> None:
-    n = 100
-    rng = np.random.default_rng(17)
-    cases = {f"s{i}": rng.standard_normal((int(rng.integers(1, 5)), 4)).astype(np.float32) for i in range(n)}
-    stream = Stream(stream_server)
+def _stream_and_check(srv: ServerProcess, model: str, n: int, max_rows: int, seed: int) -> dict[str, np.ndarray]:
+    """Send n requests of 1..max_rows rows on one stream; each answer must be its own request's."""
+    rng = np.random.default_rng(seed)
+    cases = {f"s{i}": rng.standard_normal((int(rng.integers(1, max_rows + 1)), 4)).astype(np.float32)
+             for i in range(n)}
+    stream = Stream(srv)
     try:
         for request_id, data in cases.items():
-            stream.send("st_batched", data, request_id)
+            stream.send(model, data, request_id)
         events = stream.collect(n)
     finally:
         stream.close()
@@ -185,6 +186,12 @@ def test_100_streamed_requests_batch_together(stream_server: ServerProcess) -> N
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), cases[request_id], err_msg=request_id)
         seen.add(request_id)
     assert seen == set(cases)
+    return cases
+
+
+def test_100_streamed_requests_batch_together(stream_server: ServerProcess) -> None:
+    n = 100
+    cases = _stream_and_check(stream_server, "st_batched", n, max_rows=4, seed=17)
     c = client(stream_server)
     try:
         stats = c.get_inference_statistics("st_batched").model_stats[0]
@@ -209,20 +216,7 @@ def _batch_sizes(srv: ServerProcess, model: str) -> tuple[int, dict[int, int]]:
 def test_groups_larger_than_max_batch_size_are_cut(stream_server: ServerProcess) -> None:
     """200 requests arrive on one stream faster than they run: the cheap model's groups hold
     many of them, and each group runs inline in batches of at most max_batch_size (4)."""
-    n = 200
-    rng = np.random.default_rng(5)
-    cases = {f"k{i}": rng.standard_normal((int(rng.integers(1, 4)), 4)).astype(np.float32) for i in range(n)}
-    stream = Stream(stream_server)
-    try:
-        for request_id, data in cases.items():
-            stream.send("st_small", data, request_id)
-        events = stream.collect(n)
-    finally:
-        stream.close()
-    for result, error in events:
-        assert error is None, error
-        request_id = result.get_response().id
-        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), cases[request_id], err_msg=request_id)
+    cases = _stream_and_check(stream_server, "st_small", 200, max_rows=3, seed=5)
     count, sizes = _batch_sizes(stream_server, "st_small")
     assert count == sum(x.shape[0] for x in cases.values())
     assert max(sizes) <= 4, sizes
