@@ -285,11 +285,11 @@ class Model:
     ) -> dict[str, np.ndarray]:
         """Join this loop iteration's arrivals, then run them together or queue them.
 
-        The first arrival of an iteration leads: it yields once (so the requests gRPC hands
-        over in the same iteration join it), then runs the group inline or queues it. Its own
-        result comes back without a future; the others await theirs. When batches do not
-        form (one arrival per iteration), a request costs about what it costs without the
-        batcher.
+        The first arrival of an iteration leads: it yields once, or under load a few times
+        (`_gathering`), so that requests arriving meanwhile join it, then runs the group inline
+        or queues it. Its own result comes back without a future; the others await theirs.
+        When batches do not form (one arrival per iteration), a request costs about what it
+        costs without the batcher.
         """
         batcher = self._batcher
         assert batcher is not None
