@@ -186,7 +186,7 @@ class PythonBackend(Backend):
         self._pending: Stub | None = None  # the stub running submitted requests
         self._broken = ""
         self._last_restart = 0.0
-        self._model_ns: float | None = None  # moving average of the model's own execute() time
+        self._model_ns: float | None = None  # moving average of the stub's time per call
         self._stub = self._start()
 
     def _start(self) -> Stub:
@@ -283,8 +283,9 @@ class PythonBackend(Backend):
         return None if stub is None else stub.channel.sock.fileno()
 
     def model_ns(self) -> float | None:
-        """A moving average of the time the model's own `execute` takes per call, as timed in
-        the stub (without the hand-off to it); None before the first call."""
+        """A moving average of the time the stub spends per call (reading the inputs, the model's
+        `execute`, writing the outputs), as timed in the stub, without the hand-offs to and from
+        it; None before the first call."""
         return self._model_ns
 
     def pending_ready(self, timeout: float) -> bool:
@@ -296,9 +297,17 @@ class PythonBackend(Backend):
 
     def pending_alive(self) -> bool:
         """Whether the stub running the submitted requests is still alive (so `collect` will not
-        have to restart it, which takes a while)."""
+        have to restart it, which takes a while). Asked right after the socket turned readable,
+        a stub that just died may not be reaped yet: its end of file on the socket says so first."""
         stub = self._pending
-        return stub is not None and stub.proc.poll() is None
+        if stub is None or stub.proc.poll() is not None:
+            return False
+        try:
+            return stub.channel.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:  # nothing to read yet: it is still working
+            return True
+        except OSError:
+            return False
 
     def _running_stub(self) -> Stub:
         stub = self._stub

@@ -888,3 +888,19 @@ def test_same_shapes() -> None:
     assert not same_shapes(a, {"X": np.zeros((1, 4)), "Y": np.zeros((2, 4, 5))})
     assert not same_shapes(a, {"X": np.zeros((1, 3))})
     assert not same_shapes(a, {"X": np.zeros((1, 3)), "Z": np.zeros((2, 4, 5))})
+
+
+def test_cancelled_request_frees_its_queue_slot() -> None:
+    """A client that gave up while queued does not hold a max_queue_size slot: when the queue
+    is full, cancelled requests are swept out before anything is rejected."""
+    h = Harness(max_batch=1, policies={1: QueuePolicy(default_timeout_ns=1000 * MS, max_queue_size=2)})
+    h.add("a")
+    b = h.add("b")
+    b.future.cancel()
+    assert h.step_ids() == ["a"]
+    h.add("c")
+    h.add("d")  # b was cancelled: only c is really queued, so d fits
+    assert h.sched.pending() == 2
+    with pytest.raises(ServerUnavailable, match="Exceeds maximum queue size"):
+        h.add("e")
+    assert h.step_ids() == ["c"] and h.step_ids() == ["d"]

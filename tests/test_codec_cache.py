@@ -78,3 +78,27 @@ def test_response_template_does_not_leak_between_requests(model: Model) -> None:
     assert len(second.raw_output_contents) == 1 and len(second.outputs) == 1
     assert second.model_name == "ragged" and second.model_version == "1"
     assert np.frombuffer(second.raw_output_contents[0], np.float32).tolist() == [0.0, 0.0]
+
+
+OPTIONAL = """
+name: "opt"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "A" data_type: TYPE_FP32 dims: [ 2 ] },
+        { name: "B" data_type: TYPE_FP32 dims: [ 2 ] optional: true } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] } ]
+"""
+
+
+def test_optional_input_does_not_stand_in_for_a_missing_required_one(tmp_path: Path) -> None:
+    config = mc.ModelConfig()
+    text_format.Parse(OPTIONAL, config)
+    opt = Model(config, tmp_path, 1)
+    msg = pb.ModelInferRequest(model_name="opt")
+    msg.inputs.add(name="B", datatype="FP32", shape=[1, 2])
+    msg.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
+    with pytest.raises(InvalidInput, match=r"missing \['A'\]"):
+        decode_infer_request(msg, opt)
+    msg.inputs.add(name="A", datatype="FP32", shape=[1, 2])
+    msg.raw_input_contents.append(np.ones(2, np.float32).tobytes())
+    assert sorted(decode_infer_request(msg, opt).inputs) == ["A", "B"]

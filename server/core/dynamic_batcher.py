@@ -98,7 +98,9 @@ class DynamicBatchScheduler(Scheduler):
             if self._stopped:
                 raise ServerUnavailable("Server is stopping: the model is not accepting requests")
             if policy and policy.max_queue_size and self._live[index] >= policy.max_queue_size:
-                raise ServerUnavailable("Exceeds maximum queue size")
+                self._sweep_cancelled(index)  # only at the limit: clients that gave up free their slots
+                if self._live[index] >= policy.max_queue_size:
+                    raise ServerUnavailable("Exceeds maximum queue size")
             self._queues[index].append(job)  # job.queue_state is already _QUEUED, a new Job's default
             self._live[index] += 1
             self._count += 1
@@ -198,6 +200,13 @@ class DynamicBatchScheduler(Scheduler):
                 break
         self._count -= len(batch)
         return batch
+
+    def _sweep_cancelled(self, index: int) -> None:
+        """Drop the cancelled jobs of one level (O(queue); called only when its queue is full)."""
+        for source, state in self._sources(index):
+            for job in source:
+                if job.queue_state == state and job.cancelled():
+                    self._drop(job)
 
     def _drop(self, job: Job) -> None:
         """Forget a live queued job (cancelled or rejected); its deque and heap entries become dead."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 from dataclasses import replace
@@ -247,11 +248,13 @@ class Model:
             return _result(instance.fail([job], exc)[0])
         prepared = perf_counter_ns()
         handed_off = False
-        # A cheap model (its own execute() under the inline budget): wait for the stub right here,
+        # A cheap model (the stub's time per call under the inline budget): wait for the stub right here,
         # bounded by twice the budget (the hand-off costs about as much again), which skips a loop
         # round trip; a late reply falls through to the loop.
         cost = backend.model_ns()
         cheap = cost is not None and cost <= self._wait_ns
+        collecting: concurrent.futures.Future[Any] | None = None
+        threads = _collectors()
         try:
             if not (cheap and backend.pending_ready(2 * self._wait_ns / 1e9)):
                 ready: asyncio.Future[None] = loop.create_future()
@@ -262,19 +265,23 @@ class Model:
                 finally:
                     loop.remove_reader(fd)
                     os.set_blocking(fd, True)  # uvloop makes a watched fd non-blocking; the backend reads it blocking
-            if backend.pending_alive():
-                answers = backend.collect(0.0)
-            else:  # the stub died: collecting restarts it, which must not block the loop
-                answers = await loop.run_in_executor(None, backend.collect, None)
-            if answers is None:  # readable but incomplete: finish the wait off the loop
-                answers = await loop.run_in_executor(None, backend.collect, None)
+            answers: Any = backend.collect(0.0) if backend.pending_alive() else None
+            if answers is None:  # the stub died (collecting restarts it) or replied in part: off the loop
+                collecting = threads.submit(backend.collect, None)
+                answers = await asyncio.wrap_future(collecting, loop=loop)
             outcome = instance.finish_requests([job], [job], answers, started, prepared)[0]
         except asyncio.CancelledError:
             handed_off = True
-            loop.run_in_executor(None, _drain, backend, instance)  # frees the instance when done
+            if collecting is not None:  # that thread owns the backend until it is done
+                collecting.add_done_callback(lambda _: instance.lock.release())
+            else:
+                loop.run_in_executor(None, _drain, backend, instance)  # frees the instance when done
             raise
         except Exception as exc:
             outcome = instance.fail([job], exc)[0]
+            if collecting is None and backend.pending_fd() is not None:  # still submitted: take the reply off
+                handed_off = True
+                loop.run_in_executor(None, _drain, backend, instance)
         finally:
             if not handed_off:
                 instance.lock.release()
@@ -418,7 +425,10 @@ class Model:
         assert batcher is not None
         result: Outcome | None = None
         done = 0
+        began = perf_counter_ns()
         for chunk in self._inline_chunks(jobs, batcher):
+            if done and perf_counter_ns() - began > self._inline_ns:
+                break  # slower than measured: the rest goes to the instances' threads
             outcomes = self._run_inline(chunk)
             if outcomes is None:  # no idle instance after all
                 break
@@ -475,6 +485,19 @@ def _result(outcome: Outcome) -> dict[str, np.ndarray]:
     if error is not None:
         raise error
     return result  # type: ignore[no-any-return]
+
+
+_COLLECTORS: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _collectors() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that finish collecting a Python model's reply off the event loop (a stub that
+    died is restarted there). Futures of their own, so a cancelled request can free its
+    instance exactly when that thread is done with the backend."""
+    global _COLLECTORS
+    if _COLLECTORS is None:
+        _COLLECTORS = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="nereid-collect")
+    return _COLLECTORS
 
 
 def _wake(ready: asyncio.Future[None]) -> None:

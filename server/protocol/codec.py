@@ -154,8 +154,7 @@ def decode_infer_request(msg: pb.ModelInferRequest, model: Model) -> InferenceRe
             inputs[name] = _from_contents(tensor, info.datatype, info.dtype, count, name).reshape(shape)
         else:
             raise InvalidInput(f"unable to find data for input tensor '{name}' for model '{model.name}'")
-    if len(inputs) < model.required_inputs:
-        missing = [n for n, i in specs.items() if not i.optional and n not in inputs]
+    if len(inputs) < len(specs) and (missing := [n for n, i in specs.items() if not i.optional and n not in inputs]):
         raise InvalidInput(
             f"expected {model.required_inputs} inputs but got {len(inputs)} inputs for model "
             f"'{model.name}'; missing {missing}"
