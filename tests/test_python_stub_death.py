@@ -13,33 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from test_python_backend import LEAN, LEAN_CONFIG
 from util import ServerProcess, client, identity_config, write_model
 
-SLOW_INIT = '''
-import os, time
-import triton_python_backend_utils as pb_utils
+# The cheap echo model of test_python_backend.py, with an initialize() that takes a second.
+SLOW_INIT = LEAN.replace("class TritonPythonModel:\n", "class TritonPythonModel:\n"
+                         "    def initialize(self, args):\n        time.sleep(1.0)\n\n", 1)
+assert "time.sleep(1.0)" in SLOW_INIT
 
-class TritonPythonModel:
-    def initialize(self, args):
-        time.sleep(1.0)
-
-    def execute(self, requests):
-        out = []
-        for r in requests:
-            a = pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
-            if a.reshape(-1)[0] == -3:
-                os._exit(7)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", a)]))
-        return out
-'''
-
-CONFIG = """name: "py_slow_init"
-backend: "python"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 2 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 2 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
+CONFIG = LEAN_CONFIG.replace('"py_lean"', '"py_slow_init"')
 
 
 def _input(arr: np.ndarray) -> grpcclient.InferInput:
