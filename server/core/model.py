@@ -254,7 +254,6 @@ class Model:
         cost = backend.model_ns()
         cheap = cost is not None and cost <= self._wait_ns
         collecting: concurrent.futures.Future[Any] | None = None
-        threads = _collectors()
         try:
             if not (cheap and backend.pending_ready(2 * self._wait_ns / 1e9)):
                 ready: asyncio.Future[None] = loop.create_future()
@@ -267,7 +266,7 @@ class Model:
                     os.set_blocking(fd, True)  # uvloop makes a watched fd non-blocking; the backend reads it blocking
             answers: Any = backend.collect(0.0) if backend.pending_alive() else None
             if answers is None:  # the stub died (collecting restarts it) or replied in part: off the loop
-                collecting = threads.submit(backend.collect, None)
+                collecting = _collectors().submit(backend.collect, None)
                 answers = await asyncio.wrap_future(collecting, loop=loop)
             outcome = instance.finish_requests([job], [job], answers, started, prepared)[0]
         except asyncio.CancelledError:
@@ -275,13 +274,13 @@ class Model:
             if collecting is not None:  # that thread owns the backend until it is done
                 collecting.add_done_callback(lambda _: instance.lock.release())
             else:
-                loop.run_in_executor(None, _drain, backend, instance)  # frees the instance when done
+                _collectors().submit(_drain, backend, instance)  # frees the instance when done
             raise
         except Exception as exc:
             outcome = instance.fail([job], exc)[0]
             if collecting is None and backend.pending_fd() is not None:  # still submitted: take the reply off
                 handed_off = True
-                loop.run_in_executor(None, _drain, backend, instance)
+                _collectors().submit(_drain, backend, instance)
         finally:
             if not handed_off:
                 instance.lock.release()
@@ -347,14 +346,21 @@ class Model:
         leader waits longer anyway to find out whether load has arrived. Idle (concurrency
         1) this costs one probe in PROBE_EVERY requests a few loop iterations.
         """
-        batcher = self._batcher
-        cost = self._cost.per_item_ns
-        if batcher is None or batcher.policy.max_queue_delay_ns or cost is None or cost > self._inline_ns:
+        cost = self._inline_cost()
+        if cost is None or cost > self._inline_ns:
             return 1  # groups do not run inline: the batcher's own queue gathers while instances are busy
         self._leaders += 1
         if self._group_size >= _GROUPS_FORM or self._leaders % _PROBE_EVERY == 0:
             return _GATHER_ITERATIONS
         return 1
+
+    def _inline_cost(self) -> float | None:
+        """The measured compute per batch item, if this model's groups may run inline at all
+        (dynamic batching with no queue delay, cost measured); else None."""
+        batcher = self._batcher
+        if batcher is None or batcher.policy.max_queue_delay_ns:
+            return None
+        return self._cost.per_item_ns
 
     def _lead_later(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> None:
         """Collect this iteration's arrivals into `jobs` and flush them once it ends."""
@@ -452,10 +458,10 @@ class Model:
     def _inline_chunks(self, jobs: list[Job], batcher: DynamicBatchScheduler) -> list[list[Job]]:
         """The group cut into batches of at most max_batch_size, if it may run inline (cheap
         model, no queue delay, nothing queued, all with the same non-batch dims); else []."""
-        cost = self._cost.per_item_ns
-        policy = batcher.policy
-        if not jobs or cost is None or policy.max_queue_delay_ns or batcher.pending():
+        cost = self._inline_cost()
+        if not jobs or cost is None or batcher.pending():
             return []
+        policy = batcher.policy
         key = jobs[0].shape_key
         chunks: list[list[Job]] = [[]]
         total = size = 0
@@ -491,9 +497,9 @@ _COLLECTORS: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def _collectors() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads that finish collecting a Python model's reply off the event loop (a stub that
-    died is restarted there). Futures of their own, so a cancelled request can free its
-    instance exactly when that thread is done with the backend."""
+    """Threads that finish a Python model's reply off the event loop: collecting it (a stub that
+    died is restarted there) or draining it after a cancelled request. Futures of their own, so
+    a cancelled request can free its instance exactly when that thread is done with the backend."""
     global _COLLECTORS
     if _COLLECTORS is None:
         _COLLECTORS = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="nereid-collect")
