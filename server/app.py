@@ -5,21 +5,27 @@ the server answers ServerLive (and health "NOT_SERVING") while it loads. Per
 --model-control-mode, startup loads every model (none), every model that stays
 still across two scans and then keeps polling (poll), or the --load-model list
 (explicit; then the load/unload RPCs).
-On SIGTERM/SIGINT readiness turns false first, then the listener stops taking
-new calls and in-flight requests get up to --exit-timeout-secs to finish.
+On SIGTERM/SIGINT readiness turns false at once and new requests are refused with
+UNAVAILABLE (retryable: a client or load balancer tries another replica); every
+request already received finishes (up to --exit-timeout-secs), streams and health
+watches end with UNAVAILABLE once their own requests are answered, and only then
+does the listener close (docs/DEPLOYMENT.md: Kubernetes preStop and grace period).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import gc
 import logging
 import signal
+import socket
+import sys
 from collections.abc import Callable
 
 from server.protocol.health import HealthReporter
-from server.protocol.server import build_server
+from server.protocol.server import BindError, build_server
 from server.protocol.servicer import InferenceServicer
 from server.repository.manager import RepositoryManager
 from server.repository.poller import Poller
@@ -79,19 +85,31 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             polling = asyncio.create_task(_poll_forever(poller, settings.repository_poll_secs))
         await stop_wait
 
-    log.info("stopping: readiness off, draining in-flight requests (up to %.0fs)", settings.exit_timeout_secs)
-    servicer.stopping = True
+    log.info("stopping: readiness off, refusing new requests, draining %d in flight (up to %.0fs)",
+             servicer.inflight, settings.exit_timeout_secs)
+    servicer.stop_accepting()
     await health.all_not_serving()
+    health.servicer.close_watches()
     if polling is not None:
         polling.cancel()
     manager.close()
-    await server.stop(grace=settings.exit_timeout_secs)
+    try:
+        await asyncio.wait_for(servicer.drained(), settings.exit_timeout_secs)
+    except TimeoutError:
+        log.warning("exit timeout (%.0fs): %d request(s) still in flight are cancelled",
+                    settings.exit_timeout_secs, servicer.inflight)
+    await server.stop(grace=_CLOSE_GRACE_S)
     if not loading.done():
         await loading
     if poller is not None:
         await loop.run_in_executor(None, poller.close, settings.exit_timeout_secs)
     await loop.run_in_executor(None, manager.unload_all, 5.0)
     log.info("stopped")
+
+
+# Once every request has been answered, how long the listener may take to flush the last
+# responses and statuses before the connections close.
+_CLOSE_GRACE_S = 1.0
 
 
 async def _poll_forever(poller: Poller, interval: float) -> None:
@@ -134,7 +152,29 @@ def run(settings: Settings) -> int:
         else:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
+        check_port_free(settings.grpc_address, settings.grpc_port)
         asyncio.run(serve(settings))
+    except BindError as exc:
+        print(f"nereid: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def check_port_free(address: str, port: int) -> None:
+    """Fail with one line when the port is taken, before grpcio logs its own multi-line error."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise BindError(f"could not bind {address}:{port}: {exc.strerror or exc}") from None
+    for family, kind, proto, _, sockaddr in infos[:1]:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+                raise BindError(f"could not bind {address}:{port}: {why}") from None

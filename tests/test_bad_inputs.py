@@ -139,12 +139,14 @@ CASES = [
     Case("duplicate_output", _duplicate_output, INVALID, ("OUTPUT0",)),
     # -- batching --
     Case("batch_above_max", lambda: pair(("INPUT0", "FP32", np.zeros((5, 4), np.float32)),
-                                         ("INPUT1", "INT32", np.zeros((5, 4), I32))), INVALID, ("INPUT0",)),
+                                         ("INPUT1", "INT32", np.zeros((5, 4), I32))), INVALID, ("INPUT1",)),
     Case("batch_zero", lambda: pair(("INPUT0", "FP32", np.zeros((0, 4), np.float32)),
-                                    ("INPUT1", "INT32", np.zeros((0, 4), I32))), INVALID, ("INPUT0",)),
-    Case("no_batch_dim", lambda: pair(("INPUT0", "FP32", A[0]), ("INPUT1", "INT32", B[0])), INVALID, ("INPUT0",)),
+                                    ("INPUT1", "INT32", np.zeros((0, 4), I32))), INVALID, ("INPUT1",)),
+    # When several inputs are wrong Triton names the last one (it checks them last to first).
+    Case("no_batch_dim", lambda: pair(("INPUT0", "FP32", A[0]), ("INPUT1", "INT32", B[0])), INVALID, ("INPUT1",)),
     Case("batch_sizes_disagree", lambda: pair(("INPUT0", "FP32", np.zeros((2, 4), np.float32)),
-                                              ("INPUT1", "INT32", np.zeros((3, 4), I32))), INVALID, ("INPUT1",)),
+                                              ("INPUT1", "INT32", np.zeros((3, 4), I32))), INVALID,
+         ("INPUT0", "batch size does not match")),
     # -- model and version --
     Case("unknown_model", lambda: pair(("INPUT0", "FP32", A), model="no_such_model"), NOT_FOUND, ("no_such_model",)),
     Case("unknown_version", lambda: pair(("INPUT0", "FP32", A), ("INPUT1", "INT32", B), version="9"),
@@ -172,7 +174,7 @@ CASES = [
     Case("negative_and_zero_dim", lambda: manual("id_nobatch", [("INPUT0", "INT32", [-1, 0])], [b""]),
          INVALID, ("INPUT0",)),
     Case("negative_batch_dim", lambda: manual("id_pair", [("INPUT0", "FP32", [-1, 4]), ("INPUT1", "INT32", [-1, 4])],
-                                              [A.tobytes(), B.tobytes()]), INVALID, ("INPUT0",)),
+                                              [A.tobytes(), B.tobytes()]), INVALID, ("INPUT1",)),
     Case("huge_dims", lambda: manual("id_nobatch", [("INPUT0", "INT32", [HUGE, HUGE])],
                                      [np.arange(4, dtype=I32).tobytes()]), INVALID, ("INPUT0",)),
     Case("huge_dims_wrapping_to_zero", lambda: manual("id_nobatch", [("INPUT0", "INT32", [2**32, 2**32])], [b""]),

@@ -72,8 +72,8 @@ def test_tritonclient_request_decoded_by_nereid(pair_model: Model) -> None:
 def test_nereid_response_parsed_by_tritonclient(pair_model: Model) -> None:
     a = np.array([[1.0, -2.0, 3.5]], dtype=np.float32)
     s = np.array([[b"hello", b"\x00\x01", b""]], dtype=np.object_)
-    response = encode_infer_response(pair_model, "coexist-2", {"OUTPUT0": a, "OUTPUT1": s})
-    result = grpcclient.InferResult(service_pb2.ModelInferResponse.FromString(response.SerializeToString()))
+    response = b"".join(encode_infer_response(pair_model, "coexist-2", {"OUTPUT0": a, "OUTPUT1": s}))
+    result = grpcclient.InferResult(service_pb2.ModelInferResponse.FromString(response))
     assert result.get_response().id == "coexist-2"
     assert result.get_response().model_version == "1"
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a)
@@ -81,8 +81,20 @@ def test_nereid_response_parsed_by_tritonclient(pair_model: Model) -> None:
 
 
 class _Context:
-    async def abort(self, code, details):
-        raise AssertionError(f"servicer aborted: {code} {details}")
+    """What the servicer's ModelInfer uses of a gRPC context: `read` (the request's bytes) and,
+    when a request fails, `set_code`/`set_details`."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def read(self) -> bytes:
+        return self.body
+
+    def set_code(self, code):
+        raise AssertionError(f"servicer failed the request: {code}")
+
+    def set_details(self, details):
+        raise AssertionError(f"servicer failed the request: {details}")
 
 
 def test_servicer_in_process_with_tritonclient_messages(tmp_path) -> None:
@@ -99,9 +111,9 @@ def test_servicer_in_process_with_tritonclient_messages(tmp_path) -> None:
         request = _tritonclient_request(a, s, "coexist-3")
 
         async def call():
-            return await asyncio.wait_for(servicer.ModelInfer(request, _Context()), 10)
+            return await asyncio.wait_for(servicer.ModelInfer(None, _Context(request.SerializeToString())), 10)
 
-        response = asyncio.run(call())
+        response = service_pb2.ModelInferResponse.FromString(asyncio.run(call()))
         result = grpcclient.InferResult(response)
         assert [o.name for o in response.outputs] == ["OUTPUT1"]
         assert result.get_response().id == "coexist-3"

@@ -215,4 +215,4 @@ def test_disable_auto_complete_config_fails_the_model(autocomplete_repo, server_
     reason = row.reason.lower()
     assert "add_sub_autocomplete" in reason
     assert "input" in reason and "output" in reason, row.reason
-    expect_error("UNAVAILABLE", c.get_model_config, "add_sub_autocomplete")
+    expect_error("NOT_FOUND", c.get_model_config, "add_sub_autocomplete")

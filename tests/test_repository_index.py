@@ -105,9 +105,11 @@ def _infer_input() -> list[grpcclient.InferInput]:
 
 
 @pytest.mark.parametrize("name", FAILED_MODELS)
-def test_infer_on_failed_model_is_unavailable(failure_server: ServerProcess, name: str) -> None:
-    err = expect_error("UNAVAILABLE", client(failure_server).infer, name, _infer_input())
-    assert name in err.message()
+def test_infer_on_failed_model_is_not_found(failure_server: ServerProcess, name: str) -> None:
+    """No version serves: NOT_FOUND "has no available versions", as Triton (clients retry UNAVAILABLE
+    forever), with the load error attached."""
+    err = expect_error("NOT_FOUND", client(failure_server).infer, name, _infer_input())
+    assert name in err.message() and "has no available versions" in err.message()
 
 
 def test_infer_on_failed_version_is_unavailable(failure_server: ServerProcess) -> None:
@@ -123,6 +125,6 @@ def test_good_model_still_serves_next_to_failed_ones(failure_server: ServerProce
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
 
 
-def test_metadata_of_failed_model_is_unavailable(failure_server: ServerProcess) -> None:
-    expect_error("UNAVAILABLE", client(failure_server).get_model_metadata, "missing_file")
-    expect_error("UNAVAILABLE", client(failure_server).get_model_config, "broken_config")
+def test_metadata_of_failed_model_is_not_found(failure_server: ServerProcess) -> None:
+    expect_error("NOT_FOUND", client(failure_server).get_model_metadata, "missing_file")
+    expect_error("NOT_FOUND", client(failure_server).get_model_config, "broken_config")

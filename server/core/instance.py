@@ -141,6 +141,9 @@ class ModelInstance:
                 log.exception("instance %s: unexpected failure", self.name)
                 outcomes = self.fail(jobs, exc)
             jobs[0].loop.call_soon_threadsafe(deliver_all, jobs, outcomes)
+            # Nothing of a finished batch may wait here for the next one: these locals would keep
+            # its requests (and the received messages under their tensors) alive until then.
+            del jobs, outcomes
 
     def execute(self, jobs: list[Job]) -> list[Outcome]:
         """Run the jobs as one backend execution; one outcome per job. Caller holds `lock`."""

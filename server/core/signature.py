@@ -61,8 +61,8 @@ class TensorInfo:
             batch = shape[0]
             if batch < 1 or batch > self.max_batch_size:
                 raise InvalidInput(
-                    f"inference request batch-size must be <= {self.max_batch_size} and >= 1 for "
-                    f"'{model_name}', got {batch} for input '{self.name}'"
+                    f"inference request batch-size must be <= {self.max_batch_size} for '{model_name}' "
+                    f"(and >= 1), got {batch} for input '{self.name}'"
                 )
             return batch
         if len(shape) != len(self.dims) or not self._dims_match(shape):
@@ -75,7 +75,17 @@ class TensorInfo:
         return all(want == -1 or want == got for want, got in zip(self.dims, dims, strict=False))
 
     def _shape_error(self, shape: tuple[int, ...], model_name: str) -> InvalidInput:
+        note = _BATCH_NOTE if self.max_batch_size > 0 else ""
         return InvalidInput(
-            f"unexpected shape for input '{self.name}' for model '{model_name}': expected shape "
-            f"{format_shape(self.api_shape)}, got {format_shape(shape)}"
+            f"unexpected shape for input '{self.name}' for model '{model_name}'. Expected "
+            f"{format_shape(self.api_shape)}, got {format_shape(shape)}. {note}".rstrip()
         )
+
+
+# Triton's hint after a shape error of a batching model (core/src/infer_request.cc).
+_BATCH_NOTE = (
+    "NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension to be prepended "
+    "to each input shape. If you want to specify the full shape including the batch dim in your input dims "
+    "config, try setting max_batch_size to zero. See the model configuration docs for more info on "
+    "max_batch_size."
+)

@@ -1,14 +1,18 @@
-"""Wire <-> numpy. Decoding is zero-copy for fixed-size types (`np.frombuffer`
-over `raw_input_contents`); encoding is one `tobytes` per output.
+"""Wire <-> numpy. Decoding is zero-copy for fixed-size types (`np.ndarray` over the
+request's tensor bytes, which wire.py cuts out of the received message without a copy);
+encoding builds the response bytes directly: a cached serialized header per set of
+output shapes, then one length-prefixed field per output.
 
-Every check a request needs happens here or in `TensorInfo.check_shape`, with
-Triton's messages, before anything is queued.
+Every check a request needs happens here or in `TensorInfo.check_shape`, with Triton's
+messages (server/src/grpc/infer_handler.cc and core/src/infer_request.cc), before
+anything is queued.
 """
 
 from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +21,8 @@ from tritonclient.grpc import service_pb2 as pb
 from server.core.model import Model
 from server.core.signature import TensorInfo
 from server.errors import InvalidInput
+from server.protocol.parameters import refuse_shared_memory, request_parameters
+from server.protocol.wire import encode_varint
 from server.types import InferenceRequest
 
 _LEN = struct.Struct("<I")
@@ -36,35 +42,44 @@ _CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
+# The datatype each typed field carries, for Triton's "of type 'X'" message.
+_FIELD_TYPE = {"bool_contents": "BOOL", "int_contents": "INT32", "int64_contents": "INT64",
+               "uint_contents": "UINT32", "uint64_contents": "UINT64", "fp32_contents": "FP32",
+               "fp64_contents": "FP64", "bytes_contents": "BYTES"}
 
 
-def decode_bytes_tensor(data: bytes, count: int, name: str) -> np.ndarray:
-    """Split 4-byte-little-endian-length-prefixed elements into an object array."""
+def decode_bytes_tensor(data: bytes | memoryview, count: int, name: str, model: str = "") -> np.ndarray:
+    """Split 4-byte-little-endian-length-prefixed elements into an object array of bytes."""
     size = len(data)
-    if count * 4 > size:
+    if count * 4 > size:  # before allocating: a huge shape with a tiny body must not cost memory
         raise InvalidInput(
-            f"unexpected total byte size {size} for BYTES input '{name}': {count} elements need at least "
-            f"{count * 4} bytes of length prefixes"
-        )
+            f"expected {count} string elements for inference input '{name}' for model '{model}', got fewer: "
+            f"{count} elements need at least {count * 4} bytes of length prefixes, the input has {size} bytes")
     out = np.empty(count, dtype=object)
     offset = 0
     unpack = _LEN.unpack_from
+    view = isinstance(data, memoryview)
     for i in range(count):
         if offset + 4 > size:
-            raise InvalidInput(f"malformed BYTES input '{name}': element {i} has no length prefix")
+            if offset == size:  # cleanly ran out of elements
+                raise InvalidInput(
+                    f"expected {count} string elements for inference input '{name}' for model '{model}', got {i}")
+            raise InvalidInput(f"malformed BYTES input '{name}' for model '{model}': element {i} has a "
+                               f"truncated 4-byte length prefix")
         (length,) = unpack(data, offset)
         offset += 4
         end = offset + length
         if end > size:
             raise InvalidInput(
-                f"malformed BYTES input '{name}': element {i} claims {length} bytes but only "
+                f"malformed BYTES input '{name}' for model '{model}': element {i} claims {length} bytes but only "
                 f"{size - offset} remain"
             )
-        out[i] = data[offset:end]
+        out[i] = data[offset:end].tobytes() if view else data[offset:end]  # type: ignore[union-attr]
         offset = end
     if offset != size:
         raise InvalidInput(
-            f"malformed BYTES input '{name}': {size - offset} bytes left after {count} elements"
+            f"unexpected number of string elements {count + 1} for inference input '{name}' for model '{model}', "
+            f"expecting {count}"
         )
     return out
 
@@ -80,41 +95,74 @@ def encode_bytes_tensor(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _from_contents(tensor: Any, datatype: str, dtype: np.dtype, count: int, name: str) -> np.ndarray:
-    field = _CONTENTS_FIELD.get(datatype)
-    if field is None:
-        raise InvalidInput(f"{datatype} input '{name}' must be sent in raw_input_contents, not contents")
-    values = getattr(tensor.contents, field)
+def _from_contents(tensor: Any, info: TensorInfo, count: int, model: str) -> np.ndarray:
+    name, datatype = info.name, info.datatype
+    present = [field.name for field, _ in tensor.contents.ListFields()]
+    expected = _CONTENTS_FIELD.get(datatype)
+    if len(present) > 1:
+        raise InvalidInput(f"unexpected explicit tensor data for input tensor '{name}' for model '{model}', "
+                           f"binary data was already supplied.")
+    if present and present[0] != expected:
+        raise InvalidInput(f"unexpected explicit tensor data for input tensor '{name}' for model '{model}' of type "
+                           f"'{_FIELD_TYPE[present[0]]}', expected datatype '{datatype}'")
+    if expected is None:
+        raise InvalidInput(f"{datatype} input '{name}' for model '{model}' must be sent in raw_input_contents, "
+                           "not contents")
+    values = getattr(tensor.contents, expected)
     if len(values) != count:
-        raise InvalidInput(
-            f"unexpected number of values for input '{name}': the shape needs {count}, "
-            f"contents.{field} has {len(values)}"
-        )
+        if datatype == "BYTES":
+            raise InvalidInput(f"expected {count} string elements for inference input '{name}' for model "
+                               f"'{model}', got {len(values)}")
+        raise InvalidInput(f"input byte size mismatch for input '{name}' for model '{model}'. Expected "
+                           f"{count * info.itemsize}, got {len(values) * info.itemsize}")
     if datatype == "BYTES":
         out = np.empty(count, dtype=object)
         out[:] = list(values)
         return out
     try:
-        return np.array(values, dtype=dtype)
+        return np.array(values, dtype=info.dtype)
     except (OverflowError, ValueError) as exc:
-        raise InvalidInput(f"input '{name}': contents.{field} values do not fit {datatype}: {exc}") from None
+        raise InvalidInput(f"input '{name}': contents.{expected} values do not fit {datatype}: {exc}") from None
 
 
-def decode_infer_request(msg: pb.ModelInferRequest, model: Model) -> InferenceRequest:
-    """Check a ModelInferRequest against the model's config and view its tensors as numpy arrays."""
-    raw = msg.raw_input_contents
-    use_raw = len(raw) > 0
-    specs = model.inputs
+def _count_error(model: Model, given: list[str]) -> InvalidInput:
+    """Triton's message for too few or too many inputs (core/src/infer_request.cc `Normalize`)."""
+    total, required = len(model.inputs), model.required_inputs
+    missing = [n for n, i in model.inputs.items() if not i.optional and n not in given]
+    expected = f"{total} inputs" if total == required else f"number of inputs between {required} and {total}"
+    return InvalidInput(
+        f"expected {expected} but got {len(given)} inputs for model '{model.name}'. Got input(s) "
+        f"[{','.join(repr(n) for n in given)}], but missing required input(s) "
+        f"[{','.join(repr(n) for n in missing)}]. Please provide all required input(s)."
+    )
+
+
+def decode_infer_request(
+    msg: pb.ModelInferRequest, model: Model, raw: Sequence[bytes | memoryview] | None = None
+) -> InferenceRequest:
+    """Check a ModelInferRequest against the model's config and view its tensors as numpy arrays.
+
+    `raw` is the request's raw_input_contents (wire.split_infer_request cuts them out of large
+    messages as memoryviews); None reads them from `msg`. Inputs are checked last to first:
+    when several are wrong, Triton names the last one, and clients' tests expect that.
+    """
+    if raw is None:
+        raw = msg.raw_input_contents
+    params: dict[str, Any] = request_parameters(msg.parameters) if msg.parameters else {}
     tensors = msg.inputs
-    if use_raw and len(raw) != len(tensors):
+    count_in = len(tensors)
+    if count_in > len(model.inputs) or count_in < model.required_inputs:
+        raise _count_error(model, [t.name for t in tensors])
+    use_raw = len(raw) > 0
+    if use_raw and len(raw) != count_in:
         raise InvalidInput(
-            f"expected {len(tensors)} entries in raw_input_contents (one per input) for model "
+            f"expected {count_in} entries in raw_input_contents (one per input) for model "
             f"'{model.name}', got {len(raw)}"
         )
     inputs: dict[str, np.ndarray] = {}
     batch = 0
     accepted = model.wire_cache.setdefault("inputs", {})
-    for index in range(len(tensors)):  # indexing a repeated field is faster than iterating it
+    for index in range(count_in - 1, -1, -1):  # indexing a repeated field is faster than iterating it
         tensor = tensors[index]
         name = tensor.name
         shape = tuple(tensor.shape[:])  # slicing first is 2x faster than iterating the field
@@ -126,13 +174,12 @@ def decode_infer_request(msg: pb.ModelInferRequest, model: Model) -> InferenceRe
                 accepted[key] = known
         info, size, count = known
         if name in inputs:
-            raise InvalidInput(f"input '{name}' appears more than once in the request")
+            raise InvalidInput(f"input '{name}' already exists in request")
         if batch and size != batch:
-            raise InvalidInput(
-                f"inputs of model '{model.name}' disagree on the batch size: '{name}' has {size}, "
-                f"others have {batch}"
-            )
+            raise InvalidInput(f"input '{name}' batch size does not match other inputs for '{model.name}'")
         batch = size
+        if tensor.parameters:
+            refuse_shared_memory(tensor.parameters, "input", name, model.name)
         if use_raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
@@ -144,27 +191,26 @@ def decode_infer_request(msg: pb.ModelInferRequest, model: Model) -> InferenceRe
                 expected = count * info.itemsize
                 if len(data) != expected:
                     raise InvalidInput(
-                        f"unexpected total byte size {len(data)} for input '{name}', expecting {expected} "
-                        f"for shape {list(shape)} of {info.datatype}"
+                        f"input byte size mismatch for input '{name}' for model '{model.name}'. Expected "
+                        f"{expected}, got {len(data)}"
                     )
+                if info.datatype == "BOOL" and expected and np.frombuffer(data, np.uint8).max() > 1:
+                    raise InvalidInput(
+                        f"input '{name}' for model '{model.name}': BOOL elements must be bytes 0 or 1")
                 inputs[name] = np.ndarray(shape, info.dtype, data)  # a read-only view, no copy
             else:
-                inputs[name] = decode_bytes_tensor(data, count, name).reshape(shape)
+                inputs[name] = decode_bytes_tensor(data, count, name, model.name).reshape(shape)
         elif tensor.HasField("contents"):
-            inputs[name] = _from_contents(tensor, info.datatype, info.dtype, count, name).reshape(shape)
+            inputs[name] = _from_contents(tensor, info, count, model.name).reshape(shape)
         else:
-            raise InvalidInput(f"unable to find data for input tensor '{name}' for model '{model.name}'")
-    if len(inputs) < len(specs) and (missing := [n for n, i in specs.items() if not i.optional and n not in inputs]):
-        raise InvalidInput(
-            f"expected {model.required_inputs} inputs but got {len(inputs)} inputs for model "
-            f"'{model.name}'; missing {missing}"
-        )
+            raise InvalidInput(f"unable to find data for input tensor '{name}' for model '{model.name}' in request.")
+    if len(inputs) < len(model.inputs):
+        if any(not i.optional and n not in inputs for n, i in model.inputs.items()):
+            raise _count_error(model, [t.name for t in tensors])
+    if count_in > 1:  # back to request order (some Python models look at the order)
+        inputs = dict(reversed(inputs.items()))
     outputs = msg.outputs
     wanted = _requested_outputs(outputs, model) if len(outputs) else None
-    params: dict[str, Any] = {}
-    if msg.parameters:
-        params = {key: value.WhichOneof("parameter_choice") and getattr(value, value.WhichOneof(
-            "parameter_choice")) for key, value in msg.parameters.items()}
     return InferenceRequest(inputs, batch or 1, msg.id, wanted, params)
 
 
@@ -198,41 +244,56 @@ def _requested_outputs(outputs: Any, model: Model) -> tuple[str, ...]:
                 f"unexpected inference output '{name}' for model '{model.name}'; "
                 f"expected one of {list(model.outputs)}"
             )
-        if "classification" in out.parameters:
-            raise InvalidInput(f"output '{name}': the classification extension is not supported yet")
+        if out.parameters:
+            refuse_shared_memory(out.parameters, "output", name, model.name)
+            if "classification" in out.parameters:
+                raise InvalidInput(f"output '{name}': the classification extension is not supported yet")
         if name in names:
             raise InvalidInput(f"output '{name}' is requested more than once")
         names.append(name)
     return tuple(names)
 
 
-# Per model, at most this many response templates (one per distinct set of output shapes).
+# Per model, at most this many serialized response headers (one per distinct set of output shapes).
 _TEMPLATES_MAX = 256
+_ID_TAG = b"\x1a"  # ModelInferResponse.id, length-delimited
+_RAW_TAG = b"\x32"  # ModelInferResponse.raw_output_contents
+_SMALL = [bytes((n,)) for n in range(128)]  # one-byte varints
 
 
-def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
-    """One raw_output_contents entry per output, in order (tritonclient relies on it).
+def _length(n: int) -> bytes:
+    return _SMALL[n] if n < 128 else encode_varint(n)
 
-    The metadata part (names, datatypes, shapes) is copied from a per-model template made
-    the first time each set of output shapes is seen: copying a message is about twice as
-    fast as building its fields one by one."""
+
+def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.ndarray]) -> list[Any]:
+    """The serialized ModelInferResponse as pieces for one `b"".join`: the metadata (names,
+    datatypes, shapes; serialized once per set of output shapes and cached), the id, then one
+    raw_output_contents entry per output, in order (tritonclient relies on it). Protobuf
+    accepts fields in any order. Large outputs are passed as memoryviews, so the join is
+    their only copy."""
     key: tuple[Any, ...] = ()
     for name, arr in outputs.items():
         key += (name, arr.shape)
     templates = model.wire_cache.setdefault("responses", {})
-    template = templates.get(key)
+    header = templates.get(key)
     infos = model.outputs
-    if template is None:
+    if header is None:
         template = pb.ModelInferResponse(model_name=model.name, model_version=model.version_str)
         for name, arr in outputs.items():
             template.outputs.add(name=name, datatype=infos[name].datatype, shape=arr.shape)
+        header = template.SerializeToString()
         if len(templates) < _TEMPLATES_MAX:
-            templates[key] = template
-    response = pb.ModelInferResponse()
-    response.CopyFrom(template)
+            templates[key] = header
+    parts: list[Any] = [header]
     if request_id:
-        response.id = request_id
-    raw = response.raw_output_contents
+        rid = request_id.encode("utf-8")
+        parts += (_ID_TAG, _length(len(rid)), rid)
     for name, arr in outputs.items():
-        raw.append(arr.tobytes() if infos[name].itemsize else encode_bytes_tensor(arr))
-    return response
+        if not infos[name].itemsize:
+            data: Any = encode_bytes_tensor(arr)
+        elif arr.nbytes < 65536:
+            data = arr.tobytes()
+        else:
+            data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
+        parts += (_RAW_TAG, _length(len(data)), data)
+    return parts

@@ -2,19 +2,94 @@
 
 Service "" (and "inference.GRPCInferenceService") follows server readiness;
 each model name is a service whose status follows whether that model has a
-READY version. Check and Watch both come from grpcio-health-checking.
+READY version. Check answers NOT_FOUND for a service it does not know, as the
+standard says; Watch sends SERVICE_UNKNOWN for it and then every change.
+
+Written here rather than taken from grpcio-health-checking so that shutdown can end
+Watch streams: an open Watch must not hold the process for the whole exit timeout.
+At shutdown every service turns NOT_SERVING (watchers see it), then each Watch ends
+with UNAVAILABLE so the client reconnects elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from grpc_health.v1 import health_pb2
-from grpc_health.v1._async import HealthServicer
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.protocol.handlers import HandlerCollector, guard
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 SERVER_SERVICES = ("", "inference.GRPCInferenceService")
+HEALTH_SERVICE = "grpc.health.v1.Health"
+_CLOSED = -1  # sentinel status: the watch ends
+
+
+class HealthServicer:
+    """Check and Watch over a status table that only the event loop changes."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {}
+        self._watchers: dict[str, set[asyncio.Queue[int]]] = {}
+        self._closed = False
+
+    def set(self, service: str, status: int) -> None:
+        if self._status.get(service) == status:
+            return
+        self._status[service] = status
+        for queue in self._watchers.get(service, ()):
+            queue.put_nowait(status)
+
+    def close_watches(self) -> None:
+        """End every open Watch (shutdown); new ones end at once."""
+        self._closed = True
+        for queues in self._watchers.values():
+            for queue in queues:
+                queue.put_nowait(_CLOSED)
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        status = self._status.get(request.service)
+        if status is None:
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            context.set_details(f"unknown service '{request.service}'")
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        service = request.service
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        self._watchers.setdefault(service, set()).add(queue)
+        if self._closed:
+            queue.put_nowait(_CLOSED)
+        try:
+            last = self._status.get(service, SERVICE_UNKNOWN)
+            await context.write(health_pb2.HealthCheckResponse(status=last))
+            while True:  # every change queued before the close is sent before the stream ends
+                status = await queue.get()
+                if status == _CLOSED:
+                    break
+                if status != last:
+                    last = status
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details("server is shutting down")
+        finally:
+            watchers = self._watchers.get(service)
+            if watchers is not None:
+                watchers.discard(queue)
+                if not watchers:
+                    del self._watchers[service]
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Check and Watch, taking raw bytes (a garbage body is INVALID_ARGUMENT, not UNKNOWN)."""
+        collector = HandlerCollector()
+        health_pb2_grpc.add_HealthServicer_to_server(self, collector)  # type: ignore[arg-type]
+        handlers = collector.services[HEALTH_SERVICE]
+        return {name: guard(HEALTH_SERVICE, name, handler) for name, handler in handlers.items()}
 
 
 class HealthReporter:
@@ -28,11 +103,11 @@ class HealthReporter:
 
     async def set_server(self, ready: bool) -> None:
         for service in SERVER_SERVICES:
-            await self.servicer.set(service, SERVING if ready else NOT_SERVING)
+            self.servicer.set(service, SERVING if ready else NOT_SERVING)
 
     async def set_model(self, name: str, ready: bool) -> None:
         self._models.add(name)
-        await self.servicer.set(name, SERVING if ready else NOT_SERVING)
+        self.servicer.set(name, SERVING if ready else NOT_SERVING)
 
     def model_changed_threadsafe(self, name: str, ready: bool) -> None:
         """For listeners on loader threads: schedule the update on the event loop."""
@@ -43,9 +118,12 @@ class HealthReporter:
         def schedule() -> None:
             asyncio.ensure_future(self.set_model(name, ready))
 
-        loop.call_soon_threadsafe(schedule)
+        try:
+            loop.call_soon_threadsafe(schedule)
+        except RuntimeError:  # the loop has closed: nobody is left to tell
+            pass
 
     async def all_not_serving(self) -> None:
         await self.set_server(False)
         for name in list(self._models):
-            await self.servicer.set(name, NOT_SERVING)
+            self.servicer.set(name, NOT_SERVING)

@@ -1,105 +1,126 @@
-"""GRPCInferenceService: decode -> core -> encode, and errors mapped in one place.
+"""GRPCInferenceService: decode -> core -> encode.
 
 Each handler is a few lines; anything that knows about models lives in
-`server/core` and `server/repository`. RPCs not implemented yet answer
-UNIMPLEMENTED with a message naming the RPC.
+`server/core` and `server/repository`. Requests arrive as raw bytes and errors
+become statuses in handlers.py. RPCs not implemented yet answer UNIMPLEMENTED
+with a message naming the RPC.
+
+Shutdown (app.py) sets `stopping`: readiness goes off, new requests are refused with
+UNAVAILABLE (retryable) while the ones already received finish, and streams end
+with UNAVAILABLE once their own requests are answered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from server import __version__
 from server.core.model import Model
 from server.core.state import ModelState
-from server.errors import InvalidInput, ModelNotFound, NereidError, ServerUnavailable, Unsupported
+from server.errors import InvalidInput, ModelNotFound, ServerUnavailable, Unsupported
+from server.protocol import handlers
 from server.protocol.codec import decode_infer_request, encode_infer_response
+from server.protocol.memory import TRIM_AFTER_BYTES, release_freed_memory, trim_later
 from server.protocol.statistics import model_statistics
-from server.protocol.status import grpc_status
+from server.protocol.wire import split_infer_request, wrap_stream_response
 from server.repository.manager import RepositoryManager
+from server.repository.registry import parse_version
 
 log = logging.getLogger("nereid.protocol")
 
+SERVICE = "inference.GRPCInferenceService"
 # What ServerMetadata reports: only the extensions that really work.
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)")
+STOPPING = "Server is stopping and has stopped accepting new requests"
+STREAM_CLOSED = "Server is shutting down: this stream's requests have been answered; reconnect to another replica"
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
-
-
-def _mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Turn a NereidError raised by `handler` into the matching gRPC status."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        try:
-            return await handler(self, request, context)
-        except NereidError as exc:
-            await context.abort(grpc_status(exc), str(exc))
-            raise  # unreachable: abort raises
-        except Exception as exc:  # a bug, not the client's fault: say so, keep serving
-            log.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{handler.__name__}: internal error: {exc!r}")
-            raise
-
-    return wrapper
+_END = object()  # tells a stream's writer that no more responses will come
 
 
-def _unimplemented(rpc: str) -> Callable[..., Awaitable[Any]]:
-    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        raise Unsupported(f"{rpc} is not implemented by this server (nereid {__version__})")
-
-    handler.__name__ = rpc
-    return _mapped(handler)
-
-
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
     def __init__(self, manager: RepositoryManager) -> None:
         self.manager = manager
         self.loaded = False  # startup loading finished
         self.stopping = False
+        self.inflight = 0  # requests received and not yet answered (every RPC, each stream request)
+        self._idle: asyncio.Event | None = None
+        self._streams: set[asyncio.Queue[Any]] = set()
+
+    # -- shutdown --
+
+    def stop_accepting(self) -> None:
+        """From now on new requests are refused (UNAVAILABLE); streams end once their requests are answered."""
+        self.stopping = True
+        for queue in list(self._streams):
+            queue.put_nowait(_END)
+
+    async def drained(self) -> None:
+        """Wait until every request already received has been answered."""
+        while self.inflight or self._streams:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    def _enter(self) -> None:
+        if self.stopping:
+            raise ServerUnavailable(STOPPING)
+        self.inflight += 1
+
+    def _leave(self) -> None:
+        self.inflight -= 1
+        if not self.inflight and self._idle is not None:
+            self._idle.set()
+
+    def _tracked(self, behavior: Callable[..., Awaitable[Any]], always: bool = False) -> Callable[..., Awaitable[Any]]:
+        """Count a unary RPC as in flight; refuse it while stopping unless `always` (health, metadata)."""
+
+        async def run(request: Any, context: Any) -> Any:
+            if always:
+                self.inflight += 1
+            else:
+                self._enter()
+            try:
+                return await behavior(request, context)
+            finally:
+                self._leave()
+
+        return run
 
     # -- health of the server --
 
-    @_mapped
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     def is_ready(self) -> bool:
-        return self.loaded and not self.stopping and self.manager.is_ready()
+        """Ready once startup loading finished and until shutdown begins. With --strict-readiness
+        (the default) every model must be ready too; without it, as Triton, individual models
+        do not count (a model that failed to load does not keep the server out of rotation)."""
+        if not self.loaded or self.stopping:
+            return False
+        return self.manager.is_ready() if self.manager.settings.strict_readiness else True
 
-    @_mapped
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.is_ready())
 
-    @_mapped
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         entry = self.manager.entry(request.name)
         if not request.version:
             return pb.ModelReadyResponse(ready=entry.latest_ready is not None and not self.stopping)
-        try:
-            model = entry.versions.get(int(request.version))
-        except ValueError:
-            raise InvalidInput(f"invalid model version '{request.version}': expected an integer") from None
+        model = entry.versions.get(parse_version(request.version, request.name))
         ready = model is not None and model.state is ModelState.READY and not self.stopping
         return pb.ModelReadyResponse(ready=ready)
 
     # -- metadata --
 
-    @_mapped
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="nereid", version=__version__, extensions=EXTENSIONS)
 
-    @_mapped
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         model = self.manager.get(request.name, request.version)
         entry = self.manager.entry(request.name)
@@ -113,12 +134,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=info.name, datatype=info.datatype, shape=info.api_shape)
         return response
 
-    @_mapped
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         model = self.manager.get(request.name, request.version)
         return pb.ModelConfigResponse(config=model.config)
 
-    @_mapped
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
@@ -126,15 +145,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             entry = self.manager.entry(request.name)
             if request.version:
-                model = self.manager.get(request.name, request.version)
-                models = [model]
+                models = [self.manager.get(request.name, request.version)]
             else:
                 models = [m for _, m in sorted(entry.versions.items()) if m.state is ModelState.READY]
         else:
             models = [m for m in self.manager.loaded_models() if m.state is ModelState.READY]
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
 
-    @_mapped
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
@@ -150,75 +167,130 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference (the hot path) --
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    async def ModelInfer(self, requests: Any, context: Any) -> bytes | None:
+        """The unary hot path, in one coroutine: read, split, look up, decode, infer, encode.
+
+        Registered as stream-unary (identical on the wire for a client that sends one message),
+        so that this handler owns the request's bytes: grpcio's unary path would hold them until
+        the response is sent, and a 300 MB request would then cost its size once more while its
+        response is built and copied. Measured: no difference in calls per second."""
+        if self.stopping:
+            handlers.finish_with(context, (grpc.StatusCode.UNAVAILABLE, STOPPING))
+            return None
+        self.inflight += 1
+        status = None
         try:
-            if self.stopping:
-                raise ServerUnavailable("Server is stopping and has stopped accepting new requests")
+            body = await context.read()
+            if not isinstance(body, bytes):  # the client closed without sending a request
+                raise InvalidInput("ModelInfer: no request message was sent")
+            if len(body) >= TRIM_AFTER_BYTES:  # memory.py: what grpcio's receive and send leave behind
+                await release_freed_memory()
+                context.add_done_callback(trim_later)
+            request, raw = split_infer_request(body)
+            del body
             model = self.manager.get(request.model_name, request.model_version)
-            outputs = await model.infer(decode_infer_request(request, model))
-            return encode_infer_response(model, request.id, outputs)
-        except NereidError as exc:
-            await context.abort(grpc_status(exc), str(exc))
-            raise
+            decoded = decode_infer_request(request, model, raw)
+            request_id = request.id
+            del request, raw
+            outputs = await model.infer(decoded)
+            del decoded  # the request's bytes go now, unless an output is a view of them
+            return b"".join(encode_infer_response(model, request_id, outputs))
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
-        except Exception as exc:  # a bug, not the client's fault: say so, keep serving
-            log.exception("ModelInfer failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"ModelInfer: internal error: {exc!r}")
-            raise
+        except Exception as exc:  # a status below, once the except block (and its traceback) is gone
+            status = handlers.failure("ModelInfer", exc)
+        finally:
+            self._leave()
+        handlers.finish_with(context, status)
+        return None
 
-    async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         """Bidirectional stream: every request runs concurrently (so they batch together) and
         its response is written when ready, carrying the request id. A failed request answers
-        with `error_message` and the stream stays open."""
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        with `error_message` and the stream stays open. At shutdown the stream ends with
+        UNAVAILABLE once the requests it already sent are answered."""
+        responses: asyncio.Queue[Any] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task[None]] = set()
 
-        async def run_one(request: pb.ModelInferRequest) -> None:
+        async def run_one(body: bytes) -> None:
+            response: bytes | None = None
+            status = None
             try:
                 if self.stopping:
-                    raise ServerUnavailable("Server is stopping and has stopped accepting new requests")
-                model = self.manager.get(request.model_name, request.model_version)
-                outputs = await model.infer(decode_infer_request(request, model))
-                response = pb.ModelStreamInferResponse(
-                    infer_response=encode_infer_response(model, request.id, outputs))
-            except NereidError as exc:
-                response = _stream_error(request, str(exc))
-            except Exception as exc:  # a bug: report it on this request only
-                log.exception("ModelStreamInfer request failed")
-                response = _stream_error(request, f"internal error: {exc!r}")
+                    raise ServerUnavailable(STOPPING)
+                request, raw = split_infer_request(body)
+                try:
+                    model = self.manager.get(request.model_name, request.model_version)
+                    outputs = await model.infer(decode_infer_request(request, model, raw))
+                    response = b"".join(wrap_stream_response(encode_infer_response(model, request.id, outputs)))
+                except Exception as exc:  # reported on this request only
+                    status = handlers.failure("ModelStreamInfer", exc)
+                if status is not None:
+                    response = _stream_error(request, status[1])
+            except Exception as exc:  # the body itself is unreadable
+                status = handlers.failure("ModelStreamInfer", exc)
+            if response is None:
+                response = pb.ModelStreamInferResponse(error_message=status[1] if status else "").SerializeToString()
             responses.put_nowait(response)
 
         async def read_all() -> None:
             try:
-                async for request in request_iterator:
-                    task = loop.create_task(run_one(request))
+                async for body in requests:
+                    self.inflight += 1
+                    task = loop.create_task(run_one(body))
                     tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(done)
+                    del body
             finally:  # answer what was read, even when reading failed
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
                 responses.put_nowait(None)
 
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            self._leave()
+
         reader = loop.create_task(read_all())
+        self._streams.add(responses)
+        if self.stopping:
+            responses.put_nowait(_END)
+        closing = False
         try:
-            while (response := await responses.get()) is not None:
+            while True:
+                response = await responses.get()
+                if response is None:
+                    break
+                if response is _END:
+                    closing = True
+                    reader.cancel()  # no more reads; requests already read still answer
+                    if not tasks:
+                        break
+                    await asyncio.wait(list(tasks))
+                    while not responses.empty():
+                        item = responses.get_nowait()
+                        if isinstance(item, bytes):
+                            yield item
+                    break
                 yield response
+            if closing:
+                handlers.finish_with(context, (grpc.StatusCode.UNAVAILABLE, STREAM_CLOSED))
+                return
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                log.error("ModelStreamInfer: reading the stream failed: %r", reader.exception())
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, f"ModelStreamInfer: reading the stream failed: {reader.exception()!r}")
+                error = reader.exception()
+                log.error("ModelStreamInfer: reading the stream failed: %r", error)
+                handlers.finish_with(context, (grpc.StatusCode.INTERNAL,
+                                               f"ModelStreamInfer: reading the stream failed: {error!r}"))
         finally:
+            self._streams.discard(responses)
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+            if self._idle is not None and not self._streams and not self.inflight:
+                self._idle.set()
 
     # -- model repository (explicit mode); loads run on the manager's loader threads --
 
-    @_mapped
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
@@ -229,7 +301,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.manager.loader, self.manager.load_explicit, request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
 
-    @_mapped
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
@@ -240,28 +311,59 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     def _check_repository_call(self, repository_name: str) -> None:
-        if self.stopping:
-            raise ServerUnavailable("Server is stopping and has stopped accepting new requests")
         self.manager.require_explicit()
         if repository_name:
             raise ModelNotFound(f"unknown repository '{repository_name}'; leave repository_name empty")
 
-    # -- not implemented yet --
+    # -- registration --
 
-    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
-    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
-    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
-    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus")
-    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister")
-    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
-    TraceSetting = _unimplemented("TraceSetting")
-    LogSettings = _unimplemented("LogSettings")
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Every RPC of GRPCInferenceService, taking raw bytes (handlers.py)."""
+        service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+        out: dict[str, grpc.RpcMethodHandler] = {}
+        for method in service.methods:
+            name = method.name
+            if name == "ModelStreamInfer":
+                out[name] = grpc.stream_stream_rpc_method_handler(self.ModelStreamInfer)
+                continue
+            behavior = getattr(self, name, None)
+            if behavior is None:
+                behavior = _unimplemented(name)
+            always = name in _ALWAYS_ANSWERED
+            if name == "ModelInfer":
+                out[name] = grpc.stream_unary_rpc_method_handler(self.ModelInfer)
+                continue
+            request_cls = message_factory.GetMessageClass(method.input_type)
+            out[name] = handlers.unary(name, self._tracked(behavior, always),
+                                       handlers.typed_parser(request_cls, name), _serialize)
+        return out
 
 
-def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+# Answered during shutdown too: probes and metadata must keep telling the truth while draining.
+_ALWAYS_ANSWERED = frozenset({
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+    "ModelStatistics", "RepositoryIndex",
+})
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()  # type: ignore[no-any-return]
+
+
+def _unimplemented(rpc: str) -> Callable[..., Awaitable[Any]]:
+    async def handler(request: Any, context: Any) -> Any:
+        raise Unsupported(f"{rpc} is not implemented by this server (nereid {__version__})")
+
+    return handler
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> bytes:
     """A per-request error on the stream; the id lets the client match it to its request."""
-    return pb.ModelStreamInferResponse(
+    return pb.ModelStreamInferResponse(  # type: ignore[no-any-return]
         error_message=message,
         infer_response=pb.ModelInferResponse(
             model_name=request.model_name, model_version=request.model_version, id=request.id),
-    )
+    ).SerializeToString()
+
+
+__all__ = ["InferenceServicer", "InvalidInput", "SERVICE"]

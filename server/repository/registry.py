@@ -25,6 +25,17 @@ log = logging.getLogger("nereid.repository")
 StateListener = Callable[[str, bool], None]  # (model name, ready?)
 
 
+def parse_version(version: str, name: str) -> int:
+    """A requested model version: canonical decimal only ("1", "12"; not " 1", "01", "+1" or
+    non-ASCII digits, which int() would take), so one version has one spelling."""
+    if not (version.isascii() and version.isdigit() and version[0] != "0" and len(version) <= 18):
+        raise InvalidInput(
+            f"failed to get model version from specified version string '{version}' for model '{name}': "
+            "version should be an integral value > 0, written in decimal without sign, spaces or leading zeros"
+        )
+    return int(version)
+
+
 def model_paths(repository: Path) -> list[Path]:
     """The model directories of one repository (hidden entries skipped), sorted by name."""
     return sorted(Path(e.path) for e in os.scandir(repository) if e.is_dir() and not e.name.startswith("."))
@@ -100,15 +111,12 @@ class ModelRegistry:
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         if not version:
             model = entry.latest_ready
-            if model is None:
+            if model is None:  # NOT_FOUND as Triton (clients retry UNAVAILABLE forever)
                 if entry.error:
-                    raise ModelUnavailable(f"'{name}' has no available versions: {entry.error}")
-                raise ModelUnavailable(f"'{name}' has no available versions")
+                    raise ModelNotFound(f"'{name}' has no available versions: {entry.error}")
+                raise ModelNotFound(f"'{name}' has no available versions")
             return model
-        try:
-            number = int(version)
-        except ValueError:
-            raise InvalidInput(f"invalid model version '{version}' for '{name}': expected an integer") from None
+        number = parse_version(version, name)
         model = entry.versions.get(number)
         if model is None:
             raise ModelNotFound(f"Request for unknown model: '{name}' version {number} is not found")

@@ -1,0 +1,73 @@
+"""Request-level and tensor-level parameters of ModelInferRequest, checked as Triton checks them.
+
+Triton reserves a few request parameter names and insists on their types
+(server/src/grpc/infer_handler.cc, `SetInferenceRequestMetadata`); everything else
+is passed to the model if it is an int64, bool, string or double. The messages
+below follow Triton's, so clients that match on them keep working. Shared memory is
+not implemented yet: a tensor that names a region is refused rather than silently
+read from the (empty) raw contents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.errors import InvalidInput
+
+# Keys starting with "triton_" that Triton allows in a request.
+TRITON_RESERVED = ("triton_enable_empty_final_response",)
+SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def _value(param: Any) -> tuple[str | None, Any]:
+    which = param.WhichOneof("parameter_choice")
+    return which, getattr(param, which) if which else None
+
+
+def request_parameters(parameters: Any) -> dict[str, Any]:
+    """The request's `parameters` map as plain values, after Triton's type rules."""
+    out: dict[str, Any] = {}
+    for key, param in parameters.items():
+        which, value = _value(param)
+        if key == "sequence_id":
+            if which not in ("int64_param", "string_param"):
+                raise InvalidInput("invalid value type for 'sequence_id' parameter, expected int64_param or "
+                                   "string_param.")
+        elif key in ("sequence_start", "sequence_end"):
+            if which != "bool_param":
+                raise InvalidInput(f"invalid value type for '{key}' parameter, expected bool_param.")
+        elif key == "priority":
+            if which == "int64_param":
+                if value < 0:
+                    raise InvalidInput("invalid value for 'priority', expected value >= 0.")
+            elif which != "uint64_param":
+                raise InvalidInput("invalid value type for 'priority' parameter, expected int64_param or "
+                                   "uint64_param.")
+        elif key == "timeout":
+            if which != "int64_param":
+                raise InvalidInput("invalid value type for 'timeout' parameter, expected int64_param.")
+            if value < 0:
+                raise InvalidInput("invalid value for 'timeout', expected value >= 0.")
+        elif key.startswith("triton_"):
+            if key not in TRITON_RESERVED:
+                raise InvalidInput("parameter keys starting with 'triton_' are reserved for Triton usage. Only the "
+                                   f"following keys starting with 'triton_' are allowed: {' '.join(TRITON_RESERVED)}")
+            if which != "bool_param":
+                raise InvalidInput(f"invalid value type for '{key}' parameter, expected bool_param.")
+        elif which is None:
+            raise InvalidInput(f"invalid value type for '{key}' parameter: no value set")
+        out[key] = value
+    return out
+
+
+def refuse_shared_memory(parameters: Any, kind: str, name: str, model: str) -> None:
+    """Inputs and requested outputs may name a shared-memory region; Nereid has none (yet)."""
+    for key in SHARED_MEMORY_KEYS:
+        if key in parameters:
+            region = parameters["shared_memory_region"].string_param if "shared_memory_region" in parameters else ""
+            raise InvalidInput(
+                f"{kind} '{name}' for model '{model}' uses shared memory (parameter '{key}'"
+                + (f", region '{region}'" if region else "")
+                + "): Unable to find shared memory region: this server does not implement shared memory yet; "
+                "send the tensor in raw_input_contents instead"
+            )
