@@ -9,7 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server import __version__
-from server.settings import CONTROL_MODES, INT32_MAX, Settings, parse_backend_config
+from server.settings import (
+    CONTROL_MODES,
+    INT32_MAX,
+    RESTRICTED_PROTOCOL_GROUPS,
+    Settings,
+    parse_backend_config,
+    parse_restricted_protocols,
+)
 
 
 def _bool(text: str) -> bool:
@@ -64,6 +71,23 @@ def _add_lifecycle_flags(serve: argparse.ArgumentParser) -> None:
                        help="times a failed model load is tried again before the model is UNAVAILABLE (default 0)")
 
 
+def _add_security_flags(serve: argparse.ArgumentParser) -> None:
+    """TLS and access-control flags, named and valued as tritonserver's (docs/SECURITY.md)."""
+    serve.add_argument("--grpc-use-ssl", type=_bool, default=False, metavar="BOOL",
+                       help="serve gRPC over TLS with --grpc-server-cert/--grpc-server-key (default false)")
+    serve.add_argument("--grpc-use-ssl-mutual", type=_bool, default=None, metavar="BOOL",
+                       help="mutual TLS: also require a client certificate signed by --grpc-root-cert; "
+                       "given at all, it turns TLS on, as in tritonserver (default false)")
+    serve.add_argument("--grpc-server-cert", type=Path, metavar="FILE", help="PEM server certificate (chain)")
+    serve.add_argument("--grpc-server-key", type=Path, metavar="FILE", help="PEM private key of the server certificate")
+    serve.add_argument("--grpc-root-cert", type=Path, metavar="FILE",
+                       help="PEM CA certificate(s) that client certificates must chain to (mutual TLS)")
+    serve.add_argument("--grpc-restricted-protocol", action="append", default=[],
+                       metavar="<protocol>[,<protocol>...]:<key>=<value>",
+                       help="calls to these protocols need header triton-grpc-protocol-<key>: <value>; repeatable; "
+                       f"protocols: {', '.join(RESTRICTED_PROTOCOL_GROUPS)}")
+
+
 def _add_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     validate = sub.add_parser("validate", help="check a model repository without serving it")
     validate.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="model repository path(s)")
@@ -103,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend-config", action="append", default=[],
                        help="[<backend>,]<key>=<value>, e.g. onnxruntime,default-max-batch-size=8")
     _add_lifecycle_flags(serve)
+    _add_security_flags(serve)
     _add_validate(sub)
     return parser
 
@@ -110,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     try:
         backend_config = parse_backend_config(args.backend_config)
+        restricted = parse_restricted_protocols(args.grpc_restricted_protocol)
     except ValueError as exc:
         raise SystemExit(f"nereid: {exc}") from exc
+    mutual = bool(args.grpc_use_ssl_mutual)
     return Settings(
         model_repositories=tuple(p.resolve() for p in args.model_repository),
         grpc_address=args.grpc_address,
@@ -130,6 +157,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         load_models=tuple(args.load_model),
         model_load_thread_count=args.model_load_thread_count,
         model_load_retry_count=args.model_load_retry_count,
+        # tritonserver turns TLS on whenever --grpc-use-ssl-mutual is given, and mutual wins.
+        grpc_use_ssl=args.grpc_use_ssl or args.grpc_use_ssl_mutual is not None,
+        grpc_use_ssl_mutual=mutual,
+        grpc_server_cert=args.grpc_server_cert,
+        grpc_server_key=args.grpc_server_key,
+        grpc_root_cert=args.grpc_root_cert,
+        grpc_restricted_protocols=restricted,
     )
 
 
@@ -156,8 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_verbose)
     from server.app import run
+    from server.protocol.tls import TLSConfigError, server_credentials
 
-    return run(settings)
+    try:
+        server_credentials(settings)  # refuse bad TLS files before anything starts
+        return run(settings)
+    except TLSConfigError as exc:
+        raise SystemExit(f"nereid: {exc}") from None
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 INT32_MAX = 2**31 - 1
 CONTROL_MODES = ("none", "poll", "explicit")
+
+# Triton's restricted protocol groups (server/src/restricted_features.h), in Triton's order.
+RESTRICTED_PROTOCOL_GROUPS = (
+    "health", "metadata", "inference", "shared-memory", "model-config",
+    "model-repository", "statistics", "trace", "logging",
+)
+# Triton's prefix for the header a restricted group expects (grpc_server.h kRestrictedProtocolHeaderTemplate).
+RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
+_HEADER_KEY = re.compile(r"[0-9a-z_.-]+")
+
+
+@dataclass(frozen=True)
+class Restriction:
+    """One `--grpc-restricted-protocol` group: calls to these protocol groups must carry
+    `header: value`. The value is a secret, so it is kept out of repr (and so out of logs)."""
+
+    groups: tuple[str, ...]
+    header: str
+    value: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -39,6 +59,15 @@ class Settings:
     model_load_retry_count: int = 0
     # backend name -> {setting: value}; "" holds settings given for every backend.
     backend_config: dict[str, dict[str, str]] = field(default_factory=dict)
+    # TLS (docs/SECURITY.md): off unless --grpc-use-ssl or --grpc-use-ssl-mutual; mutual
+    # also requires and verifies a client certificate signed by grpc_root_cert.
+    grpc_use_ssl: bool = False
+    grpc_use_ssl_mutual: bool = False
+    grpc_server_cert: Path | None = None
+    grpc_server_key: Path | None = None
+    grpc_root_cert: Path | None = None
+    # --grpc-restricted-protocol groups; empty: every protocol is open and no interceptor runs.
+    grpc_restricted_protocols: tuple[Restriction, ...] = ()
 
     def backend_setting(self, backend: str, key: str, default: str) -> str:
         """A `--backend-config` value for `backend`, falling back to the global one."""
@@ -60,3 +89,41 @@ def parse_backend_config(values: list[str]) -> dict[str, dict[str, str]]:
             raise ValueError(f"--backend-config expects [<backend>,]<key>=<value>, got '{raw}'")
         result.setdefault(backend, {})[key] = value
     return result
+
+
+def parse_restricted_protocols(values: list[str]) -> tuple[Restriction, ...]:
+    """Parse Triton's `--grpc-restricted-protocol=<protocol>[,<protocol>...]:<key>=<value>`
+    (repeatable). Errors follow Triton's texts (command_line_parser.cc
+    ParseRestrictedFeatureOption) but never repeat the value, which is a secret."""
+    taken: set[str] = set()
+    result = []
+    for raw in values:
+        names, colon, setting = raw.partition(":")
+        key, eq, value = setting.partition("=")
+        if not (colon and eq and names and key and value):
+            shown = f" Got '{names}:...'" if colon else ""
+            raise ValueError(
+                "--grpc-restricted-protocol option format is '<protocol>[,<protocol>...]:<key>=<value>'." + shown
+            )
+        groups = tuple(names.split(","))
+        for group in groups:
+            if group not in RESTRICTED_PROTOCOL_GROUPS:
+                raise ValueError(
+                    f"unknown restricted protocol '{group}'; expected one of {', '.join(RESTRICTED_PROTOCOL_GROUPS)}"
+                )
+            if group in taken:
+                raise ValueError(f"restricted protocol '{group}' can not be specified in multiple config groups")
+            taken.add(group)
+        # gRPC metadata keys travel lower-case (HTTP/2), so a key given in capitals could never match.
+        key = key.lower()
+        if not _HEADER_KEY.fullmatch(key) or key.endswith("-bin"):
+            raise ValueError(
+                f"--grpc-restricted-protocol key '{key}' is not a usable gRPC header name "
+                "(letters, digits, '-', '_', '.'; not ending in '-bin')"
+            )
+        if not all(" " <= char <= "~" for char in value):
+            raise ValueError(
+                f"--grpc-restricted-protocol value for key '{key}' must be printable ASCII (the value is not shown)"
+            )
+        result.append(Restriction(groups, RESTRICTED_HEADER_PREFIX + key, value))
+    return tuple(result)

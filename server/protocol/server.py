@@ -1,9 +1,12 @@
-"""Build the grpc.aio server: inference service, health, reflection, message limits.
+"""Build the grpc.aio server: inference service, health, reflection, message limits, and
+the edge security (TLS credentials, restricted-protocol interceptor; docs/SECURITY.md).
 
 Every service's handlers take raw bytes (handlers.py): grpcio parses nothing itself.
 """
 
 from __future__ import annotations
+
+import logging
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -11,10 +14,14 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 from tritonclient.grpc import service_pb2 as pb
 
+from server.protocol import tls
+from server.protocol.access import interceptors
 from server.protocol.handlers import HandlerCollector, guard
 from server.protocol.health import HEALTH_SERVICE, HealthReporter
 from server.protocol.servicer import SERVICE, InferenceServicer
 from server.settings import Settings
+
+log = logging.getLogger("nereid")
 
 REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
 
@@ -45,16 +52,32 @@ def build_server(
         # Never share a port with another process silently.
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    credentials = tls.server_credentials(settings)  # TLSConfigError before anything is bound
+    server = grpc.aio.server(options=options, interceptors=interceptors(settings.grpc_restricted_protocols))
     server.add_registered_method_handlers(SERVICE, servicer.method_handlers())
     server.add_registered_method_handlers(HEALTH_SERVICE, health.servicer.method_handlers())
     server.add_registered_method_handlers(REFLECTION_SERVICE, _reflection_handlers())
     address = settings.grpc_address
     host = f"[{address}]" if ":" in address else address
+    target = f"{host}:{settings.grpc_port}"
     try:
-        port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
+        if credentials is None:
+            port = server.add_insecure_port(target)
+        else:
+            port = server.add_secure_port(target, credentials)
     except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind to address ...")
-        raise BindError(f"could not bind {host}:{settings.grpc_port}: {exc}") from None
+        raise BindError(f"could not bind {target}: {exc}") from None
     if port == 0:
-        raise BindError(f"could not bind {host}:{settings.grpc_port}")
+        raise BindError(f"could not bind {target}")
+    _log_security(settings)
     return server, port
+
+
+def _log_security(settings: Settings) -> None:
+    """Say how the listener is protected: TLS mode and which groups need which header
+    (header names only; the values are secrets)."""
+    log.info("gRPC transport: %s", tls.describe(settings))
+    for flag in tls.ignored_files(settings):
+        log.warning("%s is ignored: TLS is off (set --grpc-use-ssl=true)", flag)
+    for restriction in settings.grpc_restricted_protocols:
+        log.info("restricted protocols %s: calls need header '%s'", ",".join(restriction.groups), restriction.header)
