@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
+from util import scaled
 
 from server.core.batch_policy import BatchPolicy
 from server.core.batcher_config import make_batcher
@@ -499,7 +500,7 @@ def test_deep_queue_with_timeouts_drains_in_bounded_time() -> None:
     assert all(str(err) == "Request timeout expired" for _, err in h.rejected)
     assert h.sched.pending() == 0
     assert h.sched._nearest_deadline() is None
-    assert elapsed < 2.0, f"draining {n} requests took {elapsed:.2f} s"
+    assert elapsed < scaled(2.0), f"draining {n} requests took {elapsed:.2f} s"
 
 
 def test_expiry_follows_arrival_order_when_deadlines_do_not() -> None:
@@ -708,12 +709,13 @@ class Puller:
 
     def wait_batches(self, n: int, timeout: float = 5.0) -> list[tuple[float, list[str]]]:
         with self.cond:
-            assert self.cond.wait_for(lambda: len(self.batches) >= n, timeout), f"batches so far: {self.batches}"
+            formed = self.cond.wait_for(lambda: len(self.batches) >= n, scaled(timeout))
+            assert formed, f"batches so far: {self.batches}"
             return list(self.batches)
 
     def finish(self, timeout: float = 5.0) -> None:
         self.sched.stop(1)
-        self.thread.join(timeout)
+        self.thread.join(scaled(timeout))
         assert not self.thread.is_alive(), "next_batch did not return None after stop()"
 
 
@@ -740,7 +742,7 @@ def test_next_batch_waits_the_queue_delay_then_sends() -> None:
     (at, ids), = puller.wait_batches(1)
     assert ids == ["a", "b"]
     assert at - start >= 0.07, "sent before the queue delay"
-    assert at - start < 2.0
+    assert at - start < scaled(2.0)
     puller.finish()
 
 
@@ -752,7 +754,7 @@ def test_next_batch_full_batch_goes_before_the_delay() -> None:
         h.add(name)
     (at, ids), = puller.wait_batches(1)
     assert ids == ["a", "b", "c"]
-    assert at - start < 1.0
+    assert at - start < scaled(1.0)
     puller.finish()
 
 
@@ -760,7 +762,7 @@ def test_next_batch_rejects_expired_requests_while_waiting() -> None:
     h = real_harness(max_batch=8, delay_ns=5_000 * MS, policies={1: QueuePolicy(default_timeout_ns=50 * MS)})
     puller = Puller(h.sched)
     h.add("a")
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + scaled(3)
     while not h.rejected and time.monotonic() < deadline:
         time.sleep(0.01)
     assert [str(err) for _, err in h.rejected] == ["Request timeout expired"]
@@ -779,7 +781,7 @@ def test_stop_drains_queued_requests_then_returns_none() -> None:
     assert [j.request.id for j in h.sched.next_batch() or []] == ["a", "b"]
     assert [j.request.id for j in h.sched.next_batch() or []] == ["c"]  # below max, sent without the delay
     assert h.sched.next_batch() is None
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < scaled(1.0)
 
 
 def test_stop_wakes_an_idle_instance() -> None:
@@ -795,14 +797,14 @@ def test_two_instances_share_the_queue() -> None:
     pullers = [Puller(h.sched), Puller(h.sched)]
     for i in range(20):
         h.add(f"r{i}")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + scaled(5)
     while sum(len(p.batches) for p in pullers) < 20 and time.monotonic() < deadline:
         time.sleep(0.01)
     got = sorted(i for p in pullers for _, ids in p.batches for i in ids)
     assert got == sorted(f"r{i}" for i in range(20))
     h.sched.stop(2)
     for p in pullers:
-        p.thread.join(5)
+        p.thread.join(scaled(5))
         assert not p.thread.is_alive()
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2_grpc
-from util import ServerProcess, client, expect_error, expect_rpc_error, output_array, raw_request
+from util import ServerProcess, client, expect_error, expect_rpc_error, output_array, raw_request, scaled
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_16_mib_input_round_trips(identity_server: ServerProcess) -> None:
     assert data.nbytes == 16 * 1024 * 1024
     inp = grpcclient.InferInput("IN", [1, n], "FP32")
     inp.set_data_from_numpy(data)
-    out = client(identity_server).infer("id_FP32", [inp], client_timeout=60).as_numpy("OUT")
+    out = client(identity_server).infer("id_FP32", [inp], client_timeout=scaled(60)).as_numpy("OUT")
     assert out.tobytes() == data.tobytes()
 
 
@@ -212,6 +212,6 @@ def test_16_mib_bytes_input_round_trips(id_stub) -> None:
     data[:] = items
     request = raw_request("id_BYTES", [("IN", "BYTES", data.reshape(1, -1))])
     assert len(request.raw_input_contents[0]) > 16 * 1024 * 1024
-    response = id_stub.ModelInfer(request, timeout=60)
+    response = id_stub.ModelInfer(request, timeout=scaled(60))
     assert [bytes(v) for v in output_array(response, 0).ravel()] == items
 

@@ -24,7 +24,7 @@ from lifecycle_util import (
     wait_until,
     write_version_atomically,
 )
-from util import ServerProcess, client, expect_error, identity_config, write_model
+from util import ServerProcess, client, expect_error, identity_config, scaled, write_model
 
 POLL = ("--model-control-mode", "poll", "--repository-poll-secs", "0.2")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -164,8 +164,8 @@ def test_retired_version_finishes_in_flight_requests_first(tmp_path: Path, serve
     # New requests already go to version 2 while version 1 drains.
     fresh = threading.Thread(target=lambda: done.put(("fresh", infer_fp32(client(srv), "slow", _x()))))
     fresh.start()
-    answers = [done.get(timeout=30) for _ in range(4)]
-    fresh.join(10)
+    answers = [done.get(timeout=scaled(30)) for _ in range(4)]
+    fresh.join(scaled(10))
     old = [r for r, e in answers if r != "fresh"]
     assert all(e is None for r, e in answers if r != "fresh"), answers
     assert sorted(r.get_response().model_version for r in old) == ["1", "1", "1"]

@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 from tritonclient.grpc import model_config_pb2, service_pb2
+from util import scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
@@ -214,7 +215,7 @@ def test_comparison_reports_the_differing_element():
 def test_gen_stubs_produces_importable_python_stubs(tmp_path):
     out = tmp_path / "stubs"
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gen_stubs"), str(out)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=scaled(120))
     assert proc.returncode == 0, proc.stderr
     for stem in ("grpc_service", "model_config", "health"):
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
@@ -239,7 +240,7 @@ def test_gen_stubs_produces_importable_python_stubs(tmp_path):
         req.raw_input_contents.append(bytes(12))
         sys.stdout.write(req.SerializeToString().hex())
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=scaled(60))
     assert proc.returncode == 0, proc.stderr
     parsed = service_pb2.ModelInferRequest.FromString(bytes.fromhex(proc.stdout))
     assert (parsed.model_name, parsed.model_version, parsed.id) == ("m", "2", "r1")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from util import ServerProcess, client, expect_error, write_model
+from util import ServerProcess, client, expect_error, scaled, write_model
 
 PY_HEADER = "import json, os, time\nimport numpy as np\nimport triton_python_backend_utils as pb_utils\n\n"
 
@@ -394,8 +394,8 @@ def _others_while(py_server: ServerProcess, model: str, first: float, settle: fl
 def test_gil_heavy_model_does_not_stall_the_server(py_server: ServerProcess) -> None:
     elapsed, finished, thread, _ = _others_while(py_server, "py_probe", -4, 0.2, 20)
     assert not finished, "the spinning request should still be running"
-    assert elapsed < 1.0, f"20 requests to another model took {elapsed:.2f}s while a Python model spun"
-    thread.join(10)
+    assert elapsed < scaled(1.0), f"20 requests to another model took {elapsed:.2f}s while a Python model spun"
+    thread.join(scaled(10))
 
 
 def _warm_cheap(c: grpcclient.InferenceServerClient, model: str) -> None:
@@ -413,8 +413,8 @@ def test_cheap_model_turning_slow_does_not_stall_the_loop(py_server: ServerProce
     _warm_cheap(client(py_server), "py_lean")
     elapsed, finished, thread, answer = _others_while(py_server, "py_lean", -6, 0.05, 10)
     assert not finished, "the slow request should still be running"
-    assert elapsed < 0.2, f"10 requests to another model took {elapsed:.2f}s while a cheap model turned slow"
-    thread.join(10)
+    assert elapsed < scaled(0.2), f"10 requests to another model took {elapsed:.2f}s while a cheap model turned slow"
+    thread.join(scaled(10))
     np.testing.assert_array_equal(answer[0], np.full((1, 2), -6, np.float32))
 
 

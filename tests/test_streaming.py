@@ -17,9 +17,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.grpc import service_pb2_grpc
-from util import ServerProcess, client, identity_config, output_array, raw_request, write_model
+from util import ServerProcess, client, identity_config, output_array, raw_request, scaled, write_model
 
-TIMEOUT = 30
+TIMEOUT = scaled(30)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +246,7 @@ def test_concurrent_unary_calls_to_a_cheap_model_batch(stream_server: ServerProc
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(scaled(60))
     assert not errors, errors[:5]
     count, sizes = _batch_sizes(stream_server, "st_small")
     assert count - before == 16 * 60

@@ -28,6 +28,20 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "py
 STARTED_RE = re.compile(r"Started GRPCInferenceService at 127\.0\.0\.1:(\d+)")
 LOADED_RE = re.compile(r"models loaded; server")
 
+# Every time limit in the tests is multiplied by this, so that a slow or busy CI machine can
+# stretch them without editing tests (docs/DEVELOPING.md). Lower bounds ("waited at least the
+# queue delay") are never scaled: slowness only makes them easier to meet.
+TIME_FACTOR = float(os.environ.get("NEREID_TEST_TIME_FACTOR", "1"))
+if not TIME_FACTOR > 0:
+    raise ValueError(f"NEREID_TEST_TIME_FACTOR must be a positive number, got {TIME_FACTOR}")
+
+
+def scaled(seconds: float) -> float:
+    """A time limit (how long something may take, or how long to wait for it) for this machine.
+    The helpers here that take a timeout (ServerProcess, wait_for_log, stop, wait) scale it
+    themselves; call this for limits written in a test's own assertions and waits."""
+    return seconds * TIME_FACTOR
+
 # Every protocol datatype, with the numpy dtype the tests generate data in (BF16 is handled apart).
 NUMERIC_DATATYPES = {
     "BOOL": np.bool_,
@@ -200,7 +214,9 @@ class ServerProcess:
             return "\n".join(self.lines)
 
     def wait_for_log(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        """Block until a stderr line matches `pattern`; fail if the process exits first."""
+        """Block until a stderr line matches `pattern` (for up to `timeout` seconds, scaled);
+        fail if the process exits first."""
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         seen = 0
         with self._cond:
@@ -242,14 +258,15 @@ class ServerProcess:
             self.proc.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
+        """The exit code, waiting up to `timeout` seconds (scaled)."""
+        return self.proc.wait(scaled(timeout))
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, then SIGKILL if it does not exit in time. Always reaps the process."""
+        """SIGTERM, then SIGKILL if it does not exit in `timeout` seconds (scaled). Always reaps the process."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(scaled(timeout))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
