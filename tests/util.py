@@ -7,6 +7,7 @@ port is parsed from the "Started GRPCInferenceService at 127.0.0.1:PORT" log lin
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 import re
 import signal
@@ -17,9 +18,11 @@ import time
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
+from skip_policy import ALLOW_SKIPS_ENV, skips_allowed
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = ROOT / "model_repository"
@@ -82,6 +85,21 @@ max_batch_size: 0
 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
 """
+
+
+def require(module: str) -> Any:
+    """Import a framework a test module needs, at the module's top. CI installs every one of them,
+    so a missing one fails the module (naming the package) instead of skipping it; with
+    NEREID_ALLOW_SKIPS=1 (a local run without it) the module is skipped with the reason."""
+    import pytest
+
+    if skips_allowed():
+        return pytest.importorskip(module)
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} is not installed ({exc}); CI installs it (scripts/setup). "
+                    f"Set {ALLOW_SKIPS_ENV}=1 to skip these tests in a local run without it.", pytrace=False)
 
 
 def config_type(datatype: str) -> str:
