@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2_grpc
-from util import ServerProcess, client, expect_error, expect_rpc_error, output_array, raw_request, scaled
+from util import ServerProcess, client, expect_rpc_error, output_array, raw_request, scaled
 
 
 @pytest.fixture(scope="module")
@@ -140,20 +140,7 @@ def test_infer_version_not_loaded_is_not_found(id_stub) -> None:
 # -- max_batch_size --
 
 
-def test_batch_above_max_is_invalid(onnx_server: ServerProcess) -> None:
-    a, b = simple_inputs(9, seed=3)
-    inputs = [grpcclient.InferInput("INPUT0", [9, 16], "INT32"), grpcclient.InferInput("INPUT1", [9, 16], "INT32")]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(b)
-    err = expect_error("INVALID_ARGUMENT", client(onnx_server).infer, "simple", inputs)
-    assert "INPUT0" in err.message() and "8" in err.message()
-
-
-def test_missing_batch_dim_is_invalid(simple_stub) -> None:
-    a, b = simple_inputs(1, seed=4)
-    err = expect_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, simple_stub.ModelInfer,
-                           simple_request(a[0], b[0]), timeout=10)
-    assert "INPUT0" in err.details()
+# (Batches above the maximum and a missing batch dimension: the table in test_bad_inputs.py.)
 
 
 def test_every_batch_size_up_to_max(simple_stub) -> None:
