@@ -8,15 +8,10 @@ import threading
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from util import ServerProcess, expect_rpc_error, identity_config, scaled, write_model
+from util import health_status as check
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def check(srv: ServerProcess, service: str) -> int:
-    with srv.channel() as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
 
 def test_check_server_serving_when_ready(identity_server: ServerProcess) -> None:

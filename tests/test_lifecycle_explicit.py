@@ -13,11 +13,23 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from lifecycle_util import add_model_bytes, index_of, infer_fp32, states
+from grpc_health.v1 import health_pb2
+from lifecycle_util import add_model_bytes, index_of, infer_fp32, states, wait_until
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from util import ServerProcess, client, expect_error, expect_rpc_error, identity_config, scaled, write_model
+from util import (
+    ServerProcess,
+    client,
+    expect_error,
+    expect_rpc_error,
+    health_status,
+    identity_config,
+    scaled,
+    write_model,
+)
 
 EXPLICIT = ("--model-control-mode", "explicit")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 WARM_SLOW = """model_warmup [ { name: "slow" batch_size: 1 count: 6
   inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]
 """
@@ -81,14 +93,21 @@ def test_load_then_unload(explicit_server: ServerProcess) -> None:
     assert states(c, "b") == {"2": "READY"}
     assert infer_fp32(c, "b", _x()).get_response().model_version == "2"
     assert c.is_model_ready("b")
+    wait_until(lambda: health_status(explicit_server, "b") == SERVING, timeout=5, what="health of loaded 'b'")
     c.unload_model("b")
     assert index_of(c, "b") == [("2", "UNAVAILABLE", "unloaded")]
     assert not c.is_model_ready("b")
+    wait_until(lambda: health_status(explicit_server, "b") == NOT_SERVING, timeout=5,
+               what="health of unloaded 'b' to go NOT_SERVING")
     expect_error("UNAVAILABLE", infer_fp32, c, "b", _x())
     c.unload_model("b")  # unloading again is harmless
+    assert health_status(explicit_server, "b") == NOT_SERVING
     assert c.is_server_ready()  # deliberately unloaded models do not count against readiness
+    assert health_status(explicit_server, "") == SERVING
+    assert health_status(explicit_server, "a") == SERVING
     c.load_model("b")
     assert states(c, "b") == {"2": "READY"}
+    wait_until(lambda: health_status(explicit_server, "b") == SERVING, timeout=5, what="health of reloaded 'b'")
 
 
 def test_load_with_config_override(explicit_server: ServerProcess) -> None:

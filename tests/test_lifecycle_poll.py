@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from lifecycle_util import (
     add_config,
     add_model_bytes,
@@ -24,17 +24,12 @@ from lifecycle_util import (
     wait_until,
     write_version_atomically,
 )
-from util import ServerProcess, client, expect_error, identity_config, scaled, write_model
+from util import client, expect_error, identity_config, scaled, write_model
+from util import health_status as _health
 
 POLL = ("--model-control-mode", "poll", "--repository-poll-secs", "0.2")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def _health(srv: ServerProcess, service: str) -> int:
-    with srv.channel() as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
 
 def _id_config(name: str, **kwargs) -> str:
@@ -62,6 +57,34 @@ def test_models_added_and_removed_are_picked_up(tmp_path: Path, server_factory) 
     assert _health(srv, "late") == NOT_SERVING
     assert c.is_server_ready() and states(c, "first") == {"1": "READY"}
     assert "model 'late' removed from the repository" in srv.log
+
+
+def test_health_follows_a_model_whose_versions_are_retired(tmp_path: Path, server_factory) -> None:
+    """A new version taking over keeps the model SERVING; once its only version folder is gone
+    (the version retired, the model still listed) the model is NOT_SERVING; a version coming
+    back makes it SERVING again. The other model is untouched throughout."""
+    repo = tmp_path / "repo"
+    write_model(repo, "m", _id_config("m"))
+    write_model(repo, "keep", _id_config("keep"))
+    srv = server_factory(repo, *POLL)
+    c = client(srv)
+    assert _health(srv, "m") == SERVING
+
+    (repo / "m" / "2").mkdir()
+    wait_until(lambda: states(c, "m") == {"1": "UNAVAILABLE", "2": "READY"}, what="version 2 to take over")
+    assert _health(srv, "m") == SERVING, "the model went NOT_SERVING while one version replaced another"
+
+    shutil.rmtree(repo / "m" / "1")  # already retired: a scan in between changes nothing
+    shutil.rmtree(repo / "m" / "2")
+    wait_until(lambda: "READY" not in states(c, "m").values() and index_of(c, "m"),
+               what="the last version to be retired")
+    wait_until(lambda: _health(srv, "m") == NOT_SERVING, timeout=5,
+               what="health of a model with no version left to go NOT_SERVING")
+    assert _health(srv, "keep") == SERVING
+
+    (repo / "m" / "3").mkdir()
+    wait_until(lambda: states(c, "m").get("3") == "READY", what="version 3")
+    wait_until(lambda: _health(srv, "m") == SERVING, timeout=5, what="health to follow the new version")
 
 
 def test_half_copied_version_is_never_loaded(tmp_path: Path, server_factory) -> None:

@@ -305,6 +305,15 @@ def client(srv: ServerProcess):
     return grpcclient.InferenceServerClient(srv.url)
 
 
+def health_status(srv: ServerProcess, service: str) -> int:
+    """grpc.health.v1 Check for `service` ("" for the server, a model name for that model)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with srv.channel() as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
 def expect_error(code: str, fn, *args, **kwargs):
     """Call `fn`, which must raise tritonclient's InferenceServerException with gRPC status `code`."""
     import pytest
