@@ -429,13 +429,39 @@ def test_cancelled_delayed_job_is_dropped() -> None:
     assert h.sched.pending() == 0
 
 
-def test_cancelled_job_frees_its_queue_slot() -> None:
-    h = Harness(max_batch=1, policies={1: QueuePolicy(max_queue_size=1)})
+def test_cancelled_requests_free_their_queue_slots_when_the_queue_is_full() -> None:
+    """A client that gave up while queued does not hold a max_queue_size slot. Nothing takes a
+    batch in between, so the queue is still full of entries when the next request comes: the
+    cancelled ones must be swept out right there (enqueue's full-queue path) before anything is
+    rejected, from the main queue and from the delayed one alike."""
+    h = Harness(max_batch=1, policies={1: QueuePolicy(default_timeout_ns=1000 * MS, max_queue_size=2)})
     a = h.add("a")
-    a.future.cancel()  # type: ignore[union-attr]
-    assert h.step_ids() is None
-    h.add("b")
-    assert h.step_ids() == ["b"]
+    b = h.add("b")
+    b.future.cancel()  # type: ignore[union-attr]
+    assert h.sched.pending() == 2  # still counted: only the full-queue sweep can free b's slot
+    c = h.add("c")  # b gave up: swept, so c fits
+    assert h.sched.pending() == 2
+    with pytest.raises(ServerUnavailable, match="Exceeds maximum queue size"):
+        h.add("d")  # a and c are both live: really full
+    assert h.step_ids() == ["a"] and h.step_ids() == ["c"] and h.step_ids() is None
+    assert not c.cancelled() and not a.cancelled()
+    assert h.sched._nearest_deadline() is None  # the swept job's deadline left with it
+
+    # The same for a request that timed out into the delayed queue before its client gave up.
+    h = Harness(max_batch=1, policies={1: QueuePolicy(delay_on_timeout=True, default_timeout_ns=1 * MS,
+                                                       max_queue_size=2)})
+    late = h.add("late")
+    h.clock.now = 1 * MS
+    h.add("fresh")
+    assert h.step_ids() == ["fresh"]  # "late" timed out: it now waits in the delayed queue
+    h.add("e")
+    assert h.sched.pending() == 2
+    late.future.cancel()  # type: ignore[union-attr]
+    h.add("f")  # "late" gave up: swept from the delayed queue, so f fits
+    with pytest.raises(ServerUnavailable, match="Exceeds maximum queue size"):
+        h.add("g")
+    assert h.step_ids() == ["e"] and h.step_ids() == ["f"] and h.step_ids() is None
+    assert h.sched.pending() == 0
 
 
 def test_enqueue_after_stop_is_unavailable() -> None:
@@ -891,18 +917,3 @@ def test_same_shapes() -> None:
     assert not same_shapes(a, {"X": np.zeros((1, 3))})
     assert not same_shapes(a, {"X": np.zeros((1, 3)), "Z": np.zeros((2, 4, 5))})
 
-
-def test_cancelled_request_frees_its_queue_slot() -> None:
-    """A client that gave up while queued does not hold a max_queue_size slot: when the queue
-    is full, cancelled requests are swept out before anything is rejected."""
-    h = Harness(max_batch=1, policies={1: QueuePolicy(default_timeout_ns=1000 * MS, max_queue_size=2)})
-    h.add("a")
-    b = h.add("b")
-    b.future.cancel()
-    assert h.step_ids() == ["a"]
-    h.add("c")
-    h.add("d")  # b was cancelled: only c is really queued, so d fits
-    assert h.sched.pending() == 2
-    with pytest.raises(ServerUnavailable, match="Exceeds maximum queue size"):
-        h.add("e")
-    assert h.step_ids() == ["c"] and h.step_ids() == ["d"]
