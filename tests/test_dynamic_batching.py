@@ -114,6 +114,18 @@ async def infer_outcome(c: aioclient.InferenceServerClient, model: str, data: np
         return None, exc
 
 
+def concurrent_outcomes(srv: ServerProcess, model: str, cases: list[np.ndarray]) -> list:
+    """Send every case at once from one aio client: [(result, None) or (None, exception)], in order."""
+    async def main() -> list:
+        c = aioclient.InferenceServerClient(srv.url)
+        try:
+            return await asyncio.gather(*(infer_outcome(c, model, x, client_timeout=scaled(30)) for x in cases))
+        finally:
+            await c.close()
+
+    return asyncio.run(main())
+
+
 def status(exc: InferenceServerException) -> str:
     return str(exc.status()).replace("StatusCode.", "")
 
@@ -186,14 +198,7 @@ def test_different_non_batch_dims_are_never_merged(db_server: ServerProcess) -> 
     cases = [rng.standard_normal((int(rng.integers(1, 3)), int(rng.choice([3, 5, 7])))).astype(np.float32)
              for _ in range(n)]
 
-    async def main() -> list:
-        c = aioclient.InferenceServerClient(db_server.url)
-        try:
-            return await asyncio.gather(*(infer_outcome(c, "db_ragged", x, client_timeout=30) for x in cases))
-        finally:
-            await c.close()
-
-    outcomes = asyncio.run(main())
+    outcomes = concurrent_outcomes(db_server, "db_ragged", cases)
     for index, (x, (result, error)) in enumerate(zip(cases, outcomes, strict=True)):
         assert error is None, f"request {index} {list(x.shape)}: {error}"
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x, err_msg=f"request {index}")
@@ -245,14 +250,7 @@ def test_queue_full_rejects_with_unavailable(db_server: ServerProcess) -> None:
     rng = np.random.default_rng(11)
     cases = [rng.standard_normal((1, 4)).astype(np.float32) for _ in range(n)]
 
-    async def main() -> list:
-        c = aioclient.InferenceServerClient(db_server.url)
-        try:
-            return await asyncio.gather(*(infer_outcome(c, "db_full", x, client_timeout=30) for x in cases))
-        finally:
-            await c.close()
-
-    outcomes = asyncio.run(main())
+    outcomes = concurrent_outcomes(db_server, "db_full", cases)
     ok = [i for i, (result, _) in enumerate(outcomes) if result is not None]
     rejected = [error for _, error in outcomes if error is not None]
     assert rejected, "no request was rejected with max_queue_size 2"

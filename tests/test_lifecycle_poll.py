@@ -40,6 +40,18 @@ def _x() -> np.ndarray:
     return np.arange(4, dtype=np.float32)
 
 
+def _onnx_model_polled(tmp_path: Path, server_factory):
+    """Model `m` (ONNX, version 1 answering INPUT0 + 1) in a polled repository:
+    (its folder, the server, a client)."""
+    pytest.importorskip("onnx")
+    model = tmp_path / "repo" / "m"
+    model.mkdir(parents=True)
+    (model / "config.pbtxt").write_text(add_config("m"))
+    write_version_atomically(model, 1, {"model.onnx": add_model_bytes(1.0)})
+    srv = server_factory(tmp_path / "repo", *POLL)
+    return model, srv, client(srv)
+
+
 def test_models_added_and_removed_are_picked_up(tmp_path: Path, server_factory) -> None:
     repo = tmp_path / "repo"
     write_model(repo, "first", _id_config("first"))
@@ -48,13 +60,13 @@ def test_models_added_and_removed_are_picked_up(tmp_path: Path, server_factory) 
     write_model(repo, "late", _id_config("late"))
     wait_until(lambda: states(c, "late") == {"1": "READY"}, what="the new model to load")
     np.testing.assert_array_equal(infer_fp32(c, "late", _x()).as_numpy("OUTPUT0"), _x())
-    assert _health(srv, "late") == SERVING
+    wait_until(lambda: _health(srv, "late") == SERVING, timeout=5, what="health of the new model")
     assert c.is_server_ready()
 
     shutil.rmtree(repo / "late")
     wait_until(lambda: not index_of(c, "late"), what="the removed model to leave the index")
     expect_error("NOT_FOUND", infer_fp32, c, "late", _x())
-    assert _health(srv, "late") == NOT_SERVING
+    wait_until(lambda: _health(srv, "late") == NOT_SERVING, timeout=5, what="health of the removed model")
     assert c.is_server_ready() and states(c, "first") == {"1": "READY"}
     assert "model 'late' removed from the repository" in srv.log
 
@@ -88,14 +100,7 @@ def test_health_follows_a_model_whose_versions_are_retired(tmp_path: Path, serve
 
 
 def test_half_copied_version_is_never_loaded(tmp_path: Path, server_factory) -> None:
-    pytest.importorskip("onnx")
-    repo = tmp_path / "repo"
-    model = repo / "m"
-    model.mkdir(parents=True)
-    (model / "config.pbtxt").write_text(add_config("m"))
-    write_version_atomically(model, 1, {"model.onnx": add_model_bytes(1.0)})
-    srv = server_factory(repo, *POLL)
-    c = client(srv)
+    model, srv, c = _onnx_model_polled(tmp_path, server_factory)
     data = add_model_bytes(2.0)
     (model / "2").mkdir()
     # A slow copy: a few bytes at a time, several chunks landing between two scans.
@@ -111,14 +116,7 @@ def test_half_copied_version_is_never_loaded(tmp_path: Path, server_factory) -> 
 
 
 def test_failed_load_keeps_serving_and_a_fix_is_picked_up(tmp_path: Path, server_factory) -> None:
-    pytest.importorskip("onnx")
-    repo = tmp_path / "repo"
-    model = repo / "m"
-    model.mkdir(parents=True)
-    (model / "config.pbtxt").write_text(add_config("m"))
-    write_version_atomically(model, 1, {"model.onnx": add_model_bytes(1.0)})
-    srv = server_factory(repo, *POLL)
-    c = client(srv)
+    model, srv, c = _onnx_model_polled(tmp_path, server_factory)
 
     write_version_atomically(model, 2, {"model.onnx": b"\x08\x07corrupt"})
     rows = wait_until(lambda: (r := index_of(c, "m")) and len(r) == 2 and r, what="version 2 to fail")
@@ -143,13 +141,16 @@ def test_new_model_that_fails_makes_server_unready_until_fixed(tmp_path: Path, s
     wait_until(lambda: index_of(c, "bad") and index_of(c, "bad")[0][1] == "UNAVAILABLE", what="bad to fail")
     assert "max_batch_size" in index_of(c, "bad")[0][2]
     wait_until(lambda: not c.is_server_ready(), what="strict readiness to drop")
-    assert _health(srv, "") == NOT_SERVING and _health(srv, "bad") == NOT_SERVING
+    # Health follows readiness through the event loop, a moment after the index: wait for it too.
+    wait_until(lambda: _health(srv, "") == NOT_SERVING and _health(srv, "bad") == NOT_SERVING, timeout=5,
+               what="server and model health to go NOT_SERVING")
     assert "model 'bad' failed to load" in srv.log
 
     (repo / "bad" / "config.pbtxt").write_text(_id_config("bad"))
     wait_until(lambda: states(c, "bad") == {"1": "READY"}, what="the fixed config")
     wait_until(c.is_server_ready, what="readiness to return")
-    assert _health(srv, "") == SERVING and _health(srv, "bad") == SERVING
+    wait_until(lambda: _health(srv, "") == SERVING and _health(srv, "bad") == SERVING, timeout=5,
+               what="server and model health to return to SERVING")
 
 
 def test_broken_config_keeps_serving_then_reload(tmp_path: Path, server_factory) -> None:

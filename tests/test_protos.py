@@ -111,41 +111,37 @@ def _compare_message(where: str, ours, theirs) -> list[str]:
     return diffs
 
 
-def _compare_enums(where: str, ours, theirs) -> list[str]:
+def _compare_each(where: str, kind: str, ours, theirs, compare) -> list[str]:
+    """Names missing or extra on either side, then `compare(where.name, ours, theirs)` for each
+    element both sides have (enums, messages, services, rpcs)."""
     o, t = _by_name(ours), _by_name(theirs)
-    diffs = _compare_names(where, "enum", o, t)
+    diffs = _compare_names(where, kind, o, t)
     for name in t:
         if name in o:
-            diffs += _compare_enum(f"{where}.{name}", o[name], t[name])
+            diffs += compare(f"{where}.{name}", o[name], t[name])
     return diffs
+
+
+def _compare_enums(where: str, ours, theirs) -> list[str]:
+    return _compare_each(where, "enum", ours, theirs, _compare_enum)
 
 
 def _compare_messages(where: str, ours, theirs) -> list[str]:
-    o, t = _by_name(ours), _by_name(theirs)
-    diffs = _compare_names(where, "message", o, t)
-    for name in t:
-        if name in o:
-            diffs += _compare_message(f"{where}.{name}", o[name], t[name])
-    return diffs
+    return _compare_each(where, "message", ours, theirs, _compare_message)
+
+
+def _compare_method(where: str, ours, theirs) -> list[str]:
+    return [f"{where}: {attr} {getattr(ours, attr)!r} != {getattr(theirs, attr)!r} (reference)"
+            for attr in ("input_type", "output_type", "client_streaming", "server_streaming")
+            if getattr(ours, attr) != getattr(theirs, attr)]
+
+
+def _compare_service(where: str, ours, theirs) -> list[str]:
+    return _compare_each(where, "rpc", ours.method, theirs.method, _compare_method)
 
 
 def _compare_services(where: str, ours, theirs) -> list[str]:
-    o, t = _by_name(ours), _by_name(theirs)
-    diffs = _compare_names(where, "service", o, t)
-    for sname in t:
-        if sname not in o:
-            continue
-        o_m, t_m = _by_name(o[sname].method), _by_name(t[sname].method)
-        diffs += _compare_names(f"{where}.{sname}", "rpc", o_m, t_m)
-        for mname, tm in t_m.items():
-            if mname not in o_m:
-                continue
-            om = o_m[mname]
-            for attr in ("input_type", "output_type", "client_streaming", "server_streaming"):
-                if getattr(om, attr) != getattr(tm, attr):
-                    diffs.append(f"{where}.{sname}.{mname}: {attr} {getattr(om, attr)!r} != "
-                                 f"{getattr(tm, attr)!r} (reference)")
-    return diffs
+    return _compare_each(where, "service", ours, theirs, _compare_service)
 
 
 def compare_files(ours: FDP, theirs: FDP) -> list[str]:

@@ -324,21 +324,22 @@ def test_large_tensor_grows_shared_memory(py_server: ServerProcess) -> None:
     np.testing.assert_array_equal(out, x)
 
 
-def test_error_response_fails_only_its_request(py_server: ServerProcess) -> None:
-    c = client(py_server)
-    err = expect_error("INTERNAL", c.infer, "py_probe", [_fp32("INPUT0", -np.ones((1, 2), np.float32))])
-    assert "first element must not be -1" in err.message()
-    err = expect_error("INVALID_ARGUMENT", c.infer, "py_probe", [_fp32("INPUT0", np.full((1, 2), -5, np.float32))])
-    assert "bad input" in err.message()
-    x = np.ones((1, 2), dtype=np.float32)
-    np.testing.assert_array_equal(c.infer("py_probe", [_fp32("INPUT0", x)]).as_numpy("OUTPUT0"), x)
+# What py_probe does with a first element of: -1 an error response (pb_utils.TritonError, default
+# code), -5 an error response with INVALID_ARG, -2 raises in execute(). (value, code, fragments)
+MODEL_ERRORS = [
+    (-1, "INTERNAL", ("first element must not be -1",)),
+    (-5, "INVALID_ARGUMENT", ("bad input",)),
+    (-2, "INTERNAL", ("ValueError: model refuses -2", "model.py:")),
+]
 
 
-def test_exception_in_execute_is_reported(py_server: ServerProcess) -> None:
+@pytest.mark.parametrize("value,code,fragments", MODEL_ERRORS, ids=["error_response", "invalid_arg", "raises"])
+def test_model_errors_fail_only_their_request(py_server: ServerProcess, value: float, code: str,
+                                              fragments: tuple[str, ...]) -> None:
     c = client(py_server)
-    err = expect_error("INTERNAL", c.infer, "py_probe", [_fp32("INPUT0", np.full((1, 2), -2, np.float32))])
-    assert "ValueError: model refuses -2" in err.message()
-    assert "model.py:" in err.message()
+    err = expect_error(code, c.infer, "py_probe", [_fp32("INPUT0", np.full((1, 2), value, np.float32))])
+    for fragment in fragments:
+        assert fragment in err.message(), err.message()
     x = np.ones((1, 2), dtype=np.float32)
     np.testing.assert_array_equal(c.infer("py_probe", [_fp32("INPUT0", x)]).as_numpy("OUTPUT0"), x)
 
