@@ -4,6 +4,8 @@
 - `identity_server`: identity-backend models for protocol and datatype tests, whole session.
 - `failure_server`: a repository of broken models next to one good one, whole session.
 - `server_factory`: start private servers for one test; all are stopped at its teardown.
+
+A skip is a failure unless the test is marked `gpu` or `nogpu` (the hooks of skip_policy.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from skip_policy import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks)
 from util import (
     BROKEN_CONFIG_TEXT,
     ID_MAX_BATCH,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from util import scaled
 
 IR_VERSION = 10  # what the installed onnxruntime reads (scripts/gen_models.py pins the same)
 OPSET = 17
@@ -67,7 +68,8 @@ def write_version_atomically(model_dir: Path, version: int, files: dict[str, byt
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` seconds (scaled)."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:

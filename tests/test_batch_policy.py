@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
+from util import scaled
 
 from server.core.batch_policy import BatchPolicy
 from server.core.batcher_config import make_batcher
@@ -428,13 +429,39 @@ def test_cancelled_delayed_job_is_dropped() -> None:
     assert h.sched.pending() == 0
 
 
-def test_cancelled_job_frees_its_queue_slot() -> None:
-    h = Harness(max_batch=1, policies={1: QueuePolicy(max_queue_size=1)})
+def test_cancelled_requests_free_their_queue_slots_when_the_queue_is_full() -> None:
+    """A client that gave up while queued does not hold a max_queue_size slot. Nothing takes a
+    batch in between, so the queue is still full of entries when the next request comes: the
+    cancelled ones must be swept out right there (enqueue's full-queue path) before anything is
+    rejected, from the main queue and from the delayed one alike."""
+    h = Harness(max_batch=1, policies={1: QueuePolicy(default_timeout_ns=1000 * MS, max_queue_size=2)})
     a = h.add("a")
-    a.future.cancel()  # type: ignore[union-attr]
-    assert h.step_ids() is None
-    h.add("b")
-    assert h.step_ids() == ["b"]
+    b = h.add("b")
+    b.future.cancel()  # type: ignore[union-attr]
+    assert h.sched.pending() == 2  # still counted: only the full-queue sweep can free b's slot
+    c = h.add("c")  # b gave up: swept, so c fits
+    assert h.sched.pending() == 2
+    with pytest.raises(ServerUnavailable, match="Exceeds maximum queue size"):
+        h.add("d")  # a and c are both live: really full
+    assert h.step_ids() == ["a"] and h.step_ids() == ["c"] and h.step_ids() is None
+    assert not c.cancelled() and not a.cancelled()
+    assert h.sched._nearest_deadline() is None  # the swept job's deadline left with it
+
+    # The same for a request that timed out into the delayed queue before its client gave up.
+    h = Harness(max_batch=1, policies={1: QueuePolicy(delay_on_timeout=True, default_timeout_ns=1 * MS,
+                                                       max_queue_size=2)})
+    late = h.add("late")
+    h.clock.now = 1 * MS
+    h.add("fresh")
+    assert h.step_ids() == ["fresh"]  # "late" timed out: it now waits in the delayed queue
+    h.add("e")
+    assert h.sched.pending() == 2
+    late.future.cancel()  # type: ignore[union-attr]
+    h.add("f")  # "late" gave up: swept from the delayed queue, so f fits
+    with pytest.raises(ServerUnavailable, match="Exceeds maximum queue size"):
+        h.add("g")
+    assert h.step_ids() == ["e"] and h.step_ids() == ["f"] and h.step_ids() is None
+    assert h.sched.pending() == 0
 
 
 def test_enqueue_after_stop_is_unavailable() -> None:
@@ -499,7 +526,7 @@ def test_deep_queue_with_timeouts_drains_in_bounded_time() -> None:
     assert all(str(err) == "Request timeout expired" for _, err in h.rejected)
     assert h.sched.pending() == 0
     assert h.sched._nearest_deadline() is None
-    assert elapsed < 2.0, f"draining {n} requests took {elapsed:.2f} s"
+    assert elapsed < scaled(2.0), f"draining {n} requests took {elapsed:.2f} s"
 
 
 def test_expiry_follows_arrival_order_when_deadlines_do_not() -> None:
@@ -708,12 +735,13 @@ class Puller:
 
     def wait_batches(self, n: int, timeout: float = 5.0) -> list[tuple[float, list[str]]]:
         with self.cond:
-            assert self.cond.wait_for(lambda: len(self.batches) >= n, timeout), f"batches so far: {self.batches}"
+            formed = self.cond.wait_for(lambda: len(self.batches) >= n, scaled(timeout))
+            assert formed, f"batches so far: {self.batches}"
             return list(self.batches)
 
     def finish(self, timeout: float = 5.0) -> None:
         self.sched.stop(1)
-        self.thread.join(timeout)
+        self.thread.join(scaled(timeout))
         assert not self.thread.is_alive(), "next_batch did not return None after stop()"
 
 
@@ -740,7 +768,7 @@ def test_next_batch_waits_the_queue_delay_then_sends() -> None:
     (at, ids), = puller.wait_batches(1)
     assert ids == ["a", "b"]
     assert at - start >= 0.07, "sent before the queue delay"
-    assert at - start < 2.0
+    assert at - start < scaled(2.0)
     puller.finish()
 
 
@@ -752,7 +780,7 @@ def test_next_batch_full_batch_goes_before_the_delay() -> None:
         h.add(name)
     (at, ids), = puller.wait_batches(1)
     assert ids == ["a", "b", "c"]
-    assert at - start < 1.0
+    assert at - start < scaled(1.0)
     puller.finish()
 
 
@@ -760,7 +788,7 @@ def test_next_batch_rejects_expired_requests_while_waiting() -> None:
     h = real_harness(max_batch=8, delay_ns=5_000 * MS, policies={1: QueuePolicy(default_timeout_ns=50 * MS)})
     puller = Puller(h.sched)
     h.add("a")
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + scaled(3)
     while not h.rejected and time.monotonic() < deadline:
         time.sleep(0.01)
     assert [str(err) for _, err in h.rejected] == ["Request timeout expired"]
@@ -779,7 +807,7 @@ def test_stop_drains_queued_requests_then_returns_none() -> None:
     assert [j.request.id for j in h.sched.next_batch() or []] == ["a", "b"]
     assert [j.request.id for j in h.sched.next_batch() or []] == ["c"]  # below max, sent without the delay
     assert h.sched.next_batch() is None
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < scaled(1.0)
 
 
 def test_stop_wakes_an_idle_instance() -> None:
@@ -795,14 +823,14 @@ def test_two_instances_share_the_queue() -> None:
     pullers = [Puller(h.sched), Puller(h.sched)]
     for i in range(20):
         h.add(f"r{i}")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + scaled(5)
     while sum(len(p.batches) for p in pullers) < 20 and time.monotonic() < deadline:
         time.sleep(0.01)
     got = sorted(i for p in pullers for _, ids in p.batches for i in ids)
     assert got == sorted(f"r{i}" for i in range(20))
     h.sched.stop(2)
     for p in pullers:
-        p.thread.join(5)
+        p.thread.join(scaled(5))
         assert not p.thread.is_alive()
 
 
@@ -889,18 +917,3 @@ def test_same_shapes() -> None:
     assert not same_shapes(a, {"X": np.zeros((1, 3))})
     assert not same_shapes(a, {"X": np.zeros((1, 3)), "Z": np.zeros((2, 4, 5))})
 
-
-def test_cancelled_request_frees_its_queue_slot() -> None:
-    """A client that gave up while queued does not hold a max_queue_size slot: when the queue
-    is full, cancelled requests are swept out before anything is rejected."""
-    h = Harness(max_batch=1, policies={1: QueuePolicy(default_timeout_ns=1000 * MS, max_queue_size=2)})
-    h.add("a")
-    b = h.add("b")
-    b.future.cancel()
-    assert h.step_ids() == ["a"]
-    h.add("c")
-    h.add("d")  # b was cancelled: only c is really queued, so d fits
-    assert h.sched.pending() == 2
-    with pytest.raises(ServerUnavailable, match="Exceeds maximum queue size"):
-        h.add("e")
-    assert h.step_ids() == ["c"] and h.step_ids() == ["d"]

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 from tritonclient.grpc._utils import _get_inference_request
-from util import PYTHON, ROOT, identity_config, write_model
+from util import PYTHON, ROOT, identity_config, scaled, write_model
 
 import server.protocol.servicer as servicer_module
 from server.core.model import Model
@@ -32,7 +32,7 @@ def test_import_order_does_not_matter() -> None:
     for first, second in (("server.protocol.servicer", "tritonclient.grpc"),
                           ("tritonclient.grpc", "server.protocol.servicer")):
         code = f"import {first}; import {second}; import tritonclient.grpc.aio; print('ok')"
-        proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=scaled(60), cwd=ROOT)
         assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 

@@ -8,7 +8,7 @@ import queue
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
-from util import ServerProcess, client
+from util import ServerProcess, client, scaled
 
 N = 64
 
@@ -44,7 +44,7 @@ def test_64_async_infer_simple_sync_client(onnx_server: ServerProcess) -> None:
                       callback=lambda result, error, index=index: done.put((index, result, error)))
     seen = set()
     for _ in range(N):
-        index, result, error = done.get(timeout=60)
+        index, result, error = done.get(timeout=scaled(60))
         assert error is None, f"request {index}: {error}"
         assert result.get_response().id == str(index)
         a, b = cases[index]
@@ -85,7 +85,7 @@ def test_64_async_infer_mlp_matches_onnxruntime(onnx_server: ServerProcess, mlp_
     for index, x in enumerate(cases):
         c.async_infer("mlp", mlp_input(x), callback=lambda result, error, index=index: done.put((index, result, error)))
     for _ in range(N):
-        index, result, error = done.get(timeout=60)
+        index, result, error = done.get(timeout=scaled(60))
         assert error is None, f"request {index}: {error}"
         expected = mlp_session.run(["OUTPUT0"], {"INPUT0": cases[index]})[0]
         out = result.as_numpy("OUTPUT0")

@@ -39,6 +39,11 @@ def policy(text: str) -> mc.ModelConfig:
         ("version_policy: { specific: { versions: [ 2, 9 ] } }", (1, 2, 3), [2]),
         ("", (), []),
         ("", (5,), [5]),
+        ("", (2, 3, 10), [10]),  # versions compare as numbers: 10 is the latest, not 3
+        ("version_policy: { latest: { num_versions: 2 } }", (2, 3, 10), [3, 10]),
+        ("version_policy: { latest: { num_versions: 1 } }", (), []),
+        ("version_policy: { all: { } }", (1, 4, 9), [1, 4, 9]),
+        ("version_policy: { specific: { versions: [ 7 ] } }", (1, 2, 3), []),
     ],
 )
 def test_select_versions(text: str, available: tuple[int, ...], expected: list[int]) -> None:

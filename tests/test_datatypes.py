@@ -151,15 +151,6 @@ def test_identity_bytes_roundtrip_typed_contents(stub) -> None:
     assert [bytes(v) for v in out.ravel()] == BYTES_SAMPLES
 
 
-@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
-def test_typed_contents_rejected_for_raw_only_types(stub, datatype: str) -> None:
-    request = pb.ModelInferRequest(model_name=f"id_{datatype}")
-    tensor = request.inputs.add(name="IN", datatype=datatype, shape=[1, 2])
-    tensor.contents.fp32_contents.extend([1.0, 2.0])
-    err = expect_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer, request, timeout=10)
-    assert "'IN'" in err.details()
-
-
 def test_typed_contents_on_onnx_simple(onnx_server: ServerProcess) -> None:
     rng = np.random.default_rng(11)
     a = rng.integers(-1000, 1000, size=(3, 16), dtype=np.int32)

@@ -17,9 +17,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
-from util import MODEL_REPOSITORY, ServerProcess, client, identity_config, write_model
+from util import MODEL_REPOSITORY, ServerProcess, client, identity_config, scaled, write_model
 
 MAX_BATCH = 16
+DELAY_US = 200_000
 
 
 def batching(body: str = "") -> str:
@@ -46,6 +47,9 @@ def model_defs() -> dict[str, str]:
                                    extra=batching("priority_levels: 2 default_priority_level: 2")),
         "db_cancel": identity_config("db_cancel", single, 8, execute_delay_ms=300, instance_count=1,
                                      extra=batching()),
+        # Four instances, so one is always free: only the queue delay can put requests together.
+        "db_delay": identity_config("db_delay", single, 8, execute_delay_ms=10, instance_count=4,
+                                    extra=batching(f"max_queue_delay_microseconds: {DELAY_US}")),
         "db_ragged": identity_config("db_ragged", [("INPUT0", "FP32", [-1])], 8, execute_delay_ms=10,
                                      instance_count=1, extra=batching("max_queue_delay_microseconds: 20000")),
     }
@@ -108,6 +112,18 @@ async def infer_outcome(c: aioclient.InferenceServerClient, model: str, data: np
         return await c.infer(model, [fp32_input(data)], **kwargs), None
     except InferenceServerException as exc:
         return None, exc
+
+
+def concurrent_outcomes(srv: ServerProcess, model: str, cases: list[np.ndarray]) -> list:
+    """Send every case at once from one aio client: [(result, None) or (None, exception)], in order."""
+    async def main() -> list:
+        c = aioclient.InferenceServerClient(srv.url)
+        try:
+            return await asyncio.gather(*(infer_outcome(c, model, x, client_timeout=scaled(30)) for x in cases))
+        finally:
+            await c.close()
+
+    return asyncio.run(main())
 
 
 def status(exc: InferenceServerException) -> str:
@@ -182,14 +198,7 @@ def test_different_non_batch_dims_are_never_merged(db_server: ServerProcess) -> 
     cases = [rng.standard_normal((int(rng.integers(1, 3)), int(rng.choice([3, 5, 7])))).astype(np.float32)
              for _ in range(n)]
 
-    async def main() -> list:
-        c = aioclient.InferenceServerClient(db_server.url)
-        try:
-            return await asyncio.gather(*(infer_outcome(c, "db_ragged", x, client_timeout=30) for x in cases))
-        finally:
-            await c.close()
-
-    outcomes = asyncio.run(main())
+    outcomes = concurrent_outcomes(db_server, "db_ragged", cases)
     for index, (x, (result, error)) in enumerate(zip(cases, outcomes, strict=True)):
         assert error is None, f"request {index} {list(x.shape)}: {error}"
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x, err_msg=f"request {index}")
@@ -201,6 +210,38 @@ def test_different_non_batch_dims_are_never_merged(db_server: ServerProcess) -> 
     assert max(executions) > 1, executions  # equal lengths did batch
 
 
+def test_queue_delay_forms_batches_at_low_concurrency(db_server: ServerProcess) -> None:
+    """Four clients, each sending its requests one after another, started 20 ms apart, to a model
+    with four instances (one always free) and a 200 ms max_queue_delay: without the delay every
+    request would run alone as it arrives (10 ms of work, 20 ms apart); with it, requests wait for
+    each other and run together, as ModelStatistics shows."""
+    clients, rounds = 4, 3
+    rng = np.random.default_rng(17)
+    cases = {(i, r): rng.standard_normal((1, 4)).astype(np.float32) for i in range(clients) for r in range(rounds)}
+
+    async def one_client(index: int) -> None:
+        await asyncio.sleep(0.02 * index)
+        c = aioclient.InferenceServerClient(db_server.url)
+        try:
+            for r in range(rounds):
+                data = cases[(index, r)]
+                result = await c.infer("db_delay", [fp32_input(data)], client_timeout=scaled(30))
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data, err_msg=f"client {index} round {r}")
+        finally:
+            await c.close()
+
+    async def main() -> None:
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+
+    asyncio.run(main())
+    stats = model_stats(db_server, "db_delay")
+    assert stats.inference_stats.success.count == clients * rounds
+    assert stats.inference_count == clients * rounds
+    executions = check_batch_stats(stats)
+    assert stats.execution_count < stats.inference_count, executions
+    assert max(executions) > 1, f"no batch formed within the queue delay: {executions}"
+
+
 # --------------------------------------------------------------------------- queue policies
 
 
@@ -209,14 +250,7 @@ def test_queue_full_rejects_with_unavailable(db_server: ServerProcess) -> None:
     rng = np.random.default_rng(11)
     cases = [rng.standard_normal((1, 4)).astype(np.float32) for _ in range(n)]
 
-    async def main() -> list:
-        c = aioclient.InferenceServerClient(db_server.url)
-        try:
-            return await asyncio.gather(*(infer_outcome(c, "db_full", x, client_timeout=30) for x in cases))
-        finally:
-            await c.close()
-
-    outcomes = asyncio.run(main())
+    outcomes = concurrent_outcomes(db_server, "db_full", cases)
     ok = [i for i, (result, _) in enumerate(outcomes) if result is not None]
     rejected = [error for _, error in outcomes if error is not None]
     assert rejected, "no request was rejected with max_queue_size 2"
@@ -301,7 +335,7 @@ def test_high_priority_request_overtakes_queued_low_priority_ones(db_server: Ser
 
     started = time.monotonic()
     asyncio.run(main())
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < scaled(10)
     assert finished == ["blocker", "high", "low1", "low2", "low3"]
 
 

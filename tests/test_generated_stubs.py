@@ -11,7 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from util import PYTHON, ROOT, ServerProcess
+from util import PYTHON, ROOT, ServerProcess, scaled
 
 CLIENT_SCRIPT = r"""
 import json, sys
@@ -65,7 +65,7 @@ def stubs_dir(tmp_path_factory):
     pytest.importorskip("grpc_tools")
     out = tmp_path_factory.mktemp("stubs")
     proc = subprocess.run([str(ROOT / "scripts" / "gen_stubs"), str(out)], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+                          timeout=scaled(120), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     for name in ("grpc_service_pb2.py", "grpc_service_pb2_grpc.py", "model_config_pb2.py", "health_pb2_grpc.py"):
         assert (out / name).exists(), name
@@ -78,7 +78,7 @@ def test_generated_stubs_infer_simple(stubs_dir, onnx_server: ServerProcess) -> 
     b = rng.integers(-(2**30), 2**30, size=(4, 16), dtype=np.int32)
     payload = json.dumps({"url": onnx_server.url, "a": a.tolist(), "b": b.tolist()})
     proc = subprocess.run(
-        [PYTHON, "-c", CLIENT_SCRIPT], input=payload, capture_output=True, text=True, timeout=60,
+        [PYTHON, "-c", CLIENT_SCRIPT], input=payload, capture_output=True, text=True, timeout=scaled(60),
         env={"PYTHONPATH": str(stubs_dir), "PATH": "/usr/bin:/bin"}, cwd=stubs_dir,
     )
     assert proc.returncode == 0, proc.stderr

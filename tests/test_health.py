@@ -7,16 +7,11 @@ import threading
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from util import ServerProcess, expect_rpc_error, identity_config, write_model
+from util import ServerProcess, expect_rpc_error, identity_config, scaled, write_model
+from util import health_status as check
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def check(srv: ServerProcess, service: str) -> int:
-    with srv.channel() as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
 
 def test_check_server_serving_when_ready(identity_server: ServerProcess) -> None:
@@ -51,7 +46,7 @@ class Watcher:
     def __init__(self, srv: ServerProcess, service: str) -> None:
         self.channel = srv.channel()
         stub = health_pb2_grpc.HealthStub(self.channel)
-        self.call = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=30)
+        self.call = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=scaled(30))
         self.statuses: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -64,11 +59,11 @@ class Watcher:
             self.statuses.put(exc)
 
     def next(self, timeout: float = 10.0):
-        return self.statuses.get(timeout=timeout)
+        return self.statuses.get(timeout=scaled(timeout))
 
     def close(self) -> None:
         self.call.cancel()
-        self.thread.join(5)
+        self.thread.join(scaled(5))
         self.channel.close()
 
 

@@ -13,11 +13,23 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from lifecycle_util import add_model_bytes, index_of, infer_fp32, states
+from grpc_health.v1 import health_pb2
+from lifecycle_util import add_model_bytes, index_of, infer_fp32, states, wait_until
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from util import ServerProcess, client, expect_error, expect_rpc_error, identity_config, write_model
+from util import (
+    ServerProcess,
+    client,
+    expect_error,
+    expect_rpc_error,
+    health_status,
+    identity_config,
+    scaled,
+    write_model,
+)
 
 EXPLICIT = ("--model-control-mode", "explicit")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 WARM_SLOW = """model_warmup [ { name: "slow" batch_size: 1 count: 6
   inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]
 """
@@ -81,14 +93,21 @@ def test_load_then_unload(explicit_server: ServerProcess) -> None:
     assert states(c, "b") == {"2": "READY"}
     assert infer_fp32(c, "b", _x()).get_response().model_version == "2"
     assert c.is_model_ready("b")
+    wait_until(lambda: health_status(explicit_server, "b") == SERVING, timeout=5, what="health of loaded 'b'")
     c.unload_model("b")
     assert index_of(c, "b") == [("2", "UNAVAILABLE", "unloaded")]
     assert not c.is_model_ready("b")
+    wait_until(lambda: health_status(explicit_server, "b") == NOT_SERVING, timeout=5,
+               what="health of unloaded 'b' to go NOT_SERVING")
     assert "has no available versions" in expect_error("NOT_FOUND", infer_fp32, c, "b", _x()).message()
     c.unload_model("b")  # unloading again is harmless
+    assert health_status(explicit_server, "b") == NOT_SERVING
     assert c.is_server_ready()  # deliberately unloaded models do not count against readiness
+    assert health_status(explicit_server, "") == SERVING
+    assert health_status(explicit_server, "a") == SERVING
     c.load_model("b")
     assert states(c, "b") == {"2": "READY"}
+    wait_until(lambda: health_status(explicit_server, "b") == SERVING, timeout=5, what="health of reloaded 'b'")
 
 
 def test_load_with_config_override(explicit_server: ServerProcess) -> None:
@@ -198,24 +217,24 @@ def test_loading_never_blocks_inference_on_other_models(explicit_server: ServerP
 
     loader = threading.Thread(target=load)
     loader.start()
-    loading.wait(5)
+    loading.wait(scaled(5))
     started = time.monotonic()
     seen_loading, ready_throughout = False, True
-    while loader.is_alive() and time.monotonic() - started < 30:
+    while loader.is_alive() and time.monotonic() - started < scaled(30):
         t0 = time.monotonic()
         infer_fp32(c, "a", _x())
         latencies.append(time.monotonic() - t0)
         if len(latencies) % 10 == 0:
             seen_loading = seen_loading or states(c, "heavy") == {"1": "LOADING"}
             ready_throughout = ready_throughout and c.is_server_ready()
-    loader.join(30)
+    loader.join(scaled(30))
     assert seen_loading, "the index never showed the load in progress"
     assert ready_throughout, "a load in the background must not make the server unready"
     load_secs = time.monotonic() - started
     assert load_secs >= 1.0, "the load was too quick to show anything"
     assert states(c, "heavy") == {"1": "READY"}
     assert len(latencies) >= 20, latencies
-    assert max(latencies) < 0.5, f"a request waited {max(latencies):.3f}s while another model loaded"
+    assert max(latencies) < scaled(0.5), f"a request waited {max(latencies):.3f}s while another model loaded"
     c.unload_model("heavy")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from lifecycle_util import (
     add_config,
     add_model_bytes,
@@ -24,17 +24,12 @@ from lifecycle_util import (
     wait_until,
     write_version_atomically,
 )
-from util import ServerProcess, client, expect_error, identity_config, write_model
+from util import client, expect_error, identity_config, scaled, write_model
+from util import health_status as _health
 
 POLL = ("--model-control-mode", "poll", "--repository-poll-secs", "0.2")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def _health(srv: ServerProcess, service: str) -> int:
-    with srv.channel() as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
 
 def _id_config(name: str, **kwargs) -> str:
@@ -45,6 +40,18 @@ def _x() -> np.ndarray:
     return np.arange(4, dtype=np.float32)
 
 
+def _onnx_model_polled(tmp_path: Path, server_factory):
+    """Model `m` (ONNX, version 1 answering INPUT0 + 1) in a polled repository:
+    (its folder, the server, a client)."""
+    pytest.importorskip("onnx")
+    model = tmp_path / "repo" / "m"
+    model.mkdir(parents=True)
+    (model / "config.pbtxt").write_text(add_config("m"))
+    write_version_atomically(model, 1, {"model.onnx": add_model_bytes(1.0)})
+    srv = server_factory(tmp_path / "repo", *POLL)
+    return model, srv, client(srv)
+
+
 def test_models_added_and_removed_are_picked_up(tmp_path: Path, server_factory) -> None:
     repo = tmp_path / "repo"
     write_model(repo, "first", _id_config("first"))
@@ -53,26 +60,47 @@ def test_models_added_and_removed_are_picked_up(tmp_path: Path, server_factory) 
     write_model(repo, "late", _id_config("late"))
     wait_until(lambda: states(c, "late") == {"1": "READY"}, what="the new model to load")
     np.testing.assert_array_equal(infer_fp32(c, "late", _x()).as_numpy("OUTPUT0"), _x())
-    assert _health(srv, "late") == SERVING
+    wait_until(lambda: _health(srv, "late") == SERVING, timeout=5, what="health of the new model")
     assert c.is_server_ready()
 
     shutil.rmtree(repo / "late")
     wait_until(lambda: not index_of(c, "late"), what="the removed model to leave the index")
     expect_error("NOT_FOUND", infer_fp32, c, "late", _x())
-    assert _health(srv, "late") == NOT_SERVING
+    wait_until(lambda: _health(srv, "late") == NOT_SERVING, timeout=5, what="health of the removed model")
     assert c.is_server_ready() and states(c, "first") == {"1": "READY"}
     assert "model 'late' removed from the repository" in srv.log
 
 
-def test_half_copied_version_is_never_loaded(tmp_path: Path, server_factory) -> None:
-    pytest.importorskip("onnx")
+def test_health_follows_a_model_whose_versions_are_retired(tmp_path: Path, server_factory) -> None:
+    """A new version taking over keeps the model SERVING; once its only version folder is gone
+    (the version retired, the model still listed) the model is NOT_SERVING; a version coming
+    back makes it SERVING again. The other model is untouched throughout."""
     repo = tmp_path / "repo"
-    model = repo / "m"
-    model.mkdir(parents=True)
-    (model / "config.pbtxt").write_text(add_config("m"))
-    write_version_atomically(model, 1, {"model.onnx": add_model_bytes(1.0)})
+    write_model(repo, "m", _id_config("m"))
+    write_model(repo, "keep", _id_config("keep"))
     srv = server_factory(repo, *POLL)
     c = client(srv)
+    assert _health(srv, "m") == SERVING
+
+    (repo / "m" / "2").mkdir()
+    wait_until(lambda: states(c, "m") == {"1": "UNAVAILABLE", "2": "READY"}, what="version 2 to take over")
+    assert _health(srv, "m") == SERVING, "the model went NOT_SERVING while one version replaced another"
+
+    shutil.rmtree(repo / "m" / "1")  # already retired: a scan in between changes nothing
+    shutil.rmtree(repo / "m" / "2")
+    wait_until(lambda: "READY" not in states(c, "m").values() and index_of(c, "m"),
+               what="the last version to be retired")
+    wait_until(lambda: _health(srv, "m") == NOT_SERVING, timeout=5,
+               what="health of a model with no version left to go NOT_SERVING")
+    assert _health(srv, "keep") == SERVING
+
+    (repo / "m" / "3").mkdir()
+    wait_until(lambda: states(c, "m").get("3") == "READY", what="version 3")
+    wait_until(lambda: _health(srv, "m") == SERVING, timeout=5, what="health to follow the new version")
+
+
+def test_half_copied_version_is_never_loaded(tmp_path: Path, server_factory) -> None:
+    model, srv, c = _onnx_model_polled(tmp_path, server_factory)
     data = add_model_bytes(2.0)
     (model / "2").mkdir()
     # A slow copy: a few bytes at a time, several chunks landing between two scans.
@@ -88,14 +116,7 @@ def test_half_copied_version_is_never_loaded(tmp_path: Path, server_factory) -> 
 
 
 def test_failed_load_keeps_serving_and_a_fix_is_picked_up(tmp_path: Path, server_factory) -> None:
-    pytest.importorskip("onnx")
-    repo = tmp_path / "repo"
-    model = repo / "m"
-    model.mkdir(parents=True)
-    (model / "config.pbtxt").write_text(add_config("m"))
-    write_version_atomically(model, 1, {"model.onnx": add_model_bytes(1.0)})
-    srv = server_factory(repo, *POLL)
-    c = client(srv)
+    model, srv, c = _onnx_model_polled(tmp_path, server_factory)
 
     write_version_atomically(model, 2, {"model.onnx": b"\x08\x07corrupt"})
     rows = wait_until(lambda: (r := index_of(c, "m")) and len(r) == 2 and r, what="version 2 to fail")
@@ -120,13 +141,16 @@ def test_new_model_that_fails_makes_server_unready_until_fixed(tmp_path: Path, s
     wait_until(lambda: index_of(c, "bad") and index_of(c, "bad")[0][1] == "UNAVAILABLE", what="bad to fail")
     assert "max_batch_size" in index_of(c, "bad")[0][2]
     wait_until(lambda: not c.is_server_ready(), what="strict readiness to drop")
-    assert _health(srv, "") == NOT_SERVING and _health(srv, "bad") == NOT_SERVING
+    # Health follows readiness through the event loop, a moment after the index: wait for it too.
+    wait_until(lambda: _health(srv, "") == NOT_SERVING and _health(srv, "bad") == NOT_SERVING, timeout=5,
+               what="server and model health to go NOT_SERVING")
     assert "model 'bad' failed to load" in srv.log
 
     (repo / "bad" / "config.pbtxt").write_text(_id_config("bad"))
     wait_until(lambda: states(c, "bad") == {"1": "READY"}, what="the fixed config")
     wait_until(c.is_server_ready, what="readiness to return")
-    assert _health(srv, "") == SERVING and _health(srv, "bad") == SERVING
+    wait_until(lambda: _health(srv, "") == SERVING and _health(srv, "bad") == SERVING, timeout=5,
+               what="server and model health to return to SERVING")
 
 
 def test_broken_config_keeps_serving_then_reload(tmp_path: Path, server_factory) -> None:
@@ -164,8 +188,8 @@ def test_retired_version_finishes_in_flight_requests_first(tmp_path: Path, serve
     # New requests already go to version 2 while version 1 drains.
     fresh = threading.Thread(target=lambda: done.put(("fresh", infer_fp32(client(srv), "slow", _x()))))
     fresh.start()
-    answers = [done.get(timeout=30) for _ in range(4)]
-    fresh.join(10)
+    answers = [done.get(timeout=scaled(30)) for _ in range(4)]
+    fresh.join(scaled(10))
     old = [r for r, e in answers if r != "fresh"]
     assert all(e is None for r, e in answers if r != "fresh"), answers
     assert sorted(r.get_response().model_version for r in old) == ["1", "1", "1"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from util import ServerProcess, client, expect_rpc_error, write_model
+from util import ServerProcess, client, expect_rpc_error, scaled, write_model
 
 from server.cli import build_parser, settings_from_args
 
@@ -154,7 +154,7 @@ def test_explicit_load_rpc_retries(tmp_path: Path, server_factory) -> None:
     assert _attempts(tmp_path, "flaky_once") == 2
     stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(srv.url))
     error = expect_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, stub.RepositoryModelLoad,
-                             service_pb2.RepositoryModelLoadRequest(model_name="always_fails"), timeout=60)
+                             service_pb2.RepositoryModelLoadRequest(model_name="always_fails"), timeout=scaled(60))
     assert "flaky start: attempt 2 failed" in (error.details() or "")
     assert _attempts(tmp_path, "always_fails") == 2
 

@@ -17,17 +17,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from lifecycle_util import add_config, add_model_bytes, index_of, infer_fp32, wait_until, write_version_atomically
-from util import ServerProcess, client
+from util import ServerProcess, client, require, scaled
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+require("onnx")
+require("onnxruntime")
 
 POLL_SECS = "0.25"
 RATE_HZ = 50
 MAX_REQUESTS = 4000
-MAX_SECONDS = 60.0
+MAX_SECONDS = scaled(60.0)
 
 
 class SteadyClient:
@@ -71,7 +70,7 @@ class SteadyClient:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        self._thread.join(scaled(30))
         self.client.close()
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of the lifecycle rules: version policy, change detection (the two-scan rule),
+"""Unit tests of the lifecycle rules: change detection (the two-scan rule),
 path confinement, load parameters, warmup samples, and the swap decisions of one action."""
 
 from __future__ import annotations
@@ -17,34 +17,13 @@ from server.core.warmup import build_samples
 from server.errors import ConfigError, ErrorCode, InvalidInput, NereidError
 from server.repository.actions import Source, describe_failure, run_action
 from server.repository.changes import ChangeDetector, Stamp, snapshot_model, tree_stamp
-from server.repository.config import parse_config_text, select_versions, tensor_specs
+from server.repository.config import parse_config_text, tensor_specs
 from server.repository.entry import ModelEntry
 from server.repository.overrides import parse_load_parameters, remove_override_dir, write_override_dir
 from server.repository.safepath import check_model_name, find_model_dir, override_relpath, override_target
 from server.settings import Settings
 
-# -- version policy --
-
-
-def _policy(text: str) -> mc.ModelConfig:
-    return parse_config_text(f"version_policy: {text}", "test")
-
-
-@pytest.mark.parametrize("policy,available,expected", [
-    ("{ latest { num_versions: 1 } }", (1, 2, 3), [3]),
-    ("{ latest { num_versions: 2 } }", (1, 2, 3), [2, 3]),
-    ("{ latest { num_versions: 5 } }", (1, 2), [1, 2]),
-    ("{ latest { num_versions: 1 } }", (), []),
-    ("{ all { } }", (1, 4, 9), [1, 4, 9]),
-    ("{ specific { versions: [ 1, 3 ] } }", (1, 2, 3), [1, 3]),
-    ("{ specific { versions: [ 7 ] } }", (1, 2, 3), []),
-])
-def test_select_versions(policy: str, available: tuple[int, ...], expected: list[int]) -> None:
-    assert select_versions(_policy(policy), available) == expected
-
-
-def test_select_versions_default_is_latest_one() -> None:
-    assert select_versions(mc.ModelConfig(), (2, 3, 10)) == [10]
+# (Version policy, `select_versions`: the table in test_config_unit.py.)
 
 
 # -- change detection --

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 from lifecycle_util import add_config, add_model_bytes
-from util import MODEL_REPOSITORY, PYTHON, ROOT, identity_config, write_model
+from util import MODEL_REPOSITORY, PYTHON, ROOT, identity_config, scaled, write_model
 
 
 def _validate(*args: str | Path) -> tuple[int, list[str]]:
     proc = subprocess.run([PYTHON, "-m", "server.cli", "validate", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=scaled(120))
     return proc.returncode, proc.stdout.strip().splitlines()
 
 

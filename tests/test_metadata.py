@@ -34,15 +34,31 @@ def test_model_ready_true_for_loaded_models(identity_server: ServerProcess, onnx
         assert client(onnx_server).is_model_ready(name) is True, name
 
 
-def test_model_ready_unknown_model_is_not_found(identity_server: ServerProcess) -> None:
-    err = expect_error("NOT_FOUND", client(identity_server).is_model_ready, "no_such_model")
-    assert "no_such_model" in err.message()
+# Every per-model RPC refuses an unknown model or version, and a version that is not a number,
+# with the same code and a message naming what was asked for (ModelReady answers "not ready" for
+# an unknown version of a known model instead). (rpc, model, version, code, fragments)
+MODEL_RPC_ERRORS = [
+    (rpc, *case)
+    for rpc in ("is_model_ready", "get_model_metadata", "get_model_config", "get_inference_statistics")
+    for case in (
+        ("no_such_model", "", "NOT_FOUND", ("'no_such_model'",)),
+        ("id_versions", "7", "NOT_FOUND", ("'id_versions'", "7")),
+        ("id_versions", "2", "NOT_FOUND", ("'id_versions'", "2")),  # on disk, outside the version policy
+        ("id_versions", "abc", "INVALID_ARGUMENT", ("'abc'",)),
+        ("id_versions", "1.5", "INVALID_ARGUMENT", ("'1.5'",)),
+        ("id_versions", "-x", "INVALID_ARGUMENT", ("'-x'",)),
+    )
+    if not (rpc == "is_model_ready" and case[2] == "NOT_FOUND" and case[1])
+]
 
 
-@pytest.mark.parametrize("version", ["abc", "1.5", "-x"])
-def test_model_ready_bad_version_string_is_invalid_argument(identity_server: ServerProcess, version: str) -> None:
-    err = expect_error("INVALID_ARGUMENT", client(identity_server).is_model_ready, "id_versions", version)
-    assert version in err.message()
+@pytest.mark.parametrize("rpc,model,version,code,fragments", MODEL_RPC_ERRORS,
+                         ids=[f"{r[0]}-{r[1]}-{r[2] or 'latest'}" for r in MODEL_RPC_ERRORS])
+def test_per_model_rpc_errors(identity_server: ServerProcess, rpc: str, model: str, version: str, code: str,
+                              fragments: tuple[str, ...]) -> None:
+    err = expect_error(code, getattr(client(identity_server), rpc), model, version)
+    for fragment in fragments:
+        assert fragment in err.message(), f"{fragment!r} not in {err.message()!r}"
 
 
 def test_model_ready_versions_follow_the_version_policy(identity_server: ServerProcess) -> None:
@@ -126,13 +142,6 @@ def test_model_metadata_lists_ready_versions(identity_server: ServerProcess) -> 
     assert list(c.get_model_metadata("id_versions", "3").versions) == ["1", "3"]
 
 
-def test_model_metadata_errors(identity_server: ServerProcess) -> None:
-    c = client(identity_server)
-    expect_error("NOT_FOUND", c.get_model_metadata, "no_such_model")
-    expect_error("NOT_FOUND", c.get_model_metadata, "id_versions", "7")
-    expect_error("INVALID_ARGUMENT", c.get_model_metadata, "id_versions", "x")
-
-
 # -- model config --
 
 
@@ -161,10 +170,6 @@ def test_model_config_identity_defaults(identity_server: ServerProcess) -> None:
     assert "execute_delay_ms" not in config.parameters
     stats_config = client(identity_server).get_model_config("id_stats").config
     assert stats_config.parameters["execute_delay_ms"].string_value == "5"
-
-
-def test_model_config_unknown_model(identity_server: ServerProcess) -> None:
-    expect_error("NOT_FOUND", client(identity_server).get_model_config, "no_such_model")
 
 
 def _assert_add_sub_autocompleted(config: mc.ModelConfig, max_batch_size: int) -> None:

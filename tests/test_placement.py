@@ -134,6 +134,7 @@ def test_onnxruntime_providers_follow_device_and_accelerators() -> None:
         execution_providers({"gpu_execution_accelerator": [{"name": "tvm"}]}, Device("GPU", 0), gpu_all)
 
 
+@pytest.mark.nogpu
 def test_server_without_gpu_refuses_kind_gpu_and_serves_the_rest(tmp_path: Path) -> None:
     write_model(tmp_path, "wants_gpu", identity_config(
         "wants_gpu", [("INPUT0", "FP32", [4])], extra="instance_group [ { kind: KIND_GPU } ]\n"))

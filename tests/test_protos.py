@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 from tritonclient.grpc import model_config_pb2, service_pb2
+from util import scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
@@ -110,41 +111,37 @@ def _compare_message(where: str, ours, theirs) -> list[str]:
     return diffs
 
 
-def _compare_enums(where: str, ours, theirs) -> list[str]:
+def _compare_each(where: str, kind: str, ours, theirs, compare) -> list[str]:
+    """Names missing or extra on either side, then `compare(where.name, ours, theirs)` for each
+    element both sides have (enums, messages, services, rpcs)."""
     o, t = _by_name(ours), _by_name(theirs)
-    diffs = _compare_names(where, "enum", o, t)
+    diffs = _compare_names(where, kind, o, t)
     for name in t:
         if name in o:
-            diffs += _compare_enum(f"{where}.{name}", o[name], t[name])
+            diffs += compare(f"{where}.{name}", o[name], t[name])
     return diffs
+
+
+def _compare_enums(where: str, ours, theirs) -> list[str]:
+    return _compare_each(where, "enum", ours, theirs, _compare_enum)
 
 
 def _compare_messages(where: str, ours, theirs) -> list[str]:
-    o, t = _by_name(ours), _by_name(theirs)
-    diffs = _compare_names(where, "message", o, t)
-    for name in t:
-        if name in o:
-            diffs += _compare_message(f"{where}.{name}", o[name], t[name])
-    return diffs
+    return _compare_each(where, "message", ours, theirs, _compare_message)
+
+
+def _compare_method(where: str, ours, theirs) -> list[str]:
+    return [f"{where}: {attr} {getattr(ours, attr)!r} != {getattr(theirs, attr)!r} (reference)"
+            for attr in ("input_type", "output_type", "client_streaming", "server_streaming")
+            if getattr(ours, attr) != getattr(theirs, attr)]
+
+
+def _compare_service(where: str, ours, theirs) -> list[str]:
+    return _compare_each(where, "rpc", ours.method, theirs.method, _compare_method)
 
 
 def _compare_services(where: str, ours, theirs) -> list[str]:
-    o, t = _by_name(ours), _by_name(theirs)
-    diffs = _compare_names(where, "service", o, t)
-    for sname in t:
-        if sname not in o:
-            continue
-        o_m, t_m = _by_name(o[sname].method), _by_name(t[sname].method)
-        diffs += _compare_names(f"{where}.{sname}", "rpc", o_m, t_m)
-        for mname, tm in t_m.items():
-            if mname not in o_m:
-                continue
-            om = o_m[mname]
-            for attr in ("input_type", "output_type", "client_streaming", "server_streaming"):
-                if getattr(om, attr) != getattr(tm, attr):
-                    diffs.append(f"{where}.{sname}.{mname}: {attr} {getattr(om, attr)!r} != "
-                                 f"{getattr(tm, attr)!r} (reference)")
-    return diffs
+    return _compare_each(where, "service", ours, theirs, _compare_service)
 
 
 def compare_files(ours: FDP, theirs: FDP) -> list[str]:
@@ -214,7 +211,7 @@ def test_comparison_reports_the_differing_element():
 def test_gen_stubs_produces_importable_python_stubs(tmp_path):
     out = tmp_path / "stubs"
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gen_stubs"), str(out)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=scaled(120))
     assert proc.returncode == 0, proc.stderr
     for stem in ("grpc_service", "model_config", "health"):
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
@@ -239,7 +236,7 @@ def test_gen_stubs_produces_importable_python_stubs(tmp_path):
         req.raw_input_contents.append(bytes(12))
         sys.stdout.write(req.SerializeToString().hex())
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=scaled(60))
     assert proc.returncode == 0, proc.stderr
     parsed = service_pb2.ModelInferRequest.FromString(bytes.fromhex(proc.stdout))
     assert (parsed.model_name, parsed.model_version, parsed.id) == ("m", "2", "r1")

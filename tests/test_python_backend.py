@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from util import ServerProcess, client, expect_error, write_model
+from util import ServerProcess, client, expect_error, scaled, write_model
 
 PY_HEADER = "import json, os, time\nimport numpy as np\nimport triton_python_backend_utils as pb_utils\n\n"
 
@@ -324,21 +324,22 @@ def test_large_tensor_grows_shared_memory(py_server: ServerProcess) -> None:
     np.testing.assert_array_equal(out, x)
 
 
-def test_error_response_fails_only_its_request(py_server: ServerProcess) -> None:
-    c = client(py_server)
-    err = expect_error("INTERNAL", c.infer, "py_probe", [_fp32("INPUT0", -np.ones((1, 2), np.float32))])
-    assert "first element must not be -1" in err.message()
-    err = expect_error("INVALID_ARGUMENT", c.infer, "py_probe", [_fp32("INPUT0", np.full((1, 2), -5, np.float32))])
-    assert "bad input" in err.message()
-    x = np.ones((1, 2), dtype=np.float32)
-    np.testing.assert_array_equal(c.infer("py_probe", [_fp32("INPUT0", x)]).as_numpy("OUTPUT0"), x)
+# What py_probe does with a first element of: -1 an error response (pb_utils.TritonError, default
+# code), -5 an error response with INVALID_ARG, -2 raises in execute(). (value, code, fragments)
+MODEL_ERRORS = [
+    (-1, "INTERNAL", ("first element must not be -1",)),
+    (-5, "INVALID_ARGUMENT", ("bad input",)),
+    (-2, "INTERNAL", ("ValueError: model refuses -2", "model.py:")),
+]
 
 
-def test_exception_in_execute_is_reported(py_server: ServerProcess) -> None:
+@pytest.mark.parametrize("value,code,fragments", MODEL_ERRORS, ids=["error_response", "invalid_arg", "raises"])
+def test_model_errors_fail_only_their_request(py_server: ServerProcess, value: float, code: str,
+                                              fragments: tuple[str, ...]) -> None:
     c = client(py_server)
-    err = expect_error("INTERNAL", c.infer, "py_probe", [_fp32("INPUT0", np.full((1, 2), -2, np.float32))])
-    assert "ValueError: model refuses -2" in err.message()
-    assert "model.py:" in err.message()
+    err = expect_error(code, c.infer, "py_probe", [_fp32("INPUT0", np.full((1, 2), value, np.float32))])
+    for fragment in fragments:
+        assert fragment in err.message(), err.message()
     x = np.ones((1, 2), dtype=np.float32)
     np.testing.assert_array_equal(c.infer("py_probe", [_fp32("INPUT0", x)]).as_numpy("OUTPUT0"), x)
 
@@ -394,8 +395,8 @@ def _others_while(py_server: ServerProcess, model: str, first: float, settle: fl
 def test_gil_heavy_model_does_not_stall_the_server(py_server: ServerProcess) -> None:
     elapsed, finished, thread, _ = _others_while(py_server, "py_probe", -4, 0.2, 20)
     assert not finished, "the spinning request should still be running"
-    assert elapsed < 1.0, f"20 requests to another model took {elapsed:.2f}s while a Python model spun"
-    thread.join(10)
+    assert elapsed < scaled(1.0), f"20 requests to another model took {elapsed:.2f}s while a Python model spun"
+    thread.join(scaled(10))
 
 
 def _warm_cheap(c: grpcclient.InferenceServerClient, model: str) -> None:
@@ -413,8 +414,8 @@ def test_cheap_model_turning_slow_does_not_stall_the_loop(py_server: ServerProce
     _warm_cheap(client(py_server), "py_lean")
     elapsed, finished, thread, answer = _others_while(py_server, "py_lean", -6, 0.05, 10)
     assert not finished, "the slow request should still be running"
-    assert elapsed < 0.2, f"10 requests to another model took {elapsed:.2f}s while a cheap model turned slow"
-    thread.join(10)
+    assert elapsed < scaled(0.2), f"10 requests to another model took {elapsed:.2f}s while a cheap model turned slow"
+    thread.join(scaled(10))
     np.testing.assert_array_equal(answer[0], np.full((1, 2), -6, np.float32))
 
 

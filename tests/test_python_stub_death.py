@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 from test_python_backend import LEAN, LEAN_CONFIG
-from util import ServerProcess, client, identity_config, write_model
+from util import ServerProcess, client, identity_config, scaled, write_model
 
 # The cheap echo model of test_python_backend.py, with an initialize() that takes a second.
 SLOW_INIT = LEAN.replace("class TritonPythonModel:\n", "class TritonPythonModel:\n"
@@ -60,10 +60,10 @@ def test_stub_dying_in_the_bounded_wait_restarts_off_the_loop(tmp_path: Path) ->
                 err = str(exc)
             time.sleep(0.3)
             stop.set()
-            thread.join(10)
+            thread.join(scaled(10))
             assert err is not None and "exited with code 7" in err, err
             worst.append(max(latencies))
             time.sleep(1.2)  # the restart finishes off the loop
-        assert max(worst) < 0.5, f"another model stalled {max(worst):.2f}s while the stub restarted: {worst}"
+        assert max(worst) < scaled(0.5), f"another model stalled {max(worst):.2f}s while the stub restarted: {worst}"
     finally:
         server.stop()

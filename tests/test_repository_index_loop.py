@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from lifecycle_util import wait_until
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from util import BROKEN_CONFIG_TEXT, ServerProcess, identity_config, write_model
+from util import BROKEN_CONFIG_TEXT, ServerProcess, identity_config, scaled, write_model
 
 from server import app
 from server.repository import registry
@@ -66,12 +66,12 @@ class InProcessServer:
 
         self._thread = threading.Thread(target=run, name="in-process-server", daemon=True)
         self._thread.start()
-        assert self._started.wait(30)
+        assert self._started.wait(scaled(30))
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
+        self._thread.join(scaled(30))
         gc.unfreeze()  # serve() froze this process's objects once loading finished
         assert not self._thread.is_alive(), "the in-process server did not stop"
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
-from util import ServerProcess, client, identity_config, write_model
+from util import ServerProcess, client, identity_config, scaled, write_model
 
 DELAY_MS = 1000
 
@@ -52,7 +52,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path, server_factory)
 
     results = {}
     for _ in payloads:
-        index, result, error = done.get(timeout=30)
+        index, result, error = done.get(timeout=scaled(30))
         assert error is None, f"in-flight request {index} failed during shutdown: {error}"
         results[index] = result
     for index, data in enumerate(payloads):
@@ -74,4 +74,4 @@ def test_sigterm_on_idle_server_exits_0_quickly(tmp_path, server_factory) -> Non
     started = time.monotonic()
     srv.terminate()
     assert srv.wait(15) == 0, srv.log
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < scaled(10)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from util import ServerProcess, client, expect_error, identity_config, write_model
+from util import ServerProcess, client, identity_config, scaled, write_model
 
 DELAY_MS = 5
 MS = 1_000_000
@@ -71,7 +71,8 @@ def test_counts_and_durations_after_batched_requests(stats_server: ServerProcess
     n = len(batches)
     assert stats.inference_count == sum(batches)  # batch items
     assert stats.execution_count == n  # one execution per request without a dynamic batcher
-    assert before_ms - 1000 <= stats.last_inference <= after_ms + 1000
+    slack_ms = scaled(1000)
+    assert before_ms - slack_ms <= stats.last_inference <= after_ms + slack_ms
     s = stats.inference_stats
     assert s.success.count == n
     assert s.fail.count == 0
@@ -122,7 +123,7 @@ def test_queue_time_counts_when_requests_wait(stats_server: ServerProcess) -> No
         inp.set_data_from_numpy(data)
         c.async_infer("stats_queue", [inp], callback=lambda result, error: results.put((result, error)))
     for _ in range(8):
-        result, error = results.get(timeout=30)
+        result, error = results.get(timeout=scaled(30))
         assert error is None, error
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
     after = model_stats(stats_server, "stats_queue")
@@ -137,9 +138,4 @@ def test_statistics_of_all_models_and_by_version(stats_server: ServerProcess) ->
     assert sorted(s.name for s in everything.model_stats) == ["stats", "stats_idle", "stats_nobatch", "stats_queue"]
     assert model_stats(stats_server, "stats", "1").version == "1"
 
-
-def test_statistics_errors(stats_server: ServerProcess) -> None:
-    c = client(stats_server)
-    expect_error("NOT_FOUND", c.get_inference_statistics, "no_such_model")
-    expect_error("NOT_FOUND", c.get_inference_statistics, "stats", "7")
-    expect_error("INVALID_ARGUMENT", c.get_inference_statistics, "stats", "x")
+# (Unknown models and versions: the table of per-model RPC errors in test_metadata.py.)

@@ -1,7 +1,7 @@
 """TorchScript models through a real server and tritonclient, on CPU.
 
 The models are scripted or traced here into a temporary repository, so the tests need
-only the `torch` package (skipped with the reason when it is absent).
+only the `torch` package (CI installs it; without it the module fails, see `util.require`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from util import (
     expect_error,
     random_array,
     raw_request,
+    require,
     write_model,
 )
 
-torch = pytest.importorskip("torch")
+torch = require("torch")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated upstream
 
 from typing import Dict  # noqa: E402,UP035 - TorchScript wants typing.Dict

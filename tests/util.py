@@ -7,6 +7,7 @@ port is parsed from the "Started GRPCInferenceService at 127.0.0.1:PORT" log lin
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 import re
 import signal
@@ -17,9 +18,11 @@ import time
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
+from skip_policy import ALLOW_SKIPS_ENV, skips_allowed
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = ROOT / "model_repository"
@@ -27,6 +30,20 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "py
 
 STARTED_RE = re.compile(r"Started GRPCInferenceService at 127\.0\.0\.1:(\d+)")
 LOADED_RE = re.compile(r"models loaded; server")
+
+# Every time limit in the tests is multiplied by this, so that a slow or busy CI machine can
+# stretch them without editing tests (docs/DEVELOPING.md). Lower bounds ("waited at least the
+# queue delay") are never scaled: slowness only makes them easier to meet.
+TIME_FACTOR = float(os.environ.get("NEREID_TEST_TIME_FACTOR", "1"))
+if not TIME_FACTOR > 0:
+    raise ValueError(f"NEREID_TEST_TIME_FACTOR must be a positive number, got {TIME_FACTOR}")
+
+
+def scaled(seconds: float) -> float:
+    """A time limit (how long something may take, or how long to wait for it) for this machine.
+    The helpers here that take a timeout (ServerProcess, wait_for_log, stop, wait) scale it
+    themselves; call this for limits written in a test's own assertions and waits."""
+    return seconds * TIME_FACTOR
 
 # Every protocol datatype, with the numpy dtype the tests generate data in (BF16 is handled apart).
 NUMERIC_DATATYPES = {
@@ -68,6 +85,21 @@ max_batch_size: 0
 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
 """
+
+
+def require(module: str) -> Any:
+    """Import a framework a test module needs, at the module's top. CI installs every one of them,
+    so a missing one fails the module (naming the package) instead of skipping it; with
+    NEREID_ALLOW_SKIPS=1 (a local run without it) the module is skipped with the reason."""
+    import pytest
+
+    if skips_allowed():
+        return pytest.importorskip(module)
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} is not installed ({exc}); CI installs it (scripts/setup). "
+                    f"Set {ALLOW_SKIPS_ENV}=1 to skip these tests in a local run without it.", pytrace=False)
 
 
 def config_type(datatype: str) -> str:
@@ -200,7 +232,9 @@ class ServerProcess:
             return "\n".join(self.lines)
 
     def wait_for_log(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        """Block until a stderr line matches `pattern`; fail if the process exits first."""
+        """Block until a stderr line matches `pattern` (for up to `timeout` seconds, scaled);
+        fail if the process exits first."""
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         seen = 0
         with self._cond:
@@ -242,14 +276,15 @@ class ServerProcess:
             self.proc.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
+        """The exit code, waiting up to `timeout` seconds (scaled)."""
+        return self.proc.wait(scaled(timeout))
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, then SIGKILL if it does not exit in time. Always reaps the process."""
+        """SIGTERM, then SIGKILL if it does not exit in `timeout` seconds (scaled). Always reaps the process."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(scaled(timeout))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
@@ -268,6 +303,15 @@ def client(srv: ServerProcess):
     import tritonclient.grpc as grpcclient
 
     return grpcclient.InferenceServerClient(srv.url)
+
+
+def health_status(srv: ServerProcess, service: str) -> int:
+    """grpc.health.v1 Check for `service` ("" for the server, a model name for that model)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with srv.channel() as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
 
 def expect_error(code: str, fn, *args, **kwargs):
