@@ -93,11 +93,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     if polling is not None:
         polling.cancel()
     manager.close()
+    deadline = loop.time() + settings.exit_timeout_secs
     try:
         await asyncio.wait_for(servicer.drained(), settings.exit_timeout_secs)
+        await asyncio.wait_for(servicer.quiet(_QUIET_S), max(0.0, deadline - loop.time()))
     except TimeoutError:
-        log.warning("exit timeout (%.0fs): %d request(s) still in flight are cancelled",
-                    settings.exit_timeout_secs, servicer.inflight)
+        log.warning("exit timeout (%.0fs): closing with %d request(s) in flight (cancelled) and calls "
+                    "still arriving", settings.exit_timeout_secs, servicer.inflight)
     await server.stop(grace=_CLOSE_GRACE_S)
     if not loading.done():
         await loading
@@ -110,6 +112,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 # Once every request has been answered, how long the listener may take to flush the last
 # responses and statuses before the connections close.
 _CLOSE_GRACE_S = 1.0
+# After the drain, the listener closes once no call has arrived for this long (or at the exit
+# timeout): calls still arriving at the close would end CANCELLED (InferenceServicer.quiet).
+_QUIET_S = 0.25
 
 
 async def _poll_forever(poller: Poller, interval: float) -> None:

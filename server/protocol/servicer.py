@@ -51,6 +51,7 @@ class InferenceServicer:
         self.stopping = False
         self.inflight = 0  # requests received and not yet answered (every RPC, each stream request)
         self._idle: asyncio.Event | None = None
+        self.last_call = 0.0  # monotonic time of the latest call (kept up to date only while stopping)
         self._streams: set[asyncio.Queue[Any]] = set()
 
     # -- shutdown --
@@ -67,8 +68,22 @@ class InferenceServicer:
             self._idle = asyncio.Event()
             await self._idle.wait()
 
+    async def quiet(self, period: float) -> None:
+        """Wait until no call has arrived for `period` seconds.
+
+        Closing the listener while calls still arrive loses some: grpcio kills the calls its
+        core has received but not yet handed to Python, and their clients see CANCELLED,
+        which they do not retry. Once readiness is off, load balancers stop sending here;
+        this waits for that (the caller bounds it with the exit timeout)."""
+        loop = asyncio.get_running_loop()
+        while (left := self.last_call + period - loop.time()) > 0:
+            await asyncio.sleep(left)
+
+    def _refused(self) -> None:
+        self.last_call = asyncio.get_running_loop().time()
     def _enter(self) -> None:
         if self.stopping:
+            self._refused()
             raise ServerUnavailable(STOPPING)
         self.inflight += 1
 
@@ -82,6 +97,8 @@ class InferenceServicer:
 
         async def run(request: Any, context: Any) -> Any:
             if always:
+                if self.stopping:
+                    self._refused()
                 self.inflight += 1
             else:
                 self._enter()
@@ -175,6 +192,7 @@ class InferenceServicer:
         the response is sent, and a 300 MB request would then cost its size once more while its
         response is built and copied. Measured: no difference in calls per second."""
         if self.stopping:
+            self._refused()
             handlers.finish_with(context, (grpc.StatusCode.UNAVAILABLE, STOPPING))
             return None
         self.inflight += 1
@@ -218,6 +236,7 @@ class InferenceServicer:
             status = None
             try:
                 if self.stopping:
+                    self._refused()
                     raise ServerUnavailable(STOPPING)
                 request, raw = split_infer_request(body)
                 try:
@@ -254,6 +273,7 @@ class InferenceServicer:
         reader = loop.create_task(read_all())
         self._streams.add(responses)
         if self.stopping:
+            self._refused()
             responses.put_nowait(_END)
         closing = False
         try:
