@@ -174,6 +174,8 @@ def configure_logging(verbose: int) -> None:
         datefmt="%m%d %H:%M:%S",
         stream=sys.stderr,
     )
+    # grpcio logs a debug line per call ("Loaded running loop"): only at --log-verbose 2 and up.
+    logging.getLogger("grpc").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
