@@ -11,6 +11,7 @@ from pathlib import Path
 from server import __version__
 from server.settings import (
     CONTROL_MODES,
+    DEFAULT_MAX_MESSAGE_BYTES,
     INT32_MAX,
     RESTRICTED_PROTOCOL_GROUPS,
     Settings,
@@ -54,6 +55,13 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 _positive_int = _int_at_least(1)
+
+
+def _max_message(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > INT32_MAX:
+        raise argparse.ArgumentTypeError(f"expected at most {INT32_MAX} (gRPC's limit), got '{text}'")
+    return value
 _non_negative_int = _int_at_least(0)
 
 
@@ -108,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model repository path (repeatable)")
     serve.add_argument("--grpc-address", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default 8001)")
-    serve.add_argument("--grpc-max-message-bytes", type=int, default=INT32_MAX,
-                       help="largest gRPC message accepted or sent (default 2147483647, as Triton)")
+    serve.add_argument("--grpc-max-message-bytes", type=_max_message, default=DEFAULT_MAX_MESSAGE_BYTES,
+                       help="largest gRPC message accepted or sent, up to 2147483647 (Triton's limit); a "
+                       "request costs about 3x its size while it is received (default 536870912, 512 MiB)")
     serve.add_argument("--disable-auto-complete-config", action="store_true",
                        help="do not fill in missing inputs/outputs/max_batch_size from model files")
     serve.add_argument("--strict-readiness", type=_bool, default=True,

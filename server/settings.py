@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 INT32_MAX = 2**31 - 1
+# The default largest gRPC message. grpcio itself peaks at about 3x a message while receiving it
+# (docs/BENCHMARKS.md), so a 2 GiB limit (Triton's) lets one request take 6 GiB; 512 MiB keeps a
+# request's cost to about 1.5 GiB and still takes the tensors Triton users send. Raise it with
+# --grpc-max-message-bytes up to INT32_MAX.
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CONTROL_MODES = ("none", "poll", "explicit")
 
 # Triton's restricted protocol groups (server/src/restricted_features.h), in Triton's order.
@@ -35,7 +40,7 @@ class Settings:
     grpc_address: str = "0.0.0.0"
     grpc_port: int = 8001
     # Triton (and tritonclient) allow messages up to INT32_MAX; grpcio's default is 4 MiB.
-    grpc_max_message_bytes: int = INT32_MAX
+    grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     disable_auto_complete_config: bool = False
     strict_readiness: bool = True
     exit_timeout_secs: float = 30.0

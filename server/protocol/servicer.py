@@ -238,6 +238,9 @@ class InferenceServicer:
                 if self.stopping:
                     self._refused()
                     raise ServerUnavailable(STOPPING)
+                if len(body) >= TRIM_AFTER_BYTES:
+                    await release_freed_memory()
+                    context.add_done_callback(trim_later)
                 request, raw = split_infer_request(body)
                 try:
                     model = self.manager.get(request.model_name, request.model_version)
