@@ -140,5 +140,11 @@ class Backend(abc.ABC):
                 outcomes.append(exc)
         return outcomes
 
+    def interrupt(self, reason: str) -> bool:
+        """Stop the execution running now, from another thread, if the backend can (its model runs
+        in a process it may kill); the interrupted `execute` then raises BackendError naming
+        `reason`. Returns whether it could. In-process frameworks cannot be interrupted."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release the framework's resources."""

@@ -185,6 +185,7 @@ class PythonBackend(Backend):
         self._stub: Stub | None = None
         self._pending: Stub | None = None  # the stub running submitted requests
         self._broken = ""
+        self._interrupted = ""  # why the running stub was killed from outside (an execution timeout)
         self._last_restart = 0.0
         self._model_ns: float | None = None  # moving average of the stub's time per call
         self._stub = self._start()
@@ -319,8 +320,20 @@ class PythonBackend(Backend):
                 raise BackendError(f"python model instance {self._label} is not running: {self._broken}")
         return stub
 
+    def interrupt(self, reason: str) -> bool:
+        """Kill the stub running the submitted requests (a hung model); the waiting `collect`
+        sees it die, starts a new stub and fails the requests with `reason`."""
+        stub = self._pending
+        if stub is None or stub.proc.poll() is not None:
+            return False
+        self._interrupted = reason
+        stub.proc.kill()
+        return True
+
     def _crashed(self, stub: Stub, reason: str, exc: BaseException) -> NoReturn:
         """The stub died under a request: start a new one, then fail the request with why."""
+        if self._interrupted:
+            reason, self._interrupted = f"{self._interrupted} (the stub process was killed)", ""
         self._pending = None
         stub.stop(1.0)
         self._restart()

@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 
 from server.protocol.health import HealthReporter
+from server.protocol.ratelimit import RateLimiter, parse_rate
 from server.protocol.server import BindError, build_server
 from server.protocol.servicer import InferenceServicer
 from server.repository.manager import RepositoryManager
@@ -55,7 +56,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     manager.bind_loop(loop)
     health = HealthReporter()
     health.bind_loop(loop)
-    servicer = InferenceServicer(manager)
+    servicer = InferenceServicer(manager, rate_limiter(settings))
     server, port = build_server(settings, servicer, health)
     await health.set_server(False)
     manager.add_listener(health.model_changed_threadsafe)
@@ -145,6 +146,13 @@ def _server_health_follower(
             pass
 
     return changed
+
+
+def rate_limiter(settings: Settings) -> RateLimiter:
+    """Per-client limits: the server default, if any; a model's `rate_limit_per_client` parameter
+    applies either way (for a model without a limit, a request costs one dict lookup)."""
+    default = parse_rate(settings.rate_limit_per_client) if settings.rate_limit_per_client else None
+    return RateLimiter(default, settings.rate_limit_client_header)
 
 
 def run(settings: Settings) -> int:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server import __version__
+from server.protocol.ratelimit import parse_rate
 from server.settings import (
     CONTROL_MODES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -57,12 +58,54 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 _positive_int = _int_at_least(1)
 
 
+_non_negative_int = _int_at_least(0)
+
+
 def _max_message(text: str) -> int:
     value = _int_at_least(1)(text)
     if value > INT32_MAX:
         raise argparse.ArgumentTypeError(f"expected at most {INT32_MAX} (gRPC's limit), got '{text}'")
     return value
-_non_negative_int = _int_at_least(0)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got '{text}'")
+    return value
+
+
+def _rate(text: str) -> str:
+    try:
+        parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _add_overload_flags(serve: argparse.ArgumentParser) -> None:
+    """Overload and faults (docs/SECURITY.md): Nereid's own flags; Triton has no equivalents."""
+    serve.add_argument("--model-queue-limit", type=_non_negative_int, default=1000, metavar="N",
+                       help="requests that may wait for a model version's instances where its config sets no "
+                       "max_queue_size; more are refused UNAVAILABLE (0: unbounded, as Triton; default 1000)")
+    serve.add_argument("--max-inflight-requests", type=_non_negative_int, default=4096, metavar="N",
+                       help="inference requests in flight in the whole server; more are refused "
+                       "RESOURCE_EXHAUSTED (0: no cap; default 4096)")
+    serve.add_argument("--rate-limit-per-client", type=_rate, default=None, metavar="RATE[:BURST]",
+                       help="requests per second each client may send each model (token bucket; a model's "
+                       "rate_limit_per_client parameter overrides it); off by default")
+    serve.add_argument("--rate-limit-client-header", default="", metavar="NAME",
+                       help="request header that names the client for rate limits (else its TLS client "
+                       "certificate, else its IP address)")
+    serve.add_argument("--model-execution-timeout-secs", type=_non_negative_float, default=0.0, metavar="S",
+                       help="answer DEADLINE_EXCEEDED when an execution runs longer, and stop it if the backend "
+                       "can (Python models); a model's execution_timeout_ms parameter overrides it (0: none)")
+    serve.add_argument("--model-failure-threshold", type=_non_negative_int, default=10, metavar="N",
+                       help="failed executions in a row after which an instance is retired; with none left the "
+                       "version is UNAVAILABLE until loaded again (0: never; default 10)")
 
 
 def _add_lifecycle_flags(serve: argparse.ArgumentParser) -> None:
@@ -137,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="[<backend>,]<key>=<value>, e.g. onnxruntime,default-max-batch-size=8")
     _add_lifecycle_flags(serve)
     _add_security_flags(serve)
+    _add_overload_flags(serve)
     _add_validate(sub)
     return parser
 
@@ -173,6 +217,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         grpc_server_key=args.grpc_server_key,
         grpc_root_cert=args.grpc_root_cert,
         grpc_restricted_protocols=restricted,
+        model_queue_limit=args.model_queue_limit,
+        max_inflight_requests=args.max_inflight_requests,
+        rate_limit_per_client=args.rate_limit_per_client or "",
+        rate_limit_client_header=args.rate_limit_client_header,
+        model_execution_timeout_secs=args.model_execution_timeout_secs,
+        model_failure_threshold=args.model_failure_threshold,
     )
 
 

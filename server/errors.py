@@ -15,6 +15,7 @@ class ErrorCode(enum.Enum):
     ALREADY_EXISTS = "ALREADY_EXISTS"
     CANCELLED = "CANCELLED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 
 
 class NereidError(Exception):
@@ -69,3 +70,15 @@ class ConfigError(NereidError):
     """A model's configuration or files are invalid; the message names the file."""
 
     code = ErrorCode.INVALID_ARGUMENT
+
+
+class ExecutionTimeout(NereidError):
+    """The model ran past its execution timeout; the server stopped waiting for it."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class Overloaded(NereidError):
+    """A limit on load was reached (in-flight cap, a client's rate limit): retry later."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED

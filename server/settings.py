@@ -49,6 +49,17 @@ class Settings:
     # Compute budget (µs per request, measured) under which a model runs on the event
     # loop instead of a worker thread when an instance is idle; 0 disables.
     inline_compute_us: float = 100.0
+    # Overload and faults (server/core/faults.py, docs/SECURITY.md): queued requests per model where
+    # the config sets no max_queue_size (0: unbounded, as Triton), requests in flight in the whole
+    # server (0: no cap), an execution timeout (0: none; a model's `execution_timeout_ms` parameter
+    # overrides it) and the failed executions in a row that retire an instance (0: never).
+    model_queue_limit: int = 1000
+    max_inflight_requests: int = 4096
+    model_execution_timeout_secs: float = 0.0
+    model_failure_threshold: int = 10
+    # Per-client token buckets (server/protocol/ratelimit.py): "RATE[:BURST]" or "" (off).
+    rate_limit_per_client: str = ""
+    rate_limit_client_header: str = ""
     # "auto" (uvloop when installed), "uvloop" (libuv-based; about 9 % more infer/s here) or "asyncio".
     event_loop: str = "auto"
     # Lifecycle (docs/LIFECYCLE.md): "none" loads everything once, "poll" follows the

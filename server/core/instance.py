@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from time import perf_counter_ns
 from typing import Any
 
@@ -19,10 +20,11 @@ import numpy as np
 from backends.base import Backend, BackendInputError
 from backends.base import Request as BackendRequest
 from server.core.batching import concat_inputs, split_outputs
+from server.core.faults import FailureCounter, Watched
 from server.core.scheduler import Job, Scheduler
 from server.core.signature import TensorInfo
 from server.core.stats import ModelStats
-from server.errors import InternalError, InvalidInput, NereidError
+from server.errors import ExecutionTimeout, InternalError, InvalidInput, ModelUnavailable, NereidError
 
 log = logging.getLogger("nereid.instance")
 
@@ -106,11 +108,19 @@ class ModelInstance:
 
     def __init__(
         self, name: str, backend: Backend, scheduler: Scheduler, shaper: OutputShaper, stats: ModelStats,
-        cost: CostTracker,
+        cost: CostTracker, failure_threshold: int = 0, on_retired: Callable[[ModelInstance], bool] | None = None,
     ) -> None:
         self.name = name
         self.backend = backend
         self.lock = threading.Lock()
+        # faults.py: the running execution as the watchdog sees it, and consecutive failures
+        self.watched = Watched()
+        self.failures = FailureCounter(failure_threshold)
+        self.retired = ""  # why this instance was taken out of service ("" while it serves)
+        # Returns whether other instances still serve the model (then this one stops pulling work;
+        # the last one keeps pulling, to answer what is queued with the model's unavailability).
+        self._on_retired = on_retired
+        self._others_serve = False
         self._scheduler = scheduler
         self._shaper = shaper
         self._stats = stats
@@ -134,16 +144,24 @@ class ModelInstance:
             jobs = next_batch()
             if jobs is None:
                 return
-            try:
-                with self.lock:
-                    outcomes = self.execute(jobs)
-            except BaseException as exc:  # a bug: fail this batch, keep the instance thread alive
-                log.exception("instance %s: unexpected failure", self.name)
-                outcomes = self.fail(jobs, exc)
+            if self.retired:  # the model version is being given up: answer, never run
+                error = ModelUnavailable(f"model {self._shaper.model_label} is not available: {self.retired}")
+                outcomes: list[Outcome] = [(None, error)] * len(jobs)
+            else:
+                self.watched.begin(jobs)
+                try:
+                    with self.lock:
+                        outcomes = self.execute(jobs)
+                except BaseException as exc:  # a bug: fail this batch, keep the instance thread alive
+                    log.exception("instance %s: unexpected failure", self.name)
+                    outcomes = self.fail(jobs, exc)
+                self.watched.end()  # if the watchdog answered these already, deliver_all skips them
             jobs[0].loop.call_soon_threadsafe(deliver_all, jobs, outcomes)
             # Nothing of a finished batch may wait here for the next one: these locals would keep
             # its requests (and the received messages under their tensors) alive until then.
             del jobs, outcomes
+            if self.retired and self._others_serve:
+                return  # the other instances take the work from now on
 
     def execute(self, jobs: list[Job]) -> list[Outcome]:
         """Run the jobs as one backend execution; one outcome per job. Caller holds `lock`."""
@@ -178,10 +196,41 @@ class ModelInstance:
             queued, finished * len(live) - sum(job.enqueued_ns for job in live),
         )
         self._cost.record(total, executed - prepared)
+        self._succeeded()
         if len(live) == len(jobs):
             return [(result, None) for result in results]
         by_job = dict(zip(map(id, live), results, strict=True))
         return [(by_job.get(id(job)), None) for job in jobs]
+
+    def expired(self, jobs: list[Job], timeout_s: float) -> None:
+        """The watchdog's call (its own thread): `jobs` ran past the execution timeout. Answer them
+        now, interrupt the backend if it can be, and count the failure."""
+        error = ExecutionTimeout(
+            f"model {self._shaper.model_label} instance {self.name}: the execution ran past its timeout of "
+            f"{timeout_s:g} s; the requests were answered without waiting for it")
+        interrupted = self.backend.interrupt(str(error))
+        log.error("%s%s", error, "; the backend was interrupted" if interrupted else
+                  "; the backend cannot be interrupted and keeps this instance busy until it returns")
+        self._stats.record_failure(len(jobs), 0)
+        loop = jobs[0].loop
+        outcomes: list[Outcome] = [(None, error)] * len(jobs)
+        try:
+            loop.call_soon_threadsafe(deliver_all, jobs, outcomes)
+        except RuntimeError:  # the loop has closed (shutdown)
+            pass
+        self._count_failure(error)
+
+    def _succeeded(self) -> None:
+        if not self.watched.expired:  # a late success after a timeout does not clear the record
+            self.failures.succeeded()
+
+    def _count_failure(self, error: BaseException) -> None:
+        reason = self.failures.failed(error)
+        if reason and not self.retired:
+            self.retired = reason
+            log.error("model %s instance %s taken out of service: %s", self._shaper.model_label, self.name, reason)
+            if self._on_retired is not None:
+                self._others_serve = self._on_retired(self)
 
     def _execute_one(self, job: Job) -> Outcome:
         """The common case without batching: no concat, no split."""
@@ -205,6 +254,7 @@ class ModelInstance:
             started - enqueued, finished - enqueued,
         )
         self._cost.record(request.batch_size, executed - prepared)
+        self._succeeded()
         return (result, None)
 
     def _execute_requests(self, jobs: list[Job]) -> list[Outcome]:
@@ -242,6 +292,7 @@ class ModelInstance:
             error = InternalError(f"model {shaper.model_label} answered {len(answers)} of {len(live)} requests")
             return self._failed(jobs, live, error)
         executed = perf_counter_ns()
+        self._succeeded()  # the model answered (some answers may be errors of their own requests)
         outcome_of: dict[int, Outcome] = {}
         succeeded: list[Job] = []
         failed: list[Job] = []
@@ -275,6 +326,8 @@ class ModelInstance:
     def _failed(self, jobs: list[Job], live: list[Job], error: NereidError) -> list[Outcome]:
         now = perf_counter_ns()
         self._stats.record_failure(len(live), sum(now - job.enqueued_ns for job in live))
+        if not isinstance(error, InvalidInput):  # a client's bad input says nothing about the instance
+            self._count_failure(error)
         return [(None, error)] * len(jobs)
 
     def close(self) -> None:

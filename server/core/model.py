@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from time import monotonic, perf_counter_ns, sleep
@@ -18,6 +20,7 @@ from backends.base import Backend, BackendError, ModelSpec
 from backends.registry import backend_class
 from server.core.batcher_config import make_batcher
 from server.core.dynamic_batcher import DynamicBatchScheduler
+from server.core.faults import WATCHDOG, ServingLimits, execution_timeout_s
 from server.core.instance import (
     CostTracker,
     ModelInstance,
@@ -31,7 +34,7 @@ from server.core.signature import TensorInfo
 from server.core.state import ModelState
 from server.core.stats import ModelStats
 from server.core.warmup import build_samples, run_warmup
-from server.errors import ModelUnavailable, NereidError
+from server.errors import ExecutionTimeout, ModelUnavailable, NereidError
 from server.repository.config import config_to_json, tensor_specs
 from server.types import InferenceRequest
 
@@ -67,8 +70,9 @@ class Model:
     """A loaded (or loading, or failed) version of a model."""
 
     def __init__(
-        self, config: mc.ModelConfig, model_dir: Path, version: int, inline_us: float = DEFAULT_INLINE_US
+        self, config: mc.ModelConfig, model_dir: Path, version: int, limits: ServingLimits | None = None
     ) -> None:
+        limits = limits or ServingLimits(inline_us=DEFAULT_INLINE_US)
         self.config = config
         self.name = config.name
         self.version = version
@@ -86,11 +90,16 @@ class Model:
         self.state = ModelState.LOADING
         self.reason = ""
         self.inflight = 0
-        self._batcher = make_batcher(config, self._reject)
-        self._scheduler: Scheduler = self._batcher or DirectScheduler()
+        self._batcher = make_batcher(config, self._reject, limits.queue_limit)
+        self._scheduler: Scheduler = self._batcher or DirectScheduler(limits.queue_limit)
         self._instances: list[ModelInstance] = []
         self._cost = CostTracker()
-        self._inline_ns = inline_us * 1000.0
+        self._limits = limits
+        self.timeout_s = 0.0  # execution timeout (faults.py); read from the config at load
+        # Called (from an instance thread) when this version stops serving because every instance
+        # kept failing; the repository manager sets it to update readiness, health and the index.
+        self.on_unavailable: Callable[[Model], None] | None = None
+        self._inline_ns = limits.inline_us * 1000.0
         self._awaitable = False
         # Out-of-process models measured this cheap are awaited with a bounded blocking wait.
         self._wait_ns = -1.0
@@ -109,6 +118,12 @@ class Model:
         """Create every instance; on any failure release what was made and raise BackendError."""
         try:
             cls = backend_class(self.config.backend)
+            try:
+                self.timeout_s = execution_timeout_s(self.config, self._limits.execution_timeout_s)
+            except ValueError as exc:
+                raise BackendError(str(exc)) from None
+            if self.timeout_s:  # a model running on the event loop could not be timed out
+                self._inline_ns = -1.0
             if cls.out_of_process:  # its process may hang: never wait for it unbounded on the event loop
                 self._wait_ns, self._inline_ns = self._inline_ns, -1.0
                 # ...but when it can say "done" through a file descriptor, the loop can await that
@@ -120,7 +135,8 @@ class Model:
             for placement in self._placements(cls):
                 backend = cls()
                 backend.load(replace(self.spec, instance_name=placement.name), placement.device)
-                instance = ModelInstance(placement.name, backend, self._scheduler, shaper, self.stats, self._cost)
+                instance = ModelInstance(placement.name, backend, self._scheduler, shaper, self.stats, self._cost,
+                                         self._limits.failure_threshold, self._instance_retired)
                 self._instances.append(instance)
             self._warm(cls)
         except BaseException as exc:
@@ -129,9 +145,25 @@ class Model:
             self.reason = str(exc)
             raise BackendError(str(exc)) from exc
         for instance in self._instances:
+            if self.timeout_s:
+                WATCHDOG.watch(instance.watched, self.timeout_s, functools.partial(_expired, instance, self.timeout_s))
             instance.start()
         self.state = ModelState.READY
         self.reason = ""
+
+    def _instance_retired(self, retired: ModelInstance) -> bool:
+        """An instance kept failing (faults.py). Whether others still serve; if none does, this
+        version becomes UNAVAILABLE with the reason (its queued requests are then answered by the
+        last instance's thread) and the manager is told."""
+        if any(not i.retired for i in self._instances):
+            return True
+        if self.state is ModelState.READY:
+            self.state = ModelState.UNAVAILABLE
+            self.reason = f"every instance was taken out of service; instance {retired.name}: {retired.retired}"
+            log.error("%s is UNAVAILABLE: %s", self.label, self.reason)
+            if self.on_unavailable is not None:
+                self.on_unavailable(self)
+        return False
 
     def _placements(self, cls: type[Backend]) -> list[Placement]:
         """Where each instance runs (server/core/placement.py); raises PlacementError with a reason."""
@@ -214,7 +246,7 @@ class Model:
             return await self._infer_batched(request, loop, started)
         if self._awaitable and not self._scheduler.pending():
             for instance in self._instances:
-                if instance.lock.acquire(blocking=False):
+                if not instance.retired and instance.lock.acquire(blocking=False):
                     self.inflight += 1
                     try:
                         return await self._run_awaiting(instance, Job(request, None, loop, started), loop)
@@ -247,6 +279,7 @@ class Model:
             instance.lock.release()
             return _result(instance.fail([job], exc)[0])
         prepared = perf_counter_ns()
+        instance.watched.begin([job])
         handed_off = False
         # A cheap model (the stub's time per call under the inline budget): wait for the stub right here,
         # bounded by twice the budget (the hand-off costs about as much again), which skips a loop
@@ -282,8 +315,13 @@ class Model:
                 handed_off = True
                 _collectors().submit(_drain, backend, instance)
         finally:
+            expired = instance.watched.end()
             if not handed_off:
                 instance.lock.release()
+        if expired:  # the watchdog stopped the model (faults.py): say so, not how the stub died
+            outcome = (None, ExecutionTimeout(
+                f"model {self.label} instance {instance.name}: the execution ran past its timeout of "
+                f"{self.timeout_s:g} s; the Python stub was stopped and restarted"))
         return _result(outcome)
 
     async def _infer_batched(
@@ -406,7 +444,7 @@ class Model:
     def _run_inline(self, jobs: list[Job]) -> list[Outcome] | None:
         """Run the jobs on the event loop on the first idle instance; None if none is idle."""
         for instance in self._instances:
-            if instance.lock.acquire(blocking=False):
+            if not instance.retired and instance.lock.acquire(blocking=False):
                 try:
                     return instance.execute(jobs)
                 except Exception as exc:  # a bug: fail these requests rather than leave them hanging
@@ -504,6 +542,10 @@ def _collectors() -> concurrent.futures.ThreadPoolExecutor:
     if _COLLECTORS is None:
         _COLLECTORS = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="nereid-collect")
     return _COLLECTORS
+
+
+def _expired(instance: ModelInstance, timeout_s: float, jobs: list[Job]) -> None:
+    instance.expired(jobs, timeout_s)
 
 
 def _wake(ready: asyncio.Future[None]) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import queue
 from typing import Any
 
+from server.errors import ServerUnavailable
 from server.types import InferenceRequest
 
 
@@ -66,11 +67,14 @@ class Scheduler(abc.ABC):
 class DirectScheduler(Scheduler):
     """No batching: a FIFO queue that free instances pull single requests from."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 0) -> None:
         # SimpleQueue is implemented in C; get() blocks without holding the GIL.
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._limit = limit  # most requests waiting for an instance (--model-queue-limit); 0: unbounded
 
     def enqueue(self, job: Job) -> None:
+        if self._limit and self._queue.qsize() >= self._limit:
+            raise ServerUnavailable("Exceeds maximum queue size")
         self._queue.put(job)
 
     def next_batch(self) -> list[Job] | None:

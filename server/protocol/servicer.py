@@ -24,10 +24,11 @@ from tritonclient.grpc import service_pb2 as pb
 from server import __version__
 from server.core.model import Model
 from server.core.state import ModelState
-from server.errors import InvalidInput, ModelNotFound, ServerUnavailable, Unsupported
+from server.errors import InvalidInput, ModelNotFound, Overloaded, ServerUnavailable, Unsupported
 from server.protocol import handlers
 from server.protocol.codec import decode_infer_request, encode_infer_response
 from server.protocol.memory import TRIM_AFTER_BYTES, release_freed_memory, trim_later
+from server.protocol.ratelimit import RateLimiter
 from server.protocol.statistics import model_statistics
 from server.protocol.wire import split_infer_request, wrap_stream_response
 from server.repository.manager import RepositoryManager
@@ -45,8 +46,12 @@ _END = object()  # tells a stream's writer that no more responses will come
 
 
 class InferenceServicer:
-    def __init__(self, manager: RepositoryManager) -> None:
+    def __init__(self, manager: RepositoryManager, limiter: RateLimiter | None = None) -> None:
         self.manager = manager
+        # Overload (docs/SECURITY.md): inference requests beyond this many in flight are answered
+        # RESOURCE_EXHAUSTED at once; 0 disables. Per-client rate limits when configured.
+        self.max_inflight = manager.settings.max_inflight_requests
+        self.limiter = limiter
         self.loaded = False  # startup loading finished
         self.stopping = False
         self.inflight = 0  # requests received and not yet answered (every RPC, each stream request)
@@ -78,6 +83,10 @@ class InferenceServicer:
         loop = asyncio.get_running_loop()
         while (left := self.last_call + period - loop.time()) > 0:
             await asyncio.sleep(left)
+
+    def _full(self) -> str:
+        return (f"server is at its limit of {self.max_inflight} inference requests in flight "
+                "(--max-inflight-requests); retry later")
 
     def _refused(self) -> None:
         self.last_call = asyncio.get_running_loop().time()
@@ -195,6 +204,9 @@ class InferenceServicer:
             self._refused()
             handlers.finish_with(context, (grpc.StatusCode.UNAVAILABLE, STOPPING))
             return None
+        if self.max_inflight and self.inflight >= self.max_inflight:
+            handlers.finish_with(context, (grpc.StatusCode.RESOURCE_EXHAUSTED, self._full()))
+            return None
         self.inflight += 1
         status = None
         try:
@@ -207,6 +219,8 @@ class InferenceServicer:
             request, raw = split_infer_request(body)
             del body
             model = self.manager.get(request.model_name, request.model_version)
+            if self.limiter is not None:
+                self.limiter.check(context, model)
             decoded = decode_infer_request(request, model, raw)
             request_id = request.id
             del request, raw
@@ -238,12 +252,16 @@ class InferenceServicer:
                 if self.stopping:
                     self._refused()
                     raise ServerUnavailable(STOPPING)
+                if self.max_inflight and self.inflight > self.max_inflight:  # this request counts itself
+                    raise Overloaded(self._full())
                 if len(body) >= TRIM_AFTER_BYTES:
                     await release_freed_memory()
                     context.add_done_callback(trim_later)
                 request, raw = split_infer_request(body)
                 try:
                     model = self.manager.get(request.model_name, request.model_version)
+                    if self.limiter is not None:
+                        self.limiter.check(context, model)
                     outputs = await model.infer(decode_infer_request(request, model, raw))
                     response = b"".join(wrap_stream_response(encode_infer_response(model, request.id, outputs)))
                 except Exception as exc:  # reported on this request only

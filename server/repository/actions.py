@@ -32,6 +32,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from server.core.faults import ServingLimits
 from server.core.model import Model
 from server.core.state import ModelState
 from server.repository.changes import ModelSnapshot
@@ -75,9 +76,18 @@ class Outcome:
 ShowLoading = Callable[[int, Model], None]
 
 
+def serving_limits(settings: Settings) -> ServingLimits:
+    return ServingLimits(
+        inline_us=settings.inline_compute_us,
+        queue_limit=settings.model_queue_limit,
+        execution_timeout_s=settings.model_execution_timeout_secs,
+        failure_threshold=settings.model_failure_threshold,
+    )
+
+
 def _build(config: mc.ModelConfig, path: Path, version: int, settings: Settings) -> tuple[Model | None, str]:
     try:
-        model = Model(config, path, version, settings.inline_compute_us)
+        model = Model(config, path, version, serving_limits(settings))
     except Exception as exc:  # config passed validation, so this is unexpected: report, don't crash
         log.exception("model '%s' version %d: cannot set up", config.name, version)
         return None, f"cannot set up version {version}: {exc}"

@@ -144,11 +144,22 @@ class RepositoryManager(ModelRegistry):
 
             if source.override_dir is not None:
                 self._override_dirs.add(source.override_dir)
+            for model in outcome.loaded:
+                model.on_unavailable = self._gave_up
             self._on_loop(swap)
             self._report(entry, outcome)
             self._notify(entry)
             self._retire(outcome.retire)
             return outcome
+
+    def _gave_up(self, model: Model) -> None:
+        """A version stopped serving because every instance kept failing (core/faults.py); called
+        from an instance thread. Routing, readiness and health follow; the index shows the reason."""
+        entry = self._models.get(model.name)
+        if entry is None or entry.versions.get(model.version) is not model:
+            return
+        self._on_loop(entry.refresh_latest)
+        self._notify(entry)
 
     def remove(self, name: str) -> None:
         """The model's folder is gone (poll mode): stop routing to it, drain and unload it."""
