@@ -61,7 +61,7 @@ def execution_timeout_s(config: mc.ModelConfig, default_s: float) -> float:
 class Watched:
     """What an instance shares with the watchdog: the execution running now, if any."""
 
-    __slots__ = ("started", "payload", "expired")
+    __slots__ = ("started", "payload", "expired", "__weakref__")
 
     def __init__(self) -> None:
         self.started = 0.0  # monotonic start of the running execution; 0 when idle

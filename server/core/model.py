@@ -139,14 +139,16 @@ class Model:
                                          self._limits.failure_threshold, self._instance_retired)
                 self._instances.append(instance)
             self._warm(cls)
+            if self.timeout_s:
+                for instance in self._instances:
+                    expired = functools.partial(_expired, instance, self.timeout_s)
+                    WATCHDOG.watch(instance.watched, self.timeout_s, expired)
         except BaseException as exc:
             self._close_instances()
             self.state = ModelState.UNAVAILABLE
             self.reason = str(exc)
             raise BackendError(str(exc)) from exc
         for instance in self._instances:
-            if self.timeout_s:
-                WATCHDOG.watch(instance.watched, self.timeout_s, functools.partial(_expired, instance, self.timeout_s))
             instance.start()
         self.state = ModelState.READY
         self.reason = ""
