@@ -290,13 +290,13 @@ def test_execute_requests_gives_each_request_its_outcome(py_repo: Path) -> None:
 
 
 def test_each_instance_is_its_own_process(py_server: ServerProcess) -> None:
-    x = np.ones((1, 2), dtype=np.float32)
+    x = np.full((1, 2), -6, dtype=np.float32)  # -6: the model sleeps 0.3 s, so 4 clients need both instances
     pids: set[int] = set()
     lock = threading.Lock()
 
     def call() -> None:
         c = client(py_server)
-        for _ in range(10):
+        for _ in range(2):
             pid = int(c.infer("py_probe", [_fp32("INPUT0", x)]).as_numpy("PID").reshape(-1)[0])
             with lock:
                 pids.add(pid)
