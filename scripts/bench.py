@@ -61,7 +61,7 @@ PERF_ANALYZER = ROOT / ".tools" / "bin" / "perf_analyzer"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
-KNOWN_TARGETS = ("echo", "nereid", "nereid-torch")
+KNOWN_TARGETS = ("echo", "nereid", "nereid-torch", "baseline")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -166,6 +166,11 @@ def server_command(target: str, args: argparse.Namespace, port: int) -> list[str
         if config.is_file():
             cmd += ["--config", str(config)]
         return cmd
+    if target == "baseline":  # another checkout's server, to compare two commits in one run
+        if not args.baseline_checkout:
+            raise ServerError("target 'baseline' needs --baseline-checkout DIR")
+        return [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(repo), "--grpc-port",
+                str(port), "--metrics-port", "0", *args.nereid_arg]
     if target in ("nereid", "nereid-torch") or target in args.variant_repos:
         exe = ROOT / ".venv" / "bin" / "nereid"
         if not exe.exists():
@@ -213,8 +218,11 @@ def start_server(target: str, args: argparse.Namespace, pinned: bool, outdir: Pa
     with log.open("w") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n")
         fh.flush()
+        env = None
+        if target == "baseline":  # its own `server` package comes first on the path
+            env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_checkout).resolve()))
         proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     server = Server(target, proc, port, log)
     live.append(server)
     wait_ready(server, target_model(target, args), args.startup_timeout)
@@ -590,6 +598,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mlp", help="model name (default mlp)")
     ap.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    ap.add_argument("--baseline-checkout", default="", metavar="DIR",
+                    help="for target 'baseline': a checkout of another commit (git worktree add DIR REV), "
+                    "served with this environment, to compare two commits in one run")
     ap.add_argument("--targets", default="echo,nereid",
                     help=f"comma-separated, from {','.join(KNOWN_TARGETS)} (default echo,nereid)")
     ap.add_argument("--concurrency", type=int_list, default=[1, 16, 64], help="default 1,16,64")
