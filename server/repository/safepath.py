@@ -4,8 +4,8 @@ The load/unload RPCs take a model name and, for file overrides, relative file
 paths (`file:1/model.onnx`). Both are checked here, textually first (no `..`,
 no absolute paths, no separators in a model name) and then on disk (a symlink
 that resolves outside the repository or override directory is refused), and
-every refusal is an InvalidInput (INVALID_ARGUMENT). The operator's own
-repository may use symlinks freely; only client-named paths are confined.
+every refusal is an InvalidInput (INVALID_ARGUMENT). Model names follow Triton's
+rules and texts (`check_model_name`).
 """
 
 from __future__ import annotations
@@ -15,16 +15,39 @@ from pathlib import Path, PurePosixPath
 from server.errors import InvalidInput
 
 _FORBIDDEN_CHARS = ("/", "\\", "\0")
+# Triton's whitespace set (core src/model_repository_manager/model_repository_manager.cc).
+_WHITESPACE = " \t\n\v\f\r"
+# Longest file name on the filesystems a repository lives on (NAME_MAX): a longer model name
+# can never be a folder, and asking the filesystem about it fails with ENAMETOOLONG.
+NAME_MAX = 255
 
 
 def check_model_name(name: str) -> str:
-    """A model name is one plain directory name inside the repository."""
+    """A model name is one plain directory name inside the repository.
+
+    Texts follow Triton's `ValidateModelName` (triton-inference-server/core,
+    src/model_repository_manager/model_repository_manager.cc): "model name must not be
+    empty", "model name must not contain only whitespace characters", and "invalid model
+    name '<name>', model name must not contain path traversal characters". Triton's
+    current check calls any name that merely contains ".." traversal; here only names that
+    can traverse are refused ("." and "..", or a name with "/" or "\\"), so `...` and
+    `..my_model` are valid folder names, loadable by name (the repository scan skips hidden
+    folders, docs/LIFECYCLE.md).
+    """
     if not name:
-        raise InvalidInput("model name is empty")
-    if name in (".", "..") or name.startswith("."):
-        raise InvalidInput(f"invalid model name '{name}': a model name cannot start with '.'")
-    if any(c in name for c in _FORBIDDEN_CHARS):
-        raise InvalidInput(f"invalid model name '{name}': a model name cannot contain '/', '\\' or NUL")
+        raise InvalidInput("model name must not be empty")
+    if not name.strip(_WHITESPACE):
+        raise InvalidInput("model name must not contain only whitespace characters")
+    if name in (".", "..") or "/" in name or "\\" in name:
+        raise InvalidInput(f"invalid model name '{name}', model name must not contain path traversal characters")
+    if "\0" in name:
+        raise InvalidInput(f"invalid model name {name!r}, model name must not contain NUL characters")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > NAME_MAX:
+        raise InvalidInput(
+            f"invalid model name '{name[:32]}...' ({size} bytes), a model name is a folder name "
+            f"of at most {NAME_MAX} bytes"
+        )
     return name
 
 
