@@ -146,7 +146,7 @@ class PythonBackend(Backend):
         model_dir = model_file.parent.parent
         config = mc.ModelConfig(name=model_dir.name)
         config_path = model_dir / "config.pbtxt"
-        if config_path.exists():
+        if config_path.is_file():  # a regular file only: reading a FIFO would never return
             text_format.Parse(config_path.read_text(encoding="utf-8"), config)
         init = {"mode": "autocomplete", "model_file": str(model_file),
                 "config": triton_config_json(json_format.MessageToJson(config))}

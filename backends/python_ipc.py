@@ -172,21 +172,23 @@ def layout(tensors: list[tuple[str, np.ndarray]]) -> tuple[list[tuple[str, np.nd
 def write(arena: Arena, plan: list[tuple[str, np.ndarray, Any]], base: int = 0) -> list[TensorMeta]:
     """Copy planned tensors into the arena at `base`; returns their metas."""
     metas: list[TensorMeta] = []
-    if not plan:
-        return metas
-    assert arena.map is not None
-    buf = arena.map
+    buf = arena.map  # None until something with bytes was sent: empty tensors need no arena
     for name, arr, where in plan:
         if isinstance(where, tuple):
             lengths, blob, offset = where
             start = base + offset
             n = lengths.nbytes
+            if n == 0:  # no elements
+                metas.append((name, "BYTES", tuple(arr.shape), start, 0))
+                continue
+            assert buf is not None
             buf[start:start + n] = lengths.tobytes()
             buf[start + n:start + n + len(blob)] = blob
             metas.append((name, "BYTES", tuple(arr.shape), start, n + len(blob)))
         elif arr.nbytes == 0:
             metas.append((name, arr.dtype.str, tuple(arr.shape), base + where, 0))
         else:
+            assert buf is not None
             start = base + where
             if arr.flags.c_contiguous:  # one memcpy, without making an array over the map
                 buf[start:start + arr.nbytes] = arr.data.cast("B")
@@ -197,11 +199,18 @@ def write(arena: Arena, plan: list[tuple[str, np.ndarray, Any]], base: int = 0) 
 
 
 def read(arena: Arena, metas: list[TensorMeta], copy: bool) -> list[tuple[str, np.ndarray]]:
-    """Arrays for `metas`: views into the arena, or copies when `copy` (the arena is reused)."""
-    assert arena.map is not None
+    """Arrays for `metas`: views into the arena, or copies when `copy` (the arena is reused).
+
+    Empty tensors (and no tensors at all: a request without inputs to a model whose inputs are
+    all optional) are made without touching the arena, which does not exist until some message
+    carried bytes."""
     buf = arena.map
     out: list[tuple[str, np.ndarray]] = []
     for name, dtype, shape, start, nbytes in metas:
+        if nbytes == 0:
+            out.append((name, np.empty(shape, dtype=np.object_ if dtype == "BYTES" else np.dtype(dtype))))
+            continue
+        assert buf is not None
         if dtype == "BYTES":
             count = int(np.prod(shape, dtype=np.int64))
             lengths = np.frombuffer(buf, dtype=np.int64, count=count, offset=start)
@@ -211,9 +220,6 @@ def read(arena: Arena, metas: list[TensorMeta], copy: bool) -> list[tuple[str, n
             arr = np.empty(count, dtype=np.object_)
             arr[:] = [blob[s:e] for s, e in zip(starts, ends, strict=True)]
             out.append((name, arr.reshape(shape)))
-            continue
-        if nbytes == 0:
-            out.append((name, np.empty(shape, dtype=np.dtype(dtype))))
             continue
         view = np.ndarray(shape, dtype=np.dtype(dtype), buffer=buf, offset=start)
         out.append((name, view.copy() if copy else view))

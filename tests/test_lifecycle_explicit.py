@@ -157,7 +157,7 @@ def test_file_override_paths_cannot_escape(explicit_server: ServerProcess, tmp_p
     assert not Path("/tmp/abs.onnx").exists()
 
 
-@pytest.mark.parametrize("name", ["../a", "a/..", "/abs", "sub/dir", "..", ".hidden"])
+@pytest.mark.parametrize("name", ["../a", "a/..", "/abs", "sub/dir", ".."])
 def test_model_names_cannot_escape(explicit_server: ServerProcess, name: str) -> None:
     c = client(explicit_server)
     expect_error("INVALID_ARGUMENT", c.load_model, name)

@@ -136,13 +136,26 @@ def test_forget_hands_the_model_out_again(tmp_path: Path) -> None:
 # -- path confinement --
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "../etc", "a/b", "/abs", "a\\b", ".hidden", "x\0y"])
-def test_bad_model_names(name: str) -> None:
-    with pytest.raises(InvalidInput):
+@pytest.mark.parametrize("name,text", [
+    ("", "model name must not be empty"),
+    (" ", "model name must not contain only whitespace characters"),
+    ("\t\n\v\f\r ", "model name must not contain only whitespace characters"),
+    (".", "must not contain path traversal characters"),
+    ("..", "must not contain path traversal characters"),
+    ("../etc", "invalid model name '../etc', model name must not contain path traversal characters"),
+    ("a/b", "must not contain path traversal characters"),
+    ("/abs", "must not contain path traversal characters"),
+    ("a\\b", "must not contain path traversal characters"),
+    ("x\0y", "NUL"),
+    ("m" * 256, "at most 255 bytes"),
+    ("ü" * 128, "at most 255 bytes"),
+])
+def test_bad_model_names(name: str, text: str) -> None:
+    with pytest.raises(InvalidInput, match=text.replace(".", "\\.").replace("(", "\\(")):
         check_model_name(name)
 
 
-@pytest.mark.parametrize("name", ["simple", "model-1", "a.b", "ü"])
+@pytest.mark.parametrize("name", ["simple", "model-1", "a.b", "ü", ".hidden", "...", "..my_model", " a ", "m" * 255])
 def test_good_model_names(name: str) -> None:
     assert check_model_name(name) == name
 

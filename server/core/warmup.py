@@ -29,11 +29,11 @@ from backends.datatypes import config_to_protocol
 from server.core.instance import OutputShaper
 from server.core.signature import TensorInfo
 from server.errors import ConfigError
-from server.repository.safepath import is_within
+from server.repository.config_paths import WARMUP_DIR
+from server.repository.safepath import confine, require_regular
 
 log = logging.getLogger("nereid.warmup")
 
-WARMUP_DIR = "warmup"
 Execute = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -60,10 +60,13 @@ def _decode_bytes(data: bytes, where: str) -> list[bytes]:
 
 
 def _from_file(info: TensorInfo, relpath: str, model_dir: Path, shape: tuple[int, ...], batch: int) -> np.ndarray:
-    base = model_dir / WARMUP_DIR
-    path = base / relpath
-    if not relpath or not is_within(path, base):
-        raise ConfigError(f"{path}: warmup input_data_file must name a file inside {base}")
+    field = f"input '{info.name}' input_data_file"
+    if not relpath:
+        raise ConfigError(f"{field} is empty; name a file inside <model>/{WARMUP_DIR}/")
+    # The same check as config normalisation (config_paths.py): inside <model>/warmup/, symlinks
+    # followed, a regular file (a FIFO would block the loader forever).
+    path = confine(model_dir, relpath, field, base=WARMUP_DIR, keep_in_base=True)
+    require_regular(path, field, relpath)
     try:
         data = path.read_bytes()
     except OSError as exc:

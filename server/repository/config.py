@@ -27,7 +27,9 @@ from backends.registry import (
 )
 from server.core.placement import resolve_kind, visible_gpus
 from server.errors import ConfigError
+from server.repository.config_paths import check_config_paths
 from server.repository.layout import ModelDir
+from server.repository.safepath import require_regular
 from server.settings import Settings
 
 log = logging.getLogger("nereid.config")
@@ -49,7 +51,7 @@ def parse_config_text(text: str, source: str) -> mc.ModelConfig:
 def read_config(model_dir: ModelDir) -> mc.ModelConfig:
     """The config on disk, or an empty one when the model has no config.pbtxt."""
     path = model_dir.config_path
-    if not path.exists():
+    if not require_regular(path, "config file", str(path)):  # a FIFO here would hang the loader
         return mc.ModelConfig()
     return parse_config_text(path.read_text(encoding="utf-8"), str(path))
 
@@ -245,6 +247,8 @@ def load_model_config(
     if config.max_batch_size < 0:
         raise ConfigError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
     _fill_backend_fields(config, model_dir)
+    # Before auto-complete opens the model file: every file the config names is confined here.
+    check_config_paths(config, model_dir, where)
     if not settings.disable_auto_complete_config:
         _auto_complete_io(config, model_dir, settings)
     _fill_instance_groups(config)

@@ -228,10 +228,15 @@ class RepositoryManager(ModelRegistry):
 
     def _find(self, name: str) -> Path:
         check_model_name(name)
-        found = [r for r in self.settings.model_repositories if (r / name).is_dir()]
-        if len(found) > 1:
-            raise InvalidInput(f"failed to load '{name}': {DUPLICATE} ({', '.join(map(str, found))})")
-        path = find_model_dir(name, self.settings.model_repositories)
+        try:
+            found = [r for r in self.settings.model_repositories if (r / name).is_dir()]
+            if len(found) > 1:
+                raise InvalidInput(f"failed to load '{name}': {DUPLICATE} ({', '.join(map(str, found))})")
+            path = find_model_dir(name, self.settings.model_repositories)
+        except OSError as exc:  # e.g. a path too long for the filesystem: the client's name, not our fault
+            raise InvalidInput(
+                f"failed to load '{name}', failed to poll from model repository: {exc.strerror}"
+            ) from None
         if path is None:
             raise InvalidInput(
                 f"failed to load '{name}', failed to poll from model repository: no directory '{name}' in "
