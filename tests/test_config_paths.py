@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from lifecycle_util import infer_fp32
-from util import ServerProcess, client, expect_error, write_model
+from util import ServerProcess, client, expect_error, python_config, write_model
 
 EXPLICIT = ("--model-control-mode", "explicit")
 
@@ -41,14 +41,6 @@ class TritonPythonModel:
         return []
 '''
 
-PY_CONFIG = """name: "{name}"
-backend: "python"
-max_batch_size: 0
-input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-{extra}"""
-
 
 def _json(name: str, **extra: object) -> str:
     config: dict[str, object] = {
@@ -67,16 +59,16 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     repo, outside = root / "repo", root / "outside"
     outside.mkdir()
     (outside / "evil.py").write_text(EVIL_MODEL)
-    write_model(repo, "victim", PY_CONFIG.format(name="victim", extra=""), files={"1/model.py": GOOD_MODEL.encode()})
+    write_model(repo, "victim", python_config("victim"), files={"1/model.py": GOOD_MODEL.encode()})
     # On disk: a model file that is a symlink out of the folder (and one whose target is missing).
     for name, target in (("linked", outside / "evil.py"), ("dangling", outside / "missing.py")):
-        write_model(repo, name, PY_CONFIG.format(name=name, extra=""))
+        write_model(repo, name, python_config(name))
         (repo / name / "1" / "model.py").symlink_to(os.path.relpath(target, repo / name / "1"))
     # On disk: config.pbtxt itself names an outside file.
-    write_model(repo, "disk_abs", PY_CONFIG.format(
-        name="disk_abs", extra=f'default_model_filename: "{outside / "evil.py"}"'), files={"1/model.py": b""})
+    write_model(repo, "disk_abs", python_config("disk_abs", f'default_model_filename: "{outside / "evil.py"}"'),
+                files={"1/model.py": b""})
     # A FIFO as the model file.
-    write_model(repo, "fifo", PY_CONFIG.format(name="fifo", extra=""))
+    write_model(repo, "fifo", python_config("fifo"))
     os.mkfifo(repo / "fifo" / "1" / "model.py")
     return {"repo": repo, "outside": outside, "marker": outside / "PWNED"}
 

@@ -11,18 +11,10 @@ import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
-from util import ServerProcess, expect_rpc_error, identity_config, scaled, write_model
+from util import ServerProcess, expect_rpc_error, identity_config, proc_status_mb, scaled, write_model
 
 MB = 1024 * 1024
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-
-
-def _status_mb(pid: int, key: str) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(key)
 
 
 def _probe(url: str, stop, result) -> None:
@@ -62,7 +54,7 @@ def test_300_mb_request_peak_memory_and_other_calls(big_server: ServerProcess) -
     with grpc.insecure_channel(big_server.url, options=[("grpc.max_receive_message_length", limit),
                                                         ("grpc.max_send_message_length", limit)]) as channel:
         infer = channel.unary_unary(INFER)
-        idle = _status_mb(pid, "VmRSS")
+        idle = proc_status_mb(pid, "VmRSS")
         stop, result = mp.Event(), mp.Queue()
         prober = mp.Process(target=_probe, args=(big_server.url, stop, result))
         prober.start()
@@ -73,8 +65,8 @@ def test_300_mb_request_peak_memory_and_other_calls(big_server: ServerProcess) -
         worst = result.get(timeout=scaled(30))
         prober.join()
     assert answer.id == "large" and len(answer.raw_output_contents[0]) == size
-    peak = (_status_mb(pid, "VmHWM") - idle) / 300
-    after = _status_mb(pid, "VmRSS") - idle
+    peak = (proc_status_mb(pid, "VmHWM") - idle) / 300
+    after = proc_status_mb(pid, "VmRSS") - idle
     print(f"\n300 MB request: peak RSS idle + {peak:.2f} x payload, after idle + {after:.0f} MB, "
           f"longest ServerLive {worst:.3f} s")
     assert peak < 3.3, f"peak RSS idle + {peak:.2f} x payload (grpcio's receive alone is about 3.0)"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from util import ServerProcess, client, expect_rpc_error, scaled, write_model
+from util import ServerProcess, client, expect_rpc_error, python_config, scaled, write_model
 
 from server.cli import build_parser, settings_from_args
 
@@ -40,14 +40,6 @@ class TritonPythonModel:
             pb_utils.Tensor("OUTPUT0", pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy())]) for r in requests]
 '''
 
-PY_CONFIG = """name: "{name}"
-backend: "python"
-max_batch_size: 0
-input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-"""
-
 CORRUPT_CONFIG = """name: "corrupt"
 platform: "onnxruntime_onnx"
 max_batch_size: 0
@@ -60,7 +52,7 @@ RETRY_RE = re.compile(r"model '(\w+)' version 1 failed to load \(attempt (\d+) o
 
 def _python_model(repo: Path, name: str, fails: int) -> Path:
     source = FLAKY.format(fails=fails).encode()
-    return write_model(repo, name, PY_CONFIG.format(name=name), files={"1/model.py": source})
+    return write_model(repo, name, python_config(name), files={"1/model.py": source})
 
 
 def _build_repo(repo: Path) -> Path:

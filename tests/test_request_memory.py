@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
-from util import ServerProcess, identity_config, raw_request, scaled, write_model
+from util import ServerProcess, identity_config, proc_status_mb, raw_request, scaled, write_model
 
 from server.protocol.servicer import InferenceServicer
 from server.protocol.wire import SPLIT_THRESHOLD
@@ -158,14 +158,6 @@ def test_finished_request_leaves_no_reference(servicer: InferenceServicer, model
             gc.enable()
 
 
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_large_rejected_requests_do_not_raise_resident_memory(tmp_path: Path) -> None:
     """Five rejected 64 MB requests, then a good one: the server's RSS ends near where it began
     (it grew by about 1.1 GB for five 100 MB requests when rejections kept their frames)."""
@@ -181,14 +173,14 @@ def test_large_rejected_requests_do_not_raise_resident_memory(tmp_path: Path) ->
         del data, good, bad
         with server.channel() as channel:
             infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-            start = _rss_mb(server.proc.pid)
+            start = proc_status_mb(server.proc.pid)
             for _ in range(5):
                 with pytest.raises(Exception) as info:
                     infer(bad_body, timeout=scaled(60))
                 assert "input byte size mismatch" in info.value.details()
             assert len(infer(good_body, timeout=scaled(60))) > size
             time.sleep(1.0)  # the trim after a large response runs just after it is sent
-            grown = _rss_mb(server.proc.pid) - start
+            grown = proc_status_mb(server.proc.pid) - start
         assert grown < 48, f"RSS grew by {grown:.0f} MB after 5 rejected and 1 good 64 MB request"
     finally:
         server.stop()

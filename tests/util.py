@@ -165,6 +165,14 @@ def identity_config(
     return text + extra
 
 
+def python_config(name: str, extra: str = "") -> str:
+    """config.pbtxt of a Python model: FP32 [4] in (INPUT0) and out (OUTPUT0), one instance."""
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+            'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+            'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+            f"instance_group [ {{ kind: KIND_CPU count: 1 }} ]\n{extra}")
+
+
 def _default_output_name(input_name: str) -> str:
     if "INPUT" in input_name:
         return input_name.replace("INPUT", "OUTPUT")
@@ -292,6 +300,15 @@ class ServerProcess:
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         return self.proc.returncode
+
+
+def proc_status_mb(pid: int, key: str = "VmRSS") -> float:
+    """A memory figure of a process from /proc/PID/status, in MB (VmRSS now, VmHWM its peak)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
 
 
 # ---------------------------------------------------------------------------

@@ -129,18 +129,20 @@ def guard(name: str, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMet
     serializer = handler.response_serializer
     full = f"{name}/{method}"
 
-    def parsed(body: bytes) -> Any:
-        return body if parse is None else parse_message(parse, body, f"{full} request")
+    def parsed(body: bytes) -> tuple[Any, tuple[grpc.StatusCode, str] | None]:
+        """(the request, None), or (None, the status to end the call with)."""
+        status = None
+        try:
+            return (body if parse is None else parse_message(parse, body, f"{full} request")), None
+        except Exception as exc:
+            status = failure(full, exc)
+        return None, status
 
     if handler.unary_unary is not None:
         inner = handler.unary_unary
 
         async def unary_unary(body: bytes, context: Any) -> Any:
-            status = None
-            try:
-                request = parsed(body)
-            except Exception as exc:
-                status = failure(full, exc)
+            request, status = parsed(body)
             if status is not None:
                 finish_with(context, status)
                 return None
@@ -149,46 +151,26 @@ def guard(name: str, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMet
         return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serializer)
     if handler.unary_stream is not None:
         inner_stream = handler.unary_stream
-        if inspect.isasyncgenfunction(inner_stream):
-            async def unary_stream_gen(body: bytes, context: Any) -> AsyncIterator[Any]:
-                status = None
-                try:
-                    request = parsed(body)
-                except Exception as exc:
-                    status = failure(full, exc)
-                if status is not None:
-                    finish_with(context, status)
-                    return
-                async for item in inner_stream(request, context):
-                    yield item
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream_gen, response_serializer=serializer)
-
-        async def unary_stream(body: bytes, context: Any) -> None:
-            status = None
-            try:
-                request = parsed(body)
-            except Exception as exc:
-                status = failure(full, exc)
+        async def unary_stream(body: bytes, context: Any) -> AsyncIterator[Any]:
+            request, status = parsed(body)
             if status is not None:
                 finish_with(context, status)
                 return
-            await inner_stream(request, context)
+            if inspect.isasyncgenfunction(inner_stream):
+                async for item in inner_stream(request, context):
+                    yield item
+            else:  # the reader/writer API: it writes through the context itself
+                await inner_stream(request, context)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=serializer)
 
-    def requests(iterator: Any, context: Any) -> AsyncIterator[Any]:
-        async def gen() -> AsyncIterator[Any]:
-            async for body in iterator:
-                status = None
-                try:
-                    request = parsed(body)
-                except Exception as exc:
-                    status = failure(full, exc)
-                if status is not None:
-                    await context.abort(*status)
-                yield request
-        return gen()
+    async def requests(iterator: Any, context: Any) -> AsyncIterator[Any]:
+        async for body in iterator:
+            request, status = parsed(body)
+            if status is not None:
+                await context.abort(*status)
+            yield request
 
     if handler.stream_unary is not None:
         inner_su = handler.stream_unary
@@ -198,15 +180,13 @@ def guard(name: str, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMet
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serializer)
     inner_ss = handler.stream_stream
-    if inspect.isasyncgenfunction(inner_ss):
-        async def stream_stream_gen(iterator: Any, context: Any) -> AsyncIterator[Any]:
+
+    async def stream_stream(iterator: Any, context: Any) -> AsyncIterator[Any]:
+        if inspect.isasyncgenfunction(inner_ss):
             async for item in inner_ss(requests(iterator, context), context):
                 yield item
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream_gen, response_serializer=serializer)
-
-    async def stream_stream(iterator: Any, context: Any) -> None:
-        await inner_ss(requests(iterator, context), context)
+        else:
+            await inner_ss(requests(iterator, context), context)
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, response_serializer=serializer)
 
