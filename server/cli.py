@@ -103,9 +103,11 @@ def _add_overload_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--model-execution-timeout-secs", type=_non_negative_float, default=0.0, metavar="S",
                        help="answer DEADLINE_EXCEEDED when an execution runs longer, and stop it if the backend "
                        "can (Python models); a model's execution_timeout_ms parameter overrides it (0: none)")
-    serve.add_argument("--model-failure-threshold", type=_non_negative_int, default=10, metavar="N",
+    serve.add_argument("--model-failure-threshold", type=_non_negative_int, default=0, metavar="N",
                        help="failed executions in a row after which an instance is retired; with none left the "
-                       "version is UNAVAILABLE until loaded again (0: never; default 10)")
+                       "version is UNAVAILABLE until loaded again; a model's failure_threshold parameter "
+                       "overrides it (default 0: never, since a client could push a model that fails on "
+                       "some inputs offline)")
 
 
 def _add_lifecycle_flags(serve: argparse.ArgumentParser) -> None:

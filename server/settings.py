@@ -52,11 +52,12 @@ class Settings:
     # Overload and faults (server/core/faults.py, docs/SECURITY.md): queued requests per model where
     # the config sets no max_queue_size (0: unbounded, as Triton), requests in flight in the whole
     # server (0: no cap), an execution timeout (0: none; a model's `execution_timeout_ms` parameter
-    # overrides it) and the failed executions in a row that retire an instance (0: never).
+    # overrides it) and the failed executions in a row that retire an instance (0: never; a model's
+    # `failure_threshold` parameter overrides it).
     model_queue_limit: int = 1000
     max_inflight_requests: int = 4096
     model_execution_timeout_secs: float = 0.0
-    model_failure_threshold: int = 10
+    model_failure_threshold: int = 0
     # Per-client token buckets (server/protocol/ratelimit.py): "RATE[:BURST]" or "" (off).
     rate_limit_per_client: str = ""
     rate_limit_client_header: str = ""

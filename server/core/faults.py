@@ -8,10 +8,12 @@ A backend that raises already fails only its own batch (instance.py). Two more c
   (a Python model's stub process is killed and restarted); an in-process framework call
   cannot be stopped, so that instance stays busy until it returns, while the model's other
   instances and every other model keep serving.
-- An instance whose executions fail `--model-failure-threshold` times in a row (errors of
-  the model or its runtime, not a client's bad input) is taken out of service; when no
-  instance of a model version is left, the version becomes UNAVAILABLE with the reason,
-  which the repository index, readiness and health then report until it is loaded again.
+- An instance whose executions fail `--model-failure-threshold` times in a row (or the
+  model's `failure_threshold` parameter; errors of the model or its runtime, not a client's
+  bad input) is taken out of service; when no instance of a model version is left, the
+  version becomes UNAVAILABLE with the reason, which the repository index, readiness and
+  health then report until it is loaded again. Off by default: a model that fails for some
+  inputs could otherwise be pushed offline by a client sending only those.
 
 One watchdog thread per process checks the running executions a few times per timeout.
 """
@@ -31,6 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 log = logging.getLogger("nereid.faults")
 
 TIMEOUT_PARAMETER = "execution_timeout_ms"
+THRESHOLD_PARAMETER = "failure_threshold"
 
 
 @dataclass(frozen=True)
@@ -43,19 +46,29 @@ class ServingLimits:
     failure_threshold: int = 0  # consecutive failed executions before an instance is retired; 0: never
 
 
+def _parameter(config: mc.ModelConfig, key: str, what: str) -> float | None:
+    param = config.parameters.get(key)
+    if param is None:
+        return None
+    try:
+        value = float(param.string_value)
+    except ValueError:
+        raise ValueError(f"parameter {key} must be {what}, got '{param.string_value}'") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"parameter {key} must be {what} >= 0, got '{param.string_value}'")
+    return value
+
+
 def execution_timeout_s(config: mc.ModelConfig, default_s: float) -> float:
     """The model's own `execution_timeout_ms` parameter, else the server default (0: none)."""
-    param = config.parameters.get(TIMEOUT_PARAMETER)
-    if param is None:
-        return default_s
-    try:
-        value = float(param.string_value) / 1000.0
-    except ValueError:
-        raise ValueError(f"parameter {TIMEOUT_PARAMETER} must be a number of milliseconds, "
-                         f"got '{param.string_value}'") from None
-    if value < 0:
-        raise ValueError(f"parameter {TIMEOUT_PARAMETER} must be >= 0, got '{param.string_value}'")
-    return value
+    value = _parameter(config, TIMEOUT_PARAMETER, "a number of milliseconds")
+    return default_s if value is None else value / 1000.0
+
+
+def failure_threshold(config: mc.ModelConfig, default: int) -> int:
+    """The model's own `failure_threshold` parameter, else the server default (0: never)."""
+    value = _parameter(config, THRESHOLD_PARAMETER, "a whole number")
+    return default if value is None else int(value)
 
 
 class Watched:

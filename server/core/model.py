@@ -20,7 +20,7 @@ from backends.base import Backend, BackendError, ModelSpec
 from backends.registry import backend_class
 from server.core.batcher_config import make_batcher
 from server.core.dynamic_batcher import DynamicBatchScheduler
-from server.core.faults import WATCHDOG, ServingLimits, execution_timeout_s
+from server.core.faults import WATCHDOG, ServingLimits, execution_timeout_s, failure_threshold
 from server.core.instance import (
     CostTracker,
     ModelInstance,
@@ -120,6 +120,7 @@ class Model:
             cls = backend_class(self.config.backend)
             try:
                 self.timeout_s = execution_timeout_s(self.config, self._limits.execution_timeout_s)
+                threshold = failure_threshold(self.config, self._limits.failure_threshold)
             except ValueError as exc:
                 raise BackendError(str(exc)) from None
             if self.timeout_s:  # a model running on the event loop could not be timed out
@@ -136,7 +137,7 @@ class Model:
                 backend = cls()
                 backend.load(replace(self.spec, instance_name=placement.name), placement.device)
                 instance = ModelInstance(placement.name, backend, self._scheduler, shaper, self.stats, self._cost,
-                                         self._limits.failure_threshold, self._instance_retired)
+                                         threshold, self._instance_retired)
                 self._instances.append(instance)
             self._warm(cls)
             if self.timeout_s:
