@@ -25,9 +25,11 @@ Known open defects are pinned by strict xfails in test_fuzz_findings.py.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 from fuzz_harness import (
@@ -60,6 +62,7 @@ from fuzz_strategies import (
     garbage,
     hostile_configs,
     infer_requests,
+    io_config,
     messages,
     model_names,
     mutated,
@@ -479,6 +482,55 @@ def test_unload_requests(explicit, name: str, parameters: list) -> None:
     target.check(UNLOAD, body, target.unary(UNLOAD, body), LOAD_CODES)
     reload = pb.RepositoryModelLoadRequest(model_name="ld_id").SerializeToString()
     target.check(LOAD, reload, target.unary(LOAD, reload), frozenset({Code.OK}))
+    target.check_healthy(since)
+
+
+BACKEND_OF = {"ld_id": "identity", "ld_py": "python", "ld_onnx": "onnxruntime"}
+
+
+@budget(25)
+@given(data=st.data())
+def test_concurrent_loads_unloads_and_requests_on_one_model(explicit, data: st.DataObject) -> None:
+    """Loads (hostile, valid, or from disk), unloads and inference requests on one model, all at
+    once: each gets a client-mistake code, nothing outside is run or read, and afterwards a plain
+    load from disk brings the model back and it answers."""
+    target, place = explicit
+    since = len(target.server.lines)
+    model = data.draw(st.sampled_from(LOAD_TARGETS), label="model")
+    valid = json.dumps(io_config(model, BACKEND_OF[model]))
+    op = st.one_of(
+        st.just(("unload", "")), st.just(("load", "")), st.just(("load", valid)), st.just(("infer", "")),
+        hostile_configs(model, place.hostile_paths()).map(lambda o: ("load", o.text)))
+    ops = data.draw(st.lists(op, min_size=2, max_size=6), label="operations")
+    calls = []
+    for kind, config in ops:
+        if kind == "infer":
+            method, body = INFER, good_request(target.sigs[model]).SerializeToString()
+        elif kind == "unload":
+            method, body = UNLOAD, pb.RepositoryModelUnloadRequest(model_name=model).SerializeToString()
+        else:
+            request = pb.RepositoryModelLoadRequest(model_name=model)
+            if config:
+                request.parameters["config"].string_param = config
+            method, body = LOAD, request.SerializeToString()
+        calls.append((method, body, target.channel.unary_unary(method).future(body, timeout=target.timeout)))
+    for method, body, call in calls:
+        try:
+            call.result()
+            answer = Answer(Code.OK, "")
+        except grpc.RpcError as err:
+            answer = Answer(err.code(), err.details() or "")
+        target.check(method, body, answer, LOAD_CODES | {Code.UNAVAILABLE} if method == INFER else LOAD_CODES)
+    ran, read = place.marker.exists(), place.read_files()
+    place.marker.unlink(missing_ok=True)
+    place.reset_atimes()
+    if ran or read:
+        assert any(open_outside_finding(config) for _, config in ops), f"a file outside was run or read: {ops}"
+        target.tolerated = True
+    reload = pb.RepositoryModelLoadRequest(model_name=model).SerializeToString()
+    target.check(LOAD, reload, target.unary(LOAD, reload), frozenset({Code.OK}))
+    answer = target.unary(INFER, good_request(target.sigs[model]).SerializeToString())
+    assert answer.code == Code.OK, f"{model} after reloading it from disk: {answer}"
     target.check_healthy(since)
 
 
