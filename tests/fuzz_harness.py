@@ -9,7 +9,6 @@ reproducer on its own.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from fuzz_strategies import ITEMSIZE, ModelSig, TensorSig
 from hypothesis import note as hypothesis_note
 from hypothesis.control import currently_in_test_context
 from tritonclient.grpc import service_pb2 as pb
-from util import ServerProcess, scaled
+from util import ServerProcess, proc_status_mb, scaled
 
 Code = grpc.StatusCode
 INFERENCE = "inference.GRPCInferenceService"
@@ -50,11 +49,15 @@ BUG_LINE = re.compile(r"nereid\.protocol\] \S+ failed$|reading the stream failed
                       r"|Exception in callback|Fatal Python error|Segmentation fault|core dumped")
 
 
-# Defects found by this suite and not fixed yet, each pinned by a strict xfail in test_fuzz_findings.py
-# (which turns into a failure once the defect is fixed). While one is open, exactly the answer it
-# describes is tolerated here; whoever fixes it deletes its entry and its xfail marker.
+# Defects found by this suite and not fixed yet, each pinned by a strict xfail reproducer in
+# tests/test_fuzz_findings.py (which turns into a failure once the defect is fixed). While one is
+# open, exactly the answer it describes is tolerated here, keyed by a line that names it; whoever
+# fixes it deletes the entry and the reproducer's xfail marker. (The first ones this suite found,
+# long model names on load and config paths outside the model folder, were fixed on main by the
+# model-names and config-paths work.)
 OPEN_FINDINGS: dict[str, Callable[[str, Answer], bool]] = {
-    "a model name longer than a file name is INTERNAL on load (test_fuzz_findings.py)": lambda method, answer: (
+    "a file: override whose path the file system refuses (a component over 255 bytes, or over 4096 "
+    "in all) is INTERNAL on load (test_fuzz_findings.py)": lambda method, answer: (
         method.endswith("/RepositoryModelLoad") and answer.code == Code.INTERNAL
         and "File name too long" in answer.details),
 }
@@ -66,32 +69,7 @@ def open_finding(method: str, answer: Answer) -> str | None:
 
 # The same for config overrides that make a load read or run a file outside the repository
 # (the argument is the override's text).
-def _names_a_path_outside(config_text: str) -> bool:
-    """The override sets a path field (other than warmup's input_data_file, already confined) to
-    an absolute path, one with '..', or one of the test's symlinks (link_*, links/) out of the
-    repository."""
-    try:
-        config = json.loads(config_text)
-    except (ValueError, RecursionError):
-        return False
-    if not isinstance(config, dict):
-        return False
-    paths = [config.get("default_model_filename")]
-    if isinstance(config.get("cc_model_filenames"), dict):
-        paths += list(config["cc_model_filenames"].values())
-    for output in config.get("output") if isinstance(config.get("output"), list) else []:
-        paths.append(output.get("label_filename") if isinstance(output, dict) else None)
-    if isinstance(config.get("parameters"), dict):
-        env = config["parameters"].get("EXECUTION_ENV_PATH")
-        paths.append(env.get("string_value") if isinstance(env, dict) else None)
-    return any(isinstance(p, str) and (p.startswith("/") or ".." in p or p.startswith(("link_", "links/")))
-               for p in paths)
-
-
-OPEN_OUTSIDE_FINDINGS: dict[str, Callable[[str], bool]] = {
-    "config paths are not confined to the model folder (issue 9 defect 1; test_fuzz_findings.py)":
-        _names_a_path_outside,
-}
+OPEN_OUTSIDE_FINDINGS: dict[str, Callable[[str], bool]] = {}
 
 
 def open_outside_finding(config_text: str) -> str | None:
@@ -124,7 +102,7 @@ class Target:
     sigs: dict[str, ModelSig]
     good_model: str
     extra_bug_lines: tuple[re.Pattern[str], ...] = ()
-    rss_baseline_kb: int = 0
+    rss_baseline_mb: float = 0.0
     tolerated: bool = False  # the current example met an open finding
     timeout: float = field(default_factory=lambda: scaled(15))
 
@@ -199,17 +177,8 @@ class Target:
         response = pb.ModelInferResponse.FromString(answer.messages[0])
         assert list(response.raw_output_contents) == list(request.raw_input_contents), response
 
-    def rss_kb(self) -> int:
-        return rss_kb(self.server.proc.pid)
-
-
-def rss_kb(pid: int) -> int:
-    """Resident set size of process `pid` (VmRSS in /proc/<pid>/status), in KiB."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for process {pid}")
+    def rss_mb(self) -> float:
+        return proc_status_mb(self.server.proc.pid)
 
 
 def good_request(sig: ModelSig) -> pb.ModelInferRequest:

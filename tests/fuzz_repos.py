@@ -91,17 +91,20 @@ class Explicit:
                 os.symlink(self.outside / name, self.repo / model / "links" / name)
         self.outside_listing = self.listing()
 
-    def path(self, name: str, style: str, model: str = "ld_py") -> str:
-        """How a config in model `model` would name planted file `name` in `style`."""
+    def path(self, name: str, style: str, model: str = "ld_py", field: str = "default_model_filename") -> str:
+        """How config field `field` of model `model` would name planted file `name` in `style`.
+        (Relative names start in the version folder for the model files, in the model folder for
+        the others: the symlink is named from there.)"""
         target = self.outside / name
         version_dir = self.repo / model / "1"
+        in_version = field in ("default_model_filename", "cc_model_filenames")
         return {
             "absolute": str(target),
             "from_version": os.path.relpath(target, version_dir),
             "from_model": os.path.relpath(target, version_dir.parent),
             "from_repo": os.path.relpath(target, self.repo),
             "deep": "../" * 16 + str(target).lstrip("/"),
-            "symlink": f"link_{name}",
+            "symlink": f"link_{name}" if in_version else f"1/link_{name}",
         }[style]
 
     def __repr__(self) -> str:
@@ -141,7 +144,7 @@ class Explicit:
         channel = server.channel()
         target = Target(server, channel, read_signatures(channel), good_model=ANCHOR,
                         extra_bug_lines=(re.compile(re.escape(TOKEN)),))
-        target.rss_baseline_kb = target.rss_kb()
+        target.rss_baseline_mb = target.rss_mb()
         return target
 
 

@@ -517,8 +517,10 @@ def hostile_configs(draw: Draw, name: str, paths: Sequence[str]) -> Override:
 
 
 def override_keys(paths: Sequence[str]) -> st.SearchStrategy[str]:
-    """`file:` override keys, mostly ones that try to leave the override directory."""
-    rel = st.one_of(st.sampled_from(["1/model.onnx", "1/model.py", "config.pbtxt", "1/../../x", "../x", "/abs",
-                                     "1//x", "1/./x", "1\\..\\x", "1/\x00", "", "1/" + "d/" * 200 + "x"]),
-                    st.sampled_from(list(paths)), names())
+    """`file:` override keys, mostly ones that try to leave the override directory, or that no
+    file system takes (a component over 255 bytes, a path over 4096)."""
+    fixed = st.sampled_from(["1/model.onnx", "1/model.py", "config.pbtxt", "1/../../x", "../x", "/abs", "1//x",
+                             "1/./x", "1\\..\\x", "1/\x00", "", "1/" + "d/" * 200 + "x"])
+    too_long = st.sampled_from(["1/" + "n" * 256, "n" * 300 + "/model.onnx", "1/" + "d/" * 2100 + "x"])
+    rel = st.one_of(fixed, too_long, st.sampled_from(list(paths)), names())
     return rel.map(lambda r: "file:" + r)

@@ -18,9 +18,10 @@ explicit-mode server gets hostile config and file overrides. Properties:
   never shows in answers or the log), a path outside the model folder is INVALID_ARGUMENT and
   the answer does not tell whether it exists, and no override directory is left behind.
 
-Budget: profile "ci" (default; fixed seeds, runs in well under a minute) or "long"
+Budget: profile "ci" (default; fixed seeds, about 25 s) or "long"
 (NEREID_FUZZ_PROFILE=long, many thousands of examples; docs/DEVELOPING.md).
-Known open defects are pinned by strict xfails in test_fuzz_findings.py.
+A defect found and not fixed at once is pinned by a strict xfail in test_fuzz_findings.py and
+tolerated here meanwhile (fuzz_harness.OPEN_FINDINGS).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def main(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     target = Target(server, channel, read_signatures(channel), good_model="id_FP32")
     for sig in target.sigs.values():  # warm every model up before the memory baseline
         target.unary(f"/{INFERENCE}/ModelInfer", good_request(sig).SerializeToString())
-    target.rss_baseline_kb = target.rss_kb()
+    target.rss_baseline_mb = target.rss_mb()
     yield target
     channel.close()
     server.stop()
@@ -353,20 +354,20 @@ def test_replayed_large_hostile_requests_do_not_grow_memory(main: Target) -> Non
 
     for _ in range(3):
         play()
-    before = main.rss_kb()
+    before = main.rss_mb()
     peak = before
     for _ in range(rounds):
         play()
-        peak = max(peak, main.rss_kb())
-    assert peak - before <= 24 * 1024, f"RSS went from {before} KiB up to {peak} KiB over {rounds} rounds"
+        peak = max(peak, main.rss_mb())
+    assert peak - before <= 24, f"RSS went from {before:.1f} MB up to {peak:.1f} MB over {rounds} rounds"
     main.check_healthy(0)
 
 
 def test_memory_after_the_fuzz_run_is_bounded(main: Target) -> None:
     """Runs after the tests above (file order): the server's RSS did not run away."""
-    now = main.rss_kb()
-    limit = main.rss_baseline_kb + max(96 * 1024, main.rss_baseline_kb // 4)
-    assert now <= limit, f"RSS went from {main.rss_baseline_kb} KiB to {now} KiB (limit {limit} KiB)"
+    now = main.rss_mb()
+    limit = main.rss_baseline_mb + max(96, main.rss_baseline_mb / 4)
+    assert now <= limit, f"RSS went from {main.rss_baseline_mb:.1f} MB to {now:.1f} MB (limit {limit:.1f} MB)"
 
 
 # -- hostile config overrides on RepositoryModelLoad (explicit mode) ------------------------------
@@ -426,7 +427,7 @@ def test_config_paths_never_leave_the_model_folder(explicit, model: str, backend
     target, place = explicit
     answers = []
     for name in (planted, absent(planted)):  # a file that exists, then one that does not
-        config = path_config(model, backend, field, place.path(name, style, model))
+        config = path_config(model, backend, field, place.path(name, style, model, field))
         request = pb.RepositoryModelLoadRequest(model_name=model)
         request.parameters["config"].string_param = config
         note(f"config override: {config}")
@@ -434,11 +435,13 @@ def test_config_paths_never_leave_the_model_folder(explicit, model: str, backend
     if open_outside_finding(config) is not None:
         return
     exists, missing = answers[0], answers[1]
-    if style != "from_repo":  # "../outside/x" from the version folder stays inside the model folder
+    # "../outside/x" (from_repo) from the version folder stays inside the model folder; EXECUTION_ENV_PATH
+    # is a parameter of the Python backend only (other backends read no parameter of that name).
+    if style != "from_repo" and (field != "EXECUTION_ENV_PATH" or backend == "python"):
         assert exists.code == Code.INVALID_ARGUMENT, f"a path outside the model folder was accepted: {exists}"
     # The answer must not tell whether a path outside the repository exists.
     assert (exists.code, exists.details) == (missing.code, missing.details.replace(absent(planted), planted)), \
-        f"the answer tells whether {place.path(planted, style, model)} exists: {exists} vs {missing}"
+        f"the answer tells whether {place.path(planted, style, model, field)} exists: {exists} vs {missing}"
 
 
 @budget(120)
@@ -448,7 +451,7 @@ def test_hostile_config_overrides(explicit, data: st.DataObject) -> None:
     content; file overrides with traversal keys; unknown parameters; any model name."""
     target, place = explicit
     draw = data.draw
-    mode = draw(st.sampled_from(["config", "config", "config", "files", "anything"]), label="mode")
+    mode = draw(st.sampled_from(["config", "config", "config", "files", "files", "anything"]), label="mode")
     name = draw(st.sampled_from(LOAD_TARGETS) if mode != "anything" else names().filter(lambda n: n != ANCHOR))
     request = pb.RepositoryModelLoadRequest(model_name=name)
     override = draw(hostile_configs(name, place.hostile_paths()))
@@ -540,6 +543,6 @@ def test_explicit_server_cleaned_up_after_the_fuzz_run(explicit) -> None:
     leftovers = sorted(p.name for p in place.tmp.iterdir() if p.name.startswith("nereid-override-"))
     assert not leftovers, leftovers
     assert place.listing() == place.outside_listing
-    now = target.rss_kb()
-    limit = target.rss_baseline_kb + max(128 * 1024, target.rss_baseline_kb // 2)
-    assert now <= limit, f"RSS went from {target.rss_baseline_kb} KiB to {now} KiB (limit {limit} KiB)"
+    now = target.rss_mb()
+    limit = target.rss_baseline_mb + max(128, target.rss_baseline_mb / 2)
+    assert now <= limit, f"RSS went from {target.rss_baseline_mb:.1f} MB to {now:.1f} MB (limit {limit:.1f} MB)"
