@@ -46,6 +46,7 @@ from fuzz_harness import (
     read_signatures,
     stream_agrees,
 )
+from fuzz_overrides import PATH_FIELDS, hostile_configs, io_config, override_keys, path_config
 from fuzz_repos import (
     ANCHOR,
     EXAMPLES,
@@ -58,18 +59,13 @@ from fuzz_repos import (
     build_main_repo,
 )
 from fuzz_strategies import (
-    PATH_FIELDS,
     PATH_LIKE,
     garbage,
-    hostile_configs,
     infer_requests,
-    io_config,
     messages,
     model_names,
     mutated,
     names,
-    override_keys,
-    path_config,
     repository_parameter_values,
 )
 from grpc_health.v1 import health_pb2

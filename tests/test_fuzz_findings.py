@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 from fuzz_harness import INFERENCE, Code, Target
+from fuzz_overrides import io_config
 from fuzz_repos import Explicit
-from fuzz_strategies import io_config
 from tritonclient.grpc import service_pb2 as pb
 
 LOAD = f"/{INFERENCE}/RepositoryModelLoad"
