@@ -55,12 +55,7 @@ BUG_LINE = re.compile(r"nereid\.protocol\] \S+ failed$|reading the stream failed
 # fixes it deletes the entry and the reproducer's xfail marker. (The first ones this suite found,
 # long model names on load and config paths outside the model folder, were fixed on main by the
 # model-names and config-paths work.)
-OPEN_FINDINGS: dict[str, Callable[[str, Answer], bool]] = {
-    "a file: override whose path the file system refuses (a component over 255 bytes, or over 4096 "
-    "in all) is INTERNAL on load (test_fuzz_findings.py)": lambda method, answer: (
-        method.endswith("/RepositoryModelLoad") and answer.code == Code.INTERNAL
-        and "File name too long" in answer.details),
-}
+OPEN_FINDINGS: dict[str, Callable[[str, Answer], bool]] = {}
 
 
 def open_finding(method: str, answer: Answer) -> str | None:

@@ -1,10 +1,10 @@
-"""Defects the fuzz suite (test_fuzz.py) found that are not fixed yet: a minimal reproducer each,
-marked xfail(strict=True).
+"""Defects the fuzz suite (test_fuzz.py) found: a minimal reproducer each, kept as a regression
+test once fixed.
 
-When a fix lands, its reproducer passes and strict turns that into a failure: then delete the
-xfail marker here AND the finding's entry in fuzz_harness.OPEN_FINDINGS (or
-OPEN_OUTSIDE_FINDINGS), which meanwhile lets the fuzz tests tolerate exactly what the finding
-describes and nothing else.
+A finding not fixed yet is marked xfail(strict=True) here and has an entry in
+fuzz_harness.OPEN_FINDINGS (or OPEN_OUTSIDE_FINDINGS), which lets the fuzz tests tolerate exactly
+what the finding describes and nothing else; when the fix lands, strict turns the passing
+reproducer into a failure: then delete both.
 """
 
 from __future__ import annotations
@@ -31,10 +31,6 @@ def explicit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Target,
     target.server.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="finding: a file: override whose path the file system refuses (a component "
-                   "over 255 bytes, or a path over 4096) makes RepositoryModelLoad answer INTERNAL "
-                   "'OSError(36, File name too long)' (from writing the override directory, "
-                   "server/repository/overrides.py) and log a traceback; a client's bad key is INVALID_ARGUMENT")
 @pytest.mark.parametrize("key", ["file:1/" + "n" * 256, "file:" + "n" * 256 + "/model.onnx",
                                  "file:1/" + "d/" * 2100 + "x"],
                          ids=["file_name_256_bytes", "folder_name_256_bytes", "path_over_4096_bytes"])

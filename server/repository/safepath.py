@@ -30,6 +30,7 @@ _WHITESPACE = " \t\n\v\f\r"
 # Longest file name on the filesystems a repository lives on (NAME_MAX): a longer model name
 # can never be a folder, and asking the filesystem about it fails with ENAMETOOLONG.
 NAME_MAX = 255
+PATH_MAX = 4096  # and the longest path (Linux PATH_MAX)
 # As the kernel: more symlinks than this on one path is a loop (ELOOP).
 _MAX_LINKS = 40
 
@@ -103,6 +104,11 @@ def override_relpath(key: str) -> PurePosixPath:
             f"override '{key}': '.', '..' and empty path components are not allowed; "
             "expected file:<version>/<file name>"
         )
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in parts) or \
+            len(raw.encode("utf-8", "surrogatepass")) > PATH_MAX:
+        raise InvalidInput(
+            f"override '{key[:80]}...': a path component longer than {NAME_MAX} bytes or a path longer than "
+            f"{PATH_MAX} bytes cannot be a file name")
     return path
 
 
