@@ -8,9 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 from util import MODEL_REPOSITORY, identity_config, write_model
 
+from backends.base import TensorSpec
+from server.core.signature import TensorInfo
 from server.errors import ConfigError, ErrorCode
 from server.repository.config import load_model_config, parse_config_text, read_config, select_versions
 from server.repository.layout import scan_model_dir
@@ -324,3 +327,23 @@ def test_auto_complete_broken_model_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(tmp_path, "bad")
     assert str(tmp_path / "bad" / "1" / "model.onnx") in str(info.value)
+
+
+def test_instance_and_warmup_counts_are_bounded(tmp_path) -> None:
+    """A config (or load override) cannot ask for 100,000 instances or a warmup that never ends."""
+    from server.core.warmup import MAX_COUNT, build_samples
+    from server.repository.config import MAX_INSTANCES
+
+    repo = tmp_path
+    text = identity_config("many", [("INPUT0", "FP32", [2])]) + \
+        f"instance_group [ {{ kind: KIND_CPU count: {MAX_INSTANCES + 1} }} ]\n"
+    write_model(repo, "many", text)
+    with pytest.raises(ConfigError, match=f"asks for {MAX_INSTANCES + 1} instances"):
+        load_model_config(scan_model_dir(repo / "many"), Settings(model_repositories=(repo,)))
+    config = mc.ModelConfig()
+    text_format.Parse(f'model_warmup [ {{ name: "w" batch_size: 1 count: {MAX_COUNT + 1} '
+                      'inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 2 ] zero_data: true } } } ]',
+                      config)
+    info = {"INPUT0": TensorInfo.from_spec(TensorSpec("INPUT0", "FP32", (2,)), 0)}
+    with pytest.raises(ConfigError, match="count .* is over"):
+        build_samples(config.model_warmup, info, repo, 0, "config.pbtxt")

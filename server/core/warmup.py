@@ -34,6 +34,10 @@ from server.repository.safepath import confine, require_regular
 
 log = logging.getLogger("nereid.warmup")
 
+# Executions per sample and instance at most (Triton has no bound): a count of 10^9 in a config or
+# load override would keep a loader thread busy for good and the model never READY.
+MAX_COUNT = 10_000
+
 Execute = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -158,6 +162,9 @@ def build_samples(
                 tensors[name] = _zeros(info, shape)
             else:
                 raise ConfigError(f"{label}: input '{name}' sets none of zero_data, random_data, input_data_file")
+        if warmup.count > MAX_COUNT:
+            raise ConfigError(f"{label}: count {warmup.count} is over {MAX_COUNT} (a warmup that long never "
+                              "lets the model become ready)")
         samples.append(WarmupSample(warmup.name or str(index), batch, max(int(warmup.count), 1), tensors))
     return samples
 

@@ -34,6 +34,10 @@ from server.settings import Settings
 
 log = logging.getLogger("nereid.config")
 
+# Nereid's bound on a model version's instances (Triton has none): a config or load override
+# asking for 100,000 would otherwise exhaust the process's threads.
+MAX_INSTANCES = 512
+
 # Triton's default instance count on CPU: 2 for ONNX Runtime, 1 elsewhere.
 _DEFAULT_CPU_COUNT = {"onnxruntime": 2}
 
@@ -194,6 +198,11 @@ def _fill_instance_groups(config: mc.ModelConfig, visible: Sequence[int] | None 
         if group.count < 1:
             cpu = group.kind != mc.ModelInstanceGroup.KIND_GPU
             group.count = _DEFAULT_CPU_COUNT.get(config.backend, 1) if cpu else 1
+    total = sum(g.count * max(len(g.gpus), 1) for g in config.instance_group)
+    if total > MAX_INSTANCES:
+        raise ConfigError(
+            f"model '{config.name}': instance_group asks for {total} instances; at most {MAX_INSTANCES} per model "
+            "(each is a thread, a Python model's also a process)")
 
 
 def _validate_tensors(config: mc.ModelConfig, where: str) -> None:
