@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server import __version__
+from server.logs import FORMATS, LogState
+from server.logs import configure as configure_logging
 from server.metrics.config import parse_metrics_config
 from server.protocol.ratelimit import parse_rate
 from server.settings import (
@@ -85,6 +87,19 @@ def _rate(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _add_log_flags(serve: argparse.ArgumentParser) -> None:
+    """tritonserver's logging flags (server/logs.py); LogSettings changes them at run time."""
+    serve.add_argument("--log-verbose", type=_non_negative_int, default=0, metavar="N",
+                       help="verbose logging: 1 adds a line per request and per batch, 2 grpcio's own (default 0)")
+    serve.add_argument("--log-info", type=_bool, default=True, metavar="BOOL", help="info lines (default true)")
+    serve.add_argument("--log-warning", type=_bool, default=True, metavar="BOOL",
+                       help="warning lines (default true)")
+    serve.add_argument("--log-error", type=_bool, default=True, metavar="BOOL", help="error lines (default true)")
+    serve.add_argument("--log-format", choices=FORMATS, default="default",
+                       help="default (Triton's layout), ISO8601, or json: one object per line (default default)")
+    serve.add_argument("--log-file", default="", metavar="PATH", help="write the log here instead of stderr")
 
 
 def _add_metrics_flags(serve: argparse.ArgumentParser) -> None:
@@ -189,7 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ready only when every model is ready (default true)")
     serve.add_argument("--exit-timeout-secs", type=float, default=30.0,
                        help="how long shutdown waits for in-flight requests (default 30)")
-    serve.add_argument("--log-verbose", type=int, default=0, help="verbose logging level (0 = off)")
     serve.add_argument("--inline-compute-us", type=float, default=100.0,
                        help="models measured below this many µs per request run on the event loop when an "
                        "instance is idle, saving a thread hand-off; 0 disables (default 100)")
@@ -201,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security_flags(serve)
     _add_overload_flags(serve)
     _add_metrics_flags(serve)
+    _add_log_flags(serve)
     _add_validate(sub)
     return parser
 
@@ -221,7 +236,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         disable_auto_complete_config=args.disable_auto_complete_config,
         strict_readiness=args.strict_readiness,
         exit_timeout_secs=args.exit_timeout_secs,
-        log_verbose=args.log_verbose,
+        log=LogState(verbose=args.log_verbose, info=args.log_info, warning=args.log_warning, error=args.log_error,
+                     format=args.log_format, file=args.log_file),
         allow_metrics=args.allow_metrics,
         allow_cpu_metrics=args.allow_cpu_metrics,
         allow_gpu_metrics=args.allow_gpu_metrics,
@@ -253,17 +269,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-def configure_logging(verbose: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname).1s%(asctime)s %(name)s] %(message)s",
-        datefmt="%m%d %H:%M:%S",
-        stream=sys.stderr,
-    )
-    # grpcio logs a debug line per call ("Loaded running loop"): only at --log-verbose 2 and up.
-    logging.getLogger("grpc").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h", "--version"):
@@ -276,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     settings = settings_from_args(args)
-    configure_logging(settings.log_verbose)
+    try:
+        configure_logging(settings.log)
+    except OSError as exc:
+        raise SystemExit(f"nereid: cannot open --log-file '{settings.log.file}': {exc.strerror or exc}") from None
     from server.app import run
     from server.protocol.tls import TLSConfigError, server_credentials
 

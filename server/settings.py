@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.logs import LogState
 from server.metrics.config import MetricsConfig
 
 INT32_MAX = 2**31 - 1
@@ -46,7 +47,7 @@ class Settings:
     disable_auto_complete_config: bool = False
     strict_readiness: bool = True
     exit_timeout_secs: float = 30.0
-    log_verbose: int = 0
+    log: LogState = field(default_factory=LogState)  # server/logs.py
     # Prometheus metrics (server/metrics/): Triton's flags and families.
     allow_metrics: bool = True
     allow_cpu_metrics: bool = True

@@ -19,7 +19,6 @@ UNARY = [
     ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest(name="r", raw_handle=b"h", byte_size=64)),
     ("CudaSharedMemoryUnregister", pb.CudaSharedMemoryUnregisterRequest(name="r")),
     ("TraceSetting", pb.TraceSettingRequest()),
-    ("LogSettings", pb.LogSettingsRequest()),
 ]
 
 
@@ -40,7 +39,6 @@ def test_tritonclient_unimplemented_calls(identity_server: ServerProcess) -> Non
     c = client(identity_server)
     assert "SystemSharedMemoryStatus" in expect_error(
         "UNIMPLEMENTED", c.get_system_shared_memory_status).message()
-    assert "LogSettings" in expect_error("UNIMPLEMENTED", c.get_log_settings).message()
     assert "TraceSetting" in expect_error("UNIMPLEMENTED", c.get_trace_settings).message()
 
 

@@ -21,7 +21,7 @@ import grpc
 from google.protobuf import message_factory
 from tritonclient.grpc import service_pb2 as pb
 
-from server import __version__
+from server import __version__, logs
 from server.core.model import Model
 from server.core.state import ModelState
 from server.errors import InvalidInput, ModelNotFound, Overloaded, ServerUnavailable, Unsupported
@@ -38,7 +38,8 @@ log = logging.getLogger("nereid.protocol")
 
 SERVICE = "inference.GRPCInferenceService"
 # What ServerMetadata reports: only the extensions that really work.
-EXTENSIONS = ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)")
+EXTENSIONS = ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)",
+              "logging")
 STOPPING = "Server is stopping and has stopped accepting new requests"
 STREAM_CLOSED = "Server is shutting down: this stream's requests have been answered; reconnect to another replica"
 
@@ -236,6 +237,9 @@ class InferenceServicer:
             del request, raw
             outputs = await model.infer(decoded)
             del decoded  # the request's bytes go now, unless an output is a view of them
+            if logs.verbose():
+                log.debug("ModelInfer '%s' version %s id '%s': OK", name, model.version_str, request_id,
+                          extra={"model": name, "version": model.version_str, "request_id": request_id})
             return b"".join(encode_infer_response(model, request_id, outputs))
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
@@ -342,6 +346,31 @@ class InferenceServicer:
                 task.cancel()
             if self._idle is not None and not self._streams and not self.inflight:
                 self._idle.set()
+
+    # -- logging --
+
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: Any) -> pb.LogSettingsResponse:
+        """Triton's log settings; an empty request reads them (server/logs.py)."""
+        changes = {}
+        for key, value in request.settings.items():
+            which = value.WhichOneof("parameter_choice")
+            changes[key] = getattr(value, which) if which else None
+        if changes:
+            try:
+                logs.update(changes)
+            except ValueError as exc:
+                raise InvalidInput(f"LogSettings: {exc}") from None
+            log.info("log settings changed: %s", ", ".join(f"{k}={v}" for k, v in sorted(changes.items())))
+        response = pb.LogSettingsResponse()
+        for key, current in logs.as_settings(logs.state()).items():
+            entry = response.settings[key]
+            if isinstance(current, bool):
+                entry.bool_param = current
+            elif isinstance(current, int):
+                entry.uint32_param = current
+            else:
+                entry.string_param = current
+        return response
 
     # -- model repository (explicit mode); loads run on the manager's loader threads --
 
