@@ -22,6 +22,7 @@ from server.settings import (
     parse_backend_config,
     parse_restricted_protocols,
 )
+from server.tracing.config import parse_trace_config
 
 
 def _bool(text: str) -> bool:
@@ -100,6 +101,13 @@ def _add_log_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--log-format", choices=FORMATS, default="default",
                        help="default (Triton's layout), ISO8601, or json: one object per line (default default)")
     serve.add_argument("--log-file", default="", metavar="PATH", help="write the log here instead of stderr")
+
+
+def _add_trace_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--trace-config", action="append", default=[], metavar="[MODE,]KEY=VALUE",
+                       help="tracing as tritonserver: level=TIMESTAMPS, rate=N (one request in N), count=N, "
+                       "mode=opentelemetry, opentelemetry,url=HOST:PORT/v1/traces, opentelemetry,resource=K=V; "
+                       "repeatable (docs/OBSERVABILITY.md)")
 
 
 def _add_metrics_flags(serve: argparse.ArgumentParser) -> None:
@@ -216,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overload_flags(serve)
     _add_metrics_flags(serve)
     _add_log_flags(serve)
+    _add_trace_flags(serve)
     _add_validate(sub)
     return parser
 
@@ -225,6 +234,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         backend_config = parse_backend_config(args.backend_config)
         restricted = parse_restricted_protocols(args.grpc_restricted_protocol)
         metrics_config = parse_metrics_config(args.metrics_config)
+        trace_config = parse_trace_config(args.trace_config)
     except ValueError as exc:
         raise SystemExit(f"nereid: {exc}") from exc
     mutual = bool(args.grpc_use_ssl_mutual)
@@ -245,6 +255,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         metrics_port=args.metrics_port,
         metrics_interval_ms=args.metrics_interval_ms,
         metrics_config=metrics_config,
+        trace_config=trace_config,
         inline_compute_us=args.inline_compute_us,
         event_loop=args.event_loop,
         backend_config=backend_config,

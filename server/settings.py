@@ -8,6 +8,7 @@ from pathlib import Path
 
 from server.logs import LogState
 from server.metrics.config import MetricsConfig
+from server.tracing.config import TraceConfig
 
 INT32_MAX = 2**31 - 1
 # The default largest gRPC message. grpcio itself peaks at about 3x a message while receiving it
@@ -56,6 +57,7 @@ class Settings:
     metrics_port: int = 8002  # 0: a free port, logged
     metrics_interval_ms: int = 2000
     metrics_config: MetricsConfig = field(default_factory=MetricsConfig)
+    trace_config: TraceConfig = field(default_factory=TraceConfig)  # --trace-config (server/tracing/)
     # Compute budget (µs per request, measured) under which a model runs on the event
     # loop instead of a worker thread when an instance is idle; 0 disables.
     inline_compute_us: float = 100.0

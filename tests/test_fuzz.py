@@ -150,6 +150,8 @@ def _reset_logs() -> bytes:
 
 
 RESET_LOGS = _reset_logs()
+RESET_TRACES = pb.TraceSettingRequest(settings={"trace_level": pb.TraceSettingRequest.SettingValue(
+    value=["OFF"])}).SerializeToString()
 
 
 @pytest.mark.parametrize("method", OTHER_UNARY)
@@ -162,6 +164,8 @@ def test_generated_requests_to_every_unary_rpc(main: Target, method: str, data: 
     main.check(f"/{INFERENCE}/{method}", body, main.unary(f"/{INFERENCE}/{method}", body))
     if method == "LogSettings":  # a generated request may turn error lines off: back to the defaults
         main.unary(f"/{INFERENCE}/LogSettings", RESET_LOGS)
+    if method == "TraceSetting":  # or tracing on (to a collector that is not there): off again
+        main.unary(f"/{INFERENCE}/TraceSetting", RESET_TRACES)
     main.check_healthy(since)
 
 

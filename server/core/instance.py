@@ -208,6 +208,7 @@ class ModelInstance:
             for job in live:
                 latencies.add((finished - job.enqueued_ns, started - job.enqueued_ns, prepared - started,
                                executed - prepared, finished - executed))
+        _trace(live, started, prepared, executed, finished)
         self._cost.record(total, executed - prepared)
         self._succeeded()
         if len(live) == len(jobs):
@@ -277,6 +278,8 @@ class ModelInstance:
         if stats.latencies is not None:
             stats.latencies.add((finished - enqueued, started - enqueued, prepared - started, executed - prepared,
                                  finished - executed))
+        if request.trace is not None:
+            request.trace.compute = (enqueued, started, prepared, executed, finished)
         self._cost.record(request.batch_size, executed - prepared)
         self._succeeded()
         return (result, None)
@@ -341,6 +344,7 @@ class ModelInstance:
                 for job in succeeded:
                     latencies.add((finished - job.enqueued_ns, started - job.enqueued_ns, prepared - started,
                                    executed - prepared, finished - executed))
+            _trace(succeeded, started, prepared, executed, finished)
             self._cost.record(sum(job.request.batch_size for job in live), executed - prepared)
         if failed:
             self._stats.record_failure(len(failed), finished * len(failed) - sum(job.enqueued_ns for job in failed))
@@ -364,6 +368,14 @@ class ModelInstance:
             self.backend.close()
         except Exception:
             log.exception("instance %s: close failed", self.name)
+
+
+def _trace(jobs: list[Job], started: int, prepared: int, executed: int, finished: int) -> None:
+    """Hand the execution's timestamps to the traced requests among `jobs` (server/tracing)."""
+    for job in jobs:
+        trace = job.request.trace
+        if trace is not None:
+            trace.compute = (job.enqueued_ns, started, prepared, executed, finished)
 
 
 def _as_error(exc: Exception, model_label: str, instance: str) -> NereidError:
