@@ -108,21 +108,22 @@ def test_poll_mode_follows_the_bucket(s3, tmp_path: Path, server_factory) -> Non
     s3c, bucket = s3
     put(s3c, bucket, _add_model("m", 1))
     cache = tmp_path / "cache"
-    poll = scaled(0.5)
+    # Long enough that this test, uploading every 1/20 of it, never pauses for a whole interval.
+    poll = scaled(1.0)
     srv = server_factory([f"s3://{bucket}/repo"], "--model-control-mode", "poll", "--repository-poll-secs",
                          str(poll), "--model-repository-cache", str(cache), "--log-verbose", "1")
     c = client(srv)
     assert states(c, "m") == {"1": "READY"} and _answer(c) == 1.0  # startup: two polls, then loaded
     version2 = _mirror(cache) / "m" / "2"
 
-    # An upload in progress: a new object every tenth of a poll interval, for six intervals.
-    deadline = time.monotonic() + 6 * poll
+    # An upload in progress: a new object every 1/20 of a poll interval, for four intervals.
+    deadline = time.monotonic() + 4 * poll
     i = 0
     while time.monotonic() < deadline:
         put(s3c, bucket, {f"repo/m/2/part-{i}": b"\0" * 64})
         i += 1
         assert not version2.exists(), f"version 2 mirrored while its objects were still arriving (part {i})"
-        time.sleep(poll / 10)
+        time.sleep(poll / 20)
     assert _ready(c) == {"1"}
     put(s3c, bucket, {"repo/m/2/model.onnx": add_model_bytes(2)})
     wait_until(lambda: _ready(c) == {"2"}, what="version 2 to take over")
@@ -192,31 +193,34 @@ def test_hostile_keys_are_refused(s3, tmp_path: Path, server_factory) -> None:
     s3c, bucket = s3
     marker = f"nereid-escape-{uuid.uuid4().hex[:8]}"
     escape_abs = Path("/tmp") / marker
-    hostile = [
+    hostile = [  # one per unit, so that each is stopped by the key rules alone
         f"repo/../{marker}-1",
-        f"repo/evil/1/../../../../{marker}-2",
-        f"repo/evil/1/../../../../../../../../../../../../tmp/{marker}-3",
+        f"repo/evil/2/../../../../{marker}-2",  # lands in tmp_path if joined naively
+        f"repo/evil/3/../../../../../../../../../../../../tmp/{marker}-3",  # in /tmp
         f"repo/{escape_abs}",  # "repo//tmp/...": an absolute path after the prefix
         f"repo/evil\\..\\..\\{marker}-4/1/x",
         "repo/evil/1/" + "a" * 300,
+        f"repo/evil2/warmup/../../../../{marker}-5",  # a model-level file
     ]
     put(s3c, bucket, {"repo/good/config.pbtxt": identity_config("good", [("INPUT0", "FP32", [4])]),
                       "repo/good/1/README": "x",
                       "repo/evil/config.pbtxt": identity_config("evil", [("INPUT0", "FP32", [4])]),
-                      "repo/evil/1/README": "x", **dict.fromkeys(hostile, "pwned")})
+                      "repo/evil/1/README": "x", "repo/evil2/config.pbtxt": "x",
+                      **dict.fromkeys(hostile, "pwned")})
     cache = tmp_path / "a" / "b" / "cache"
     srv = server_factory([f"s3://{bucket}/repo"], "--model-repository-cache", str(cache),
                          "--strict-readiness", "false")
+    written = [p for p in tmp_path.rglob("*") if marker in p.name or "aaaa" in p.name]
+    assert written == []
+    assert not escape_abs.exists() and not (ROOT / f"{marker}-1").exists()
+    assert not list(Path("/tmp").glob(f"{marker}*"))
     c = client(srv)
     assert states(c, "good") == {"1": "READY"}
     assert "READY" not in states(c, "evil").values()
     for key in hostile:
         assert f"refusing object key {ascii(key)[:160]}" in srv.log, key
-    assert "model 'evil' version 1: not taken, it holds a refused object key" in srv.log
-    written = [p for p in tmp_path.rglob("*") if marker in p.name or "aaaa" in p.name]
-    assert written == []
-    assert not escape_abs.exists() and not (ROOT / f"{marker}-1").exists()
-    assert not list(Path("/tmp").glob(f"{marker}*"))
+    for unit in ("model 'evil' version 1", "model 'evil' version 2", "model 'evil' version 3", "model 'evil2' files"):
+        assert f"{unit}: not taken, it holds a refused object key" in srv.log
     assert sorted(str(p.relative_to(_mirror(cache))) for p in _mirror(cache).rglob("*") if p.is_file()) == [
         "evil/config.pbtxt", "good/1/README", "good/config.pbtxt"]
 

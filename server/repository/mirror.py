@@ -95,10 +95,11 @@ class Mirror:
                 grouped: Grouped) -> None:
         with self._guard:
             mirrored = dict(self._mirrored.get(name, {}))
-        for part in sorted(set(current) | set(mirrored) | set(previous or {})):
+        tainted = {part for unit, part in grouped.tainted if unit == name}
+        for part in sorted(set(current) | set(mirrored) | set(previous or {}) | tainted):
             now = current.get(part, EMPTY)
             what = _unit_name(name, part)
-            if (name, part) in grouped.tainted:
+            if part in tainted:
                 self._note(name, part, "tainted", now, logging.ERROR,
                            "%s: not taken, it holds a refused object key (see above)", what)
                 continue

@@ -119,16 +119,22 @@ class RemoteRepositories:
             try:
                 mirror.sync(stable, busy)
             except StoreError as exc:
-                with self._guard:
-                    said = self._errors.get(mirror.display)
-                    self._errors[mirror.display] = str(exc)
-                if said != str(exc):
+                if self._failed(mirror.display, exc):
                     log.error("model repository %s: %s; serving what was mirrored before", mirror.display, exc)
                 continue
-            with self._guard:
-                recovered = self._errors.pop(mirror.display, None) is not None
-            if recovered:
+            if self._recovered(mirror.display):
                 log.info("model repository %s can be listed again", mirror.display)
+
+    def _failed(self, what: str, exc: StoreError) -> bool:
+        """Note a failure of `what`; whether it is news (not the error logged last time)."""
+        with self._guard:
+            said = self._errors.get(what)
+            self._errors[what] = str(exc)
+        return said != str(exc)
+
+    def _recovered(self, what: str) -> bool:
+        with self._guard:
+            return self._errors.pop(what, None) is not None
 
     def sync_model(self, name: str) -> None:
         """Update one model in every mirror as it is now (explicit loads); StoreError on failure."""
@@ -143,7 +149,10 @@ class RemoteRepositories:
             try:
                 names.update(n for n in mirror.model_names() if model_name_of(n) is not None)
             except StoreError as exc:
-                log.warning("model repository %s: %s", mirror.display, exc)
+                if self._failed(f"index {mirror.display}", exc):
+                    log.warning("model repository %s: %s; the index shows the mirror", mirror.display, exc)
+                continue
+            self._recovered(f"index {mirror.display}")
         return names
 
     def close(self) -> None:
