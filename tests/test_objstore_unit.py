@@ -291,3 +291,15 @@ def test_the_detector_trusts_settled_models(tmp_path: Path) -> None:
     assert local.observe(snap).unsettled == ["m"]
     assert [s.name for s in local.observe(snap).apply] == ["m"]
     assert local.observe({}).remove == [] and local.observe({}).remove == ["m"]
+
+
+def test_a_stopping_mirror_downloads_nothing_more(tmp_path: Path) -> None:
+    store = MemoryStore()
+    mirror = Mirror(store, tmp_path)
+    store.put({"m/1/a": "a", "n/1/b": "b"})
+    mirror.stopping.set()
+    mirror.sync(stable=False)
+    with pytest.raises(StoreError, match="stopping"):
+        mirror._fill(tmp_path, frozenset(group(store.list_objects("repo/"), "repo/").units["m"][1]), None,
+                     frozenset())
+    assert store.downloads == 0 and _files(tmp_path) == {}

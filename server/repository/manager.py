@@ -304,8 +304,9 @@ class RepositoryManager(ModelRegistry):
             remove_override_dir(path)
 
     def close(self) -> None:
-        """No new actions from now on (shutdown)."""
+        """No new actions from now on (shutdown); a mirror download in progress stops at its next file."""
         self._closing = True
+        self.remote.stop()
 
     def unload_all(self, timeout: float | None = None) -> None:
         self._closing = True

@@ -44,6 +44,7 @@ class Mirror:
         self.root = root
         self.marker = marker
         self.display = store.url.display
+        self.stopping = threading.Event()  # shutdown: stop downloading at the next file
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._mirrored: dict[str, dict[Part, Listing]] = {}
@@ -62,6 +63,8 @@ class Mirror:
             names = sorted(set(grouped.units) | set(self._mirrored) | set(self._previous)
                            | {name for name, _ in grouped.tainted})
         for name in names:
+            if self.stopping.is_set():
+                return
             current = grouped.units.get(name, {})
             previous = self._previous.get(name, {})
             if current:
@@ -185,6 +188,8 @@ class Mirror:
         `previous_dir` instead (the mirror never edits a file in place). Returns the reused ones."""
         reused: set[Entry] = set()
         for entry in sorted(entries, key=lambda e: e.rel):
+            if self.stopping.is_set():
+                raise StoreError("the server is stopping")
             dest = _inside(staging, entry.rel)
             _make_parents(staging, entry.rel)
             if previous_dir is not None and entry in old:

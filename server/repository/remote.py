@@ -155,6 +155,11 @@ class RemoteRepositories:
             self._recovered(f"index {mirror.display}")
         return names
 
+    def stop(self) -> None:
+        """Shutdown: downloads in progress stop at their next file, no more syncs start."""
+        for mirror in self.mirrors:
+            mirror.stopping.set()
+
     def close(self) -> None:
         """Delete the mirror folders (and the cache root when it is ours); release the locks."""
         for mirror in self.mirrors:
