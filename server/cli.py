@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nereid {__version__}")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="serve a model repository over gRPC")
-    serve.add_argument("--model-repository", action="append", required=True,
+    serve.add_argument("--model-repository", action="append", required=True, metavar="PATH|URL",
                        help="model repository: a path, s3://[host:port/]bucket/prefix or gs://bucket/prefix "
                        "(repeatable)")
     serve.add_argument("--grpc-address", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
