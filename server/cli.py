@@ -7,12 +7,14 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from server import __version__
 from server.logs import FORMATS, LogState
 from server.logs import configure as configure_logging
 from server.metrics.config import parse_metrics_config
 from server.protocol.ratelimit import parse_rate
+from server.repository.objstore import check_urls, is_remote
 from server.settings import (
     CONTROL_MODES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -166,6 +168,27 @@ def _add_lifecycle_flags(serve: argparse.ArgumentParser) -> None:
                        help="times a failed model load is tried again before the model is UNAVAILABLE (default 0)")
 
 
+def _add_object_store_flags(serve: argparse.ArgumentParser) -> None:
+    """Repositories on object storage (docs/LIFECYCLE.md): Nereid's own flags."""
+    serve.add_argument("--model-repository-cache", type=Path, default=None, metavar="DIR",
+                       help="folder for the local mirrors of s3:// and gs:// repositories, emptied at startup "
+                       "(default: a private temporary folder)")
+    serve.add_argument("--model-repository-ready-marker", default="", metavar="NAME",
+                       help="a version folder on object storage is taken only once it holds an object NAME "
+                       "(upload it last); by default a version is taken once its listing stays the same for a poll")
+
+
+def _object_store_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The object-store part of Settings; a bad URL or a missing client library stops here."""
+    urls = tuple(p for p in args.model_repository if is_remote(p))
+    try:
+        check_urls(urls, args.model_repository_ready_marker)
+    except ValueError as exc:
+        raise SystemExit(f"nereid: {exc}") from None
+    return {"object_store_repositories": urls, "model_repository_cache": args.model_repository_cache,
+            "model_repository_ready_marker": args.model_repository_ready_marker}
+
+
 def _add_security_flags(serve: argparse.ArgumentParser) -> None:
     """TLS and access-control flags, named and valued as tritonserver's (docs/SECURITY.md)."""
     serve.add_argument("--grpc-use-ssl", type=_bool, default=False, metavar="BOOL",
@@ -199,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nereid {__version__}")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="serve a model repository over gRPC")
-    serve.add_argument("--model-repository", action="append", required=True, type=Path,
-                       help="model repository path (repeatable)")
+    serve.add_argument("--model-repository", action="append", required=True, metavar="PATH|URL",
+                       help="model repository: a path, s3://[host:port/]bucket/prefix or gs://bucket/prefix "
+                       "(repeatable)")
     serve.add_argument("--grpc-address", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default 8001)")
     serve.add_argument("--grpc-max-message-bytes", type=_max_message, default=DEFAULT_MAX_MESSAGE_BYTES,
@@ -220,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend-config", action="append", default=[],
                        help="[<backend>,]<key>=<value>, e.g. onnxruntime,default-max-batch-size=8")
     _add_lifecycle_flags(serve)
+    _add_object_store_flags(serve)
     _add_security_flags(serve)
     _add_overload_flags(serve)
     _add_metrics_flags(serve)
@@ -239,7 +264,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"nereid: {exc}") from exc
     mutual = bool(args.grpc_use_ssl_mutual)
     return Settings(
-        model_repositories=tuple(p.resolve() for p in args.model_repository),
+        model_repositories=tuple(Path(p).resolve() for p in args.model_repository if not is_remote(p)),
+        **_object_store_settings(args),
         grpc_address=args.grpc_address,
         grpc_port=args.grpc_port,
         grpc_max_message_bytes=args.grpc_max_message_bytes,

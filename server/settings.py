@@ -86,6 +86,12 @@ class Settings:
     # Extra attempts for a load that failed (tritonserver's --model-load-retry-count), e.g. a
     # model file on a network filesystem that was briefly unreadable; 0 tries once.
     model_load_retry_count: int = 0
+    # Repositories on object storage (docs/LIFECYCLE.md): s3:// and gs:// URLs, each mirrored into a
+    # folder under the cache root (None: a private temporary folder); a version on object storage is
+    # taken only once it holds the ready marker object, when one is named.
+    object_store_repositories: tuple[str, ...] = ()
+    model_repository_cache: Path | None = None
+    model_repository_ready_marker: str = ""
     # backend name -> {setting: value}; "" holds settings given for every backend.
     backend_config: dict[str, dict[str, str]] = field(default_factory=dict)
     # TLS (docs/SECURITY.md): off unless --grpc-use-ssl or --grpc-use-ssl-mutual; mutual
