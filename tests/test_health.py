@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from util import ServerProcess, expect_rpc_error, identity_config, scaled, write_model
 from util import health_status as check
@@ -93,3 +96,22 @@ def test_watch_on_failed_model_reports_not_serving(failure_server: ServerProcess
         assert status == NOT_SERVING, status
     finally:
         watch.close()
+
+
+def test_live_and_ready_service_names(tmp_path, server_factory) -> None:
+    """Kubernetes probes: "live" stays SERVING while draining, "ready" follows readiness."""
+    repo = tmp_path / "repo"
+    write_model(repo, "slowm", identity_config("slowm", [("INPUT0", "FP32", [2])], execute_delay_ms=1500))
+    srv = server_factory(repo, "--exit-timeout-secs", "10")
+    assert check(srv, "live") == SERVING and check(srv, "ready") == SERVING
+    c = grpcclient.InferenceServerClient(srv.url)
+    inp = grpcclient.InferInput("INPUT0", [2], "FP32")
+    inp.set_data_from_numpy(np.ones(2, np.float32))
+    pending = c.async_infer("slowm", [inp], callback=lambda *_: None)
+    time.sleep(0.3)
+    srv.terminate()
+    time.sleep(0.3)
+    assert check(srv, "ready") == NOT_SERVING  # draining: out of rotation ...
+    assert check(srv, "live") == SERVING  # ... but alive
+    del pending
+    assert srv.wait(20) == 0

@@ -1,6 +1,7 @@
 """The standard grpc.health.v1 service, driven by model and server readiness.
 
-Service "" (and "inference.GRPCInferenceService") follows server readiness;
+Service "" (and "inference.GRPCInferenceService", and "ready") follows server readiness, "live"
+is SERVING while the process serves;
 each model name is a service whose status follows whether that model has a
 READY version. Check answers NOT_FOUND for a service it does not know, as the
 standard says; Watch sends SERVICE_UNKNOWN for it and then every change.
@@ -24,7 +25,11 @@ from server.protocol.handlers import HandlerCollector, guard
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-SERVER_SERVICES = ("", "inference.GRPCInferenceService")
+SERVER_SERVICES = ("", "inference.GRPCInferenceService", "ready")
+# Kubernetes-style names for probes: "live" is SERVING while the process serves gRPC (draining
+# included, so a liveness probe never kills a replica that is finishing its requests); "ready"
+# follows server readiness, as "" does.
+LIVE_SERVICE = "live"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 _CLOSED = -1  # sentinel status: the watch ends
 
@@ -102,6 +107,7 @@ class HealthReporter:
         self._loop = loop
 
     async def set_server(self, ready: bool) -> None:
+        self.servicer.set(LIVE_SERVICE, SERVING)
         for service in SERVER_SERVICES:
             self.servicer.set(service, SERVING if ready else NOT_SERVING)
 
