@@ -260,3 +260,58 @@ def test_failover_through_haproxy(tmp_path: Path, server_factory: Callable[..., 
     assert a_out - run.marks["sigterm"] < scaled(2.0), run.lb.output()
     _drain_loses_nothing_yet(run, "haproxy")
 
+
+def test_client_retry_policy_retries_a_drain_refusal_on_another_replica(
+        tmp_path: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    """Without a proxy: a gRPC client balancing over both replicas (round_robin) with a retry
+    policy on UNAVAILABLE gets every call answered while one replica drains. The refusal must be
+    trailers-only for that: a client commits to an attempt once it has received headers, and
+    then does not retry it."""
+    import json
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+    from util import client, health_status
+
+    repo = _repo(tmp_path)
+    write_model(repo, "slow", identity_config("slow", [("INPUT0", "FP32", [4])], max_batch_size=8,
+                                              execute_delay_ms=int(scaled(3000))))
+    a = server_factory(repo, "--exit-timeout-secs", f"{scaled(20):g}")
+    b = server_factory(repo)
+    service_config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": [{"service": "inference.GRPCInferenceService"}], "retryPolicy": {
+            "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s", "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"]}}],
+    }
+    both = grpcclient.InferenceServerClient(
+        f"ipv4:{a.url},{b.url}", channel_args=[("grpc.service_config", json.dumps(service_config))])
+    inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    for _ in range(4):  # both subchannels connected
+        both.infer(MODEL, [inp], client_timeout=scaled(10))
+
+    # A drains: one slow request keeps it busy (and refusing) for seconds.
+    slow_done: list[object] = []
+    client(a).async_infer("slow", [inp], callback=lambda result, error: slow_done.append(error),
+                          client_timeout=scaled(30))
+    time.sleep(0.3)
+    a.terminate()
+    _wait(lambda: health_status(a, "") == 2, 5, "A never went NOT_SERVING")
+    with pytest.raises(InferenceServerException, match="stopping"):
+        client(a).infer(MODEL, [inp], client_timeout=scaled(10))  # A refuses
+
+    outcomes = collections.Counter()
+    for _ in range(10):
+        try:
+            both.infer(MODEL, [inp], client_timeout=scaled(10))
+            outcomes["OK"] += 1
+        except InferenceServerException as exc:
+            outcomes[str(exc.status())] += 1
+    assert outcomes == {"OK": 10}, outcomes
+    assert not slow_done, "A finished its slow request early: it may not have been draining throughout"
+    _wait(lambda: bool(slow_done), 30, "A's slow request never finished")
+    assert slow_done == [None]
+    assert a.wait(30) == 0, a.log
+    both.close()
