@@ -82,7 +82,7 @@ def test_nereid_response_parsed_by_tritonclient(pair_model: Model) -> None:
 
 class _Context:
     """What the servicer's ModelInfer uses of a gRPC context: `read` (the request's bytes) and,
-    when a request fails, `set_code`/`set_details`."""
+    when a request fails, `abort`."""
 
     def __init__(self, body: bytes) -> None:
         self.body = body
@@ -95,6 +95,9 @@ class _Context:
 
     def set_details(self, details):
         raise AssertionError(f"servicer failed the request: {details}")
+
+    async def abort(self, code, details):
+        raise AssertionError(f"servicer failed the request: {code}: {details}")
 
 
 def test_servicer_in_process_with_tritonclient_messages(tmp_path) -> None:

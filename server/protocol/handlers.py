@@ -100,17 +100,21 @@ def unary(method: str, behavior: Behavior, parse: Callable[[bytes], Any] | None,
     """A unary-unary handler over raw bytes: parse (None: the behavior takes bytes), run, serialize
     (None: the behavior returns bytes)."""
 
-    async def handle(body: bytes, context: Any) -> bytes | None:
-        status = None
+    async def run(body: bytes, context: Any) -> bytes | tuple[grpc.StatusCode, str]:
         try:
             request = body if parse is None else parse(body)
             response = await behavior(request, context)
             return response if serialize is None else serialize(response)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
-        except Exception as exc:  # mapped to a status below, after the except block
-            status = failure(method, exc)
-        finish_with(context, status)
+        except Exception as exc:
+            return failure(method, exc)
+
+    async def handle(body: bytes, context: Any) -> bytes | None:
+        answer = await run(body, context)
+        if isinstance(answer, bytes):
+            return answer
+        await context.abort(*answer)  # from a frame without the request: see ModelInfer
         return None
 
     return grpc.unary_unary_rpc_method_handler(handle)
@@ -144,8 +148,7 @@ def guard(name: str, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMet
         async def unary_unary(body: bytes, context: Any) -> Any:
             request, status = parsed(body)
             if status is not None:
-                finish_with(context, status)
-                return None
+                await context.abort(*status)
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serializer)
@@ -155,8 +158,7 @@ def guard(name: str, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMet
         async def unary_stream(body: bytes, context: Any) -> AsyncIterator[Any]:
             request, status = parsed(body)
             if status is not None:
-                finish_with(context, status)
-                return
+                await context.abort(*status)
             if inspect.isasyncgenfunction(inner_stream):
                 async for item in inner_stream(request, context):
                     yield item

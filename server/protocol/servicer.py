@@ -215,13 +215,23 @@ class InferenceServicer:
         if self.stopping:
             self._refused()
             self._rejected("", grpc.StatusCode.UNAVAILABLE)
-            handlers.finish_with(context, (grpc.StatusCode.UNAVAILABLE, STOPPING))
-            return None
+            # Aborted, not finish_with: a trailers-only answer (no headers, no empty message
+            # before the status), the only kind a gRPC client's retry policy retries elsewhere.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
         if self.max_inflight and self.inflight >= self.max_inflight:
             self._rejected("", grpc.StatusCode.RESOURCE_EXHAUSTED)
-            handlers.finish_with(context, (grpc.StatusCode.RESOURCE_EXHAUSTED, self._full()))
-            return None
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._full())
         self.inflight += 1
+        answer = await self._model_infer(context)
+        if isinstance(answer, bytes):
+            return answer
+        # Aborted from this frame, which holds nothing of the request (grpcio keeps the abort's
+        # traceback until the call ends), and trailers-only, which a client's retry policy can retry.
+        await context.abort(*answer)
+        return None
+
+    async def _model_infer(self, context: Any) -> bytes | tuple[grpc.StatusCode, str]:
+        """ModelInfer's work: the response's bytes, or the status to end the call with."""
         status = None
         name = ""
         trace = None
@@ -260,8 +270,7 @@ class InferenceServicer:
         self._rejected(name, status[0])
         if trace is not None:
             trace.status = status[0].name
-        handlers.finish_with(context, status)
-        return None
+        return status
 
     def _trace(self, context: Any, model: str, request_id: str) -> RequestTrace | None:
         """Start a trace if this request is sampled (server/tracing); it is exported once the RPC is done."""
