@@ -1,0 +1,180 @@
+"""The Python half of scripts/compose_e2e: traffic through the stack's load balancer, then
+the dashboard's queries read back from Prometheus.
+
+    compose_e2e.py traffic --target 127.0.0.1:8001 --seconds 60
+    compose_e2e.py queries --prometheus http://127.0.0.1:9090 --dashboard deploy/grafana/dashboards/nereid.json
+
+`traffic` drives every served example model from several threads (and sends a few requests
+that must fail, so that the error panels have something to show), counts answers by status
+code and fails if a valid request failed. `queries` evaluates each panel's expressions as
+an instant query (Grafana's variables replaced: every model and version, a 1 m rate window)
+and prints what Prometheus returned; it fails when a panel that must have data has none.
+Both talk to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import numpy as np
+
+# Grafana's variables, as the dashboard is first shown: all models, all versions.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*", "$version": ".*"}
+# Panels that show nothing on a healthy idle stack (no failures, nothing waiting, every model ready).
+MAY_BE_EMPTY = {"Failures by reason", "Models not ready"}
+
+
+def grafana_to_promql(expr: str) -> str:
+    for name, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(name, value)
+    return expr
+
+
+def _inputs(model: str) -> list[Any]:
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name: str, array: np.ndarray, datatype: str) -> Any:
+        t = grpcclient.InferInput(name, list(array.shape), datatype)
+        t.set_data_from_numpy(array)
+        return t
+
+    rng = np.random.default_rng(0)
+    if model == "simple":
+        a = np.arange(16, dtype=np.int32).reshape(1, 16)
+        return [tensor("INPUT0", a, "INT32"), tensor("INPUT1", a, "INT32")]
+    if model == "mlp":
+        return [tensor("INPUT0", rng.random((4, 64), dtype=np.float32), "FP32")]
+    if model == "mlp_compute":
+        return [tensor("INPUT0", rng.random((1, 256), dtype=np.float32), "FP32")]
+    if model == "string_lower":
+        return [tensor("INPUT0", np.array([b"Hello", b"WORLD"], dtype=object), "BYTES")]
+    if model == "text_features":
+        return [tensor("TEXT", np.array([[b"a model server"]], dtype=object), "BYTES")]
+    raise ValueError(model)
+
+
+def traffic(target: str, seconds: float, threads: int) -> int:
+    """Valid requests on several models from `threads` clients, plus one bad request in 50."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    models = ["simple", "mlp", "mlp_compute", "string_lower", "text_features"]
+    counts: collections.Counter[str] = collections.Counter()
+    unexpected: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def run(worker: int) -> None:
+        client = grpcclient.InferenceServerClient(target)
+        bad = [grpcclient.InferInput("INPUT0", [1, 15], "INT32")]  # simple wants [.., 16]
+        bad[0].set_data_from_numpy(np.zeros((1, 15), dtype=np.int32))
+        prepared = {m: _inputs(m) for m in models}
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            model = models[(n + worker) % len(models)]
+            wrong = n % 50 == 0
+            try:
+                client.infer("simple" if wrong else model, bad if wrong else prepared[model], client_timeout=10)
+                key = f"{model} OK"
+            except InferenceServerException as exc:
+                key = f"{'simple (bad shape)' if wrong else model} {exc.status()}"
+                if not wrong:
+                    with lock:
+                        unexpected.append(f"{model}: {exc.status()} {exc.message()}")
+            with lock:
+                counts[key] += 1
+        client.close()
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.monotonic() - started
+    total = sum(counts.values())
+    print(f"traffic: {total} requests in {elapsed:.1f} s ({total / elapsed:.0f}/s) through {target}, "
+          f"{threads} client threads")
+    for key, n in sorted(counts.items()):
+        print(f"  {key}: {n}")
+    for line in unexpected[:10]:
+        print(f"  UNEXPECTED {line}")
+    return 1 if unexpected else 0
+
+
+def prometheus_get(base: str, path: str, params: dict[str, str]) -> Any:
+    url = f"{base}{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        body = json.load(reply)
+    if body.get("status") != "success":
+        raise RuntimeError(f"{url}: {body}")
+    return body["data"]
+
+
+def panel_targets(dashboard: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(panel title, legend format, expression) for every target of every panel."""
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            out.append((panel["title"], target.get("legendFormat", ""), target["expr"]))
+    return out
+
+
+def legend(fmt: str, labels: dict[str, str]) -> str:
+    text = fmt
+    for key, value in labels.items():
+        text = text.replace("{{" + key + "}}", value)
+    return text or json.dumps(labels)
+
+
+def queries(prometheus: str, dashboard_path: str) -> int:
+    dashboard = json.load(open(dashboard_path))
+    empty = []
+    for title, fmt, expr in panel_targets(dashboard):
+        promql = grafana_to_promql(expr)
+        result = prometheus_get(prometheus, "/api/v1/query", {"query": promql})["result"]
+        print(f"[{title}] {promql}")
+        if not result:
+            print("    (no data)")
+            if title not in MAY_BE_EMPTY:
+                empty.append(title)
+        for series in sorted(result, key=lambda s: legend(fmt, s["metric"])):
+            value = float(series["value"][1])
+            print(f"    {legend(fmt, series['metric'])}: {value:.6g}")
+    if empty:
+        print(f"panels without data: {sorted(set(empty))}")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("traffic")
+    t.add_argument("--target", default="127.0.0.1:8001")
+    t.add_argument("--seconds", type=float, default=60.0)
+    t.add_argument("--threads", type=int, default=8)
+    q = sub.add_parser("queries")
+    q.add_argument("--prometheus", default="http://127.0.0.1:9090")
+    q.add_argument("--dashboard", default="deploy/grafana/dashboards/nereid.json")
+    args = parser.parse_args(argv)
+    for url in (getattr(args, "target", ""), getattr(args, "prometheus", "")):
+        host = urllib.parse.urlsplit(url if "//" in url else f"//{url}").hostname
+        if url and host not in ("127.0.0.1", "localhost"):
+            parser.error(f"{url}: only 127.0.0.1 is allowed")
+    if args.command == "traffic":
+        return traffic(args.target, args.seconds, args.threads)
+    return queries(args.prometheus, args.dashboard)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
