@@ -70,6 +70,7 @@ class Server:
     def __init__(self, repo: Path, control: str, log_path: Path, startup_timeout: float) -> None:
         cmd = [PYTHON, "-m", "server.cli", "serve", "--model-repository", str(repo),
                "--grpc-address", "127.0.0.1", "--grpc-port", "0",
+               "--metrics-address", "127.0.0.1", "--metrics-port", "0",
                "--model-control-mode", control, "--exit-timeout-secs", str(EXIT_TIMEOUT)]
         cmd += ["--repository-poll-secs", "0.5"] if control == "poll" else ["--load-model", "*"]
         self.cmd = cmd

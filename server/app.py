@@ -24,6 +24,8 @@ import socket
 import sys
 from collections.abc import Callable
 
+from server.metrics.endpoint import MetricsEndpoint, MetricSources
+from server.metrics.system import SystemMetrics
 from server.protocol.health import HealthReporter
 from server.protocol.ratelimit import RateLimiter, parse_rate
 from server.protocol.server import BindError, build_server
@@ -46,9 +48,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     for repository in settings.model_repositories:
         if not repository.is_dir():
             raise SystemExit(f"nereid: model repository '{repository}' is not a directory")
-    if settings.metrics_port:
-        log.warning("--metrics-port %d ignored: Prometheus metrics are not implemented yet", settings.metrics_port)
-
     if settings.load_models and settings.model_control_mode != "explicit":
         log.warning("--load-model is ignored unless --model-control-mode=explicit")
 
@@ -58,6 +57,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     health.bind_loop(loop)
     servicer = InferenceServicer(manager, rate_limiter(settings))
     server, port = build_server(settings, servicer, health)
+    metrics = start_metrics(settings, manager, servicer)
     await health.set_server(False)
     manager.add_listener(health.model_changed_threadsafe)
     manager.add_listener(_server_health_follower(loop, servicer, health))
@@ -107,6 +107,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     if poller is not None:
         await loop.run_in_executor(None, poller.close, settings.exit_timeout_secs)
     await loop.run_in_executor(None, manager.unload_all, 5.0)
+    if metrics is not None:
+        metrics.stop()
     log.info("stopped")
 
 
@@ -148,6 +150,32 @@ def _server_health_follower(
             pass
 
     return changed
+
+
+def start_metrics(settings: Settings, manager: RepositoryManager,
+                  servicer: InferenceServicer) -> MetricsEndpoint | None:
+    """The Prometheus endpoint (--allow-metrics), reading the registry and the servicer when scraped."""
+    if not settings.allow_metrics:
+        return None
+    sources = MetricSources(
+        models=manager.loaded_models,
+        inflight=lambda: servicer.inflight,
+        rejections=lambda: dict(servicer.rejections),
+        states=manager.states,
+        load_failures=lambda: dict(manager.load_failures),
+    )
+    system = SystemMetrics(settings.metrics_interval_ms / 1000.0, settings.allow_cpu_metrics,
+                           settings.allow_gpu_metrics)
+    try:
+        endpoint = MetricsEndpoint(settings.metrics_address, settings.metrics_port, settings.metrics_config,
+                                   sources, system)
+    except OSError as exc:
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise BindError(f"could not bind the metrics endpoint {settings.metrics_address}:{settings.metrics_port}: "
+                        f"{why}") from None
+    endpoint.start()
+    log.info("Started Metrics Service at %s:%d", settings.metrics_address, endpoint.port)
+    return endpoint
 
 
 def rate_limiter(settings: Settings) -> RateLimiter:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server import __version__
+from server.metrics.config import parse_metrics_config
 from server.protocol.ratelimit import parse_rate
 from server.settings import (
     CONTROL_MODES,
@@ -84,6 +85,24 @@ def _rate(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _add_metrics_flags(serve: argparse.ArgumentParser) -> None:
+    """Prometheus metrics with tritonserver's flag names (docs/OBSERVABILITY.md)."""
+    serve.add_argument("--allow-metrics", type=_bool, default=True, metavar="BOOL",
+                       help="serve Prometheus metrics on --metrics-address:--metrics-port (default true)")
+    serve.add_argument("--allow-cpu-metrics", type=_bool, default=True, metavar="BOOL",
+                       help="include nv_cpu_* metrics (default true)")
+    serve.add_argument("--allow-gpu-metrics", type=_bool, default=True, metavar="BOOL",
+                       help="include nv_gpu_* metrics through NVML where a GPU exists (default true)")
+    serve.add_argument("--metrics-address", default="0.0.0.0", help="metrics address to bind (default 0.0.0.0)")
+    serve.add_argument("--metrics-port", type=_int_at_least(0), default=8002,
+                       help="metrics port, GET /metrics; 0 picks a free one (default 8002)")
+    serve.add_argument("--metrics-interval-ms", type=_positive_int, default=2000, metavar="MS",
+                       help="how often machine metrics (CPU, GPU) are read (default 2000)")
+    serve.add_argument("--metrics-config", action="append", default=[], metavar="KEY=VALUE",
+                       help="counter_latencies, histogram_latencies, summary_latencies (true/false), "
+                       "summary_quantiles, histogram_buckets_ms; repeatable")
 
 
 def _add_overload_flags(serve: argparse.ArgumentParser) -> None:
@@ -171,8 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--exit-timeout-secs", type=float, default=30.0,
                        help="how long shutdown waits for in-flight requests (default 30)")
     serve.add_argument("--log-verbose", type=int, default=0, help="verbose logging level (0 = off)")
-    serve.add_argument("--metrics-port", type=int, default=0,
-                       help="Prometheus metrics port; 0 disables (metrics are not implemented yet)")
     serve.add_argument("--inline-compute-us", type=float, default=100.0,
                        help="models measured below this many µs per request run on the event loop when an "
                        "instance is idle, saving a thread hand-off; 0 disables (default 100)")
@@ -183,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lifecycle_flags(serve)
     _add_security_flags(serve)
     _add_overload_flags(serve)
+    _add_metrics_flags(serve)
     _add_validate(sub)
     return parser
 
@@ -191,6 +209,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     try:
         backend_config = parse_backend_config(args.backend_config)
         restricted = parse_restricted_protocols(args.grpc_restricted_protocol)
+        metrics_config = parse_metrics_config(args.metrics_config)
     except ValueError as exc:
         raise SystemExit(f"nereid: {exc}") from exc
     mutual = bool(args.grpc_use_ssl_mutual)
@@ -203,7 +222,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         strict_readiness=args.strict_readiness,
         exit_timeout_secs=args.exit_timeout_secs,
         log_verbose=args.log_verbose,
+        allow_metrics=args.allow_metrics,
+        allow_cpu_metrics=args.allow_cpu_metrics,
+        allow_gpu_metrics=args.allow_gpu_metrics,
+        metrics_address=args.metrics_address,
         metrics_port=args.metrics_port,
+        metrics_interval_ms=args.metrics_interval_ms,
+        metrics_config=metrics_config,
         inline_compute_us=args.inline_compute_us,
         event_loop=args.event_loop,
         backend_config=backend_config,

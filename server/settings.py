@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.metrics.config import MetricsConfig
+
 INT32_MAX = 2**31 - 1
 # The default largest gRPC message. grpcio itself peaks at about 3x a message while receiving it
 # (docs/BENCHMARKS.md), so a 2 GiB limit (Triton's) lets one request take 6 GiB; 512 MiB keeps a
@@ -45,7 +47,14 @@ class Settings:
     strict_readiness: bool = True
     exit_timeout_secs: float = 30.0
     log_verbose: int = 0
-    metrics_port: int = 0
+    # Prometheus metrics (server/metrics/): Triton's flags and families.
+    allow_metrics: bool = True
+    allow_cpu_metrics: bool = True
+    allow_gpu_metrics: bool = True
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int = 8002  # 0: a free port, logged
+    metrics_interval_ms: int = 2000
+    metrics_config: MetricsConfig = field(default_factory=MetricsConfig)
     # Compute budget (µs per request, measured) under which a model runs on the event
     # loop instead of a worker thread when an instance is idle; 0 disables.
     inline_compute_us: float = 100.0

@@ -29,6 +29,7 @@ MODEL_REPOSITORY = ROOT / "model_repository"
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 
 STARTED_RE = re.compile(r"Started GRPCInferenceService at 127\.0\.0\.1:(\d+)")
+METRICS_RE = re.compile(r"Started Metrics Service at [^ ]+:(\d+)")
 LOADED_RE = re.compile(r"models loaded; server")
 
 # Every time limit in the tests is multiplied by this, so that a slow or busy CI machine can
@@ -204,7 +205,10 @@ class ServerProcess:
         cmd = [PYTHON, "-m", "server.cli", "serve"]
         for repo in repos:
             cmd += ["--model-repository", str(repo)]
-        cmd += ["--grpc-address", "127.0.0.1", "--grpc-port", "0", *extra_args]
+        cmd += ["--grpc-address", "127.0.0.1", "--grpc-port", "0"]
+        if not any(arg.startswith(("--metrics-port", "--metrics-address")) for arg in extra_args):
+            cmd += ["--metrics-address", "127.0.0.1", "--metrics-port", "0"]  # a free port, never 8002
+        cmd += list(extra_args)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.cmd = cmd
         self.proc = subprocess.Popen(
@@ -217,9 +221,12 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.port = 0
+        self.metrics_port = 0  # 0 when metrics are off
         try:
             match = self.wait_for_log(STARTED_RE, startup_timeout)
             self.port = int(match.group(1))
+            metrics = [METRICS_RE.search(line) for line in self.lines]
+            self.metrics_port = next((int(m.group(1)) for m in metrics if m), 0)
             self.wait_for_log(LOADED_RE, startup_timeout)
         except BaseException:
             self.stop()

@@ -25,7 +25,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -34,16 +33,6 @@ log = logging.getLogger("nereid.faults")
 
 TIMEOUT_PARAMETER = "execution_timeout_ms"
 THRESHOLD_PARAMETER = "failure_threshold"
-
-
-@dataclass(frozen=True)
-class ServingLimits:
-    """Server-wide defaults for how a model version serves (from the command line)."""
-
-    inline_us: float = 100.0
-    queue_limit: int = 0  # bound on queued requests where the config sets none; 0: unbounded
-    execution_timeout_s: float = 0.0  # 0: none
-    failure_threshold: int = 0  # consecutive failed executions before an instance is retired; 0: never
 
 
 def _parameter(config: mc.ModelConfig, key: str, what: str) -> float | None:

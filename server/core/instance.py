@@ -147,6 +147,7 @@ class ModelInstance:
             if self.retired:  # the model version is being given up: answer, never run
                 error = ModelUnavailable(f"model {self._shaper.model_label} is not available: {self.retired}")
                 outcomes: list[Outcome] = [(None, error)] * len(jobs)
+                self._stats.record_failure(len(jobs), 0, "OTHER")
             else:
                 self.watched.begin(jobs)
                 try:
@@ -195,6 +196,11 @@ class ModelInstance:
             total, len(live), prepared - started, executed - prepared, finished - executed,
             queued, finished * len(live) - sum(job.enqueued_ns for job in live),
         )
+        latencies = self._stats.latencies
+        if latencies is not None:
+            for job in live:
+                latencies.add((finished - job.enqueued_ns, started - job.enqueued_ns, prepared - started,
+                               executed - prepared, finished - executed))
         self._cost.record(total, executed - prepared)
         self._succeeded()
         if len(live) == len(jobs):
@@ -249,10 +255,14 @@ class ModelInstance:
             return self._failed([job], [job], _as_error(exc, shaper.model_label, self.name))[0]
         finished = perf_counter_ns()
         enqueued = job.enqueued_ns
-        self._stats.record_execution(
+        stats = self._stats
+        stats.record_execution(
             request.batch_size, 1, prepared - started, executed - prepared, finished - executed,
             started - enqueued, finished - enqueued,
         )
+        if stats.latencies is not None:
+            stats.latencies.add((finished - enqueued, started - enqueued, prepared - started, executed - prepared,
+                                 finished - executed))
         self._cost.record(request.batch_size, executed - prepared)
         self._succeeded()
         return (result, None)
@@ -312,6 +322,11 @@ class ModelInstance:
                 executed - prepared, finished - executed, sum(started - job.enqueued_ns for job in succeeded),
                 finished * len(succeeded) - sum(job.enqueued_ns for job in succeeded),
             )
+            latencies = self._stats.latencies
+            if latencies is not None:
+                for job in succeeded:
+                    latencies.add((finished - job.enqueued_ns, started - job.enqueued_ns, prepared - started,
+                                   executed - prepared, finished - executed))
             self._cost.record(sum(job.request.batch_size for job in live), executed - prepared)
         if failed:
             self._stats.record_failure(len(failed), finished * len(failed) - sum(job.enqueued_ns for job in failed))

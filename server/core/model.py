@@ -20,7 +20,7 @@ from backends.base import Backend, BackendError, ModelSpec
 from backends.registry import backend_class
 from server.core.batcher_config import make_batcher
 from server.core.dynamic_batcher import DynamicBatchScheduler
-from server.core.faults import WATCHDOG, ServingLimits, execution_timeout_s, failure_threshold
+from server.core.faults import WATCHDOG, execution_timeout_s, failure_threshold
 from server.core.instance import (
     CostTracker,
     ModelInstance,
@@ -28,6 +28,8 @@ from server.core.instance import (
     OutputShaper,
     deliver_all,
 )
+from server.core.latency import RequestLatencies
+from server.core.limits import ServingLimits
 from server.core.placement import Placement, place_instances, visible_gpus
 from server.core.scheduler import DirectScheduler, Job, Scheduler
 from server.core.signature import TensorInfo
@@ -84,7 +86,7 @@ class Model:
         self.inputs = {s.name: TensorInfo.from_spec(s, mbs, s.name in optional) for s in self.spec.inputs}
         self.outputs = {s.name: TensorInfo.from_spec(s, mbs) for s in self.spec.outputs}
         self.required_inputs = sum(1 for i in self.inputs.values() if not i.optional)
-        self.stats = ModelStats()
+        self.stats = ModelStats(RequestLatencies(limits.latency_buckets_ms) if limits.latency_buckets_ms else None)
         # Owned by the protocol layer (server/protocol/codec.py): wire-format templates for this model.
         self.wire_cache: dict[Any, Any] = {}
         self.state = ModelState.LOADING
@@ -225,11 +227,15 @@ class Model:
             instance.close()
         self._instances = []
 
+    def pending(self) -> int:
+        """Requests queued and not yet taken by an instance (Triton's pending request count)."""
+        return self._scheduler.pending()
+
     # -- request path (event loop) --
 
-    @staticmethod
-    def _reject(job: Job, error: NereidError) -> None:
+    def _reject(self, job: Job, error: NereidError) -> None:
         """For the batcher's thread: fail one queued request (e.g. its queue timeout expired)."""
+        self.stats.record_failure(1, perf_counter_ns() - job.enqueued_ns, "REJECTED")
         outcome: Outcome = (None, error)
         job.loop.call_soon_threadsafe(deliver_all, [job], [outcome])
 
@@ -263,8 +269,15 @@ class Model:
         future: asyncio.Future[Any] = loop.create_future()
         self.inflight += 1
         try:
-            self._scheduler.enqueue(Job(request, future, loop, started))
+            try:
+                self._scheduler.enqueue(Job(request, future, loop, started))
+            except NereidError:  # queue full
+                self.stats.record_failure(1, 0, "REJECTED")
+                raise
             return await future
+        except asyncio.CancelledError:
+            self.stats.record_failure(1, perf_counter_ns() - started, "CANCELED")
+            raise
         finally:
             self.inflight -= 1
 
@@ -306,6 +319,7 @@ class Model:
                 answers = await asyncio.wrap_future(collecting, loop=loop)
             outcome = instance.finish_requests([job], [job], answers, started, prepared)[0]
         except asyncio.CancelledError:
+            self.stats.record_failure(1, perf_counter_ns() - job.enqueued_ns, "CANCELED")
             handed_off = True
             if collecting is not None:  # that thread owns the backend until it is done
                 collecting.add_done_callback(lambda _: instance.lock.release())
@@ -373,6 +387,9 @@ class Model:
                 return _result(outcome)
             assert job.future is not None
             return await job.future  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            self.stats.record_failure(1, perf_counter_ns() - started, "CANCELED")
+            raise
         finally:
             self.inflight -= 1
 
@@ -493,6 +510,7 @@ class Model:
             try:
                 batcher.enqueue(job)
             except NereidError as exc:
+                self.stats.record_failure(1, 0, "REJECTED")
                 deliver_all([job], [(None, exc)])
         return result
 

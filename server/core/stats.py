@@ -12,6 +12,8 @@ import collections
 import threading
 import time
 
+from server.core.latency import RequestLatencies
+
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 _FOLD_AT = 4096  # fold the pending records once this many have piled up
 
@@ -19,8 +21,13 @@ _FOLD_AT = 4096  # fold the pending records once this many have piled up
 class ModelStats:
     """Cumulative counters for one model version."""
 
-    def __init__(self) -> None:
+    def __init__(self, latencies: RequestLatencies | None = None) -> None:
         self._lock = threading.Lock()
+        # Per-request durations for latency histograms and summaries, when metrics ask for them.
+        self.latencies = latencies
+        # Failed requests by Triton's metric reasons: REJECTED (queue full, queue timeout),
+        # CANCELED (the client gave up), BACKEND (the execution failed), OTHER.
+        self.failure_reasons: dict[str, int] = {}
         # (batch_size, requests, input_ns, infer_ns, output_ns, queue_ns, success_ns, finished_perf_ns)
         self._pending: collections.deque[tuple[int, int, int, int, int, int, int, int]] = collections.deque()
         self.last_inference_ms = 0
@@ -93,10 +100,12 @@ class ModelStats:
             copy.execution_count = self.execution_count
             copy.durations = {name: list(value) for name, value in self.durations.items()}
             copy.batch = {size: list(value) for size, value in self.batch.items()}
+            copy.failure_reasons = dict(self.failure_reasons)
         return copy
 
-    def record_failure(self, requests: int, total_ns: int) -> None:
+    def record_failure(self, requests: int, total_ns: int, reason: str = "BACKEND") -> None:
         with self._lock:
             entry = self.durations["fail"]
             entry[0] += requests
             entry[1] += total_ns
+            self.failure_reasons[reason] = self.failure_reasons.get(reason, 0) + requests

@@ -52,6 +52,8 @@ class InferenceServicer:
         # RESOURCE_EXHAUSTED at once; 0 disables. Per-client rate limits when configured.
         self.max_inflight = manager.settings.max_inflight_requests
         self.limiter = limiter
+        # (model, status code) -> requests answered with that error (metrics); unknown models count as "".
+        self.rejections: dict[tuple[str, str], int] = {}
         self.loaded = False  # startup loading finished
         self.stopping = False
         self.inflight = 0  # requests received and not yet answered (every RPC, each stream request)
@@ -83,6 +85,10 @@ class InferenceServicer:
         loop = asyncio.get_running_loop()
         while (left := self.last_call + period - loop.time()) > 0:
             await asyncio.sleep(left)
+
+    def _rejected(self, model: str, code: grpc.StatusCode) -> None:
+        key = (model if self.manager.known(model) else "", code.name)
+        self.rejections[key] = self.rejections.get(key, 0) + 1
 
     def _full(self) -> str:
         return (f"server is at its limit of {self.max_inflight} inference requests in flight "
@@ -202,13 +208,16 @@ class InferenceServicer:
         response is built and copied. Measured: no difference in calls per second."""
         if self.stopping:
             self._refused()
+            self._rejected("", grpc.StatusCode.UNAVAILABLE)
             handlers.finish_with(context, (grpc.StatusCode.UNAVAILABLE, STOPPING))
             return None
         if self.max_inflight and self.inflight >= self.max_inflight:
+            self._rejected("", grpc.StatusCode.RESOURCE_EXHAUSTED)
             handlers.finish_with(context, (grpc.StatusCode.RESOURCE_EXHAUSTED, self._full()))
             return None
         self.inflight += 1
         status = None
+        name = ""
         try:
             body = await context.read()
             if not isinstance(body, bytes):  # the client closed without sending a request
@@ -218,7 +227,8 @@ class InferenceServicer:
                 context.add_done_callback(trim_later)
             request, raw = split_infer_request(body)
             del body
-            model = self.manager.get(request.model_name, request.model_version)
+            name = request.model_name
+            model = self.manager.get(name, request.model_version)
             if self.limiter is not None:
                 self.limiter.check(context, model)
             decoded = decode_infer_request(request, model, raw)
@@ -233,6 +243,7 @@ class InferenceServicer:
             status = handlers.failure("ModelInfer", exc)
         finally:
             self._leave()
+        self._rejected(name, status[0])
         handlers.finish_with(context, status)
         return None
 
@@ -267,9 +278,11 @@ class InferenceServicer:
                 except Exception as exc:  # reported on this request only
                     status = handlers.failure("ModelStreamInfer", exc)
                 if status is not None:
+                    self._rejected(request.model_name, status[0])
                     response = _stream_error(request, status[1])
             except Exception as exc:  # the body itself is unreadable
                 status = handlers.failure("ModelStreamInfer", exc)
+                self._rejected("", status[0])
             if response is None:
                 response = pb.ModelStreamInferResponse(error_message=status[1] if status else "").SerializeToString()
             responses.put_nowait(response)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server.core.faults import ServingLimits
+from server.core.limits import ServingLimits
 from server.core.model import Model
 from server.core.state import ModelState
 from server.repository.changes import ModelSnapshot
@@ -82,6 +82,8 @@ def serving_limits(settings: Settings) -> ServingLimits:
         queue_limit=settings.model_queue_limit,
         execution_timeout_s=settings.model_execution_timeout_secs,
         failure_threshold=settings.model_failure_threshold,
+        latency_buckets_ms=settings.metrics_config.buckets_ms
+        if settings.allow_metrics and settings.metrics_config.per_request else (),
     )
 
 

@@ -47,6 +47,7 @@ class RepositoryManager(ModelRegistry):
         self._drains: list[threading.Thread] = []
         self._override_dirs: set[Path] = set()
         self._closing = False
+        self.load_failures: dict[str, int] = {}  # model -> failed loads (metrics)
 
     # -- discovery --
 
@@ -245,6 +246,7 @@ class RepositoryManager(ModelRegistry):
         return path
 
     def _fail_model(self, name: str, reason: str) -> None:
+        self.load_failures[name] = self.load_failures.get(name, 0) + 1
         entry = ModelEntry(name=name, path=Path(), error=reason)
         self._on_loop(lambda: self._models.__setitem__(name, entry))
         log.error("model '%s' failed to load: %s", name, reason)
@@ -301,6 +303,8 @@ class RepositoryManager(ModelRegistry):
             remove_override_dir(path)
 
     def _report(self, entry: ModelEntry, outcome: Outcome) -> None:
+        if outcome.error or outcome.failed:
+            self.load_failures[entry.name] = self.load_failures.get(entry.name, 0) + 1
         for model in outcome.loaded:
             log.info("loaded model %s (backend %s)", model.label, model.config.backend)
         serving = sorted(entry.serving())

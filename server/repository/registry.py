@@ -128,6 +128,16 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted(self._models)
 
+    def known(self, name: str) -> bool:
+        """Whether `name` is a model the registry knows (metrics label only those: a client's
+        arbitrary names would otherwise grow the label set without bound)."""
+        return name in self._models
+
+    def states(self) -> list[tuple[str, str, str]]:
+        """(model, version, state) of every version the registry holds."""
+        return [(name, str(version), model.state.value) for name in self.names()
+                for version, model in sorted(self._models[name].versions.items())]
+
     def entry(self, name: str) -> ModelEntry:
         entry = self._models.get(name)
         if entry is None:
