@@ -62,7 +62,7 @@ def _inputs(model: str) -> list[Any]:
 
 
 def traffic(target: str, seconds: float, threads: int) -> int:
-    """Valid requests on several models from `threads` clients, plus one bad request in 50."""
+    """Valid requests on several models from `threads` clients, plus two bad requests in 50."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -74,20 +74,28 @@ def traffic(target: str, seconds: float, threads: int) -> int:
 
     def run(worker: int) -> None:
         client = grpcclient.InferenceServerClient(target)
-        bad = [grpcclient.InferInput("INPUT0", [1, 15], "INT32")]  # simple wants [.., 16]
-        bad[0].set_data_from_numpy(np.zeros((1, 15), dtype=np.int32))
+        # Two kinds of bad request: refused before the model (simple wants [.., 16]), and
+        # failed inside it (text_features wants UTF-8: Triton's reason BACKEND).
+        bad_shape = [grpcclient.InferInput("INPUT0", [1, 15], "INT32"),
+                     grpcclient.InferInput("INPUT1", [1, 16], "INT32")]
+        bad_shape[0].set_data_from_numpy(np.zeros((1, 15), dtype=np.int32))
+        bad_shape[1].set_data_from_numpy(np.zeros((1, 16), dtype=np.int32))
+        bad_text = [grpcclient.InferInput("TEXT", [1, 1], "BYTES")]
+        bad_text[0].set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=object))
+        bad = {0: ("simple", bad_shape, "simple (bad shape)"),
+               25: ("text_features", bad_text, "text_features (bad UTF-8)")}
         prepared = {m: _inputs(m) for m in models}
         n = 0
         while time.monotonic() < deadline:
             n += 1
             model = models[(n + worker) % len(models)]
-            wrong = n % 50 == 0
+            model, inputs, label = bad.get(n % 50, (model, prepared[model], model))
             try:
-                client.infer("simple" if wrong else model, bad if wrong else prepared[model], client_timeout=10)
-                key = f"{model} OK"
+                client.infer(model, inputs, client_timeout=10)
+                key = f"{label} OK"
             except InferenceServerException as exc:
-                key = f"{'simple (bad shape)' if wrong else model} {exc.status()}"
-                if not wrong:
+                key = f"{label} {exc.status()}"
+                if label == model:  # a valid request failed
                     with lock:
                         unexpected.append(f"{model}: {exc.status()} {exc.message()}")
             with lock:

@@ -17,28 +17,20 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
+from tritonclient.utils import InferenceServerException
 from util import ROOT, ServerProcess, scaled
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "nereid.json"
 HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
-# The metric names Nereid exposes (Triton's, plus its own); docs/DEPLOYMENT.md lists them.
-METRICS = {
-    "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
-    "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
-    "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
-    "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count",
-    "nv_inference_first_response_histogram_ms_bucket", "nv_inference_request_summary_us",
-    "nv_cpu_utilization", "nv_cpu_memory_used_bytes", "nv_cpu_memory_total_bytes",
-    "nereid_inflight_requests", "nereid_rejected_requests_total", "nereid_model_state",
-    "nereid_model_load_failures_total", "up",
-}
-PROMQL_WORDS = {"sum", "by", "rate", "or", "on", "histogram_quantile", "count", "le", "model", "version",
+PROMQL_WORDS = {"sum", "by", "rate", "increase", "or", "on", "histogram_quantile", "count", "le", "model", "version",
                 "reason", "instance", "state", "job", "group_left", "ignoring", "without"}
 
 
@@ -142,7 +134,45 @@ def test_balancer_and_prometheus_reach_every_replica(resolved: dict[str, Any]) -
     assert sd["names"] == ["nereid"] and sd["port"] == int(metrics_port)
 
 
-def test_dashboard_asks_for_metrics_nereid_exposes(resolved: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def exposed(identity_repo: Path, failure_repo: Path) -> set[str]:
+    """Metric names (as the text format writes them) of a real server started with the compose
+    stack's metrics flags, after one good and one bad request and some failed model loads."""
+    import tritonclient.grpc as grpcclient
+
+    command = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["nereid"]["command"]
+    flags = [a for a in command if a.startswith("--metrics-config")]
+    server = ServerProcess([identity_repo, failure_repo], flags)
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        for shape in ([1, 4], [1, 5]):
+            tensor = grpcclient.InferInput("INPUT0", shape, "FP32")
+            tensor.set_data_from_numpy(np.zeros(shape, dtype=np.float32))
+            try:
+                client.infer("id_stats" if shape == [1, 4] else "id_pair", [tensor])
+            except InferenceServerException:
+                pass
+        client.close()
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=scaled(10)).read().decode()
+    finally:
+        server.stop()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def _metric_names(expr: str) -> set[str]:
+    expr = re.sub(r'"[^"]*"|\[[^\]]*\]|\$\w+|\{\{[^}]*\}\}', "", expr)
+    return set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", expr)) - PROMQL_WORDS
+
+
+def test_alerts_ask_for_metrics_nereid_exposes(exposed: set[str]) -> None:
+    alerts = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    used = set().union(*(_metric_names(rule["expr"]) for rule in alerts["groups"][0]["rules"]))
+    assert "nv_inference_pending_request_count" in used
+    assert used - {"up"} <= exposed, used - exposed
+
+
+def test_dashboard_asks_for_metrics_nereid_exposes(resolved: dict[str, Any], exposed: set[str]) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     datasource = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     uid = datasource["datasources"][0]["uid"]
@@ -153,9 +183,8 @@ def test_dashboard_asks_for_metrics_nereid_exposes(resolved: dict[str, Any]) -> 
         assert panel["datasource"]["uid"] == uid
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            expr = re.sub(r'"[^"]*"|\[[^\]]*\]|\$\w+', "", target["expr"])
-            used |= set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", expr)) - PROMQL_WORDS
-    assert used <= METRICS, used - METRICS
+            used |= _metric_names(target["expr"])
+    assert used - {"up"} <= exposed, used - exposed
     assert "nv_inference_first_response_histogram_ms_bucket" in used
     # The histogram behind p50/p99 exists only when the replicas are told to keep it.
     assert "histogram_latencies=true" in _flag(resolved["services"]["nereid"]["command"], "--metrics-config")
