@@ -4,11 +4,12 @@ the dashboard's queries read back from Prometheus.
     compose_e2e.py traffic --target 127.0.0.1:8001 --seconds 60
     compose_e2e.py queries --prometheus http://127.0.0.1:9090 --dashboard deploy/grafana/dashboards/nereid.json
 
-`traffic` drives every served example model from several threads (and sends a few requests
-that must fail, so that the error panels have something to show), counts answers by status
+`traffic` drives five example models from several threads, plus a backlog that queues (and
+sends a few requests that must fail, so that the error panels have something to show), counts answers by status
 code and fails if a valid request failed. `queries` evaluates each panel's expressions as
-an instant query (Grafana's variables replaced: every model and version, a 1 m rate window)
-and prints what Prometheus returned; it fails when a panel that must have data has none.
+an instant query and over the last minutes (Grafana's variables replaced: every model and
+version, a 1 m rate window) and prints what Prometheus returned, now and at its largest;
+it fails when a panel that must have data has none.
 Both talk to 127.0.0.1 only.
 """
 
@@ -102,8 +103,31 @@ def traffic(target: str, seconds: float, threads: int) -> int:
                 counts[key] += 1
         client.close()
 
+    def backlog(depth: int = 16) -> None:
+        """Keeps `depth` requests in flight on mlp_compute (no dynamic batcher): most of them wait
+        in its queues, which is what the queue-depth panel and the autoscaler watch."""
+        client = grpcclient.InferenceServerClient(target)
+        inputs = _inputs("mlp_compute")
+        slots = threading.Semaphore(depth)
+
+        def answered(result: Any, error: Any) -> None:
+            key = f"mlp_compute ({depth} in flight) " + ("OK" if error is None else str(error.status()))
+            with lock:
+                counts[key] += 1
+                if error is not None:
+                    unexpected.append(f"mlp_compute backlog: {error}")
+            slots.release()
+
+        while time.monotonic() < deadline:
+            slots.acquire()
+            client.async_infer("mlp_compute", inputs, answered, client_timeout=30)
+        for _ in range(depth):
+            slots.acquire()
+        client.close()
+
     started = time.monotonic()
     workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    workers.append(threading.Thread(target=backlog))
     for w in workers:
         w.start()
     for w in workers:
@@ -111,7 +135,7 @@ def traffic(target: str, seconds: float, threads: int) -> int:
     elapsed = time.monotonic() - started
     total = sum(counts.values())
     print(f"traffic: {total} requests in {elapsed:.1f} s ({total / elapsed:.0f}/s) through {target}, "
-          f"{threads} client threads")
+          f"{threads} client threads and a backlog of 16")
     for key, n in sorted(counts.items()):
         print(f"  {key}: {n}")
     for line in unexpected[:10]:
@@ -144,20 +168,27 @@ def legend(fmt: str, labels: dict[str, str]) -> str:
     return text or json.dumps(labels)
 
 
-def queries(prometheus: str, dashboard_path: str) -> int:
+def queries(prometheus: str, dashboard_path: str, minutes: float) -> int:
+    """Each query now, and its largest value over the last `minutes` (a 5 s step)."""
     dashboard = json.load(open(dashboard_path))
     empty = []
+    end = time.time()
     for title, fmt, expr in panel_targets(dashboard):
         promql = grafana_to_promql(expr)
-        result = prometheus_get(prometheus, "/api/v1/query", {"query": promql})["result"]
+        result = prometheus_get(prometheus, "/api/v1/query", {"query": promql, "time": f"{end:.3f}"})["result"]
+        window = prometheus_get(prometheus, "/api/v1/query_range", {
+            "query": promql, "start": f"{end - minutes * 60:.0f}", "end": f"{end:.0f}", "step": "5"})["result"]
+        peaks = {legend(fmt, s["metric"]): max((float(v) for _, v in s["values"] if v not in ("NaN", "+Inf")),
+                                               default=float("nan")) for s in window}
         print(f"[{title}] {promql}")
         if not result:
             print("    (no data)")
             if title not in MAY_BE_EMPTY:
                 empty.append(title)
         for series in sorted(result, key=lambda s: legend(fmt, s["metric"])):
-            value = float(series["value"][1])
-            print(f"    {legend(fmt, series['metric'])}: {value:.6g}")
+            name = legend(fmt, series["metric"])
+            print(f"    {name}: {float(series['value'][1]):.6g} (max over {minutes:g} min: "
+                  f"{peaks.get(name, float('nan')):.6g})")
     if empty:
         print(f"panels without data: {sorted(set(empty))}")
         return 1
@@ -174,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("queries")
     q.add_argument("--prometheus", default="http://127.0.0.1:9090")
     q.add_argument("--dashboard", default="deploy/grafana/dashboards/nereid.json")
+    q.add_argument("--minutes", type=float, default=3.0, help="window for each series' maximum")
     args = parser.parse_args(argv)
     for url in (getattr(args, "target", ""), getattr(args, "prometheus", "")):
         host = urllib.parse.urlsplit(url if "//" in url else f"//{url}").hostname
@@ -181,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{url}: only 127.0.0.1 is allowed")
     if args.command == "traffic":
         return traffic(args.target, args.seconds, args.threads)
-    return queries(args.prometheus, args.dashboard)
+    return queries(args.prometheus, args.dashboard, args.minutes)
 
 
 if __name__ == "__main__":

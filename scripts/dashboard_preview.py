@@ -50,7 +50,8 @@ def series_for(prometheus: str, panel: dict[str, Any], start: float, end: float,
         for s in data["result"]:
             points = [(float(t), float(v)) for t, v in s["values"]]
             out.append((legend(target.get("legendFormat", ""), s["metric"]), points))
-    return out
+    # Like a Grafana legend set to hide empty and all-zero series: the idle models drop out.
+    return [(name, pts) for name, pts in out if any(math.isfinite(v) and v != 0 for _, v in pts)]
 
 
 def svg_lines(series: list[tuple[str, list]], w: int, h: int, start: float, end: float, unit: str) -> str:
@@ -73,8 +74,9 @@ def svg_lines(series: list[tuple[str, list]], w: int, h: int, start: float, end:
     for i in range(5):
         t = start + (end - start) * i / 4
         x = left + (t - start) / (end - start) * (w - left - 8)
-        clock = time.strftime("%H:%M", time.localtime(t))
-        parts.append(f'<text x="{x:.1f}" y="{h - 4}" text-anchor="middle">{clock}</text>')
+        clock = time.strftime("%H:%M:%S", time.localtime(t))
+        anchor = "end" if i == 4 else "middle"
+        parts.append(f'<text x="{x:.1f}" y="{h - 4}" text-anchor="{anchor}">{clock}</text>')
     for n, (_, pts) in enumerate(series):
         runs: list[list[str]] = [[]]
         for t, v in pts:
