@@ -61,7 +61,12 @@ PERF_ANALYZER = ROOT / ".tools" / "bin" / "perf_analyzer"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
-KNOWN_TARGETS = ("echo", "nereid", "nereid-torch", "baseline")
+KNOWN_TARGETS = ("echo", "nereid", "nereid-torch", "baseline", "nereid-nometrics", "nereid-histograms")
+# Extra server flags of the metrics variants of the nereid target (metrics on and off in one run).
+TARGET_ARGS = {
+    "nereid-nometrics": ["--allow-metrics", "false"],
+    "nereid-histograms": ["--metrics-config", "histogram_latencies=true", "--metrics-config", "summary_latencies=true"],
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -171,12 +176,13 @@ def server_command(target: str, args: argparse.Namespace, port: int) -> list[str
             raise ServerError("target 'baseline' needs --baseline-checkout DIR")
         return [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(repo), "--grpc-port",
                 str(port), "--metrics-port", "0", *args.nereid_arg]
-    if target in ("nereid", "nereid-torch") or target in args.variant_repos:
+    if target in ("nereid", "nereid-torch") or target in args.variant_repos or target in TARGET_ARGS:
         exe = ROOT / ".venv" / "bin" / "nereid"
         if not exe.exists():
             raise ServerError(f"{exe} not found (run scripts/setup)")
         return [str(exe), "serve", "--model-repository", str(repo), "--grpc-port", str(port),
-                "--metrics-port", "0", *args.nereid_arg]
+                "--metrics-address", "127.0.0.1", "--metrics-port", "0", *TARGET_ARGS.get(target, []),
+                *args.nereid_arg]
     raise ServerError(f"unknown target {target!r}")
 
 
@@ -354,6 +360,7 @@ def bench_target(target: str, args: argparse.Namespace, pinned: bool, outdir: Pa
         print(f"  {e}", file=sys.stderr)
         first = str(e).splitlines()[0]
         return [Row(target, pinning, c, error=first, mode=m) for m in args.modes for c in args.concurrency]
+    scraper = Scraper(server, args.scrape_every) if args.scrape_every > 0 else None
     try:
         rows: list[Row] = []
         fatal: str | None = None  # after this, further concurrencies would fail the same way
@@ -368,8 +375,44 @@ def bench_target(target: str, args: argparse.Namespace, pinned: bool, outdir: Pa
                     fatal = row.error
         return rows
     finally:
+        if scraper is not None:
+            scraper.stop()
         kill_group(server.proc)
         live.remove(server)
+
+
+class Scraper:
+    """Scrapes the server's /metrics every `every` seconds while it is measured, as Prometheus would
+    (a scrape renders on the server's own thread, so it competes for the GIL with the requests)."""
+
+    def __init__(self, server: Server, every: float) -> None:
+        import re
+        import threading
+
+        found = re.search(r"Started Metrics Service at [^ ]+:(\d+)", server.log.read_text())
+        self.url = f"http://127.0.0.1:{found.group(1)}/metrics" if found else ""
+        self.scrapes = 0
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if self.url:
+            self._thread.start()
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.wait(self._every):
+            try:
+                urllib.request.urlopen(self.url, timeout=5).read()
+                self.scrapes += 1
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.url:
+            self._thread.join(10)
+            print(f"  {self.scrapes} scrapes of {self.url}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- ONNX Runtime baseline
@@ -598,6 +641,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mlp", help="model name (default mlp)")
     ap.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    ap.add_argument("--scrape-every", type=float, default=0.0, metavar="S",
+                    help="scrape each Nereid target's /metrics every S seconds while it is measured (0: never)")
     ap.add_argument("--baseline-checkout", default="", metavar="DIR",
                     help="for target 'baseline': a checkout of another commit (git worktree add DIR REV), "
                     "served with this environment, to compare two commits in one run")

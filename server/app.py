@@ -33,6 +33,7 @@ from server.protocol.servicer import InferenceServicer
 from server.repository.manager import RepositoryManager
 from server.repository.poller import Poller
 from server.settings import Settings
+from server.tracing.otel import Tracer
 
 log = logging.getLogger("nereid")
 
@@ -55,7 +56,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     manager.bind_loop(loop)
     health = HealthReporter()
     health.bind_loop(loop)
-    servicer = InferenceServicer(manager, rate_limiter(settings))
+    try:
+        tracer = Tracer(settings.trace_config)
+    except ValueError as exc:
+        raise SystemExit(f"nereid: --trace-config: {exc}") from None
+    servicer = InferenceServicer(manager, rate_limiter(settings), tracer)
     server, port = build_server(settings, servicer, health)
     metrics = start_metrics(settings, manager, servicer)
     await health.set_server(False)
@@ -109,6 +114,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await loop.run_in_executor(None, manager.unload_all, 5.0)
     if metrics is not None:
         metrics.stop()
+    await loop.run_in_executor(None, tracer.shutdown)  # exports the spans still queued
     log.info("stopped")
 
 

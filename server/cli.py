@@ -7,10 +7,14 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from server import __version__
+from server.logs import FORMATS, LogState
+from server.logs import configure as configure_logging
 from server.metrics.config import parse_metrics_config
 from server.protocol.ratelimit import parse_rate
+from server.repository.objstore import check_urls, is_remote
 from server.settings import (
     CONTROL_MODES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -20,6 +24,7 @@ from server.settings import (
     parse_backend_config,
     parse_restricted_protocols,
 )
+from server.tracing.config import parse_trace_config
 
 
 def _bool(text: str) -> bool:
@@ -87,6 +92,26 @@ def _rate(text: str) -> str:
     return text
 
 
+def _add_log_flags(serve: argparse.ArgumentParser) -> None:
+    """tritonserver's logging flags (server/logs.py); LogSettings changes them at run time."""
+    serve.add_argument("--log-verbose", type=_non_negative_int, default=0, metavar="N",
+                       help="verbose logging: 1 adds a line per request and per batch, 2 grpcio's own (default 0)")
+    serve.add_argument("--log-info", type=_bool, default=True, metavar="BOOL", help="info lines (default true)")
+    serve.add_argument("--log-warning", type=_bool, default=True, metavar="BOOL",
+                       help="warning lines (default true)")
+    serve.add_argument("--log-error", type=_bool, default=True, metavar="BOOL", help="error lines (default true)")
+    serve.add_argument("--log-format", choices=FORMATS, default="default",
+                       help="default (Triton's layout), ISO8601, or json: one object per line (default default)")
+    serve.add_argument("--log-file", default="", metavar="PATH", help="write the log here instead of stderr")
+
+
+def _add_trace_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--trace-config", action="append", default=[], metavar="[MODE,]KEY=VALUE",
+                       help="tracing as tritonserver: level=TIMESTAMPS, rate=N (one request in N), count=N, "
+                       "mode=opentelemetry, opentelemetry,url=HOST:PORT/v1/traces, opentelemetry,resource=K=V; "
+                       "repeatable (docs/OBSERVABILITY.md)")
+
+
 def _add_metrics_flags(serve: argparse.ArgumentParser) -> None:
     """Prometheus metrics with tritonserver's flag names (docs/OBSERVABILITY.md)."""
     serve.add_argument("--allow-metrics", type=_bool, default=True, metavar="BOOL",
@@ -143,6 +168,27 @@ def _add_lifecycle_flags(serve: argparse.ArgumentParser) -> None:
                        help="times a failed model load is tried again before the model is UNAVAILABLE (default 0)")
 
 
+def _add_object_store_flags(serve: argparse.ArgumentParser) -> None:
+    """Repositories on object storage (docs/LIFECYCLE.md): Nereid's own flags."""
+    serve.add_argument("--model-repository-cache", type=Path, default=None, metavar="DIR",
+                       help="folder for the local mirrors of s3:// and gs:// repositories, emptied at startup "
+                       "(default: a private temporary folder)")
+    serve.add_argument("--model-repository-ready-marker", default="", metavar="NAME",
+                       help="a version folder on object storage is taken only once it holds an object NAME "
+                       "(upload it last); by default a version is taken once its listing stays the same for a poll")
+
+
+def _object_store_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The object-store part of Settings; a bad URL or a missing client library stops here."""
+    urls = tuple(p for p in args.model_repository if is_remote(p))
+    try:
+        check_urls(urls, args.model_repository_ready_marker)
+    except ValueError as exc:
+        raise SystemExit(f"nereid: {exc}") from None
+    return {"object_store_repositories": urls, "model_repository_cache": args.model_repository_cache,
+            "model_repository_ready_marker": args.model_repository_ready_marker}
+
+
 def _add_security_flags(serve: argparse.ArgumentParser) -> None:
     """TLS and access-control flags, named and valued as tritonserver's (docs/SECURITY.md)."""
     serve.add_argument("--grpc-use-ssl", type=_bool, default=False, metavar="BOOL",
@@ -176,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nereid {__version__}")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="serve a model repository over gRPC")
-    serve.add_argument("--model-repository", action="append", required=True, type=Path,
-                       help="model repository path (repeatable)")
+    serve.add_argument("--model-repository", action="append", required=True, metavar="PATH|URL",
+                       help="model repository: a path, s3://[host:port/]bucket/prefix or gs://bucket/prefix "
+                       "(repeatable)")
     serve.add_argument("--grpc-address", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default 8001)")
     serve.add_argument("--grpc-max-message-bytes", type=_max_message, default=DEFAULT_MAX_MESSAGE_BYTES,
@@ -189,7 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ready only when every model is ready (default true)")
     serve.add_argument("--exit-timeout-secs", type=float, default=30.0,
                        help="how long shutdown waits for in-flight requests (default 30)")
-    serve.add_argument("--log-verbose", type=int, default=0, help="verbose logging level (0 = off)")
     serve.add_argument("--inline-compute-us", type=float, default=100.0,
                        help="models measured below this many µs per request run on the event loop when an "
                        "instance is idle, saving a thread hand-off; 0 disables (default 100)")
@@ -198,9 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend-config", action="append", default=[],
                        help="[<backend>,]<key>=<value>, e.g. onnxruntime,default-max-batch-size=8")
     _add_lifecycle_flags(serve)
+    _add_object_store_flags(serve)
     _add_security_flags(serve)
     _add_overload_flags(serve)
     _add_metrics_flags(serve)
+    _add_log_flags(serve)
+    _add_trace_flags(serve)
     _add_validate(sub)
     return parser
 
@@ -210,18 +259,21 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         backend_config = parse_backend_config(args.backend_config)
         restricted = parse_restricted_protocols(args.grpc_restricted_protocol)
         metrics_config = parse_metrics_config(args.metrics_config)
+        trace_config = parse_trace_config(args.trace_config)
     except ValueError as exc:
         raise SystemExit(f"nereid: {exc}") from exc
     mutual = bool(args.grpc_use_ssl_mutual)
     return Settings(
-        model_repositories=tuple(p.resolve() for p in args.model_repository),
+        model_repositories=tuple(Path(p).resolve() for p in args.model_repository if not is_remote(p)),
+        **_object_store_settings(args),
         grpc_address=args.grpc_address,
         grpc_port=args.grpc_port,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         disable_auto_complete_config=args.disable_auto_complete_config,
         strict_readiness=args.strict_readiness,
         exit_timeout_secs=args.exit_timeout_secs,
-        log_verbose=args.log_verbose,
+        log=LogState(verbose=args.log_verbose, info=args.log_info, warning=args.log_warning, error=args.log_error,
+                     format=args.log_format, file=args.log_file),
         allow_metrics=args.allow_metrics,
         allow_cpu_metrics=args.allow_cpu_metrics,
         allow_gpu_metrics=args.allow_gpu_metrics,
@@ -229,6 +281,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         metrics_port=args.metrics_port,
         metrics_interval_ms=args.metrics_interval_ms,
         metrics_config=metrics_config,
+        trace_config=trace_config,
         inline_compute_us=args.inline_compute_us,
         event_loop=args.event_loop,
         backend_config=backend_config,
@@ -253,17 +306,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-def configure_logging(verbose: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname).1s%(asctime)s %(name)s] %(message)s",
-        datefmt="%m%d %H:%M:%S",
-        stream=sys.stderr,
-    )
-    # grpcio logs a debug line per call ("Loaded running loop"): only at --log-verbose 2 and up.
-    logging.getLogger("grpc").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h", "--version"):
@@ -276,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     settings = settings_from_args(args)
-    configure_logging(settings.log_verbose)
+    try:
+        configure_logging(settings.log)
+    except OSError as exc:
+        raise SystemExit(f"nereid: cannot open --log-file '{settings.log.file}': {exc.strerror or exc}") from None
     from server.app import run
     from server.protocol.tls import TLSConfigError, server_credentials
 

@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.logs import LogState
 from server.metrics.config import MetricsConfig
+from server.tracing.config import TraceConfig
 
 INT32_MAX = 2**31 - 1
 # The default largest gRPC message. grpcio itself peaks at about 3x a message while receiving it
@@ -46,7 +48,7 @@ class Settings:
     disable_auto_complete_config: bool = False
     strict_readiness: bool = True
     exit_timeout_secs: float = 30.0
-    log_verbose: int = 0
+    log: LogState = field(default_factory=LogState)  # server/logs.py
     # Prometheus metrics (server/metrics/): Triton's flags and families.
     allow_metrics: bool = True
     allow_cpu_metrics: bool = True
@@ -55,6 +57,7 @@ class Settings:
     metrics_port: int = 8002  # 0: a free port, logged
     metrics_interval_ms: int = 2000
     metrics_config: MetricsConfig = field(default_factory=MetricsConfig)
+    trace_config: TraceConfig = field(default_factory=TraceConfig)  # --trace-config (server/tracing/)
     # Compute budget (µs per request, measured) under which a model runs on the event
     # loop instead of a worker thread when an instance is idle; 0 disables.
     inline_compute_us: float = 100.0
@@ -83,6 +86,12 @@ class Settings:
     # Extra attempts for a load that failed (tritonserver's --model-load-retry-count), e.g. a
     # model file on a network filesystem that was briefly unreadable; 0 tries once.
     model_load_retry_count: int = 0
+    # Repositories on object storage (docs/LIFECYCLE.md): s3:// and gs:// URLs, each mirrored into a
+    # folder under the cache root (None: a private temporary folder); a version on object storage is
+    # taken only once it holds the ready marker object, when one is named.
+    object_store_repositories: tuple[str, ...] = ()
+    model_repository_cache: Path | None = None
+    model_repository_ready_marker: str = ""
     # backend name -> {setting: value}; "" holds settings given for every backend.
     backend_config: dict[str, dict[str, str]] = field(default_factory=dict)
     # TLS (docs/SECURITY.md): off unless --grpc-use-ssl or --grpc-use-ssl-mutual; mutual

@@ -17,6 +17,9 @@ class InferenceRequest:
     id: str = ""
     requested_outputs: tuple[str, ...] | None = None  # None means every output
     parameters: dict[str, Any] = field(default_factory=dict)
+    # A sampled request's trace (server/tracing/otel.py RequestTrace); the instance that runs it
+    # records its queue and compute timestamps there. None for the (many) untraced requests.
+    trace: Any = None
 
 
 @dataclass(slots=True)

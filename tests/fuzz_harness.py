@@ -37,7 +37,9 @@ ACCEPTABLE: dict[str, frozenset[Code]] = {
     **{f"/{INFERENCE}/{m}": _SERVER_WIDE for m in ("ServerLive", "ServerReady", "ServerMetadata")},
     f"/{INFERENCE}/RepositoryIndex": frozenset({Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND}),
     **{f"/{INFERENCE}/{m}": frozenset({Code.INVALID_ARGUMENT, Code.UNIMPLEMENTED})
-       for m in INFERENCE_METHODS if "SharedMemory" in m or m in ("TraceSetting", "LogSettings")},
+       for m in INFERENCE_METHODS if "SharedMemory" in m},
+    f"/{INFERENCE}/LogSettings": frozenset({Code.OK, Code.INVALID_ARGUMENT}),
+    f"/{INFERENCE}/TraceSetting": frozenset({Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND}),
     f"/{HEALTH}/Check": frozenset({Code.OK, Code.NOT_FOUND, Code.INVALID_ARGUMENT}),
     f"/{HEALTH}/Watch": frozenset({Code.OK, Code.INVALID_ARGUMENT, Code.CANCELLED}),  # we cancel it
     f"/{REFLECTION}/ServerReflectionInfo": frozenset({Code.OK, Code.INVALID_ARGUMENT}),

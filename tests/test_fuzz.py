@@ -140,6 +140,20 @@ def named_requests(draw, method: str, known: list[str]):
     return message
 
 
+def _reset_logs() -> bytes:
+    request = pb.LogSettingsRequest()
+    for key in ("log_info", "log_warning", "log_error"):
+        request.settings[key].bool_param = True
+    request.settings["log_verbose_level"].uint32_param = 0
+    request.settings["log_format"].string_param = "default"
+    return request.SerializeToString()
+
+
+RESET_LOGS = _reset_logs()
+RESET_TRACES = pb.TraceSettingRequest(settings={"trace_level": pb.TraceSettingRequest.SettingValue(
+    value=["OFF"])}).SerializeToString()
+
+
 @pytest.mark.parametrize("method", OTHER_UNARY)
 @budget(40)
 @given(data=st.data())
@@ -148,6 +162,10 @@ def test_generated_requests_to_every_unary_rpc(main: Target, method: str, data: 
     message = data.draw(named_requests(method, sorted(main.sigs)), label="request")
     body = message.SerializeToString()
     main.check(f"/{INFERENCE}/{method}", body, main.unary(f"/{INFERENCE}/{method}", body))
+    if method == "LogSettings":  # a generated request may turn error lines off: back to the defaults
+        main.unary(f"/{INFERENCE}/LogSettings", RESET_LOGS)
+    if method == "TraceSetting":  # or tracing on (to a collector that is not there): off again
+        main.unary(f"/{INFERENCE}/TraceSetting", RESET_TRACES)
     main.check_healthy(since)
 
 

@@ -18,8 +18,6 @@ UNARY = [
     ("CudaSharedMemoryStatus", pb.CudaSharedMemoryStatusRequest()),
     ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest(name="r", raw_handle=b"h", byte_size=64)),
     ("CudaSharedMemoryUnregister", pb.CudaSharedMemoryUnregisterRequest(name="r")),
-    ("TraceSetting", pb.TraceSettingRequest()),
-    ("LogSettings", pb.LogSettingsRequest()),
 ]
 
 
@@ -40,8 +38,6 @@ def test_tritonclient_unimplemented_calls(identity_server: ServerProcess) -> Non
     c = client(identity_server)
     assert "SystemSharedMemoryStatus" in expect_error(
         "UNIMPLEMENTED", c.get_system_shared_memory_status).message()
-    assert "LogSettings" in expect_error("UNIMPLEMENTED", c.get_log_settings).message()
-    assert "TraceSetting" in expect_error("UNIMPLEMENTED", c.get_trace_settings).message()
 
 
 def test_server_still_serves_after_unimplemented_calls(stub, identity_server: ServerProcess) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from backends.base import Backend, BackendInputError
 from backends.base import Request as BackendRequest
+from server import logs
 from server.core.batching import concat_inputs, split_outputs
 from server.core.faults import FailureCounter, Watched
 from server.core.scheduler import Job, Scheduler
@@ -166,6 +167,12 @@ class ModelInstance:
 
     def execute(self, jobs: list[Job]) -> list[Outcome]:
         """Run the jobs as one backend execution; one outcome per job. Caller holds `lock`."""
+        outcomes = self._execute(jobs)
+        if logs.verbose():
+            self._log_batch(jobs, outcomes)
+        return outcomes
+
+    def _execute(self, jobs: list[Job]) -> list[Outcome]:
         if self._per_request:
             return self._execute_requests(jobs)
         if len(jobs) == 1:
@@ -201,12 +208,20 @@ class ModelInstance:
             for job in live:
                 latencies.add((finished - job.enqueued_ns, started - job.enqueued_ns, prepared - started,
                                executed - prepared, finished - executed))
+        _trace(live, started, prepared, executed, finished)
         self._cost.record(total, executed - prepared)
         self._succeeded()
         if len(live) == len(jobs):
             return [(result, None) for result in results]
         by_job = dict(zip(map(id, live), results, strict=True))
         return [(by_job.get(id(job)), None) for job in jobs]
+
+    def _log_batch(self, jobs: list[Job], outcomes: list[Outcome]) -> None:
+        """--log-verbose 1: one line per execution, naming its requests."""
+        failed = sum(1 for _, error in outcomes if error is not None)
+        log.debug("model %s instance %s executed %d request(s), %d item(s), %d failed; ids %s",
+                  self._shaper.model_label, self.name, len(jobs), sum(j.request.batch_size for j in jobs), failed,
+                  [j.request.id for j in jobs][:16], extra={"model": self._shaper.model_label})
 
     def expired(self, jobs: list[Job], timeout_s: float) -> None:
         """The watchdog's call (its own thread): `jobs` ran past the execution timeout. Answer them
@@ -263,6 +278,8 @@ class ModelInstance:
         if stats.latencies is not None:
             stats.latencies.add((finished - enqueued, started - enqueued, prepared - started, executed - prepared,
                                  finished - executed))
+        if request.trace is not None:
+            request.trace.compute = (enqueued, started, prepared, executed, finished)
         self._cost.record(request.batch_size, executed - prepared)
         self._succeeded()
         return (result, None)
@@ -327,6 +344,7 @@ class ModelInstance:
                 for job in succeeded:
                     latencies.add((finished - job.enqueued_ns, started - job.enqueued_ns, prepared - started,
                                    executed - prepared, finished - executed))
+            _trace(succeeded, started, prepared, executed, finished)
             self._cost.record(sum(job.request.batch_size for job in live), executed - prepared)
         if failed:
             self._stats.record_failure(len(failed), finished * len(failed) - sum(job.enqueued_ns for job in failed))
@@ -350,6 +368,14 @@ class ModelInstance:
             self.backend.close()
         except Exception:
             log.exception("instance %s: close failed", self.name)
+
+
+def _trace(jobs: list[Job], started: int, prepared: int, executed: int, finished: int) -> None:
+    """Hand the execution's timestamps to the traced requests among `jobs` (server/tracing)."""
+    for job in jobs:
+        trace = job.request.trace
+        if trace is not None:
+            trace.compute = (job.enqueued_ns, started, prepared, executed, finished)
 
 
 def _as_error(exc: Exception, model_label: str, instance: str) -> NereidError:

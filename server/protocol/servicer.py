@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from time import perf_counter_ns
 from typing import Any
 
 import grpc
 from google.protobuf import message_factory
 from tritonclient.grpc import service_pb2 as pb
 
-from server import __version__
+from server import __version__, logs
 from server.core.model import Model
 from server.core.state import ModelState
 from server.errors import InvalidInput, ModelNotFound, Overloaded, ServerUnavailable, Unsupported
@@ -33,12 +34,15 @@ from server.protocol.statistics import model_statistics
 from server.protocol.wire import split_infer_request, wrap_stream_response
 from server.repository.manager import RepositoryManager
 from server.repository.registry import parse_version
+from server.tracing.config import TraceConfig
+from server.tracing.otel import RequestTrace, Tracer
 
 log = logging.getLogger("nereid.protocol")
 
 SERVICE = "inference.GRPCInferenceService"
 # What ServerMetadata reports: only the extensions that really work.
-EXTENSIONS = ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)")
+EXTENSIONS = ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)",
+              "logging", "trace")
 STOPPING = "Server is stopping and has stopped accepting new requests"
 STREAM_CLOSED = "Server is shutting down: this stream's requests have been answered; reconnect to another replica"
 
@@ -46,8 +50,10 @@ _END = object()  # tells a stream's writer that no more responses will come
 
 
 class InferenceServicer:
-    def __init__(self, manager: RepositoryManager, limiter: RateLimiter | None = None) -> None:
+    def __init__(self, manager: RepositoryManager, limiter: RateLimiter | None = None,
+                 tracer: Tracer | None = None) -> None:
         self.manager = manager
+        self.tracer = tracer or Tracer(TraceConfig())
         # Overload (docs/SECURITY.md): inference requests beyond this many in flight are answered
         # RESOURCE_EXHAUSTED at once; 0 disables. Per-client rate limits when configured.
         self.max_inflight = manager.settings.max_inflight_requests
@@ -218,6 +224,7 @@ class InferenceServicer:
         self.inflight += 1
         status = None
         name = ""
+        trace = None
         try:
             body = await context.read()
             if not isinstance(body, bytes):  # the client closed without sending a request
@@ -228,14 +235,21 @@ class InferenceServicer:
             request, raw = split_infer_request(body)
             del body
             name = request.model_name
+            if self.tracer.active:
+                trace = self._trace(context, name, request.id)
             model = self.manager.get(name, request.model_version)
             if self.limiter is not None:
                 self.limiter.check(context, model)
             decoded = decode_infer_request(request, model, raw)
             request_id = request.id
             del request, raw
+            if trace is not None:
+                trace.decoded, trace.version, decoded.trace = perf_counter_ns(), model.version_str, trace
             outputs = await model.infer(decoded)
             del decoded  # the request's bytes go now, unless an output is a view of them
+            if logs.verbose():
+                log.debug("ModelInfer '%s' version %s id '%s': OK", name, model.version_str, request_id,
+                          extra={"model": name, "version": model.version_str, "request_id": request_id})
             return b"".join(encode_infer_response(model, request_id, outputs))
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
@@ -244,8 +258,18 @@ class InferenceServicer:
         finally:
             self._leave()
         self._rejected(name, status[0])
+        if trace is not None:
+            trace.status = status[0].name
         handlers.finish_with(context, status)
         return None
+
+    def _trace(self, context: Any, model: str, request_id: str) -> RequestTrace | None:
+        """Start a trace if this request is sampled (server/tracing); it is exported once the RPC is done."""
+        trace = self.tracer.start(model, context.invocation_metadata())
+        if trace is not None:
+            trace.model, trace.request_id = model, request_id
+            context.add_done_callback(lambda _: self.tracer.finish(trace))
+        return trace
 
     async def ModelStreamInfer(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         """Bidirectional stream: every request runs concurrently (so they batch together) and
@@ -273,8 +297,17 @@ class InferenceServicer:
                     model = self.manager.get(request.model_name, request.model_version)
                     if self.limiter is not None:
                         self.limiter.check(context, model)
-                    outputs = await model.infer(decode_infer_request(request, model, raw))
+                    decoded = decode_infer_request(request, model, raw)
+                    trace = self.tracer.start(model.name, context.invocation_metadata()) if self.tracer.active \
+                        else None
+                    if trace is not None:
+                        trace.model, trace.version, trace.request_id = model.name, model.version_str, request.id
+                        trace.decoded, decoded.trace = perf_counter_ns(), trace
+                    outputs = await model.infer(decoded)
+                    del decoded
                     response = b"".join(wrap_stream_response(encode_infer_response(model, request.id, outputs)))
+                    if trace is not None:  # a stream's request is done once its response is queued
+                        self.tracer.finish(trace)
                 except Exception as exc:  # reported on this request only
                     status = handlers.failure("ModelStreamInfer", exc)
                 if status is not None:
@@ -342,6 +375,55 @@ class InferenceServicer:
                 task.cancel()
             if self._idle is not None and not self._streams and not self.inflight:
                 self._idle.set()
+
+    # -- tracing --
+
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Any) -> pb.TraceSettingResponse:
+        """Triton's trace settings, global or for `model_name`; an empty request reads them."""
+        model = request.model_name
+        if model and not self.manager.known(model):
+            raise ModelNotFound(f"Request for unknown model: '{model}' is not found")
+        changes = {key: list(value.value) for key, value in request.settings.items()}
+        if changes:
+            try:
+                self.tracer.update(model, changes)
+            except ValueError as exc:
+                raise InvalidInput(f"TraceSetting: {exc}") from None
+            log.info("trace settings%s changed: %s", f" of '{model}'" if model else "",
+                     ", ".join(f"{k}={v}" for k, v in sorted(changes.items())))
+        current = self.tracer.settings(model)
+        response = pb.TraceSettingResponse()
+        response.settings["trace_level"].value.extend(current.level)
+        response.settings["trace_rate"].value.append(str(current.rate))
+        response.settings["trace_count"].value.append(str(current.count))
+        response.settings["log_frequency"].value.append(str(current.log_frequency))
+        response.settings["trace_mode"].value.append("opentelemetry")
+        return response
+
+    # -- logging --
+
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: Any) -> pb.LogSettingsResponse:
+        """Triton's log settings; an empty request reads them (server/logs.py)."""
+        changes = {}
+        for key, value in request.settings.items():
+            which = value.WhichOneof("parameter_choice")
+            changes[key] = getattr(value, which) if which else None
+        if changes:
+            try:
+                logs.update(changes)
+            except ValueError as exc:
+                raise InvalidInput(f"LogSettings: {exc}") from None
+            log.info("log settings changed: %s", ", ".join(f"{k}={v}" for k, v in sorted(changes.items())))
+        response = pb.LogSettingsResponse()
+        for key, current in logs.as_settings(logs.state()).items():
+            entry = response.settings[key]
+            if isinstance(current, bool):
+                entry.bool_param = current
+            elif isinstance(current, int):
+                entry.uint32_param = current
+            else:
+                entry.string_param = current
+        return response
 
     # -- model repository (explicit mode); loads run on the manager's loader threads --
 

@@ -130,8 +130,12 @@ class ChangeDetector:
         self._previous: dict[str, ModelSnapshot] = {}
         self._applied: dict[str, ModelSnapshot] = {}
         self._absent_once: set[str] = set()
+        self._settled: set[str] = set()  # names last seen settled (kept while they are absent)
 
-    def observe(self, current: Mapping[str, ModelSnapshot], busy: frozenset[str] = frozenset()) -> Changes:
+    def observe(self, current: Mapping[str, ModelSnapshot], busy: frozenset[str] = frozenset(),
+                settled: frozenset[str] = frozenset()) -> Changes:
+        """`settled` names are already still (an object-store mirror shows only units whose listing
+        stayed the same for a poll, mirror.py): they are applied, or removed, at first sight."""
         changes = Changes()
         for name, snap in sorted(current.items()):
             previous = self._previous.get(name)
@@ -139,17 +143,19 @@ class ChangeDetector:
             self._absent_once.discard(name)
             if name in busy:
                 continue
-            if previous != snap:
+            if previous != snap and name not in settled:
                 changes.unsettled.append(name)
                 continue
             if self._applied.get(name) != snap:
                 self._applied[name] = snap
                 changes.apply.append(snap)
+        self._settled = (self._settled - set(current)) | set(settled)
         for name in sorted(set(self._previous) - set(current)):
             if name in busy:
                 continue
-            if name in self._absent_once:
+            if name in self._absent_once or name in self._settled:
                 self._absent_once.discard(name)
+                self._settled.discard(name)
                 self._previous.pop(name, None)
                 if self._applied.pop(name, None) is not None:
                     changes.remove.append(name)

@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 
 from server.core.model import Model
@@ -23,8 +24,10 @@ from server.errors import InvalidInput, ModelUnavailable, ServerUnavailable
 from server.repository.actions import Outcome, Source, describe_failure, run_action
 from server.repository.changes import ModelSnapshot, snapshot_model
 from server.repository.entry import IndexEntry, ModelEntry
+from server.repository.objstore import StoreError
 from server.repository.overrides import parse_load_parameters, remove_override_dir, write_override_dir
 from server.repository.registry import ModelRegistry, StateListener, model_paths
+from server.repository.remote import RemoteRepositories
 from server.repository.safepath import check_model_name, find_model_dir
 from server.settings import Settings
 
@@ -48,6 +51,15 @@ class RepositoryManager(ModelRegistry):
         self._override_dirs: set[Path] = set()
         self._closing = False
         self.load_failures: dict[str, int] = {}  # model -> failed loads (metrics)
+        # s3:// and gs:// repositories: local mirrors, scanned like any other repository (remote.py).
+        try:
+            self.remote = RemoteRepositories.open(settings.object_store_repositories,
+                                                  settings.model_repository_cache,
+                                                  settings.model_repository_ready_marker)
+        except StoreError as exc:
+            raise SystemExit(f"nereid: {exc}") from None
+        if self.remote.mirrors:
+            self.settings = replace(settings, model_repositories=settings.model_repositories + self.remote.roots)
 
     # -- discovery --
 
@@ -84,6 +96,7 @@ class RepositoryManager(ModelRegistry):
 
     def load_all(self) -> None:
         """Load every model in the repositories, several at once."""
+        self.remote.sync(stable=False)
         self.run_all(Source(snap) for snap in self.scan().values())
 
     def load_named(self, names: Iterable[str]) -> None:
@@ -227,8 +240,15 @@ class RepositoryManager(ModelRegistry):
                 log.info("unloaded model %s", model.label)
             self._cleanup_overrides()
 
+    def disk_names(self) -> set[str]:
+        return super().disk_names() | self.remote.names()
+
     def _find(self, name: str) -> Path:
         check_model_name(name)
+        try:
+            self.remote.sync_model(name)
+        except StoreError as exc:
+            raise InvalidInput(f"failed to load '{name}', failed to poll from model repository: {exc}") from None
         try:
             found = [r for r in self.settings.model_repositories if (r / name).is_dir()]
             if len(found) > 1:
@@ -286,8 +306,9 @@ class RepositoryManager(ModelRegistry):
             remove_override_dir(path)
 
     def close(self) -> None:
-        """No new actions from now on (shutdown)."""
+        """No new actions from now on (shutdown); a mirror download in progress stops at its next file."""
         self._closing = True
+        self.remote.stop()
 
     def unload_all(self, timeout: float | None = None) -> None:
         self._closing = True
@@ -301,6 +322,7 @@ class RepositoryManager(ModelRegistry):
             entry.refresh_latest()
         for path in list(self._override_dirs):
             remove_override_dir(path)
+        self.remote.close()
 
     def _report(self, entry: ModelEntry, outcome: Outcome) -> None:
         if outcome.error or outcome.failed:

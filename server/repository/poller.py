@@ -1,6 +1,8 @@
 """Poll mode: scan the repositories, apply the two-scan rule, hand changed models to the loaders.
 
-A scan only stats files (changes.py); loads run on the manager's loader pool,
+A scan only stats files (changes.py), after the object-store mirrors have
+been brought up to date (mirror.py: they apply the two-scan rule to the object
+listing, so their models are not made to wait a second time); loads run on the manager's loader pool,
 one action per model at a time. A model whose action is still running is
 looked at again on a later scan, so a slow load of one model never delays
 picking up changes to the others, and a scan never waits for a load.
@@ -42,8 +44,12 @@ class Poller:
             if self._closed:
                 return
             self._running = {n: f for n, f in self._running.items() if not f.done()}
+            busy = frozenset(self._running)
+            remote = self.manager.remote
+            remote.sync(stable=True, busy=busy)  # object-store mirrors first: they apply the two-scan rule
             snapshots = self.manager.scan()
-            changes = self.detector.observe(snapshots, frozenset(self._running))
+            settled = frozenset(name for name, snap in snapshots.items() if remote.holds(snap.path))
+            changes = self.detector.observe(snapshots, busy, settled)
             if changes.unsettled:
                 log.debug("changing, looked at again next scan: %s", ", ".join(changes.unsettled))
             submit = self.manager.loader.submit
