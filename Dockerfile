@@ -14,8 +14,9 @@
 #   VARIANT     cpu (default) installs the `cpu` extra (onnxruntime); gpu installs the `gpu`
 #               extra (onnxruntime-gpu: CUDA and, where built in, TensorRT execution
 #               providers), which needs a CUDA 12 + cuDNN 9 base such as the one above.
-#   EXTRAS      more extras, comma-separated, e.g. EXTRAS=torch for TorchScript models
-#               (torch is large: about 200 MB for CPU builds, several GB with CUDA).
+#   EXTRAS      more extras, comma-separated: s3 / gs (model repositories on object
+#               storage), tracing (OpenTelemetry export), torch (TorchScript models; large:
+#               about 200 MB for CPU builds, several GB with CUDA).
 #
 # Offline builds: wheels placed in deploy/wheels/ (`pip download -d deploy/wheels ".[cpu]"
 # "setuptools>=77" wheel`) are installed with --no-index; with that folder empty (as
