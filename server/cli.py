@@ -236,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ready only when every model is ready (default true)")
     serve.add_argument("--exit-timeout-secs", type=float, default=30.0,
                        help="how long shutdown waits for in-flight requests (default 30)")
+    serve.add_argument("--lame-duck-secs", type=float, default=5.0,
+                       help="after SIGTERM readiness goes off at once, but requests that still arrive are "
+                       "served until none has arrived for 1 s, for at most this long (before the exit "
+                       "timeout starts); then new ones are refused (UNAVAILABLE) while the rest finish. "
+                       "0 refuses at once, as Triton (default 5)")
     serve.add_argument("--inline-compute-us", type=float, default=100.0,
                        help="models measured below this many µs per request run on the event loop when an "
                        "instance is idle, saving a thread hand-off; 0 disables (default 100)")
@@ -272,6 +277,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         disable_auto_complete_config=args.disable_auto_complete_config,
         strict_readiness=args.strict_readiness,
         exit_timeout_secs=args.exit_timeout_secs,
+        lame_duck_secs=args.lame_duck_secs,
         log=LogState(verbose=args.log_verbose, info=args.log_info, warning=args.log_warning, error=args.log_error,
                      format=args.log_format, file=args.log_file),
         allow_metrics=args.allow_metrics,

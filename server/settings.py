@@ -48,6 +48,10 @@ class Settings:
     disable_auto_complete_config: bool = False
     strict_readiness: bool = True
     exit_timeout_secs: float = 30.0
+    # After SIGTERM, readiness is off but new requests are still served until none arrives for a
+    # second, for at most this long (a "lame duck"): load balancers take a moment to notice.
+    # The exit timeout (the drain of what is in flight) starts after it.
+    lame_duck_secs: float = 5.0
     log: LogState = field(default_factory=LogState)  # server/logs.py
     # Prometheus metrics (server/metrics/): Triton's flags and families.
     allow_metrics: bool = True

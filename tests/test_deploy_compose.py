@@ -94,8 +94,9 @@ def test_everything_is_published_on_loopback_only(resolved: dict[str, Any]) -> N
 def test_a_draining_replica_is_not_killed_early(resolved: dict[str, Any]) -> None:
     nereid = resolved["services"]["nereid"]
     [exit_timeout] = _flag(nereid["command"], "--exit-timeout-secs")
+    [lame_duck] = _flag(nereid["command"], "--lame-duck-secs")
     grace = re.fullmatch(r"(\d+)s", nereid["stop_grace_period"])
-    assert grace and int(grace.group(1)) > float(exit_timeout) + 5
+    assert grace and int(grace.group(1)) > float(lame_duck) + float(exit_timeout) + 5
 
 
 def _servable_models() -> set[str]:

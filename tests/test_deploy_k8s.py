@@ -103,11 +103,11 @@ def _check_container(container: dict[str, Any], grace: int) -> None:
     assert all(p["port"] == grpc_port for p in probes.values())
     assert probes["startupProbe"]["service"] == probes["livenessProbe"]["service"] == "live"
     assert probes["readinessProbe"]["service"] == "ready"
-    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
-    assert sleep[0] == "sleep"
+    lame_duck = float(_arg(container["args"], "--lame-duck-secs"))
+    assert lame_duck >= 3, "endpoint removal takes seconds to reach the balancers"
     exit_timeout = float(_arg(container["args"], "--exit-timeout-secs"))
-    # preStop, then the drain (bounded by --exit-timeout-secs), then 1 s quiet + 1 s close + unload.
-    assert grace >= int(sleep[1]) + exit_timeout + 7, (grace, sleep, exit_timeout)
+    # The lame duck, then the drain (bounded by --exit-timeout-secs), then 1 s quiet + 1 s close + unload.
+    assert grace >= lame_duck + exit_timeout + 7, (grace, lame_duck, exit_timeout)
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
 

@@ -208,6 +208,10 @@ class ServerProcess:
         cmd += ["--grpc-address", "127.0.0.1", "--grpc-port", "0"]
         if not any(arg.startswith(("--metrics-port", "--metrics-address")) for arg in extra_args):
             cmd += ["--metrics-address", "127.0.0.1", "--metrics-port", "0"]  # a free port, never 8002
+        if not any(arg.startswith("--lame-duck-secs") for arg in extra_args):
+            # No lame duck (Triton's shutdown): it would add a second to every server's stop.
+            # The tests of shutdown itself (test_shutdown.py, test_failover.py) set it.
+            cmd += ["--lame-duck-secs", "0"]
         cmd += list(extra_args)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.cmd = cmd

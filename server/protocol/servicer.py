@@ -5,9 +5,11 @@ Each handler is a few lines; anything that knows about models lives in
 become statuses in handlers.py. RPCs not implemented yet answer UNIMPLEMENTED
 with a message naming the RPC.
 
-Shutdown (app.py) sets `stopping`: readiness goes off, new requests are refused with
-UNAVAILABLE (retryable) while the ones already received finish, and streams end
-with UNAVAILABLE once their own requests are answered.
+Shutdown (app.py) has two steps. `begin_lame_duck` turns readiness off while requests
+that still arrive are served (their arrival times tell when load balancers have moved
+away); `stop_accepting` then refuses new requests with UNAVAILABLE (trailers-only, so
+retryable) while the ones already received finish, and streams end with UNAVAILABLE
+once their own requests are answered.
 """
 
 from __future__ import annotations
@@ -61,17 +63,30 @@ class InferenceServicer:
         # (model, status code) -> requests answered with that error (metrics); unknown models count as "".
         self.rejections: dict[tuple[str, str], int] = {}
         self.loaded = False  # startup loading finished
-        self.stopping = False
+        self.draining = False  # shutdown began: readiness is off
+        self.stopping = False  # new requests are refused
+        self.closing = False  # either of the two: the one flag the hot path reads
         self.inflight = 0  # requests received and not yet answered (every RPC, each stream request)
         self._idle: asyncio.Event | None = None
-        self.last_call = 0.0  # monotonic time of the latest call (kept up to date only while stopping)
+        self.last_call = 0.0  # monotonic time of the latest call (kept up to date only while closing)
         self._streams: set[asyncio.Queue[Any]] = set()
 
     # -- shutdown --
 
+    def begin_lame_duck(self) -> None:
+        """Readiness off; requests are still served, and their arrival noted for `quiet`."""
+        self.draining = self.closing = True
+        self.last_call = asyncio.get_running_loop().time()
+
     def stop_accepting(self) -> None:
         """From now on new requests are refused (UNAVAILABLE); streams end once their requests are answered."""
+        if not self.draining:
+            self.begin_lame_duck()
         self.stopping = True
+        self.end_streams()
+
+    def end_streams(self) -> None:
+        """Open streams end (UNAVAILABLE) once the requests they already sent are answered."""
         for queue in list(self._streams):
             queue.put_nowait(_END)
 
@@ -87,7 +102,7 @@ class InferenceServicer:
         Closing the listener while calls still arrive loses some: grpcio kills the calls its
         core has received but not yet handed to Python, and their clients see CANCELLED,
         which they do not retry. Once readiness is off, load balancers stop sending here;
-        this waits for that (the caller bounds it with the exit timeout)."""
+        this waits for that (the caller bounds it)."""
         loop = asyncio.get_running_loop()
         while (left := self.last_call + period - loop.time()) > 0:
             await asyncio.sleep(left)
@@ -100,11 +115,24 @@ class InferenceServicer:
         return (f"server is at its limit of {self.max_inflight} inference requests in flight "
                 "(--max-inflight-requests); retry later")
 
-    def _refused(self) -> None:
+    def _arrived(self) -> bool:
+        """A call arrived while closing: note when (for `quiet`); True if it is to be refused."""
         self.last_call = asyncio.get_running_loop().time()
+        return self.stopping
+
+    def _serving(self, name: str, version: str) -> Model:
+        """The model for an inference request. Until startup loading is done, a model not
+        there yet is UNAVAILABLE (retryable, like the refused connection Triton gives before
+        it has loaded), not NOT_FOUND."""
+        try:
+            return self.manager.get(name, version)
+        except ModelNotFound:
+            if self.loaded:
+                raise
+        raise ServerUnavailable(f"the server is starting: model '{name}' is not loaded yet; retry")
+
     def _enter(self) -> None:
-        if self.stopping:
-            self._refused()
+        if self.closing and self._arrived():
             raise ServerUnavailable(STOPPING)
         self.inflight += 1
 
@@ -117,9 +145,7 @@ class InferenceServicer:
         """Count a unary RPC as in flight; refuse it while stopping unless `always` (health, metadata)."""
 
         async def run(request: Any, context: Any) -> Any:
-            if always:
-                if self.stopping:
-                    self._refused()
+            if always:  # probes keep coming from balancers: they do not hold the lame duck open
                 self.inflight += 1
             else:
                 self._enter()
@@ -139,7 +165,7 @@ class InferenceServicer:
         """Ready once startup loading finished and until shutdown begins. With --strict-readiness
         (the default) every model must be ready too; without it, as Triton, individual models
         do not count (a model that failed to load does not keep the server out of rotation)."""
-        if not self.loaded or self.stopping:
+        if not self.loaded or self.draining:
             return False
         return self.manager.is_ready() if self.manager.settings.strict_readiness else True
 
@@ -149,9 +175,9 @@ class InferenceServicer:
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         entry = self.manager.entry(request.name)
         if not request.version:
-            return pb.ModelReadyResponse(ready=entry.latest_ready is not None and not self.stopping)
+            return pb.ModelReadyResponse(ready=entry.latest_ready is not None and not self.draining)
         model = entry.versions.get(parse_version(request.version, request.name))
-        ready = model is not None and model.state is ModelState.READY and not self.stopping
+        ready = model is not None and model.state is ModelState.READY and not self.draining
         return pb.ModelReadyResponse(ready=ready)
 
     # -- metadata --
@@ -212,8 +238,7 @@ class InferenceServicer:
         so that this handler owns the request's bytes: grpcio's unary path would hold them until
         the response is sent, and a 300 MB request would then cost its size once more while its
         response is built and copied. Measured: no difference in calls per second."""
-        if self.stopping:
-            self._refused()
+        if self.closing and self._arrived():
             self._rejected("", grpc.StatusCode.UNAVAILABLE)
             # Aborted, not finish_with: a trailers-only answer (no headers, no empty message
             # before the status), the only kind a gRPC client's retry policy retries elsewhere.
@@ -247,7 +272,7 @@ class InferenceServicer:
             name = request.model_name
             if self.tracer.active:
                 trace = self._trace(context, name, request.id)
-            model = self.manager.get(name, request.model_version)
+            model = self._serving(name, request.model_version)
             if self.limiter is not None:
                 self.limiter.check(context, model)
             decoded = decode_infer_request(request, model, raw)
@@ -293,8 +318,7 @@ class InferenceServicer:
             response: bytes | None = None
             status = None
             try:
-                if self.stopping:
-                    self._refused()
+                if self.closing and self._arrived():
                     raise ServerUnavailable(STOPPING)
                 if self.max_inflight and self.inflight > self.max_inflight:  # this request counts itself
                     raise Overloaded(self._full())
@@ -303,7 +327,7 @@ class InferenceServicer:
                     context.add_done_callback(trim_later)
                 request, raw = split_infer_request(body)
                 try:
-                    model = self.manager.get(request.model_name, request.model_version)
+                    model = self._serving(request.model_name, request.model_version)
                     if self.limiter is not None:
                         self.limiter.check(context, model)
                     decoded = decode_infer_request(request, model, raw)
@@ -348,8 +372,7 @@ class InferenceServicer:
 
         reader = loop.create_task(read_all())
         self._streams.add(responses)
-        if self.stopping:
-            self._refused()
+        if self.closing and self._arrived():
             responses.put_nowait(_END)
         closing = False
         try:
