@@ -65,7 +65,7 @@ def metrics_server(tmp_path_factory: pytest.TempPathFactory):
         "batched", [("INPUT0", "FP32", [4])], max_batch_size=8, execute_delay_ms=20, instance_count=1,
         extra="dynamic_batching { max_queue_delay_microseconds: 50000 }\n"))
     write_model(repo, "slow", identity_config(
-        "slow", [("INPUT0", "FP32", [4])], max_batch_size=1, execute_delay_ms=400, instance_count=1,
+        "slow", [("INPUT0", "FP32", [4])], max_batch_size=1, execute_delay_ms=1000, instance_count=1,
         extra="dynamic_batching { default_queue_policy { max_queue_size: 2 } }\n"))
     write_model(repo, "failing", FAILING)
     write_model(repo, "broken", "not a config")
@@ -110,8 +110,9 @@ def test_counters_after_known_traffic(metrics_server: ServerProcess) -> None:
 
 
 def test_queue_depth_while_requests_wait_and_rejections(metrics_server: ServerProcess) -> None:
-    """One 400 ms instance and a queue of 2: with 5 sent at once, the gauge shows the waiting ones,
-    the overflow is REJECTED, and a client that gives up is CANCELED."""
+    """One 1 s instance and a queue of 2: with 5 sent at once, the gauge shows the waiting ones (for
+    a second: long enough to scrape on a busy machine), the overflow is REJECTED, and a client
+    that gives up is CANCELED."""
     channels = [metrics_server.channel() for _ in range(5)]
     try:
         with concurrent.futures.ThreadPoolExecutor(6) as pool:

@@ -84,7 +84,9 @@ def servicer(tmp_path_factory: pytest.TempPathFactory):
         write_model(repo, name, config)
     manager = RepositoryManager(Settings(model_repositories=(repo,)))
     manager.load_all()
-    yield InferenceServicer(manager)
+    servicer = InferenceServicer(manager)
+    servicer.loaded = True  # what app.py sets once startup loading is done
+    yield servicer
     manager.unload_all(5.0)
 
 
