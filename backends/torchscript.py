@@ -21,6 +21,13 @@ used by `torch.jit.fork`) are a single process pool that can be sized once: the 
 model asking for `INTER_OP_THREAD_COUNT` sets it; a later, different request is logged
 and ignored.
 
+GPU instances (`KIND_GPU`, `cuda:N`): each instance owns a CUDA stream and its own copy of
+the weights, so instances on one GPU overlap their copies and kernels instead of queueing
+on the device's default stream. An execute copies its inputs to the device, runs, and copies
+the outputs back on that stream; the copy back waits for the stream, so nothing of a request
+is in flight once execute returns. The load logs the stream and the device memory the
+weights take (the GPU tests read it).
+
 Inputs become tensors with `torch.from_numpy`, sharing memory. Wire buffers are
 read-only; they are shared as they are unless the scripted graph contains an in-place
 op (one that could write to an input), in which case read-only inputs are copied first.
@@ -122,10 +129,12 @@ class TorchScriptBackend(Backend):
             if tensor.datatype not in TORCH_OF:
                 raise BackendError(f"'{tensor.name}': datatype {tensor.datatype} has no torch dtype (torch has "
                                    "no string tensors); use a Python model for BYTES")
+        self._stream: Any = None
         if device.kind == "GPU":
             if not torch.cuda.is_available():
                 raise BackendError(f"instance on GPU {device.device_id}: this torch build has no CUDA device")
             self._device = torch.device("cuda", device.device_id)
+            self._stream = torch.cuda.Stream(device=self._device)
         else:
             self._device = torch.device("cpu")
         share = max(1, usable_cores() // max(1, spec.instance_count))
@@ -141,9 +150,20 @@ class TorchScriptBackend(Backend):
             raise BackendError(f"torch.jit.load could not load {spec.model_file}: {exc}") from exc
         self._module.eval()
         self._forward = self._module.forward
+        if self._stream is not None:
+            self._log_gpu_instance(spec)
         self._bind(spec)
         self._copy_readonly = _may_write_inputs(self._module)
         self._dtypes = {t.name: TORCH_OF[t.datatype] for t in spec.inputs}
+
+    def _log_gpu_instance(self, spec: ModelSpec) -> None:
+        """Say where a GPU instance lives: its stream and the device memory of its weights."""
+        weights = [*self._module.parameters(), *self._module.buffers()]
+        size = sum(t.numel() * t.element_size() for t in weights if t.device == self._device)
+        log.info("model %s version %d instance %s: on %s, CUDA stream 0x%x, weights %d bytes on the device, "
+                 "%d bytes allocated on %s by this process", spec.name, spec.version, spec.instance_name or "-",
+                 self._device, self._stream.cuda_stream, size, torch.cuda.memory_allocated(self._device),
+                 self._device)
 
     def _bind(self, spec: ModelSpec) -> None:
         """Work out how config inputs map to forward's arguments and outputs to its results."""
@@ -168,6 +188,12 @@ class TorchScriptBackend(Backend):
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if torch.get_num_threads() != self._threads:  # per calling thread, see the module docstring
             torch.set_num_threads(self._threads)
+        if self._stream is None:
+            return self._execute(inputs)
+        with torch.cuda.stream(self._stream):  # this instance's stream, for copies and kernels alike
+            return self._execute(inputs)
+
+    def _execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = {name: self._tensor(name, arr) for name, arr in inputs.items()}
         try:
             with torch.inference_mode(self._inference_mode):
@@ -236,6 +262,9 @@ class TorchScriptBackend(Backend):
         self._module = None  # type: ignore[assignment]
         self._forward = None
         if self._device.type == "cuda":
+            if self._stream is not None:
+                self._stream.synchronize()
+            self._stream = None
             torch.cuda.empty_cache()
 
 

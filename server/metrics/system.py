@@ -55,6 +55,7 @@ class SystemMetrics:
         self._values: dict[str, Any] = {}
         self._last_cpu = _cpu_times() if cpu else None
         self._nvml: Any = self._init_nvml() if gpu else None
+        self._energy_at_start: dict[str, float] = {}  # NVML counts since the driver loaded; Triton since start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nereid-metrics-poll", daemon=True)
         self.poll()
@@ -106,7 +107,10 @@ class SystemMetrics:
     def _gpus(self) -> list[dict[str, Any]]:
         nvml, gpus = self._nvml, []
         for index in range(nvml.nvmlDeviceGetCount()):
-            gpus.append(_gpu_reading(nvml, nvml.nvmlDeviceGetHandleByIndex(index)))
+            gpu = _gpu_reading(nvml, nvml.nvmlDeviceGetHandleByIndex(index))
+            if "energy" in gpu:
+                gpu["energy"] -= self._energy_at_start.setdefault(gpu["uuid"], gpu["energy"])
+            gpus.append(gpu)
         return gpus
 
     def families(self) -> list[Family]:
