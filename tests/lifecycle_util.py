@@ -67,8 +67,10 @@ def write_version_atomically(model_dir: Path, version: int, files: dict[str, byt
     return target
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` seconds (scaled)."""
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
+               what: str | Callable[[], str] = "") -> Any:
+    """Poll `predicate` until it returns something truthy; fail with `what` (or what it returns)
+    after `timeout` seconds (scaled)."""
     timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -77,7 +79,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last value {last!r}")
+    said = what() if callable(what) else what
+    raise AssertionError(f"timed out after {timeout}s waiting for {said or predicate}; last value {last!r}")
 
 
 def index_of(client: Any, name: str) -> list[tuple[str, str, str]]:

@@ -65,7 +65,7 @@ def metrics_server(tmp_path_factory: pytest.TempPathFactory):
         "batched", [("INPUT0", "FP32", [4])], max_batch_size=8, execute_delay_ms=20, instance_count=1,
         extra="dynamic_batching { max_queue_delay_microseconds: 50000 }\n"))
     write_model(repo, "slow", identity_config(
-        "slow", [("INPUT0", "FP32", [4])], max_batch_size=1, execute_delay_ms=1000, instance_count=1,
+        "slow", [("INPUT0", "FP32", [4])], max_batch_size=1, execute_delay_ms=1500, instance_count=1,
         extra="dynamic_batching { default_queue_policy { max_queue_size: 2 } }\n"))
     write_model(repo, "failing", FAILING)
     write_model(repo, "broken", "not a config")
@@ -110,16 +110,28 @@ def test_counters_after_known_traffic(metrics_server: ServerProcess) -> None:
 
 
 def test_queue_depth_while_requests_wait_and_rejections(metrics_server: ServerProcess) -> None:
-    """One 1 s instance and a queue of 2: with 5 sent at once, the gauge shows the waiting ones (for
-    a second: long enough to scrape on a busy machine), the overflow is REJECTED, and a client
-    that gives up is CANCELED."""
+    """One 1.5 s instance and a queue of 2: with three sent at once the gauge shows the two waiting
+    (for 1.5 s: long enough to scrape on a busy machine), a fourth is REJECTED, and a client
+    that gives up is CANCELED. Channels connect before anything is sent, so that the three
+    arrive together even on a loaded machine (a connection made by the first call can take
+    longer than the instance's 1.5 s, and then the queue never holds two)."""
     channels = [metrics_server.channel() for _ in range(5)]
+    for channel in channels:
+        grpc.channel_ready_future(channel).result(timeout=scaled(10))
     try:
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(_call, ch, _body("slow")) for ch in channels[:4]]
-            # One runs, two wait (the queue holds 2), one is refused; the gauge shows the two.
-            wait_until(lambda: value(scrape(metrics_server), "nv_inference_pending_request_count", model="slow",
-                                     version="1") == 2, timeout=scaled(3), what="a queue depth of 2")
+            futures = [pool.submit(_call, ch, _body("slow")) for ch in channels[:3]]
+            # One runs, two wait (the queue holds 2); the gauge shows the two.
+            depths: list[float] = []
+
+            def depth_is_two() -> bool:
+                depths.append(value(scrape(metrics_server), "nv_inference_pending_request_count", model="slow",
+                                    version="1"))
+                return depths[-1] == 2
+
+            wait_until(depth_is_two, timeout=scaled(3),
+                       what=lambda: f"a queue depth of 2 (seen {depths}, calls {[f.done() for f in futures]})")
+            futures.append(pool.submit(_call, channels[3], _body("slow")))  # the queue is full: refused
             cancelled = pool.submit(_call, channels[4], _body("slow"), 0.1)
             outcomes = sorted(f.result() for f in futures) + [cancelled.result()]
         assert outcomes.count("UNAVAILABLE") >= 1 and outcomes[-1] in ("DEADLINE_EXCEEDED", "UNAVAILABLE")
