@@ -12,6 +12,7 @@ Run with `autocomplete` instead of serving, it calls the model's optional
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -23,6 +24,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from backends.python_bls import ANSWER
+from backends.python_bls_stub import BlsClient
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "pb_utils"))
@@ -58,6 +61,9 @@ class Stub:
         self.model_name = init["model_name"]
         self.inputs = Arena("nereid-in")  # the server's arena, mirrored
         self.outputs = Arena("nereid-out")  # ours
+        self.bls = BlsClient(channel, pb_utils)
+        pb_utils._BLS = self.bls
+        self._loop: asyncio.AbstractEventLoop | None = None  # for `async def execute` models, made on first use
         module = _load_module(init["model_file"])
         self.model = module.TritonPythonModel()
 
@@ -66,6 +72,7 @@ class Stub:
             self.model.initialize(args)
         if not hasattr(self.model, "execute"):
             raise AttributeError("TritonPythonModel has no execute(requests) method")
+        self.bls.phase = "execute"
 
     def serve(self) -> None:
         while True:
@@ -76,6 +83,10 @@ class Stub:
             if message[0] == "stop":
                 self.finalize()
                 return
+            if message[0] == ANSWER:  # a BLS answer to a call its execute did not wait for
+                if fd is not None:
+                    os.close(fd)
+                continue
             _, arena_size, requests = message
             if fd is not None:
                 self.inputs.attach(fd, arena_size)
@@ -93,6 +104,8 @@ class Stub:
             wanted.append(set(requested))
         try:
             responses = self.model.execute(requests)
+            if not isinstance(responses, (list, tuple)) and asyncio.iscoroutine(responses):
+                responses = self._run_async(responses)
         except Exception as exc:
             traceback.print_exc()
             return ("fail", _describe(exc)), None
@@ -125,6 +138,22 @@ class Stub:
                 start += count
         return ("done", self.outputs.size if fd is not None else 0, results, time.perf_counter_ns() - started), fd
 
+    def _run_async(self, coroutine: Any) -> Any:
+        """Run an `async def execute` to completion on the stub's event loop (as Triton does);
+        tasks it started and left behind are cancelled, and BLS answers nobody awaits dropped."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        loop = self._loop
+        try:
+            return loop.run_until_complete(coroutine)
+        finally:
+            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            self.bls.drop_pending()
+
     @staticmethod
     def _response(response: Any, wanted: set[str]) -> list[tuple[str, Any]] | tuple[str, str, int]:
         if not isinstance(response, pb_utils.InferenceResponse):
@@ -138,6 +167,7 @@ class Stub:
         return [(t.name(), t.as_numpy()) for t in response.output_tensors() if t.name() in wanted]
 
     def finalize(self) -> None:
+        self.bls.phase = "finalize"
         if hasattr(self.model, "finalize"):
             try:
                 self.model.finalize()
