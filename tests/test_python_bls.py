@@ -337,3 +337,47 @@ def test_many_concurrent_bls_requests(bls_server: ServerProcess) -> None:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(40), timeout=scaled(60)))
     assert results == [[float(i)] * 4 for i in range(40)]
+
+
+def test_channel_keeps_read_ahead_messages_and_their_descriptors() -> None:
+    """Several answers in flight at once: messages sent back to back, some with a descriptor,
+    each come out whole with its own descriptor, and `buffered()` says when one is already here
+    (the socket is then not readable)."""
+    import socket
+
+    from backends.python_bls import pack_tensors, unpack_tensors
+    from backends.python_ipc import Channel
+
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender, receiver = Channel(left), Channel(right)
+    try:
+        sent = []
+        for i in range(6):
+            if i % 2:
+                metas, fd, size = pack_tensors([("T", np.full(3, i, dtype=np.int64))])
+                sender.send(("m", i, metas, size), fd)
+                os.close(fd)
+            else:
+                sender.send(("m", i, None, 0))
+            sent.append(i)
+        sender.send(("big", b"x" * 200_000))  # longer than the receive buffer
+        got = []
+        for i in sent:
+            message, fd = receiver.recv()
+            assert message[1] == i
+            if i % 2:
+                assert fd is not None
+                (name, array), = unpack_tensors(message[2], fd, message[3])
+                assert name == "T" and array.tolist() == [i] * 3
+            else:
+                assert fd is None
+            got.append(i)
+            if i == 0:  # the first read took the small messages behind it too
+                assert receiver.buffered()
+        message, fd = receiver.recv()
+        assert message == ("big", b"x" * 200_000) and fd is None
+        assert not receiver.buffered()
+        assert got == sent
+    finally:
+        sender.close()
+        receiver.close()
