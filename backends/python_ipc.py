@@ -67,7 +67,9 @@ class Channel:
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         word = len(payload) if fd is None else len(payload) | _FD_FLAG
         data = word.to_bytes(_HEADER, "little") + payload
-        with self._send_lock:
+        lock = self._send_lock
+        lock.acquire()  # cheaper than `with` on the per-request path
+        try:
             if fd is None:
                 self.sock.sendall(data)
                 return
@@ -75,6 +77,8 @@ class Channel:
             sent = self.sock.sendmsg([data], ancillary)
             if sent < len(data):
                 self.sock.sendall(memoryview(data)[sent:])
+        finally:
+            lock.release()
 
     def buffered(self) -> bool:
         """Whether a whole message has already been read off the socket (`recv` will not block)."""
@@ -86,24 +90,32 @@ class Channel:
 
     def recv(self) -> tuple[Any, int | None]:
         """The next message and the descriptor that came with it (or None)."""
-        if self._lo == self._hi:
-            self._lo = self._hi = 0
-        while self._hi - self._lo < _HEADER:
+        lo = self._lo
+        if lo == self._hi:  # nothing read ahead (the usual case): one system call into an empty buffer
+            got, ancdata, _, _ = self.sock.recvmsg_into([self._view], _FDS)
+            if got == 0:
+                raise ChannelClosed("the other process closed the channel")
+            if ancdata:
+                self._keep_fds(ancdata)
+            lo, self._lo, self._hi = 0, 0, got
+        while self._hi - lo < _HEADER:
             self._room(_HEADER)
             self._fill()
-        word = int.from_bytes(self._view[self._lo:self._lo + _HEADER], "little")
+            lo = self._lo
+        word = int.from_bytes(self._buf[lo:lo + _HEADER], "little")
         size = _HEADER + (word & _SIZE_MASK)
         if size <= len(self._buf):
-            self._room(size)
-            while self._hi - self._lo < size:
-                self._fill()
-            start = self._lo
-            self._lo += size
-            message = pickle.loads(self._view[start + _HEADER:start + size])
+            if self._hi - lo < size:
+                self._room(size)
+                while self._hi - self._lo < size:
+                    self._fill()
+                lo = self._lo
+            self._lo = lo + size
+            message = pickle.loads(self._view[lo + _HEADER:lo + size])
         else:  # longer than the buffer: read the rest of it (and nothing more) into its own
             whole = bytearray(size)
-            got = self._hi - self._lo
-            whole[:got] = self._view[self._lo:self._hi]
+            got = self._hi - lo
+            whole[:got] = self._view[lo:self._hi]
             self._lo = self._hi = 0
             view = memoryview(whole)
             while got < size:
@@ -122,10 +134,14 @@ class Channel:
         got, ancdata, _, _ = self.sock.recvmsg_into([self._view[self._hi:]], _FDS)
         if got == 0:
             raise ChannelClosed("the other process closed the channel")
+        if ancdata:
+            self._keep_fds(ancdata)
+        self._hi += got
+
+    def _keep_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
         for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 self._fds.append(array.array("i", data[:_INT])[0])
-        self._hi += got
 
     def _more(self, into: memoryview) -> int:
         n = self.sock.recv_into(into)
