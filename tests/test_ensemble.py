@@ -456,3 +456,35 @@ def test_load_waves_order_steps_before_ensembles_and_name_cycles(tmp_path: Path)
     assert names == [["classifier", "postprocess", "preprocess"], ["pipeline"], ["outer"], ["after_loop"]]
     assert cycles == {"e_loop_a": "circular dependency between ensembles: e_loop_a -> e_loop_b -> e_loop_a",
                       "e_loop_b": "circular dependency between ensembles: e_loop_a -> e_loop_b -> e_loop_a"}
+
+
+def test_poll_mode_ensemble_follows_its_steps(tmp_path: Path) -> None:
+    """Poll mode loads every model at once: the ensemble serves as soon as its steps do, stops
+    when a step's folder goes, and comes back when it returns."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
+    write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
+        _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "mid"}),
+        _step("postprocess", {"INPUT0": "mid"}, {"OUTPUT0": "OUT"})]))
+    srv = ServerProcess([repo], ["--model-control-mode", "poll", "--repository-poll-secs", "0.2"])
+    try:
+        c = client(srv)
+        import tritonclient.grpc as grpcclient
+
+        def run() -> np.ndarray:
+            inp = grpcclient.InferInput("IN", [4], "FP32")
+            inp.set_data_from_numpy(X)
+            return c.infer("chain", [inp]).as_numpy("OUT")
+
+        assert wait_until(partial(c.is_model_ready, "chain"), 20)
+        np.testing.assert_array_equal(run(), X)
+        moved = tmp_path / "postprocess"
+        shutil.move(repo / "postprocess", moved)
+        assert wait_until(lambda: not c.is_model_ready("chain"), 20)
+        shutil.move(moved, repo / "postprocess")
+        assert wait_until(partial(c.is_model_ready, "chain"), 20)
+        np.testing.assert_array_equal(run(), X)
+    finally:
+        srv.stop()

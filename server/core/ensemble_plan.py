@@ -88,6 +88,9 @@ def steps_problem(config: mc.ModelConfig, step_configs: dict[str, mc.ModelConfig
         if step_config.max_batch_size and step_config.max_batch_size < config.max_batch_size:
             return (f"ensemble {ensemble} allows maximum batch size {config.max_batch_size}, but it contains "
                     f"model {model} which only allows maximum batch size to be {step_config.max_batch_size}")
+        if step_config.model_transaction_policy.decoupled:
+            return (f"in ensemble {ensemble}, model {model} is decoupled: decoupled step models are not supported "
+                    "in ensembles by this server yet")
         problem = _mapping_problem(ensemble, step, step_config, tensors)
         if problem:
             return problem
