@@ -472,7 +472,7 @@ class InferenceServicer:
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        # `unload_dependents` is accepted and has nothing to do: there are no ensembles yet.
+        # `unload_dependents` is accepted; an ensemble's step models stay loaded (docs/ENSEMBLES.md).
         self._check_repository_call(request.repository_name)
         await asyncio.get_running_loop().run_in_executor(
             self.manager.loader, self.manager.unload_explicit, request.model_name)

@@ -28,6 +28,7 @@ from backends.registry import (
 from server.core.placement import resolve_kind, visible_gpus
 from server.errors import ConfigError
 from server.repository.config_paths import check_config_paths
+from server.repository.ensemble_config import check_ensemble_config, is_ensemble
 from server.repository.layout import ModelDir
 from server.repository.safepath import require_regular
 from server.settings import Settings
@@ -255,16 +256,25 @@ def load_model_config(
         raise ConfigError(f"{where}: config name '{config.name}' does not match directory '{model_dir.name}'")
     if config.max_batch_size < 0:
         raise ConfigError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
+    if is_ensemble(config) or config.HasField("ensemble_scheduling"):  # no backend, files or instances
+        check_ensemble_config(config, where)
+        _fill_version_policy(config)
+        _validate_tensors(config, where)
+        return config
     _fill_backend_fields(config, model_dir)
     # Before auto-complete opens the model file: every file the config names is confined here.
     check_config_paths(config, model_dir, where)
     if not settings.disable_auto_complete_config:
         _auto_complete_io(config, model_dir, settings)
     _fill_instance_groups(config)
-    if config.version_policy.WhichOneof("policy_choice") is None:
-        config.version_policy.latest.num_versions = 1
+    _fill_version_policy(config)
     _validate_tensors(config, where)
     return config
+
+
+def _fill_version_policy(config: mc.ModelConfig) -> None:
+    if config.version_policy.WhichOneof("policy_choice") is None:
+        config.version_policy.latest.num_versions = 1
 
 
 def tensor_specs(tensors) -> tuple[TensorSpec, ...]:  # type: ignore[no-untyped-def]
