@@ -26,6 +26,7 @@ from backends.registry import (
     supports_gpu,
 )
 from server.core.placement import resolve_kind, visible_gpus
+from server.core.sequence_config import normalize as normalize_sequence_batching
 from server.errors import ConfigError
 from server.repository.config_paths import check_config_paths
 from server.repository.layout import ModelDir
@@ -263,6 +264,7 @@ def load_model_config(
     _fill_instance_groups(config)
     if config.version_policy.WhichOneof("policy_choice") is None:
         config.version_policy.latest.num_versions = 1
+    normalize_sequence_batching(config)
     _validate_tensors(config, where)
     return config
 
