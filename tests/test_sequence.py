@@ -282,6 +282,24 @@ def test_direct_accumulator_sync_threads(server: ServerProcess) -> None:
     assert len(results) == 4
 
 
+def test_direct_slots_keep_rows_with_null_requests(server: ServerProcess) -> None:
+    """Direct: a sequence's requests always sit in its slot's row. With sequence A in slot 0 and
+    B in slot 1, a step of B alone runs as a batch of two: a null request (READY false) in
+    row 0 and B in row 1 (the model reports -1000000 if a sequence changes rows); A alone runs
+    as a batch of one (rows stop at the highest slot with a request)."""
+    wanted = [grpcclient.InferRequestedOutput("OUTPUT"), grpcclient.InferRequestedOutput("BATCH")]
+    with client(server) as c:
+        a = c.infer("seq_acc", int_input(1), sequence_id=3500, sequence_start=True, outputs=wanted)
+        b = c.infer("seq_acc", int_input(2), sequence_id=3501, sequence_start=True, outputs=wanted)
+        assert int(a.as_numpy("BATCH")[0][0]) == 1 and int(b.as_numpy("BATCH")[0][0]) == 2
+        b = c.infer("seq_acc", int_input(3), sequence_id=3501, outputs=wanted)
+        assert int(b.as_numpy("OUTPUT")[0][0]) == 5 and int(b.as_numpy("BATCH")[0][0]) == 2
+        a = c.infer("seq_acc", int_input(4), sequence_id=3500, sequence_end=True, outputs=wanted)
+        assert int(a.as_numpy("OUTPUT")[0][0]) == 5 + 3500 and int(a.as_numpy("BATCH")[0][0]) == 1
+        b = c.infer("seq_acc", int_input(5), sequence_id=3501, sequence_end=True, outputs=wanted)
+        assert int(b.as_numpy("OUTPUT")[0][0]) == 10 + 3501
+
+
 def test_oldest_string_ids_two_instances(server: ServerProcess) -> None:
     """Oldest strategy, two instances, string ids and a TYPE_STRING CORRID: every sequence stays on
     its instance (their sums live in that instance's process) and requests of different
@@ -348,8 +366,15 @@ def test_onnx_implicit_state(server: ServerProcess, model: str) -> None:
     for sid, values in seqs.items():
         assert got[sid] == [int(s) for s in np.cumsum(values)], sid
     again = stream_sequences(server, model, {7000: [5, 5]})
-    assert again[7000] == [5, 10]  # START reset the state
-    with client(server) as c:  # the state output is the server's, never the client's
+    assert again[7000] == [5, 10]  # a new sequence with an id used before starts from initial_state
+    with client(server) as c:
+        # A second START on a live sequence restarts it in place (Triton warns of the conflict):
+        # the state goes back to initial_state.
+        sums = [int(c.infer(model, int_input(v), sequence_id=7200, sequence_start=start, sequence_end=end)
+                    .as_numpy("OUTPUT")[0][0]) for v, start, end in ((3, True, False), (4, True, False),
+                                                                       (1, False, True))]
+        assert sums == [3, 4, 5]
+        # The state output is the server's, never the client's.
         r = c.infer(model, int_input(3), sequence_id=7100, sequence_start=True, sequence_end=True)
         assert [o.name for o in r.get_response().outputs] == ["OUTPUT"]
         meta = c.get_model_metadata(model)
