@@ -48,8 +48,21 @@ ACCUMULATOR = '''import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
+EXPECTED = {"START": ("int32", 0, 1), "END": ("int32", 0, 1), "READY": ("int32", 0, 1)}
+
+
 def value(request, name):
     return pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0]
+
+
+def flag(request, name):
+    """The control's truth, or None if its dtype or value is not what the config says."""
+    arr = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+    dtype, false, true = EXPECTED[name]
+    v = arr.reshape(-1)[0]
+    if str(arr.dtype) != dtype or v not in (false, true):
+        return None
+    return bool(v == true)
 
 
 class TritonPythonModel:
@@ -60,7 +73,12 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for row, request in enumerate(requests):
-            ready, start, end = value(request, "READY"), value(request, "START"), value(request, "END")
+            ready, start, end = flag(request, "READY"), flag(request, "START"), flag(request, "END")
+            if None in (ready, start, end):
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("OUTPUT", np.array([[-777]], np.int32)),
+                    pb_utils.Tensor("BATCH", np.array([[len(requests)]], np.int32))]))
+                continue
             corrid = value(request, "CORRID")
             key = corrid.decode() if isinstance(corrid, bytes) else int(corrid)
             x = int(value(request, "INPUT"))
@@ -85,13 +103,28 @@ class TritonPythonModel:
 '''
 
 
+# The fp32 and bool variants of the START/READY controls, with unusual false/true values.
+TYPED_CONTROLS = """  control_input [
+    { name: "START" control [ { kind: CONTROL_SEQUENCE_START fp32_false_true: [ -1.5, 2.5 ] } ] },
+    { name: "END" control [ { kind: CONTROL_SEQUENCE_END int32_false_true: [ 7, 9 ] } ] },
+    { name: "READY" control [ { kind: CONTROL_SEQUENCE_READY bool_false_true: [ false, true ] } ] },
+    { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: %s } ] }
+  ]
+"""
+TYPED_EXPECTED = '{"START": ("float32", -1.5, 2.5), "END": ("int32", 7, 9), "READY": ("bool", False, True)}'
+
+
 def accumulator(name: str, strategy: str, corrid_type: str, instances: int = 1, max_batch: int = 4,
-                idle_us: int = 0) -> tuple[str, dict[str, bytes]]:
+                idle_us: int = 0, typed: bool = False) -> tuple[str, dict[str, bytes]]:
+    controls = (TYPED_CONTROLS if typed else CONTROLS) % corrid_type
     config = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n' + IO +
               "sequence_batching {\n" + (f"  max_sequence_idle_microseconds: {idle_us}\n" if idle_us else "") +
-              strategy + CONTROLS % corrid_type + "}\n" +
+              strategy + controls + "}\n" +
               f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n")
     code = ACCUMULATOR.replace("DIRECT", "True" if "oldest" not in strategy else "False")
+    if typed:
+        code = code.replace('EXPECTED = {"START": ("int32", 0, 1), "END": ("int32", 0, 1), "READY": ("int32", 0, 1)}',
+                            "EXPECTED = " + TYPED_EXPECTED)
     return config, {"1/model.py": code.encode()}
 
 
@@ -161,13 +194,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     require("onnx")
     repo = tmp_path_factory.mktemp("seq_repo")
     write_model(repo, "seq_simple", SIMPLE_CONFIG, files={"1/model.onnx": simple_sequence_onnx()})
-    for name, strategy, corrid, instances, batch, idle in (
-        ("seq_acc", "", "TYPE_UINT64", 1, 4, 0),
+    for name, strategy, corrid, instances, batch, idle, typed in (
+        ("seq_acc", "", "TYPE_UINT64", 1, 4, 0, False),
         ("seq_oldest", "oldest { max_candidate_sequences: 4 max_queue_delay_microseconds: 20000 }\n",
-         "TYPE_STRING", 2, 4, 0),
-        ("seq_idle", "", "TYPE_UINT64", 1, 1, 300_000),
+         "TYPE_STRING", 2, 4, 0, False),
+        ("seq_idle", "", "TYPE_UINT64", 1, 1, 300_000, False),
+        ("seq_typed", "direct { max_queue_delay_microseconds: 5000 minimum_slot_utilization: 0.5 }\n",
+         "TYPE_INT64", 1, 2, 0, True),
     ):
-        config, files = accumulator(name, strategy, corrid, instances, batch, idle)
+        config, files = accumulator(name, strategy, corrid, instances, batch, idle, typed)
         write_model(repo, name, config, files=files)
     write_model(repo, "seq_state", STATE_CONFIG % "", files={"1/model.onnx": state_onnx()})
     write_model(repo, "seq_state_oldest", (STATE_CONFIG % "oldest { max_queue_delay_microseconds: 5000 }")
@@ -310,6 +345,16 @@ def test_oldest_string_ids_two_instances(server: ServerProcess) -> None:
         assert got[sid] == expected_sums(values, int(sid)), sid
     batches = stream_sequences(server, "seq_oldest", {str(4100 + i): VALUES for i in range(8)}, output="BATCH")
     assert max(max(b) for b in batches.values()) > 1, batches
+
+
+def test_fp32_and_bool_controls_int64_corrid(server: ServerProcess) -> None:
+    """fp32_false_true / bool_false_true / int32 [7, 9] controls arrive with exactly the configured
+    dtype and values (the model answers -777 otherwise), CORRID as INT64; direct with a queue
+    delay and a minimum slot utilization."""
+    seqs: dict[int | str, list[int]] = {8000 + i: [i + 1] + VALUES for i in range(3)}
+    got = stream_sequences(server, "seq_typed", seqs)
+    for sid, values in seqs.items():
+        assert got[sid] == expected_sums(values, int(sid)), sid
 
 
 def test_missing_correlation_id(server: ServerProcess) -> None:
