@@ -441,3 +441,23 @@ def test_bad_sequence_config_fails_load(tmp_path: Path, server_factory) -> None:
     assert index["seq_bad"].state == "UNAVAILABLE"
     assert "CONTROL_SEQUENCE_CORRID needs data_type" in index["seq_bad"].reason
 
+
+
+def test_unload_answers_sequences_waiting_for_a_slot(tmp_path: Path, server_factory) -> None:  # type: ignore[no-untyped-def]
+    """One slot held by a live sequence, a second sequence waiting in the backlog: unloading the
+    model answers the waiting request UNAVAILABLE instead of leaving it hanging."""
+    config, files = accumulator("seq_unload", "", "TYPE_UINT64", max_batch=1, idle_us=3_600_000_000)
+    write_model(tmp_path, "seq_unload", config, files=files)
+    srv = server_factory(tmp_path, "--model-control-mode", "explicit", "--load-model", "seq_unload",
+                         "--exit-timeout-secs", "1")
+    results: queue.Queue = queue.Queue()
+    with client(srv) as c:
+        c.infer("seq_unload", int_input(1), sequence_id=1, sequence_start=True)
+        c.async_infer("seq_unload", int_input(2), lambda result, error: results.put(error or result),
+                      sequence_id=2, sequence_start=True, client_timeout=scaled(30))
+        time.sleep(scaled(0.3))
+        assert results.empty()  # waiting for the slot
+        c.unload_model("seq_unload")
+        answer = results.get(timeout=scaled(30))
+    assert isinstance(answer, InferenceServerException), answer
+    assert answer.status() == "StatusCode.UNAVAILABLE" and "never got a slot" in str(answer)

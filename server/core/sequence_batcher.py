@@ -176,14 +176,15 @@ class SequenceBatcher(Scheduler):
         """Block until `view`'s instance has a batch to run; None once stopped."""
         assert view is not None, "each instance pulls from its own InstanceSlots"
         with self._lock:
-            while not self._stopped:
-                jobs, wait_ns = self._form(view, self._clock())
+            while True:
+                jobs, wait_ns = self._form(view, self._clock(), self._stopped)
                 if jobs:
                     return jobs
+                if self._stopped:  # what its slots held has run: the instance may exit
+                    return None
                 view.cond.wait(None if wait_ns is None else wait_ns / 1e9)
-        return None
 
-    def _form(self, view: InstanceSlots, now: int) -> tuple[list[Job] | None, int | None]:
+    def _form(self, view: InstanceSlots, now: int, draining: bool = False) -> tuple[list[Job] | None, int | None]:
         ready = [slot for slot in view.slots if slot.sequence is not None and slot.sequence.queue]
         if not ready:
             return None, None
@@ -200,10 +201,10 @@ class SequenceBatcher(Scheduler):
             fits = [p for p in s.preferred_batch_sizes if p <= count]
             if fits and count < limit:
                 count = fits[-1]
-            elif count < limit and s.queue_delay_ns and waited < s.queue_delay_ns and not fits:
+            elif count < limit and s.queue_delay_ns and waited < s.queue_delay_ns and not fits and not draining:
                 return None, s.queue_delay_ns - waited
             return [self._take(view, slot) for slot in ready[:count]], None
-        if s.queue_delay_ns and s.minimum_slot_utilization > 0 and waited < s.queue_delay_ns and \
+        if s.queue_delay_ns and s.minimum_slot_utilization > 0 and waited < s.queue_delay_ns and not draining and \
                 len(ready) / max(1, s.max_batch_size) < s.minimum_slot_utilization:
             return None, s.queue_delay_ns - waited
         representative = ready[0].sequence.queue[0][0]  # type: ignore[union-attr]
@@ -329,11 +330,22 @@ class SequenceBatcher(Scheduler):
             return sum(len(seq.queue) for seq in seqs) + sum(len(seq.queue) for seq in self._backlog)
 
     def stop(self, instances: int = 0) -> None:
+        """Refuse new requests; the instances run what their slots hold, then exit. Sequences
+        still waiting for a slot never get one: their requests are answered UNAVAILABLE."""
         with self._lock:
             self._stopped = True
+            error = ServerUnavailable(f"model '{self.model_name}' is unloading; the sequence never got a slot")
+            while self._backlog:
+                for job, *_ in self._backlog.popleft().queue:
+                    job.loop.call_soon_threadsafe(_fail, job, error)
             for view in self._views:
                 view.cond.notify_all()
             self._reaper_cond.notify_all()
+
+
+def _fail(job: Job, error: Exception) -> None:
+    if job.future is not None and not job.future.done():
+        job.future.set_exception(error)
 
 
 def _shape_key(job: Job, names: tuple[str, ...]) -> tuple[Any, ...]:
