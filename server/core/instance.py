@@ -127,6 +127,9 @@ class ModelInstance:
         self._stats = stats
         self._cost = cost
         self._per_request = type(backend).wants_requests
+        # The sequence batcher's hook (server/core/sequence_batcher.py): sees each batch's outcomes
+        # before they are delivered, to keep implicit state and free the sequences for their next step.
+        self._executed: Callable[[list[Job], list[Outcome]], None] | None = getattr(scheduler, "executed", None)
         self._thread = threading.Thread(target=self._serve, name=f"instance-{name}", daemon=True)
 
     def start(self) -> None:
@@ -158,6 +161,8 @@ class ModelInstance:
                     log.exception("instance %s: unexpected failure", self.name)
                     outcomes = self.fail(jobs, exc)
                 self.watched.end()  # if the watchdog answered these already, deliver_all skips them
+            if self._executed is not None:
+                self._executed(jobs, outcomes)
             jobs[0].loop.call_soon_threadsafe(deliver_all, jobs, outcomes)
             # Nothing of a finished batch may wait here for the next one: these locals would keep
             # its requests (and the received messages under their tensors) alive until then.

@@ -32,6 +32,8 @@ from server.core.latency import RequestLatencies
 from server.core.limits import ServingLimits
 from server.core.placement import Placement, place_instances, visible_gpus
 from server.core.scheduler import DirectScheduler, Job, Scheduler
+from server.core.sequence_batcher import SequenceBatcher
+from server.core.sequence_config import sequence_settings
 from server.core.signature import TensorInfo
 from server.core.state import ModelState
 from server.core.stats import ModelStats
@@ -85,6 +87,21 @@ class Model:
         optional = {t.name for t in config.input if t.optional}
         self.inputs = {s.name: TensorInfo.from_spec(s, mbs, s.name in optional) for s in self.spec.inputs}
         self.outputs = {s.name: TensorInfo.from_spec(s, mbs) for s in self.spec.outputs}
+        # sequence_batching (server/core/sequence_batcher.py): the backend also gets the control and
+        # state tensors the scheduler fills; clients see only `input`/`output`.
+        self._sequencer: SequenceBatcher | None = None
+        self._shaped_outputs = self.outputs
+        self._sequence_error = ""
+        try:
+            sequence = sequence_settings(config, model_dir)
+        except (ValueError, OSError) as exc:
+            sequence, self._sequence_error = None, str(exc)
+        if sequence is not None:
+            self.spec = replace(self.spec, inputs=self.spec.inputs + sequence.extra_inputs(),
+                                outputs=self.spec.outputs + sequence.extra_outputs())
+            self._shaped_outputs = {**self.outputs, **{s.name: TensorInfo.from_spec(s, mbs)
+                                                       for s in sequence.extra_outputs()}}
+            self._sequencer = SequenceBatcher(sequence, self.name, tuple(self.inputs))
         self.required_inputs = sum(1 for i in self.inputs.values() if not i.optional)
         self.stats = ModelStats(RequestLatencies(limits.latency_buckets_ms) if limits.latency_buckets_ms else None)
         # Owned by the protocol layer (server/protocol/codec.py): wire-format templates for this model.
@@ -93,7 +110,7 @@ class Model:
         self.reason = ""
         self.inflight = 0
         self._batcher = make_batcher(config, self._reject, limits.queue_limit)
-        self._scheduler: Scheduler = self._batcher or DirectScheduler(limits.queue_limit)
+        self._scheduler: Scheduler = self._sequencer or self._batcher or DirectScheduler(limits.queue_limit)
         self._instances: list[ModelInstance] = []
         self._cost = CostTracker()
         self._limits = limits
@@ -134,11 +151,14 @@ class Model:
                 self._awaitable = all(hasattr(cls, a) for a in _AWAITABLE)
             if cls.needs_model_file and not self.spec.model_file.exists():
                 raise BackendError(f"model file {self.spec.model_file} does not exist")
-            shaper = OutputShaper(self.label, self.outputs, self.inputs)
+            if self._sequence_error:
+                raise BackendError(self._sequence_error)
+            shaper = OutputShaper(self.label, self._shaped_outputs, self.inputs)
             for placement in self._placements(cls):
                 backend = cls()
                 backend.load(replace(self.spec, instance_name=placement.name), placement.device)
-                instance = ModelInstance(placement.name, backend, self._scheduler, shaper, self.stats, self._cost,
+                pulls = self._sequencer.view() if self._sequencer is not None else self._scheduler
+                instance = ModelInstance(placement.name, backend, pulls, shaper, self.stats, self._cost,
                                          threshold, self._instance_retired)
                 self._instances.append(instance)
             self._warm(cls)
@@ -251,6 +271,8 @@ class Model:
             raise ModelUnavailable(f"{self.label} is not at ready state")
         loop = asyncio.get_running_loop()
         started = perf_counter_ns()
+        if self._sequencer is not None:
+            return await self._infer_sequence(request, loop, started)
         if self._batcher is not None:
             return await self._infer_batched(request, loop, started)
         if self._awaitable and not self._scheduler.pending():
@@ -275,6 +297,23 @@ class Model:
                 self.stats.record_failure(1, 0, "REJECTED")
                 raise
             return await future
+        except asyncio.CancelledError:
+            self.stats.record_failure(1, perf_counter_ns() - started, "CANCELED")
+            raise
+        finally:
+            self.inflight -= 1
+
+    async def _infer_sequence(
+        self, request: InferenceRequest, loop: asyncio.AbstractEventLoop, started: int
+    ) -> dict[str, np.ndarray]:
+        """A request of a sequence model: the sequence batcher routes it to its sequence's slot
+        (or refuses it as Triton does); an instance thread runs it with the others of its batch."""
+        future: asyncio.Future[Any] = loop.create_future()
+        assert self._sequencer is not None
+        self._sequencer.enqueue(Job(request, future, loop, started))
+        self.inflight += 1
+        try:
+            return await future  # type: ignore[no-any-return]
         except asyncio.CancelledError:
             self.stats.record_failure(1, perf_counter_ns() - started, "CANCELED")
             raise

@@ -26,6 +26,7 @@ from backends.registry import (
     supports_gpu,
 )
 from server.core.placement import resolve_kind, visible_gpus
+from server.core.sequence_config import normalize as normalize_sequence_batching
 from server.errors import ConfigError
 from server.repository.config_paths import check_config_paths
 from server.repository.ensemble_config import check_ensemble_config, is_ensemble
@@ -268,6 +269,7 @@ def load_model_config(
         _auto_complete_io(config, model_dir, settings)
     _fill_instance_groups(config)
     _fill_version_policy(config)
+    normalize_sequence_batching(config)
     _validate_tensors(config, where)
     return config
 
