@@ -91,7 +91,7 @@ def test_server_metadata(identity_server: ServerProcess) -> None:
     extensions = list(meta.extensions)
     assert len(extensions) == len(set(extensions)), extensions
     # What works must be announced ...
-    for ext in ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)",
+    for ext in ("classification", "model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)",
                 "logging", "trace"):
         assert ext in extensions
     # ... and what answers UNIMPLEMENTED must not be.
