@@ -120,7 +120,7 @@ output [
   {{ name: "OUTPUT__0" data_type: TYPE_STRING {SCALAR} }},
   {{ name: "OUTPUT__1" data_type: TYPE_INT64 {SCALAR} }}
 ]
-dynamic_batching {{ max_queue_delay_microseconds: 20000 }}
+dynamic_batching {{ max_queue_delay_microseconds: 50000 }}
 """, UpperAndLength())
     _write(repo, "libtorch_string_nobatch", """
 platform: "pytorch_libtorch"
