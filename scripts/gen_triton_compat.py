@@ -205,7 +205,9 @@ output [
 """, ImageClassifier(unbatched=True), {"labels.txt": image_labels()})
     types = CLASSIFY_TYPES + REFUSED_TYPES
     for batch, name in ((4, "classify_identity"), (0, "classify_identity_nobatch")):
-        inputs = ",\n".join(f'  {{ name: "IN_{t}" data_type: {_config_type(t)} dims: [ -1 ] }}' for t in types)
+        # Optional inputs: a request sends the types it classifies and requests their outputs.
+        inputs = ",\n".join(f'  {{ name: "IN_{t}" data_type: {_config_type(t)} dims: [ -1 ] optional: true }}'
+                            for t in types)
         outputs = ",\n".join(
             f'  {{ name: "OUT_{t}" data_type: {_config_type(t)} dims: [ -1 ] label_filename: "labels.txt" }}'
             for t in types)
