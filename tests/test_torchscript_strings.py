@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import List  # noqa: UP035 - TorchScript reads the annotation
+from typing import Dict, List  # noqa: UP035 - TorchScript reads the annotations
 
 import numpy as np
 import pytest
@@ -29,6 +29,16 @@ class OneString(torch.nn.Module):
         return [text[0]]
 
 
+class DictIn(torch.nn.Module):
+    def forward(self, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: UP006
+        return inputs["x"]
+
+
+class TakesStrings(torch.nn.Module):
+    def forward(self, text: List[str]) -> torch.Tensor:  # noqa: UP006
+        return torch.tensor([len(text)])
+
+
 @pytest.fixture(scope="module")
 def string_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("string_repo")
@@ -40,6 +50,15 @@ def string_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 f'input [ {{ name: "INPUT__0" data_type: TYPE_STRING {scalar} }} ]\n'
                 f'output [ {{ name: "OUTPUT__0" data_type: TYPE_STRING {scalar} }} ]\n')
     torch.jit.script(OneString()).save(str(repo / "ts_one_string" / "1" / "model.pt"))
+    # Refused at load: strings into a Dict[str, Tensor] forward(), a tensor into a List[str] argument.
+    write_model(repo, "ts_dict_strings", 'platform: "pytorch_libtorch"\nmax_batch_size: 0\n'
+                'input [ { name: "x" data_type: TYPE_STRING dims: [ -1 ] } ]\n'
+                'output [ { name: "y" data_type: TYPE_INT64 dims: [ -1 ] } ]\n')
+    torch.jit.script(DictIn()).save(str(repo / "ts_dict_strings" / "1" / "model.pt"))
+    write_model(repo, "ts_tensor_into_strings", 'platform: "pytorch_libtorch"\nmax_batch_size: 0\n'
+                'input [ { name: "text" data_type: TYPE_INT32 dims: [ -1 ] } ]\n'
+                'output [ { name: "n" data_type: TYPE_INT64 dims: [ 1 ] } ]\n')
+    torch.jit.script(TakesStrings()).save(str(repo / "ts_tensor_into_strings" / "1" / "model.pt"))
     return repo
 
 
@@ -208,6 +227,8 @@ def test_shapes_triton_refuses_fail_the_load(string_server: ServerProcess) -> No
         "libtorch_string_bad_batch_dims": "Triton only supports 1 dimensional List of String as input for 'INPUT__0'",
         "libtorch_string_bad_2d": "Triton only supports 1 dimensional List of String as input for 'INPUT__0'",
         "libtorch_string_tensor_arg": "gets it as List[str], but the argument it binds to is Tensor",
+        "ts_dict_strings": "cannot hold the TYPE_STRING inputs ['x']",
+        "ts_tensor_into_strings": "input 'text' is INT32, but the forward() argument it binds to is List[str]",
     }
     for name, text in expected.items():
         assert rows[name].state == "UNAVAILABLE", name
