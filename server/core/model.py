@@ -7,7 +7,7 @@ import concurrent.futures
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from time import monotonic, perf_counter_ns, sleep
@@ -242,13 +242,18 @@ class Model:
         outcome: Outcome = (None, error)
         job.loop.call_soon_threadsafe(deliver_all, [job], [outcome])
 
-    async def infer(self, request: InferenceRequest) -> dict[str, np.ndarray]:
-        """Run the request and return its outputs; those asked for as classes (the classification
-        extension, classification.py) come back as their top-k class strings."""
+    def infer(self, request: InferenceRequest) -> Coroutine[Any, Any, dict[str, np.ndarray]]:
+        """Run the request (await the result) and return its outputs; those asked for as classes
+        (the classification extension, classification.py) come back as their top-k class strings.
+        A plain function returning the coroutine: the common case pays for no extra frame."""
         if request.classification:
-            outputs = await self._infer(request)
-            return classify_outputs(outputs, request.classification, self.labels, self.config.max_batch_size > 0)
-        return await self._infer(request)
+            return self._infer_classified(request)
+        return self._infer(request)
+
+    async def _infer_classified(self, request: InferenceRequest) -> dict[str, np.ndarray]:
+        outputs = await self._infer(request)
+        assert request.classification is not None
+        return classify_outputs(outputs, request.classification, self.labels, self.config.max_batch_size > 0)
 
     async def _infer(self, request: InferenceRequest) -> dict[str, np.ndarray]:
         """Run the request and return its outputs.
