@@ -121,7 +121,7 @@ def test_every_classifiable_type_batched(cls_server: ServerProcess, datatype: st
     elif dtype.kind == "i":
         values = values - np.array(4, dtype=dtype)  # negatives
     c = client(cls_server)
-    for k in (1, 4, 7, 20):
+    for k in (1, 2, 4, 7, 20):  # k=2 cuts through the tied 7s (the tie path), k=4 takes them all
         result = c.infer("classify_identity", [_input(f"IN_{datatype}", values, datatype)],
                          outputs=[grpcclient.InferRequestedOutput(f"OUT_{datatype}", class_count=k)])
         out = result.get_output(f"OUT_{datatype}")
@@ -250,3 +250,14 @@ def test_label_files_at_load(cls_server: ServerProcess) -> None:
         "cls_crlf_labels", [_input("IN", np.array([1.0, 2.0], dtype=np.float32), "FP32")],
         outputs=[grpcclient.InferRequestedOutput("OUT", class_count=2)])
     assert result.as_numpy("OUT").tolist() == [b"2.000000:1:b", b"1.000000:0:a\r"]
+
+
+def test_inf_and_nan_values(cls_server: ServerProcess) -> None:
+    """Non-finite values do not break the ranking: %f writes inf and nan; NaN ranks first (numpy
+    orders it above every number; Triton's comparison sort leaves it wherever it lands)."""
+    values = np.array([1.0, np.inf, np.nan, -np.inf, 2.0], dtype=np.float32)
+    result = client(cls_server).infer(
+        "classify_identity_nobatch", [_input("IN_FP32", values, "FP32")],
+        outputs=[grpcclient.InferRequestedOutput("OUT_FP32", class_count=5)])
+    assert result.as_numpy("OUT_FP32").tolist() == [
+        b"nan:2", b"inf:1:one", b"2.000000:4:four", b"1.000000:0:zero", b"-inf:3:three"]
