@@ -20,6 +20,8 @@ class InferenceRequest:
     # A sampled request's trace (server/tracing/otel.py RequestTrace); the instance that runs it
     # records its queue and compute timestamps there. None for the (many) untraced requests.
     trace: Any = None
+    # Requested outputs asking for their top-k classes (server/core/classification.py): name -> k.
+    classification: dict[str, int] | None = None
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ import concurrent.futures
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from time import monotonic, perf_counter_ns, sleep
@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from backends.base import Backend, BackendError, ModelSpec
 from backends.registry import backend_class
 from server.core.batcher_config import make_batcher
+from server.core.classification import Labels, classify_outputs, load_labels
 from server.core.dynamic_batcher import DynamicBatchScheduler
 from server.core.faults import WATCHDOG, execution_timeout_s, failure_threshold
 from server.core.instance import (
@@ -115,6 +116,7 @@ class Model:
         self._cost = CostTracker()
         self._limits = limits
         self.timeout_s = 0.0  # execution timeout (faults.py); read from the config at load
+        self.labels: Labels = {}  # each output's classification labels (classification.py); read at load
         # Called (from an instance thread) when this version stops serving because every instance
         # kept failing; the repository manager sets it to update readiness, health and the index.
         self.on_unavailable: Callable[[Model], None] | None = None
@@ -140,7 +142,8 @@ class Model:
             try:
                 self.timeout_s = execution_timeout_s(self.config, self._limits.execution_timeout_s)
                 threshold = failure_threshold(self.config, self._limits.failure_threshold)
-            except ValueError as exc:
+                self.labels = load_labels(self.config, self.spec.model_dir)
+            except (ValueError, OSError, NereidError) as exc:
                 raise BackendError(str(exc)) from None
             if self.timeout_s:  # a model running on the event loop could not be timed out
                 self._inline_ns = -1.0
@@ -259,7 +262,20 @@ class Model:
         outcome: Outcome = (None, error)
         job.loop.call_soon_threadsafe(deliver_all, [job], [outcome])
 
-    async def infer(self, request: InferenceRequest) -> dict[str, np.ndarray]:
+    def infer(self, request: InferenceRequest) -> Coroutine[Any, Any, dict[str, np.ndarray]]:
+        """Run the request (await the result) and return its outputs; those asked for as classes
+        (the classification extension, classification.py) come back as their top-k class strings.
+        A plain function returning the coroutine: the common case pays for no extra frame."""
+        if request.classification:
+            return self._infer_classified(request)
+        return self._infer(request)
+
+    async def _infer_classified(self, request: InferenceRequest) -> dict[str, np.ndarray]:
+        outputs = await self._infer(request)
+        assert request.classification is not None
+        return classify_outputs(outputs, request.classification, self.labels, self.config.max_batch_size > 0)
+
+    async def _infer(self, request: InferenceRequest) -> dict[str, np.ndarray]:
         """Run the request and return its outputs.
 
         A cheap model (measured compute per request under the inline budget) runs

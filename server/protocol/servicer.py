@@ -43,8 +43,8 @@ log = logging.getLogger("nereid.protocol")
 
 SERVICE = "inference.GRPCInferenceService"
 # What ServerMetadata reports: only the extensions that really work.
-EXTENSIONS = ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)",
-              "logging", "trace")
+EXTENSIONS = ("classification", "model_configuration", "statistics", "model_repository",
+              "model_repository(unload_dependents)", "logging", "trace")
 STOPPING = "Server is stopping and has stopped accepting new requests"
 STREAM_CLOSED = "Server is shutting down: this stream's requests have been answered; reconnect to another replica"
 
