@@ -91,6 +91,8 @@ class Request:
     id: str = ""
     parameters: Mapping[str, Any] = field(default_factory=dict)
     requested_outputs: tuple[str, ...] | None = None  # None: every output
+    # Decoupled models: where this request's responses go (backends/responses.py ResponseSink).
+    sink: Any = None
 
 
 # One outcome per request: its outputs, or the error that fails that request only.
@@ -112,6 +114,9 @@ class Backend(abc.ABC):
     # True when `execute` waits on another process (Python models): it must never run
     # on the event loop, whatever it costs, because that process may hang or die.
     out_of_process: ClassVar[bool] = False
+    # True when the backend can serve `model_transaction_policy { decoupled: true }`: it sends
+    # each request's responses to `Request.sink` (backends/responses.py) and returns `{}` for it.
+    supports_decoupled: ClassVar[bool] = False
 
     @classmethod
     def describe(cls, model_file: Path) -> Signature | None:

@@ -51,6 +51,7 @@ from backends.base import (
     Signature,
 )
 from backends.python_config import config_signature, triton_config_json
+from backends.python_decoupled import ResponseRouter, response_channel
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
 
 log = logging.getLogger("nereid.python")
@@ -103,7 +104,17 @@ class Stub:
         self.poller.register(parent, select.POLLIN)
         self.inputs = Arena(f"nereid-{label}-in")  # ours
         self.outputs = Arena(f"nereid-{label}-out")  # the stub's, mirrored
-        self.channel.send(init)
+        # A decoupled model's responses come on a channel of their own (python_decoupled.py).
+        self.router: ResponseRouter | None = None
+        if init.get("decoupled"):
+            ours, theirs = response_channel()
+            try:
+                self.channel.send(init, theirs.fileno())
+            finally:
+                theirs.close()
+            self.router = ResponseRouter(ours, label, lambda: _exit_status(self.proc))
+        else:
+            self.channel.send(init)
 
     def reply(self, what: str) -> Any:
         """The stub's next message; BackendError with the exit status if it died."""
@@ -128,6 +139,8 @@ class Stub:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.router is not None:
+            self.router.close()
         self.channel.close()
         self.inputs.close()
         self.outputs.close()
@@ -139,6 +152,7 @@ class PythonBackend(Backend):
     supports_gpu = True  # the instance's kind and device id are passed on; the model decides
     wants_requests = True
     out_of_process = True
+    supports_decoupled = True
 
     @classmethod
     def describe(cls, model_file: Path) -> Signature | None:
@@ -166,10 +180,10 @@ class PythonBackend(Backend):
         self._label = spec.instance_name or spec.name
         self._outputs = [o.name for o in spec.outputs]
         config_json = triton_config_json(spec.config_json)
-        if json.loads(config_json).get("model_transaction_policy", {}).get("decoupled"):
-            raise BackendError("decoupled Python models are not supported by Nereid yet")
+        decoupled = bool(json.loads(config_json).get("model_transaction_policy", {}).get("decoupled"))
         self._init = {
             "mode": "serve",
+            "decoupled": decoupled,
             "model_file": str(spec.model_file),
             "model_name": spec.name,
             "args": {
@@ -251,8 +265,11 @@ class PythonBackend(Backend):
             parameters = json.dumps(dict(r.parameters), default=str) if r.parameters else "{}"
             wire.append((r.id, parameters, requested, metas[start:start + count]))
             start += count
+        message: tuple[Any, ...] = ("exec", stub.inputs.size if fd is not None else 0, wire)
+        if stub.router is not None:  # decoupled: each request's key for its responses
+            message += ([stub.router.register(r.sink) for r in requests],)
         try:
-            stub.channel.send(("exec", stub.inputs.size if fd is not None else 0, wire), fd)
+            stub.channel.send(message, fd)
         except OSError as exc:
             self._crashed(stub, f"the Python stub process {_exit_status(stub.proc)}", exc)
         self._pending = stub
@@ -344,6 +361,8 @@ class PythonBackend(Backend):
     def _outcome(result: Any, stub: Stub) -> Outcome:
         if result[0] == "ok":
             return dict(read(stub.outputs, result[1], copy=True))
+        if result[0] == "decoupled":  # its responses went to the request's sink
+            return {}
         _, message, code = result
         return BackendInputError(message) if code == _INVALID_ARG else BackendError(message)
 

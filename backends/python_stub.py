@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
+from backends.python_responses import InferenceResponseSender, ResponseHub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "pb_utils"))
 
@@ -53,8 +54,10 @@ def _load_module(model_file: str) -> Any:
 
 
 class Stub:
-    def __init__(self, channel: Channel, init: dict[str, Any]) -> None:
+    def __init__(self, channel: Channel, init: dict[str, Any], responses: Channel | None = None) -> None:
         self.channel = channel
+        # Response senders; `responses` is the response channel of a decoupled model.
+        self.hub = ResponseHub(responses)
         self.model_name = init["model_name"]
         self.inputs = Arena("nereid-in")  # the server's arena, mirrored
         self.outputs = Arena("nereid-out")  # ours
@@ -76,10 +79,13 @@ class Stub:
             if message[0] == "stop":
                 self.finalize()
                 return
-            _, arena_size, requests = message
+            arena_size, requests = message[1], message[2]
             if fd is not None:
                 self.inputs.attach(fd, arena_size)
-            self.channel.send(*self.execute(requests))
+            if len(message) > 3:  # a decoupled model: the server's keys for its requests
+                self.channel.send(*self.execute_decoupled(requests, message[3]))
+            else:
+                self.channel.send(*self.execute(requests))
 
     def execute(self, wire_requests: list[Any]) -> tuple[Any, int | None]:
         started = time.perf_counter_ns()  # the server decides how to wait from this: count our I/O too
@@ -91,11 +97,20 @@ class Stub:
                 request_id=request_id, parameters=parameters,
             ))
             wanted.append(set(requested))
+        states = [self.hub.open(i, names) for i, names in enumerate(wanted)]
+        for request, state in zip(requests, states, strict=True):
+            request._sender = InferenceResponseSender(self.hub, state)
         try:
             responses = self.model.execute(requests)
         except Exception as exc:
             traceback.print_exc()
-            return ("fail", _describe(exc)), None
+            if any(state.sent for state in states):  # what was sent before the exception stands
+                responses = [state.response if state.sent else _failed(exc) for state in states]
+            else:
+                return ("fail", _describe(exc)), None
+        if responses is None or isinstance(responses, (list, tuple)) and (
+                any(state.sent for state in states) or any(r is None for r in responses)):
+            responses = self._sent_responses(requests, states, responses)
         if not isinstance(responses, (list, tuple)) or len(responses) != len(requests):
             got = len(responses) if isinstance(responses, (list, tuple)) else type(responses).__name__
             return ("fail", f"execute() must return one InferenceResponse per request ({len(requests)}), "
@@ -126,6 +141,52 @@ class Stub:
         return ("done", self.outputs.size if fd is not None else 0, results, time.perf_counter_ns() - started), fd
 
     @staticmethod
+    def _sent_responses(requests: list[Any], states: list[Any], returned: Any) -> list[Any]:
+        """Default mode with response senders: a request `execute` returned None for is answered
+        by what its sender sends (waiting for the final flag, which may come from another thread)."""
+        if returned is not None and len(returned) != len(requests):
+            return list(returned)  # reported as a count mismatch by the caller
+        out = []
+        for i, (request, state) in enumerate(zip(requests, states, strict=True)):
+            response = None if returned is None else returned[i]
+            if state.closed or response is None and getattr(request, "_sender_used", False):
+                state.done.wait()
+                response = state.response
+            out.append(response if response is not None else _failed(ValueError(
+                "execute() returned None for a request of a model that is not decoupled, and sent it no "
+                "response through its response sender")))
+        return out
+
+    def execute_decoupled(self, wire_requests: list[Any], keys: list[int]) -> tuple[Any, int | None]:
+        """A decoupled model: responses go out through the senders (the response channel) as the
+        model sends them; the reply only says `execute` returned. If it raised (or returned
+        something other than None), each request it left open gets the error as its final response."""
+        started = time.perf_counter_ns()
+        requests, states = [], []
+        for (request_id, parameters, requested, metas), key in zip(wire_requests, keys, strict=True):
+            tensors = [pb_utils.Tensor(name, arr) for name, arr in read(self.inputs, metas, copy=True)]
+            request = pb_utils.InferenceRequest(
+                model_name=self.model_name, inputs=tensors, requested_output_names=requested,
+                request_id=request_id, parameters=parameters,
+            )
+            state = self.hub.open(key, set(requested))
+            request._sender = InferenceResponseSender(self.hub, state)
+            requests.append(request)
+            states.append(state)
+        try:
+            returned = self.model.execute(requests)
+            if returned is not None:
+                raise pb_utils.TritonModelException(
+                    f"Python model '{self.model_name}' is using the decoupled mode and the execute function "
+                    "must return None.")
+        except Exception as exc:
+            traceback.print_exc()
+            message = exc.message() if isinstance(exc, pb_utils.TritonModelException) else _describe(exc)
+            self.hub.fail_open(states, message, pb_utils.TritonError.INTERNAL)
+            return ("fail", message), None
+        return ("done", 0, [("decoupled",)] * len(requests), time.perf_counter_ns() - started), None
+
+    @staticmethod
     def _response(response: Any, wanted: set[str]) -> list[tuple[str, Any]] | tuple[str, str, int]:
         if not isinstance(response, pb_utils.InferenceResponse):
             return ("err", f"execute() returned {type(response).__name__} instead of an InferenceResponse",
@@ -146,6 +207,10 @@ class Stub:
         self.channel.send(("stopped",))
 
 
+def _failed(exc: BaseException) -> Any:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(_describe(exc)))
+
+
 def _autocomplete(channel: Channel, init: dict[str, Any]) -> None:
     module = _load_module(init["model_file"])
     cls = module.TritonPythonModel
@@ -163,12 +228,13 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=int(sys.argv[1])))
-    init, _ = channel.recv()
+    init, responses_fd = channel.recv()  # a decoupled model's response channel comes with init
     try:
         if init["mode"] == "autocomplete":
             _autocomplete(channel, init)
             return 0
-        stub = Stub(channel, init)
+        responses = None if responses_fd is None else Channel(socket.socket(fileno=responses_fd))
+        stub = Stub(channel, init, responses)
         stub.initialize(init["args"])
     except Exception as exc:
         traceback.print_exc()

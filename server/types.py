@@ -22,6 +22,8 @@ class InferenceRequest:
     trace: Any = None
     # Requested outputs asking for their top-k classes (server/core/classification.py): name -> k.
     classification: dict[str, int] | None = None
+    # A decoupled model's request: where its responses go (server/core/decoupled.py ResponseStream).
+    sink: Any = None
 
 
 @dataclass(slots=True)

@@ -2,8 +2,9 @@
 
 Nereid's stub puts this folder on `sys.path`, so `import triton_python_backend_utils`
 works in a model unchanged. The names, signatures and behaviour follow Triton's
-python backend for the parts that do not need a GPU or other models (BLS, decoupled
-responses and DLPack are not available and say so when used).
+python backend for the parts that do not need a GPU or other models (BLS and DLPack
+are not available and say so when used). Response senders (decoupled models, and the
+default mode's one response) are backends/python_responses.py.
 
 Input tensors are numpy views over the shared memory the server wrote the request
 into: valid until `execute` returns. Copy an array to keep it longer.
@@ -229,10 +230,17 @@ class InferenceRequest:
         return self._model_name
 
     def is_cancelled(self) -> bool:
-        return False
+        sender = getattr(self, "_sender", None)  # set by the stub (backends/python_responses.py)
+        return sender is not None and bool(sender.is_cancelled())
 
     def get_response_sender(self) -> Any:
-        raise TritonModelException("decoupled models (get_response_sender) are not supported by Nereid yet")
+        """The request's InferenceResponseSender (the same object on every call)."""
+        sender = getattr(self, "_sender", None)
+        if sender is None:
+            raise TritonModelException("get_response_sender() is only available on the requests a model "
+                                       "receives in execute()")
+        self._sender_used = True
+        return sender
 
     def exec(self, *args: Any, **kwargs: Any) -> Any:
         raise TritonModelException("business logic scripting (InferenceRequest.exec) is not supported by Nereid yet")

@@ -310,7 +310,7 @@ class ModelInstance:
         return [
             BackendRequest(
                 shaper.backend_inputs(job.request.inputs, job.request.batch_size), job.request.id,
-                job.request.parameters, job.request.requested_outputs,
+                job.request.parameters, job.request.requested_outputs, job.request.sink,
             )
             for job in live
         ]
@@ -332,6 +332,10 @@ class ModelInstance:
             try:
                 if isinstance(answer, Exception):
                     raise answer
+                if job.request.sink is not None:  # decoupled: the responses went to the sink
+                    outcome_of[id(job)] = (answer, None)
+                    succeeded.append(job)
+                    continue
                 outcome_of[id(job)] = (shaper.response(answer, job.request.requested_outputs), None)
                 succeeded.append(job)
             except Exception as exc:

@@ -104,6 +104,8 @@ class Model:
                                                        for s in sequence.extra_outputs()}}
             self._sequencer = SequenceBatcher(sequence, self.name, tuple(self.inputs))
         self.required_inputs = sum(1 for i in self.inputs.values() if not i.optional)
+        # Zero or many responses per request, streamed (server/core/decoupled.py); never unary.
+        self.decoupled = config.model_transaction_policy.decoupled
         self.stats = ModelStats(RequestLatencies(limits.latency_buckets_ms) if limits.latency_buckets_ms else None)
         # Owned by the protocol layer (server/protocol/codec.py): wire-format templates for this model.
         self.wire_cache: dict[Any, Any] = {}
@@ -152,6 +154,9 @@ class Model:
                 # ...but when it can say "done" through a file descriptor, the loop can await that
                 # instead of parking a worker thread (a thread hop costs ~0.1 ms here).
                 self._awaitable = all(hasattr(cls, a) for a in _AWAITABLE)
+            if self.decoupled and not cls.supports_decoupled:
+                raise BackendError(f"the {cls.name} backend does not support the decoupled transaction policy "
+                                   "(model_transaction_policy { decoupled: true })")
             if cls.needs_model_file and not self.spec.model_file.exists():
                 raise BackendError(f"model file {self.spec.model_file} does not exist")
             if self._sequence_error:
