@@ -12,6 +12,7 @@ Run with `autocomplete` instead of serving, it calls the model's optional
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from backends import python_observe
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "pb_utils"))
@@ -38,15 +40,25 @@ def _describe(exc: BaseException) -> str:
 
 
 def _load_module(model_file: str) -> Any:
-    folder = str(Path(model_file).parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)  # helpers next to model.py import as they do under Triton
-    spec = importlib.util.spec_from_file_location("model", model_file)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {model_file}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["model"] = module
-    spec.loader.exec_module(module)
+    """Import the model as Triton does: the version folder and the model folder go on `sys.path`
+    and the file is imported as `<version>.<name>` (e.g. `1.model`), so a multi-file model can
+    use `from .helper import x` (the version folder is a package) as well as `import helper`."""
+    path = Path(model_file).resolve()
+    version_dir, model_dir = path.parent, path.parent.parent
+    for folder in (str(model_dir), str(version_dir)):  # the version folder ends up first
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    name = f"{version_dir.name}.{path.stem}"
+    if version_dir.name.isidentifier() or version_dir.name.isdigit():
+        importlib.invalidate_caches()
+        module = importlib.import_module(name)
+    else:  # a folder name that cannot be a package: import the file alone
+        spec = importlib.util.spec_from_file_location(path.stem, model_file)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {model_file}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    sys.modules.setdefault("model", module)
     if not hasattr(module, "TritonPythonModel"):
         raise AttributeError(f"{model_file} defines no class TritonPythonModel")
     return module
@@ -62,6 +74,8 @@ class Stub:
         self.model = module.TritonPythonModel()
 
     def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args.get("model_config") or "{}")
+        self.iterative = bool(config.get("sequence_batching", {}).get("iterative_sequence", False))
         if hasattr(self.model, "initialize"):
             self.model.initialize(args)
         if not hasattr(self.model, "execute"):
@@ -84,34 +98,33 @@ class Stub:
     def execute(self, wire_requests: list[Any]) -> tuple[Any, int | None]:
         started = time.perf_counter_ns()  # the server decides how to wait from this: count our I/O too
         requests, wanted = [], []
-        for request_id, parameters, requested, metas in wire_requests:
+        for request_id, parameters, requested, metas, *sequence in wire_requests:
             tensors = [pb_utils.Tensor(name, arr) for name, arr in read(self.inputs, metas, copy=False)]
+            correlation_id, flags = sequence if sequence else (0, 0)
             requests.append(pb_utils.InferenceRequest(
                 model_name=self.model_name, inputs=tensors, requested_output_names=requested,
-                request_id=request_id, parameters=parameters,
+                request_id=request_id, parameters=parameters, correlation_id=correlation_id, flags=flags,
             ))
             wanted.append(set(requested))
         try:
-            responses = self.model.execute(requests)
-        except Exception as exc:
-            traceback.print_exc()
-            return ("fail", _describe(exc)), None
-        if not isinstance(responses, (list, tuple)) or len(responses) != len(requests):
-            got = len(responses) if isinstance(responses, (list, tuple)) else type(responses).__name__
-            return ("fail", f"execute() must return one InferenceResponse per request ({len(requests)}), "
-                            f"got {got}"), None
+            responses = self._run(requests)
+        except _Failed as exc:
+            return ("fail", str(exc)), None
         results: list[Any] = []
         tensors_out: list[tuple[str, Any]] = []
         counts: list[int] = []
+        params: list[Any] = []
         for response, names in zip(responses, wanted, strict=True):
             outcome = self._response(response, names)
             if isinstance(outcome, list):
                 tensors_out.extend(outcome)
                 counts.append(len(outcome))
                 results.append(None)
+                params.append(getattr(response, "_parameters", None) or None)
             else:
                 counts.append(0)
                 results.append(outcome)
+                params.append(None)
         try:
             plan, needed = layout(tensors_out)
         except Exception as exc:
@@ -121,9 +134,41 @@ class Stub:
         start = 0
         for i, count in enumerate(counts):
             if results[i] is None:
-                results[i] = ("ok", metas[start:start + count])
+                results[i] = ("ok", metas[start:start + count], params[i])
                 start += count
         return ("done", self.outputs.size if fd is not None else 0, results, time.perf_counter_ns() - started), fd
+
+    def _run(self, requests: list[Any]) -> list[Any]:
+        """The model's responses, one per request. A request the model released with
+        TRITONSERVER_REQUEST_RELEASE_RESCHEDULE runs again (flags cleared, as Triton re-enqueues it)
+        in a later `execute` until it is answered; that needs `iterative_sequence`, as in Triton."""
+        responses: list[Any] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        while pending:
+            batch = [requests[i] for i in pending]
+            try:
+                answers = self.model.execute(batch)
+            except Exception as exc:
+                traceback.print_exc()
+                raise _Failed(_describe(exc)) from exc
+            if not isinstance(answers, (list, tuple)) or len(answers) != len(batch):
+                got = len(answers) if isinstance(answers, (list, tuple)) else type(answers).__name__
+                raise _Failed(f"execute() must return one InferenceResponse per request ({len(batch)}), got {got}")
+            again = []
+            for i, request, answer in zip(pending, batch, answers, strict=True):
+                if request.release_flags() != pb_utils.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:
+                    responses[i] = answer
+                elif not self.iterative:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        "Request is released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, but model "
+                        f"'{self.model_name}' does not set sequence_batching {{ iterative_sequence: true }}, "
+                        "which rescheduling needs"))
+                else:
+                    request.set_release_flags(pb_utils.TRITONSERVER_REQUEST_RELEASE_ALL)
+                    request._flags = 0
+                    again.append(i)
+            pending = again
+        return responses
 
     @staticmethod
     def _response(response: Any, wanted: set[str]) -> list[tuple[str, Any]] | tuple[str, str, int]:
@@ -146,6 +191,10 @@ class Stub:
         self.channel.send(("stopped",))
 
 
+class _Failed(Exception):
+    """The model's `execute` failed as a whole (it raised, or answered the wrong number)."""
+
+
 def _autocomplete(channel: Channel, init: dict[str, Any]) -> None:
     module = _load_module(init["model_file"])
     cls = module.TritonPythonModel
@@ -163,6 +212,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=int(sys.argv[1])))
+    if len(sys.argv) > 2:  # logs and custom metrics go to the server on their own socket
+        python_observe.connect(Channel(socket.socket(fileno=int(sys.argv[2]))))
     init, _ = channel.recv()
     try:
         if init["mode"] == "autocomplete":
