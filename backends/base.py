@@ -31,6 +31,29 @@ class BackendInputError(BackendError):
     """The request's tensors were unacceptable to the framework (INVALID_ARGUMENT)."""
 
 
+class BackendStatusError(BackendError):
+    """An error a model returned for one request with a status of its own (a Python model's
+    `TritonError(message, code)`): the client gets `code` (a gRPC status name such as "NOT_FOUND")
+    and the model's message as is, without a prefix, as Triton sends them."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # copy/pickle: the code is not in args
+        return type(self), (str(self.args[0]) if self.args else "", self.code)
+
+
+class ResponseOutputs(dict[str, np.ndarray]):
+    """A model's outputs for one request that also carry response `parameters` (a Python model's
+    `InferenceResponse(..., parameters={...})`); the protocol layer sends them in the response.
+    Plain dicts stay the common case: only responses with parameters pay for this."""
+
+    def __init__(self, outputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any]) -> None:
+        super().__init__(outputs)
+        self.parameters = dict(parameters)
+
+
 class BackendUnavailable(BackendError):
     """The framework a backend needs is not installed; the message says how to install it."""
 

@@ -12,6 +12,7 @@ Run with `autocomplete` instead of serving, it calls the model's optional
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from backends import python_observe
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
 from backends.python_responses import InferenceResponseSender, ResponseHub
 
@@ -39,15 +41,25 @@ def _describe(exc: BaseException) -> str:
 
 
 def _load_module(model_file: str) -> Any:
-    folder = str(Path(model_file).parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)  # helpers next to model.py import as they do under Triton
-    spec = importlib.util.spec_from_file_location("model", model_file)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {model_file}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["model"] = module
-    spec.loader.exec_module(module)
+    """Import the model as Triton does: the version folder and the model folder go on `sys.path`
+    and the file is imported as `<version>.<name>` (e.g. `1.model`), so a multi-file model can
+    use `from .helper import x` (the version folder is a package) as well as `import helper`."""
+    path = Path(model_file).resolve()
+    version_dir, model_dir = path.parent, path.parent.parent
+    for folder in (str(model_dir), str(version_dir)):  # the version folder ends up first
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    name = f"{version_dir.name}.{path.stem}"
+    if version_dir.name.isidentifier() or version_dir.name.isdigit():
+        importlib.invalidate_caches()
+        module = importlib.import_module(name)
+    else:  # a folder name that cannot be a package: import the file alone
+        spec = importlib.util.spec_from_file_location(path.stem, model_file)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {model_file}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    sys.modules.setdefault("model", module)
     if not hasattr(module, "TritonPythonModel"):
         raise AttributeError(f"{model_file} defines no class TritonPythonModel")
     return module
@@ -65,6 +77,8 @@ class Stub:
         self.model = module.TritonPythonModel()
 
     def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args.get("model_config") or "{}")
+        self.iterative = bool(config.get("sequence_batching", {}).get("iterative_sequence", False))
         if hasattr(self.model, "initialize"):
             self.model.initialize(args)
         if not hasattr(self.model, "execute"):
@@ -90,43 +104,36 @@ class Stub:
     def execute(self, wire_requests: list[Any]) -> tuple[Any, int | None]:
         started = time.perf_counter_ns()  # the server decides how to wait from this: count our I/O too
         requests, wanted = [], []
-        for request_id, parameters, requested, metas in wire_requests:
+        for request_id, parameters, requested, metas, *sequence in wire_requests:
             tensors = [pb_utils.Tensor(name, arr) for name, arr in read(self.inputs, metas, copy=False)]
+            correlation_id, flags = sequence if sequence else (0, 0)
             requests.append(pb_utils.InferenceRequest(
                 model_name=self.model_name, inputs=tensors, requested_output_names=requested,
-                request_id=request_id, parameters=parameters,
+                request_id=request_id, parameters=parameters, correlation_id=correlation_id, flags=flags,
             ))
             wanted.append(set(requested))
         states = [self.hub.open(i, names) for i, names in enumerate(wanted)]
         for request, state in zip(requests, states, strict=True):
             request._sender = InferenceResponseSender(self.hub, state)
         try:
-            responses = self.model.execute(requests)
-        except Exception as exc:
-            traceback.print_exc()
-            if any(state.sent for state in states):  # what was sent before the exception stands
-                responses = [state.response if state.sent else _failed(exc) for state in states]
-            else:
-                return ("fail", _describe(exc)), None
-        if responses is None or isinstance(responses, (list, tuple)) and (
-                any(state.sent for state in states) or any(r is None for r in responses)):
-            responses = self._sent_responses(requests, states, responses)
-        if not isinstance(responses, (list, tuple)) or len(responses) != len(requests):
-            got = len(responses) if isinstance(responses, (list, tuple)) else type(responses).__name__
-            return ("fail", f"execute() must return one InferenceResponse per request ({len(requests)}), "
-                            f"got {got}"), None
+            responses = self._run(requests, states)
+        except _Failed as exc:
+            return ("fail", str(exc)), None
         results: list[Any] = []
         tensors_out: list[tuple[str, Any]] = []
         counts: list[int] = []
+        params: list[Any] = []
         for response, names in zip(responses, wanted, strict=True):
             outcome = self._response(response, names)
             if isinstance(outcome, list):
                 tensors_out.extend(outcome)
                 counts.append(len(outcome))
                 results.append(None)
+                params.append(getattr(response, "_parameters", None) or None)
             else:
                 counts.append(0)
                 results.append(outcome)
+                params.append(None)
         try:
             plan, needed = layout(tensors_out)
         except Exception as exc:
@@ -136,9 +143,49 @@ class Stub:
         start = 0
         for i, count in enumerate(counts):
             if results[i] is None:
-                results[i] = ("ok", metas[start:start + count])
+                results[i] = ("ok", metas[start:start + count], params[i])
                 start += count
         return ("done", self.outputs.size if fd is not None else 0, results, time.perf_counter_ns() - started), fd
+
+    def _run(self, requests: list[Any], states: list[Any]) -> list[Any]:
+        """The model's responses, one per request. A request answered through its response sender
+        (default mode) gets what the sender sent; what was sent before `execute` raised stands.
+        A request the model released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE runs again (flags
+        cleared, as Triton re-enqueues it) in a later `execute` until it is answered; that needs
+        `iterative_sequence`, as in Triton."""
+        responses: list[Any] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        while pending:
+            batch = [requests[i] for i in pending]
+            batch_states = [states[i] for i in pending]
+            try:
+                answers = self.model.execute(batch)
+            except Exception as exc:
+                traceback.print_exc()
+                if not any(state.sent for state in batch_states):
+                    raise _Failed(_describe(exc)) from exc
+                answers = [state.response if state.sent else _failed(exc) for state in batch_states]
+            if answers is None or isinstance(answers, (list, tuple)) and (
+                    any(state.sent for state in batch_states) or any(r is None for r in answers)):
+                answers = self._sent_responses(batch, batch_states, answers)
+            if not isinstance(answers, (list, tuple)) or len(answers) != len(batch):
+                got = len(answers) if isinstance(answers, (list, tuple)) else type(answers).__name__
+                raise _Failed(f"execute() must return one InferenceResponse per request ({len(batch)}), got {got}")
+            again = []
+            for i, request, answer in zip(pending, batch, answers, strict=True):
+                if request.release_flags() != pb_utils.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:
+                    responses[i] = answer
+                elif not self.iterative:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        "Request is released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, but model "
+                        f"'{self.model_name}' does not set sequence_batching {{ iterative_sequence: true }}, "
+                        "which rescheduling needs"))
+                else:
+                    request.set_release_flags(pb_utils.TRITONSERVER_REQUEST_RELEASE_ALL)
+                    request._flags = 0
+                    again.append(i)
+            pending = again
+        return responses
 
     @staticmethod
     def _sent_responses(requests: list[Any], states: list[Any], returned: Any) -> list[Any]:
@@ -163,11 +210,12 @@ class Stub:
         something other than None), each request it left open gets the error as its final response."""
         started = time.perf_counter_ns()
         requests, states = [], []
-        for (request_id, parameters, requested, metas), key in zip(wire_requests, keys, strict=True):
+        for (request_id, parameters, requested, metas, *sequence), key in zip(wire_requests, keys, strict=True):
             tensors = [pb_utils.Tensor(name, arr) for name, arr in read(self.inputs, metas, copy=True)]
+            correlation_id, flags = sequence if sequence else (0, 0)
             request = pb_utils.InferenceRequest(
                 model_name=self.model_name, inputs=tensors, requested_output_names=requested,
-                request_id=request_id, parameters=parameters,
+                request_id=request_id, parameters=parameters, correlation_id=correlation_id, flags=flags,
             )
             state = self.hub.open(key, set(requested))
             request._sender = InferenceResponseSender(self.hub, state)
@@ -211,6 +259,10 @@ def _failed(exc: BaseException) -> Any:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(_describe(exc)))
 
 
+class _Failed(Exception):
+    """The model's `execute` failed as a whole (it raised, or answered the wrong number)."""
+
+
 def _autocomplete(channel: Channel, init: dict[str, Any]) -> None:
     module = _load_module(init["model_file"])
     cls = module.TritonPythonModel
@@ -228,6 +280,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=int(sys.argv[1])))
+    if len(sys.argv) > 2:  # logs and custom metrics go to the server on their own socket
+        python_observe.connect(Channel(socket.socket(fileno=int(sys.argv[2]))))
     init, responses_fd = channel.recv()  # a decoupled model's response channel comes with init
     try:
         if init["mode"] == "autocomplete":

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendInputError
+from backends.base import Backend, BackendInputError, BackendStatusError, ResponseOutputs
 from backends.base import Request as BackendRequest
 from server import logs
 from server.core.batching import concat_inputs, split_outputs
@@ -25,7 +25,15 @@ from server.core.faults import FailureCounter, Watched
 from server.core.scheduler import Job, Scheduler
 from server.core.signature import TensorInfo
 from server.core.stats import ModelStats
-from server.errors import ExecutionTimeout, InternalError, InvalidInput, ModelUnavailable, NereidError
+from server.errors import (
+    ErrorCode,
+    ExecutionTimeout,
+    InternalError,
+    InvalidInput,
+    ModelStatusError,
+    ModelUnavailable,
+    NereidError,
+)
 
 log = logging.getLogger("nereid.instance")
 
@@ -101,6 +109,8 @@ class OutputShaper:
                 lead = arr.shape[:1] if info.max_batch_size > 0 else ()
                 arr = arr.reshape(lead + info.dims)
             result[name] = arr
+        if type(outputs) is ResponseOutputs:  # the model set response parameters: keep them
+            return ResponseOutputs(result, outputs.parameters)
         return result
 
 
@@ -392,5 +402,7 @@ def _as_error(exc: Exception, model_label: str, instance: str) -> NereidError:
         return exc
     if isinstance(exc, BackendInputError):
         return InvalidInput(f"model {model_label}: {exc}")
+    if isinstance(exc, BackendStatusError):  # the model chose the status and the message: pass both on
+        return ModelStatusError(str(exc), ErrorCode[exc.code])
     log.warning("instance %s: execution failed: %s", instance, exc)
     return InternalError(f"model {model_label} failed: {exc}")

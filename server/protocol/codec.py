@@ -22,7 +22,7 @@ from server.core.classification import ClassifiedOutputs, class_count
 from server.core.model import Model
 from server.core.signature import TensorInfo
 from server.errors import InvalidInput
-from server.protocol.parameters import refuse_shared_memory, request_parameters
+from server.protocol.parameters import encode_response_parameters, refuse_shared_memory, request_parameters
 from server.protocol.wire import encode_varint
 from server.types import InferenceRequest
 
@@ -308,4 +308,7 @@ def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.n
         else:
             data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
         parts += (_RAW_TAG, _length(len(data)), data)
+    parameters = getattr(outputs, "parameters", None)  # backends.base.ResponseOutputs
+    if parameters:
+        parts.append(encode_response_parameters(parameters))
     return parts

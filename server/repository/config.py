@@ -233,7 +233,8 @@ def _validate_tensors(config: mc.ModelConfig, where: str) -> None:
                         f"{where}: {kind} '{tensor.name}': reshape {list(tensor.reshape.shape)} has "
                         f"{got} elements but dims {list(tensor.dims)} have {want}"
                     )
-    if not len(config.input) or not len(config.output):
+    # A Python model may take no inputs at all (it makes its outputs from nothing), as in Triton.
+    if (not len(config.input) and config.backend != "python") or not len(config.output):
         raise ConfigError(f"{where}: model '{config.name}' must declare at least one input and one output")
 
 
