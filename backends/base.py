@@ -31,6 +31,29 @@ class BackendInputError(BackendError):
     """The request's tensors were unacceptable to the framework (INVALID_ARGUMENT)."""
 
 
+class BackendStatusError(BackendError):
+    """An error a model returned for one request with a status of its own (a Python model's
+    `TritonError(message, code)`): the client gets `code` (a gRPC status name such as "NOT_FOUND")
+    and the model's message as is, without a prefix, as Triton sends them."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # copy/pickle: the code is not in args
+        return type(self), (str(self.args[0]) if self.args else "", self.code)
+
+
+class ResponseOutputs(dict[str, np.ndarray]):
+    """A model's outputs for one request that also carry response `parameters` (a Python model's
+    `InferenceResponse(..., parameters={...})`); the protocol layer sends them in the response.
+    Plain dicts stay the common case: only responses with parameters pay for this."""
+
+    def __init__(self, outputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any]) -> None:
+        super().__init__(outputs)
+        self.parameters = dict(parameters)
+
+
 class BackendUnavailable(BackendError):
     """The framework a backend needs is not installed; the message says how to install it."""
 
@@ -91,6 +114,8 @@ class Request:
     id: str = ""
     parameters: Mapping[str, Any] = field(default_factory=dict)
     requested_outputs: tuple[str, ...] | None = None  # None: every output
+    # Decoupled models: where this request's responses go (backends/responses.py ResponseSink).
+    sink: Any = None
 
 
 # One outcome per request: its outputs, or the error that fails that request only.
@@ -112,6 +137,9 @@ class Backend(abc.ABC):
     # True when `execute` waits on another process (Python models): it must never run
     # on the event loop, whatever it costs, because that process may hang or die.
     out_of_process: ClassVar[bool] = False
+    # True when the backend can serve `model_transaction_policy { decoupled: true }`: it sends
+    # each request's responses to `Request.sink` (backends/responses.py) and returns `{}` for it.
+    supports_decoupled: ClassVar[bool] = False
 
     @classmethod
     def describe(cls, model_file: Path) -> Signature | None:

@@ -44,14 +44,18 @@ from backends.base import (
     Backend,
     BackendError,
     BackendInputError,
+    BackendStatusError,
     Device,
     ModelSpec,
     Outcome,
     Request,
+    ResponseOutputs,
     Signature,
 )
 from backends.python_bls import REQUEST_KINDS, BlsRouter
 from backends.python_config import config_signature, triton_config_json
+from backends.python_decoupled import ResponseRouter, response_channel
+from backends.python_events import StubEvents
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
 
 log = logging.getLogger("nereid.python")
@@ -59,7 +63,11 @@ log = logging.getLogger("nereid.python")
 RESTART_INTERVAL_S = 10.0
 STOP_TIMEOUT_S = 10.0
 _ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding the `backends` package
-_INVALID_ARG = 3  # pb_utils.TritonError.INVALID_ARG
+# pb_utils.TritonError codes -> the gRPC status the client gets, as Triton maps them.
+_STATUS_OF_CODE = {0: "UNKNOWN", 1: "INTERNAL", 2: "NOT_FOUND", 3: "INVALID_ARGUMENT", 4: "UNAVAILABLE",
+                   5: "UNIMPLEMENTED", 6: "ALREADY_EXISTS", 7: "CANCELLED"}
+# Request parameters Triton takes for itself: the model sees them as correlation_id() and flags().
+_SEQUENCE_KEYS = ("sequence_id", "sequence_start", "sequence_end")
 _FD_SETSIZE = 1024  # select() takes descriptors below this
 
 def _exit_status(proc: subprocess.Popen[bytes]) -> str:
@@ -90,22 +98,38 @@ class Stub:
 
     def __init__(self, init: dict[str, Any], label: str) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        events, events_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH", "")) if p)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "backends.python_stub", str(child.fileno())],
-                pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "backends.python_stub", str(child.fileno()), str(events_child.fileno())],
+                pass_fds=(child.fileno(), events_child.fileno()), env=env, stdin=subprocess.DEVNULL,
             )
+        except BaseException:
+            events.close()
+            raise
         finally:
             child.close()
+            events_child.close()
+        self.events = StubEvents(events, init.get("model_name", ""), label)  # logs, custom metrics
         self.channel = Channel(parent)
         self.poller = select.poll()
         self.poller.register(parent, select.POLLIN)
         self.inputs = Arena(f"nereid-{label}-in")  # ours
         self.outputs = Arena(f"nereid-{label}-out")  # the stub's, mirrored
         self.bls = BlsRouter(self.channel, label)  # the model's calls to other models (python_bls.py)
-        self.channel.send(init)
+        # A decoupled model's responses come on a channel of their own (python_decoupled.py).
+        self.router: ResponseRouter | None = None
+        if init.get("decoupled"):
+            ours, theirs = response_channel()
+            try:
+                self.channel.send(init, theirs.fileno())
+            finally:
+                theirs.close()
+            self.router = ResponseRouter(ours, label, lambda: _exit_status(self.proc))
+        else:
+            self.channel.send(init)
 
     def readable(self, timeout: float) -> bool:
         """Whether a message is here or arrives within `timeout` seconds."""
@@ -144,7 +168,10 @@ class Stub:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.router is not None:
+            self.router.close()
         self.channel.close()
+        self.events.close()
         self.inputs.close()
         self.outputs.close()
 
@@ -155,15 +182,19 @@ class PythonBackend(Backend):
     supports_gpu = True  # the instance's kind and device id are passed on; the model decides
     wants_requests = True
     out_of_process = True
+    supports_decoupled = True
 
     @classmethod
     def describe(cls, model_file: Path) -> Signature | None:
-        """Run the model's `auto_complete_config` (in a throwaway stub) on the config on disk."""
+        """Run the model's `auto_complete_config` (in a throwaway stub) on the config on disk; a model
+        without one keeps the config's inputs and outputs as they are (a model may have no inputs)."""
         model_dir = model_file.parent.parent
-        config = mc.ModelConfig(name=model_dir.name)
+        config = mc.ModelConfig()
         config_path = model_dir / "config.pbtxt"
         if config_path.is_file():  # a regular file only: reading a FIFO would never return
             text_format.Parse(config_path.read_text(encoding="utf-8"), config)
+        if not config.name:  # set after parsing: Parse refuses a second `name` on a filled message
+            config.name = model_dir.name
         init = {"mode": "autocomplete", "model_file": str(model_file),
                 "config": triton_config_json(json_format.MessageToJson(config))}
         stub = Stub(init, "autocomplete")
@@ -173,8 +204,8 @@ class PythonBackend(Backend):
             stub.stop(STOP_TIMEOUT_S)
         if message[0] == "fatal":
             raise BackendError(f"auto_complete_config failed: {message[1]}")
-        if message[1] is None:
-            return None
+        if message[1] is None:  # no auto_complete_config: the config's own I/O stands (none is fine)
+            return config_signature(json.loads(init["config"]))
         return config_signature(message[1])
 
     def load(self, spec: ModelSpec, device: Device) -> None:
@@ -182,10 +213,10 @@ class PythonBackend(Backend):
         self._label = spec.instance_name or spec.name
         self._outputs = [o.name for o in spec.outputs]
         config_json = triton_config_json(spec.config_json)
-        if json.loads(config_json).get("model_transaction_policy", {}).get("decoupled"):
-            raise BackendError("decoupled Python models are not supported by Nereid yet")
+        decoupled = bool(json.loads(config_json).get("model_transaction_policy", {}).get("decoupled"))
         self._init = {
             "mode": "serve",
+            "decoupled": decoupled,
             "model_file": str(spec.model_file),
             "model_name": spec.name,
             "args": {
@@ -264,11 +295,23 @@ class PythonBackend(Backend):
         for r in requests:
             count = len(r.inputs)
             requested = list(r.requested_outputs) if r.requested_outputs else self._outputs
-            parameters = json.dumps(dict(r.parameters), default=str) if r.parameters else "{}"
-            wire.append((r.id, parameters, requested, metas[start:start + count]))
+            correlation_id, flags = 0, 0
+            if r.parameters:
+                given = dict(r.parameters)
+                if any(key in given for key in _SEQUENCE_KEYS):
+                    correlation_id = given.pop("sequence_id", 0)
+                    first, last = given.pop("sequence_start", False), given.pop("sequence_end", False)
+                    flags = (1 if first else 0) | (2 if last else 0)  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
+                parameters = json.dumps(given, default=str)
+            else:
+                parameters = "{}"
+            wire.append((r.id, parameters, requested, metas[start:start + count], correlation_id, flags))
             start += count
+        message: tuple[Any, ...] = ("exec", stub.inputs.size if fd is not None else 0, wire)
+        if stub.router is not None:  # decoupled: each request's key for its responses
+            message += ([stub.router.register(r.sink) for r in requests],)
         try:
-            stub.channel.send(("exec", stub.inputs.size if fd is not None else 0, wire), fd)
+            stub.channel.send(message, fd)
         except OSError as exc:
             self._crashed(stub, f"the Python stub process {_exit_status(stub.proc)}", exc)
         self._pending = stub
@@ -360,9 +403,14 @@ class PythonBackend(Backend):
     @staticmethod
     def _outcome(result: Any, stub: Stub) -> Outcome:
         if result[0] == "ok":
-            return dict(read(stub.outputs, result[1], copy=True))
+            outputs = dict(read(stub.outputs, result[1], copy=True))
+            if len(result) > 2 and result[2]:  # InferenceResponse(parameters=...)
+                return ResponseOutputs(outputs, result[2])
+            return outputs
+        if result[0] == "decoupled":  # its responses went to the request's sink
+            return {}
         _, message, code = result
-        return BackendInputError(message) if code == _INVALID_ARG else BackendError(message)
+        return BackendStatusError(message, _STATUS_OF_CODE.get(code, "INTERNAL"))
 
     def close(self) -> None:
         stub, self._stub = getattr(self, "_stub", None), None

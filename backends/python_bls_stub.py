@@ -18,6 +18,7 @@ import asyncio
 import collections
 import json
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,6 +74,9 @@ class BlsClient:
         pb = self.pb
         if self.phase != "execute":
             raise pb.TritonModelException("BLS is only supported during the 'execute' function.")
+        if threading.current_thread() is not threading.main_thread():
+            raise pb.TritonModelException(
+                "BLS from a thread other than the one running 'execute' is not supported by Nereid yet")
         tensors = []
         for tensor in request.inputs():
             if not isinstance(tensor, pb.Tensor):
@@ -118,6 +122,10 @@ class BlsClient:
         if self.phase == "finalize":
             raise self.pb.TritonModelException(
                 "the model management API is not supported in 'finalize' or 'auto_complete_config'")
+        if threading.current_thread() is not threading.main_thread():
+            raise self.pb.TritonModelException(
+                "the model management API from a thread other than the one running 'execute' is not "
+                "supported by Nereid yet")
         _, result, fd, size = self._wait(self._send(("bls_ctl", self._new_id(), op, args)))
         if result[0] == "err":
             if fd is not None:

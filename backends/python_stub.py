@@ -13,6 +13,7 @@ Run with `autocomplete` instead of serving, it calls the model's optional
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 import json
 import os
@@ -24,9 +25,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from backends import python_observe
 from backends.python_bls import ANSWER
 from backends.python_bls_stub import BlsClient
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
+from backends.python_responses import InferenceResponseSender, ResponseHub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "pb_utils"))
 
@@ -41,23 +44,35 @@ def _describe(exc: BaseException) -> str:
 
 
 def _load_module(model_file: str) -> Any:
-    folder = str(Path(model_file).parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)  # helpers next to model.py import as they do under Triton
-    spec = importlib.util.spec_from_file_location("model", model_file)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {model_file}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["model"] = module
-    spec.loader.exec_module(module)
+    """Import the model as Triton does: the version folder and the model folder go on `sys.path`
+    and the file is imported as `<version>.<name>` (e.g. `1.model`), so a multi-file model can
+    use `from .helper import x` (the version folder is a package) as well as `import helper`."""
+    path = Path(model_file).resolve()
+    version_dir, model_dir = path.parent, path.parent.parent
+    for folder in (str(model_dir), str(version_dir)):  # the version folder ends up first
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    name = f"{version_dir.name}.{path.stem}"
+    if version_dir.name.isidentifier() or version_dir.name.isdigit():
+        importlib.invalidate_caches()
+        module = importlib.import_module(name)
+    else:  # a folder name that cannot be a package: import the file alone
+        spec = importlib.util.spec_from_file_location(path.stem, model_file)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {model_file}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    sys.modules.setdefault("model", module)
     if not hasattr(module, "TritonPythonModel"):
         raise AttributeError(f"{model_file} defines no class TritonPythonModel")
     return module
 
 
 class Stub:
-    def __init__(self, channel: Channel, init: dict[str, Any]) -> None:
+    def __init__(self, channel: Channel, init: dict[str, Any], responses: Channel | None = None) -> None:
         self.channel = channel
+        # Response senders; `responses` is the response channel of a decoupled model.
+        self.hub = ResponseHub(responses)
         self.model_name = init["model_name"]
         self.inputs = Arena("nereid-in")  # the server's arena, mirrored
         self.outputs = Arena("nereid-out")  # ours
@@ -68,6 +83,8 @@ class Stub:
         self.model = module.TritonPythonModel()
 
     def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args.get("model_config") or "{}")
+        self.iterative = bool(config.get("sequence_batching", {}).get("iterative_sequence", False))
         if hasattr(self.model, "initialize"):
             self.model.initialize(args)
         if not hasattr(self.model, "execute"):
@@ -87,44 +104,47 @@ class Stub:
                 if fd is not None:
                     os.close(fd)
                 continue
-            _, arena_size, requests = message
+            arena_size, requests = message[1], message[2]
             if fd is not None:
                 self.inputs.attach(fd, arena_size)
-            self.channel.send(*self.execute(requests))
+            if len(message) > 3:  # a decoupled model: the server's keys for its requests
+                self.channel.send(*self.execute_decoupled(requests, message[3]))
+            else:
+                self.channel.send(*self.execute(requests))
 
     def execute(self, wire_requests: list[Any]) -> tuple[Any, int | None]:
         started = time.perf_counter_ns()  # the server decides how to wait from this: count our I/O too
         requests, wanted = [], []
-        for request_id, parameters, requested, metas in wire_requests:
+        for request_id, parameters, requested, metas, *sequence in wire_requests:
             tensors = [pb_utils.Tensor(name, arr) for name, arr in read(self.inputs, metas, copy=False)]
+            correlation_id, flags = sequence if sequence else (0, 0)
             requests.append(pb_utils.InferenceRequest(
                 model_name=self.model_name, inputs=tensors, requested_output_names=requested,
-                request_id=request_id, parameters=parameters,
+                request_id=request_id, parameters=parameters, correlation_id=correlation_id, flags=flags,
             ))
             wanted.append(set(requested))
+        states = [self.hub.open(i, names) for i, names in enumerate(wanted)]
+        for request, state in zip(requests, states, strict=True):
+            request._sender = InferenceResponseSender(self.hub, state)
         try:
-            responses = self.model.execute(requests)
-            if not isinstance(responses, (list, tuple)) and asyncio.iscoroutine(responses):
-                responses = self._run_async(responses)
-        except Exception as exc:
-            traceback.print_exc()
-            return ("fail", _describe(exc)), None
-        if not isinstance(responses, (list, tuple)) or len(responses) != len(requests):
-            got = len(responses) if isinstance(responses, (list, tuple)) else type(responses).__name__
-            return ("fail", f"execute() must return one InferenceResponse per request ({len(requests)}), "
-                            f"got {got}"), None
+            responses = self._run(requests, states)
+        except _Failed as exc:
+            return ("fail", str(exc)), None
         results: list[Any] = []
         tensors_out: list[tuple[str, Any]] = []
         counts: list[int] = []
+        params: list[Any] = []
         for response, names in zip(responses, wanted, strict=True):
             outcome = self._response(response, names)
             if isinstance(outcome, list):
                 tensors_out.extend(outcome)
                 counts.append(len(outcome))
                 results.append(None)
+                params.append(getattr(response, "_parameters", None) or None)
             else:
                 counts.append(0)
                 results.append(outcome)
+                params.append(None)
         try:
             plan, needed = layout(tensors_out)
         except Exception as exc:
@@ -134,9 +154,100 @@ class Stub:
         start = 0
         for i, count in enumerate(counts):
             if results[i] is None:
-                results[i] = ("ok", metas[start:start + count])
+                results[i] = ("ok", metas[start:start + count], params[i])
                 start += count
         return ("done", self.outputs.size if fd is not None else 0, results, time.perf_counter_ns() - started), fd
+
+    def _run(self, requests: list[Any], states: list[Any]) -> list[Any]:
+        """The model's responses, one per request. A request answered through its response sender
+        (default mode) gets what the sender sent; what was sent before `execute` raised stands.
+        A request the model released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE runs again (flags
+        cleared, as Triton re-enqueues it) in a later `execute` until it is answered; that needs
+        `iterative_sequence`, as in Triton."""
+        responses: list[Any] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        while pending:
+            batch = [requests[i] for i in pending]
+            batch_states = [states[i] for i in pending]
+            try:
+                answers = self.model.execute(batch)
+                if not isinstance(answers, (list, tuple)) and asyncio.iscoroutine(answers):
+                    answers = self._run_async(answers)  # an `async def execute`
+            except Exception as exc:
+                traceback.print_exc()
+                if not any(state.sent for state in batch_states):
+                    raise _Failed(_describe(exc)) from exc
+                answers = [state.response if state.sent else _failed(exc) for state in batch_states]
+            if answers is None or isinstance(answers, (list, tuple)) and (
+                    any(state.sent for state in batch_states) or any(r is None for r in answers)):
+                answers = self._sent_responses(batch, batch_states, answers)
+            if not isinstance(answers, (list, tuple)) or len(answers) != len(batch):
+                got = len(answers) if isinstance(answers, (list, tuple)) else type(answers).__name__
+                raise _Failed(f"execute() must return one InferenceResponse per request ({len(batch)}), got {got}")
+            again = []
+            for i, request, answer in zip(pending, batch, answers, strict=True):
+                if request.release_flags() != pb_utils.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:
+                    responses[i] = answer
+                elif not self.iterative:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        "Request is released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, but model "
+                        f"'{self.model_name}' does not set sequence_batching {{ iterative_sequence: true }}, "
+                        "which rescheduling needs"))
+                else:
+                    request.set_release_flags(pb_utils.TRITONSERVER_REQUEST_RELEASE_ALL)
+                    request._flags = 0
+                    again.append(i)
+            pending = again
+        return responses
+
+    @staticmethod
+    def _sent_responses(requests: list[Any], states: list[Any], returned: Any) -> list[Any]:
+        """Default mode with response senders: a request `execute` returned None for is answered
+        by what its sender sends (waiting for the final flag, which may come from another thread)."""
+        if returned is not None and len(returned) != len(requests):
+            return list(returned)  # reported as a count mismatch by the caller
+        out = []
+        for i, (request, state) in enumerate(zip(requests, states, strict=True)):
+            response = None if returned is None else returned[i]
+            if state.closed or response is None and getattr(request, "_sender_used", False):
+                state.done.wait()
+                response = state.response
+            out.append(response if response is not None else _failed(ValueError(
+                "execute() returned None for a request of a model that is not decoupled, and sent it no "
+                "response through its response sender")))
+        return out
+
+    def execute_decoupled(self, wire_requests: list[Any], keys: list[int]) -> tuple[Any, int | None]:
+        """A decoupled model: responses go out through the senders (the response channel) as the
+        model sends them; the reply only says `execute` returned. If it raised (or returned
+        something other than None), each request it left open gets the error as its final response."""
+        started = time.perf_counter_ns()
+        requests, states = [], []
+        for (request_id, parameters, requested, metas, *sequence), key in zip(wire_requests, keys, strict=True):
+            tensors = [pb_utils.Tensor(name, arr) for name, arr in read(self.inputs, metas, copy=True)]
+            correlation_id, flags = sequence if sequence else (0, 0)
+            request = pb_utils.InferenceRequest(
+                model_name=self.model_name, inputs=tensors, requested_output_names=requested,
+                request_id=request_id, parameters=parameters, correlation_id=correlation_id, flags=flags,
+            )
+            state = self.hub.open(key, set(requested))
+            request._sender = InferenceResponseSender(self.hub, state)
+            requests.append(request)
+            states.append(state)
+        try:
+            returned = self.model.execute(requests)
+            if asyncio.iscoroutine(returned):
+                returned = self._run_async(returned)
+            if returned is not None:
+                raise pb_utils.TritonModelException(
+                    f"Python model '{self.model_name}' is using the decoupled mode and the execute function "
+                    "must return None.")
+        except Exception as exc:
+            traceback.print_exc()
+            message = exc.message() if isinstance(exc, pb_utils.TritonModelException) else _describe(exc)
+            self.hub.fail_open(states, message, pb_utils.TritonError.INTERNAL)
+            return ("fail", message), None
+        return ("done", 0, [("decoupled",)] * len(requests), time.perf_counter_ns() - started), None
 
     def _run_async(self, coroutine: Any) -> Any:
         """Run an `async def execute` to completion on the stub's event loop (as Triton does);
@@ -176,6 +287,14 @@ class Stub:
         self.channel.send(("stopped",))
 
 
+def _failed(exc: BaseException) -> Any:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(_describe(exc)))
+
+
+class _Failed(Exception):
+    """The model's `execute` failed as a whole (it raised, or answered the wrong number)."""
+
+
 def _autocomplete(channel: Channel, init: dict[str, Any]) -> None:
     module = _load_module(init["model_file"])
     cls = module.TritonPythonModel
@@ -193,12 +312,15 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=int(sys.argv[1])))
-    init, _ = channel.recv()
+    if len(sys.argv) > 2:  # logs and custom metrics go to the server on their own socket
+        python_observe.connect(Channel(socket.socket(fileno=int(sys.argv[2]))))
+    init, responses_fd = channel.recv()  # a decoupled model's response channel comes with init
     try:
         if init["mode"] == "autocomplete":
             _autocomplete(channel, init)
             return 0
-        stub = Stub(channel, init)
+        responses = None if responses_fd is None else Channel(socket.socket(fileno=responses_fd))
+        stub = Stub(channel, init, responses)
         stub.initialize(init["args"])
     except Exception as exc:
         traceback.print_exc()

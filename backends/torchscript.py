@@ -7,6 +7,8 @@ Follows Triton's pytorch backend where users depend on it:
   argument names bind by name; (3) names `<anything>__<i>` (`INPUT__0`) bind to
   argument i; (4) otherwise config order. Outputs: `<anything>__<i>` picks element i
   of the returned tuple/list, otherwise config order.
+- Strings: a TYPE_STRING input arrives in forward() as `List[str]` and a `List[str]` result becomes a
+  BYTES output, 1-D only, as Triton does (backends/torch_strings.py).
 - No auto-complete: TorchScript records no I/O types or shapes, so a config without
   inputs and outputs is rejected during config normalisation with that reason.
 - Parameters (Triton's names): `INFERENCE_MODE` (default true), `DISABLE_OPTIMIZED_EXECUTION`,
@@ -45,13 +47,21 @@ import torch
 
 from backends.base import Backend, BackendError, BackendInputError, Device, ModelSpec, TensorSpec
 from backends.threads import int_param, usable_cores
+from backends.torch_strings import (
+    check_argument_types,
+    check_batch,
+    check_string_shapes,
+    string_output_error,
+    strings_in,
+    strings_out,
+)
 
 log = logging.getLogger("nereid.torchscript")
 
 # Sharing a read-only wire buffer is deliberate (see the module docstring).
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-# Protocol datatype -> torch dtype. BYTES is absent: torch has no string tensors.
+# Protocol datatype -> torch dtype. BYTES is absent: strings travel as List[str] (torch_strings.py).
 TORCH_OF: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "UINT8": torch.uint8,
@@ -126,9 +136,9 @@ class TorchScriptBackend(Backend):
 
     def load(self, spec: ModelSpec, device: Device) -> None:
         for tensor in spec.inputs + spec.outputs:
-            if tensor.datatype not in TORCH_OF:
-                raise BackendError(f"'{tensor.name}': datatype {tensor.datatype} has no torch dtype (torch has "
-                                   "no string tensors); use a Python model for BYTES")
+            if tensor.datatype not in TORCH_OF and tensor.datatype != "BYTES":
+                raise BackendError(f"'{tensor.name}': datatype {tensor.datatype} has no torch dtype")
+        check_string_shapes(spec)
         self._stream: Any = None
         if device.kind == "GPU":
             if not torch.cuda.is_available():
@@ -154,7 +164,11 @@ class TorchScriptBackend(Backend):
             self._log_gpu_instance(spec)
         self._bind(spec)
         self._copy_readonly = _may_write_inputs(self._module)
-        self._dtypes = {t.name: TORCH_OF[t.datatype] for t in spec.inputs}
+        self._dtypes = {t.name: TORCH_OF[t.datatype] for t in spec.inputs if t.datatype != "BYTES"}
+        self._strings = frozenset(t.name for t in spec.inputs if t.datatype == "BYTES")
+        self._string_outputs = frozenset(t.name for t in spec.outputs if t.datatype == "BYTES")
+        self._batching = spec.max_batch_size > 0
+        self._batch = 0  # the batch size of the execution running now (checks string outputs)
 
     def _log_gpu_instance(self, spec: ModelSpec) -> None:
         """Say where a GPU instance lives: its stream and the device memory of its weights."""
@@ -173,7 +187,12 @@ class TorchScriptBackend(Backend):
             raise BackendError(f"{spec.model_file}: the module has no scripted forward(): {exc}") from exc
         names = [t.name for t in spec.inputs]
         self._dict_input = len(args) == 1 and str(args[0].type).startswith("Dict[str, Tensor]")
-        if not self._dict_input:
+        if self._dict_input:
+            strings = [t.name for t in spec.inputs if t.datatype == "BYTES"]
+            if strings:
+                raise BackendError(f"forward() takes one Dict[str, Tensor], which cannot hold the TYPE_STRING "
+                                   f"inputs {strings} (they are List[str]); give forward() one argument per input")
+        else:
             required = [a.name for a in args if not a.has_default_value()]
             if len(names) > len(args) or len(names) < len(required):
                 raise BackendError(
@@ -183,6 +202,9 @@ class TorchScriptBackend(Backend):
             arg_names = [a.name for a in args]
             self._by_name = set(names) <= set(arg_names)
             self._order = _input_order(names, arg_names)
+            types = {a.name: str(a.type) for a in args}
+            bound = dict(zip(self._order, arg_names, strict=False)) if not self._by_name else {n: n for n in names}
+            check_argument_types(spec, {name: types[arg] for name, arg in bound.items()})
         self._out_names = _output_order(spec.outputs)
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -195,6 +217,8 @@ class TorchScriptBackend(Backend):
 
     def _execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = {name: self._tensor(name, arr) for name, arr in inputs.items()}
+        if self._string_outputs and self._batching:
+            self._batch = next(iter(inputs.values())).shape[0] if inputs else 0
         try:
             with torch.inference_mode(self._inference_mode):
                 if self._optimized:  # torch's default; toggling it costs ~10 µs a call
@@ -202,11 +226,13 @@ class TorchScriptBackend(Backend):
                 else:
                     with torch.jit.optimized_execution(False):
                         result = self._call(tensors)
+        except UnicodeDecodeError as exc:  # an output string torch cannot hand to Python
+            raise string_output_error(exc) from exc
         except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as exc:
             raise BackendInputError(f"torch error: {_first_line(exc)}") from exc
         return self._outputs(result)
 
-    def _call(self, tensors: dict[str, torch.Tensor]) -> Any:
+    def _call(self, tensors: dict[str, Any]) -> Any:
         forward = self._forward  # the scripted method itself: skips nn.Module's Python call hooks
         if self._dict_input:
             return forward(tensors)
@@ -214,9 +240,11 @@ class TorchScriptBackend(Backend):
             return forward(**tensors)
         return forward(*[tensors[name] for name in self._order if name in tensors])
 
-    def _tensor(self, name: str, arr: np.ndarray) -> torch.Tensor:
+    def _tensor(self, name: str, arr: np.ndarray) -> Any:
         dtype = self._dtypes.get(name)
         if dtype is None:
+            if name in self._strings:
+                return strings_in(arr)
             raise BackendInputError(f"unexpected input '{name}'")
         if self._copy_readonly and not arr.flags.writeable:
             arr = arr.copy()
@@ -230,8 +258,8 @@ class TorchScriptBackend(Backend):
         return tensor
 
     def _outputs(self, result: Any) -> dict[str, np.ndarray]:
-        if isinstance(result, torch.Tensor):
-            result = (result,)
+        if isinstance(result, torch.Tensor) or _is_string_list(result):
+            result = (result,)  # one output: a tensor, or a List[str] (never a list of outputs)
         if not isinstance(result, (tuple, list)):
             raise BackendError(f"forward() returned {type(result).__name__}; expected a Tensor or a tuple/list of them")
         if len(result) < len(self._out_names):
@@ -241,6 +269,14 @@ class TorchScriptBackend(Backend):
         outputs: dict[str, np.ndarray] = {}
         for name, index in self._out_names.items():
             value = result[index]
+            if name in self._string_outputs:
+                if not isinstance(value, list):
+                    raise BackendError(f"output '{name}' (result {index}) is TYPE_STRING, so forward() must return "
+                                       f"a List[str] for it, not a {type(value).__name__}")
+                if self._batching:
+                    check_batch(name, len(value), self._batch)
+                outputs[name] = strings_out(name, value)
+                continue
             if not isinstance(value, torch.Tensor):
                 raise BackendError(f"output '{name}' (result {index}) is a {type(value).__name__}, not a Tensor")
             outputs[name] = self._numpy(value)
@@ -284,6 +320,10 @@ def _output_order(outputs: tuple[TensorSpec, ...]) -> dict[str, int]:
     if all(i is not None for i in indices) and len(set(indices)) == len(indices):
         return {t.name: i for t, i in zip(outputs, indices, strict=True)}  # type: ignore[misc]
     return {t.name: i for i, t in enumerate(outputs)}
+
+
+def _is_string_list(value: Any) -> bool:
+    return isinstance(value, list) and (not value or isinstance(value[0], str))
 
 
 def _first_line(exc: BaseException) -> str:

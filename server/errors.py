@@ -16,6 +16,7 @@ class ErrorCode(enum.Enum):
     CANCELLED = "CANCELLED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNKNOWN = "UNKNOWN"
 
 
 class NereidError(Exception):
@@ -52,6 +53,18 @@ class Unsupported(NereidError):
     """A feature of the protocol that Nereid does not implement (yet)."""
 
     code = ErrorCode.UNIMPLEMENTED
+
+
+class ModelStatusError(NereidError):
+    """An error a model returned with a status code of its own (a Python model's TritonError code);
+    the message is the model's, unprefixed, as Triton sends it."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[type, tuple[str, ErrorCode]]:  # copy/pickle: the code is not in args
+        return type(self), (str(self.args[0]) if self.args else "", self.code)
 
 
 class InternalError(NereidError):

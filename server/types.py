@@ -20,6 +20,10 @@ class InferenceRequest:
     # A sampled request's trace (server/tracing/otel.py RequestTrace); the instance that runs it
     # records its queue and compute timestamps there. None for the (many) untraced requests.
     trace: Any = None
+    # Requested outputs asking for their top-k classes (server/core/classification.py): name -> k.
+    classification: dict[str, int] | None = None
+    # A decoupled model's request: where its responses go (server/core/decoupled.py ResponseStream).
+    sink: Any = None
 
 
 @dataclass(slots=True)

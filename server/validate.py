@@ -21,10 +21,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from backends.base import Backend, Signature, TensorSpec
 from backends.registry import backend_class
+from server.core.ensemble_plan import steps_problem
 from server.core.model import Model
 from server.core.signature import TensorInfo
 from server.core.warmup import build_samples
 from server.repository.config import load_model_config, select_versions, tensor_specs
+from server.repository.ensemble_config import is_ensemble, step_models
 from server.repository.layout import ModelDir, is_version_name, scan_model_dir
 from server.settings import Settings
 
@@ -98,6 +100,33 @@ def _check_version(model_dir: ModelDir, config: mc.ModelConfig, cls: type[Backen
         model.unload(5.0)
 
 
+def _check_ensemble(model_dir: ModelDir, config: mc.ModelConfig, settings: Settings) -> Iterator[Problem]:
+    """An ensemble: a version folder, and steps that exist and fit their models' configs (the
+    step models' own problems are reported under their own names)."""
+    if not select_versions(config, model_dir.versions):
+        yield Problem(model_dir.path, f"the version policy selects none of the version folders "
+                                      f"{list(model_dir.versions) or '(none)'} (an ensemble needs an empty "
+                                      "version folder, e.g. 1/)")
+    configs: dict[str, mc.ModelConfig] = {}
+    missing = []
+    for step in step_models(config):
+        found = [r / step for r in settings.model_repositories if (r / step).is_dir()]
+        if not found:
+            missing.append(step)
+            continue
+        try:
+            configs[step] = load_model_config(scan_model_dir(found[0]), settings)
+        except Exception:
+            return  # reported as that model's own problem
+    if missing:
+        yield Problem(model_dir.config_path, f"ensemble {config.name} contains models that are not available: "
+                                             f"{', '.join(missing)}")
+        return
+    problem = steps_problem(config, configs)
+    if problem:
+        yield Problem(model_dir.config_path, problem)
+
+
 def check_model(model_dir: ModelDir, settings: Settings, load: bool) -> Iterator[Problem]:
     for entry in sorted(os.listdir(model_dir.path)):
         path = model_dir.path / entry
@@ -108,6 +137,9 @@ def check_model(model_dir: ModelDir, settings: Settings, load: bool) -> Iterator
         config = load_model_config(model_dir, settings)
     except Exception as exc:
         yield Problem(config_file, str(exc))
+        return
+    if is_ensemble(config):
+        yield from _check_ensemble(model_dir, config, settings)
         return
     try:
         cls = backend_class(config.backend)

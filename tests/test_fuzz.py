@@ -207,7 +207,13 @@ BATCHING_IDENTITY = ("batched_FP32", "batched_BYTES", "batched_BOOL", "id_pair",
 def identity_echo_problem(request: pb.ModelInferRequest, response: pb.ModelInferResponse) -> str | None:
     """An identity model answers each request with its own inputs: same bytes, same shape. None if so."""
     inputs = {t.name: (list(t.shape), raw) for t, raw in zip(request.inputs, request.raw_input_contents, strict=False)}
+    # An output asked for as its top-k classes (the classification extension) is class strings, not an echo.
+    classified = {o.name for o in request.outputs if "classification" in o.parameters}
     for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        if output.name in classified:
+            if output.datatype != "BYTES":
+                return f"output {output.name} was classified but is {output.datatype}, not BYTES"
+            continue
         source = "IN" if output.name == "OUT" else output.name.replace("OUTPUT", "INPUT")
         if source in inputs and inputs[source] != (list(output.shape), raw):
             return f"output {output.name} {list(output.shape)} is not input {source} {inputs[source][0]}"

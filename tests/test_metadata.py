@@ -91,8 +91,8 @@ def test_server_metadata(identity_server: ServerProcess) -> None:
     extensions = list(meta.extensions)
     assert len(extensions) == len(set(extensions)), extensions
     # What works must be announced ...
-    for ext in ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)",
-                "logging", "trace"):
+    for ext in ("classification", "model_configuration", "statistics", "model_repository",
+                "model_repository(unload_dependents)", "logging", "trace"):
         assert ext in extensions
     # ... and what answers UNIMPLEMENTED must not be.
     for ext in ("system_shared_memory", "cuda_shared_memory", "sequence"):

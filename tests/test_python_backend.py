@@ -248,7 +248,7 @@ def test_requested_outputs_are_passed_to_the_model(py_server: ServerProcess) -> 
 
 def test_execute_requests_gives_each_request_its_outcome(py_repo: Path) -> None:
     """The backend on its own (no server): one pb_utils request per Request, one outcome each."""
-    from backends.base import BackendError, BackendInputError, Device, ModelSpec, Request, TensorSpec
+    from backends.base import BackendError, BackendStatusError, Device, ModelSpec, Request, TensorSpec
 
     model_dir = py_repo / "py_probe"
     spec = ModelSpec(
@@ -275,8 +275,10 @@ def test_execute_requests_gives_each_request_its_outcome(py_repo: Path) -> None:
         np.testing.assert_array_equal(outcomes[0]["OUTPUT0"], good)
         meta = json.loads(outcomes[0]["META"][0])
         assert (meta["id"], meta["parameters"], meta["requested"]) == ("a", {"k": "v"}, ["OUTPUT0", "META"])
-        assert type(outcomes[1]) is BackendError and "must not be -1" in str(outcomes[1])
-        assert isinstance(outcomes[2], BackendInputError) and "bad input" in str(outcomes[2])
+        assert isinstance(outcomes[1], BackendStatusError) and outcomes[1].code == "INTERNAL"
+        assert str(outcomes[1]) == "first element must not be -1"
+        assert isinstance(outcomes[2], BackendStatusError) and outcomes[2].code == "INVALID_ARGUMENT"
+        assert str(outcomes[2]) == "bad input"
         assert isinstance(outcomes[3], dict) and json.loads(outcomes[3]["META"][0])["id"] == "d"
         with pytest.raises(BackendError, match="ValueError: model refuses -2"):
             backend.execute_requests([Request({"INPUT0": np.full((1, 2), -2, np.float32)})])

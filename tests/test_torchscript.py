@@ -115,7 +115,7 @@ def ts_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for dt in [*TORCH_DATATYPES, "BF16"]:
         name = f"ts_id_{dt}"
         _model(repo, name, Clone(), _config(name, [("INPUT__0", dt, [-1])], [("OUTPUT__0", dt, [-1])]))
-    # Failures: no I/O in config (TorchScript cannot auto-complete), strings, wrong arity.
+    # Failures: no I/O in config (TorchScript cannot auto-complete), strings into a Tensor argument, wrong arity.
     write_model(repo, "ts_no_io", 'platform: "pytorch_libtorch"\n')
     _save(Clone(), repo / "ts_no_io" / "1" / "model.pt")
     _model(repo, "ts_bytes", Clone(), _config("ts_bytes", [("INPUT__0", "BYTES", [-1])],
@@ -223,7 +223,8 @@ def test_load_failures_say_why(ts_server: ServerProcess) -> None:
     assert rows["ts_no_io"].state == "UNAVAILABLE"
     assert "list every input and output" in rows["ts_no_io"].reason
     assert rows["ts_bytes"].state == "UNAVAILABLE"
-    assert "no torch dtype" in rows["ts_bytes"].reason
+    # A string input reaches forward() as List[str]; this model's forward() takes a Tensor.
+    assert "gets it as List[str], but the argument it binds to is Tensor" in rows["ts_bytes"].reason
     assert rows["ts_arity"].state == "UNAVAILABLE"
     assert "forward() takes" in rows["ts_arity"].reason
     assert rows["ts_index"].state == "READY"

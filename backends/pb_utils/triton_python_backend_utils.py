@@ -2,10 +2,12 @@
 
 Nereid's stub puts this folder on `sys.path`, so `import triton_python_backend_utils`
 works in a model unchanged. The names, signatures and behaviour follow Triton's
-python backend for the parts that do not need a GPU (decoupled responses and DLPack
-are not available and say so when used). Business logic scripting (`InferenceRequest.exec`,
-`async_exec`, `is_model_ready`, `load_model`, `unload_model`) goes through the stub's
-connection to the server: backends/python_bls_stub.py.
+python backend. Response senders (decoupled models, and the default mode's one response) are
+backends/python_responses.py; `Logger`, `MetricFamily` and `Metric` talk to the server over the
+stub's events socket (backends/python_observe.py); docs/PYTHON_BACKEND.md lists every name and
+its status. Business logic scripting
+(`InferenceRequest.exec`, `async_exec`, `is_model_ready`, `load_model`, `unload_model`) goes
+through the stub's connection to the server: backends/python_bls_stub.py.
 
 Input tensors are numpy views over the shared memory the server wrote the request
 into: valid until `execute` returns. Copy an array to keep it longer.
@@ -13,11 +15,16 @@ into: valid until `execute` returns. Copy an array to keep it longer.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import struct
 from typing import Any
 
 import numpy as np
+
+from backends.python_observe import Logger, LogLevel, Metric, MetricFamily
+
+__all__ = ["Logger", "LogLevel", "Metric", "MetricFamily"]  # re-exported: pb_utils.Logger etc.
 
 TRITON_STRING_TO_NUMPY: dict[str, Any] = {
     "TYPE_BOOL": bool,
@@ -45,6 +52,11 @@ _NUMPY_TO_ENUM: dict[Any, int] = {np.dtype(v): k for k, v in _ENUM_TO_NUMPY.item
 TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
+TRITONSERVER_REQUEST_RELEASE_ALL = 1
+TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
+TRITONSERVER_MEMORY_CPU = 0
+TRITONSERVER_MEMORY_CPU_PINNED = 1
+TRITONSERVER_MEMORY_GPU = 2
 
 # The stub's BLS client (backends/python_bls_stub.py), set when a model runs in a stub.
 _BLS: Any = None
@@ -180,16 +192,79 @@ class Tensor:
         return list(self._array.shape)
 
     def is_cpu(self) -> bool:
+        """Always True: tensors cross to and from the server through host shared memory."""
         return True
 
     def to_dlpack(self) -> Any:
-        return self._array.__dlpack__()
+        """A DLPack capsule over this tensor's memory (`torch.utils.dlpack.from_dlpack` takes it)."""
+        return self.__dlpack__()
+
+    def __dlpack__(self, stream: Any = None, **kwargs: Any) -> Any:
+        if self._array.dtype.kind == "O":
+            raise TritonModelException("DLPack does not support BYTES (string) tensors")
+        array = self._array
+        if not array.flags.writeable:  # numpy cannot export read-only memory to DLPack 0.x consumers
+            array = array.copy()
+        return array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU
 
     @staticmethod
     def from_dlpack(name: str, capsule: Any) -> Tensor:
+        """A Tensor from a DLPack capsule (`torch.utils.dlpack.to_dlpack(t)`, Triton's idiom) or from
+        any object with `__dlpack__` (a torch tensor, a numpy array). A GPU tensor is copied to host
+        memory (through torch), since Nereid passes tensors through host shared memory."""
+        if not isinstance(name, str):
+            raise TritonModelException("Tensor name must be a str")
         if hasattr(capsule, "__dlpack__"):
-            return Tensor(name, np.from_dlpack(capsule))
-        raise TritonModelException("Tensor.from_dlpack needs an object with __dlpack__ (e.g. a CPU torch tensor)")
+            source: Any = capsule
+            if getattr(capsule, "__dlpack_device__", lambda: (1, 0))()[0] != 1:
+                source = capsule.cpu() if hasattr(capsule, "cpu") else capsule
+            return Tensor(name, np.from_dlpack(source))
+        if type(capsule).__name__ != "PyCapsule":
+            raise TritonModelException(
+                f"Tensor.from_dlpack needs a DLPack capsule or an object with __dlpack__, got {type(capsule).__name__}")
+        if _capsule_device(capsule) != 1:
+            try:
+                import torch.utils.dlpack
+            except ImportError as exc:
+                raise TritonModelException("Tensor.from_dlpack: a GPU capsule needs torch to copy it to host") from exc
+            return Tensor(name, torch.utils.dlpack.from_dlpack(capsule).cpu().numpy())
+        return Tensor(name, np.from_dlpack(_Capsule(capsule)))
+
+
+class _Capsule:
+    """Lets numpy's `from_dlpack` (which takes objects with `__dlpack__`) consume a bare capsule."""
+
+    def __init__(self, capsule: Any) -> None:
+        self._capsule = capsule
+
+    def __dlpack__(self, stream: Any = None, **_: Any) -> Any:
+        return self._capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)
+
+
+def _capsule_device(capsule: Any) -> int:
+    """The DLDevice type (1: CPU, 2: CUDA, ...) of an unconsumed "dltensor" capsule: DLManagedTensor
+    starts with DLTensor { void* data; DLDevice { int32 device_type; int32 device_id }; ... }."""
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    try:
+        pointer = get(capsule, b"dltensor")
+    except ValueError as exc:  # the name check failed: already consumed, or not DLPack
+        raise TritonModelException(f"Tensor.from_dlpack: not an unused DLPack capsule ({exc})") from None
+    return int(ctypes.c_int32.from_address(pointer + ctypes.sizeof(ctypes.c_void_p)).value)
+
+
+class PreferredMemory:
+    """Where a BLS call's outputs should be placed; accepted, outputs are always in host memory."""
+
+    def __init__(self, preferred_memory_type: int = TRITONSERVER_MEMORY_CPU, preferred_device_id: int = 0) -> None:
+        self.preferred_memory_type = preferred_memory_type
+        self.preferred_device_id = preferred_device_id
 
 
 class InferenceTrace:
@@ -231,6 +306,7 @@ class InferenceRequest:
         self._request_id = request_id
         self._correlation_id = correlation_id
         self._flags = flags
+        self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
         if isinstance(parameters, str):
             self._parameters = parameters
         else:
@@ -280,11 +356,30 @@ class InferenceRequest:
             self._trace = InferenceTrace()
         return self._trace
 
+    def set_release_flags(self, flags: int) -> None:
+        """TRITONSERVER_REQUEST_RELEASE_RESCHEDULE runs the request again in a later `execute` (the
+        model returns None as its response now); the model needs `sequence_batching {
+        iterative_sequence: true }`, as in Triton, or the request fails."""
+        if flags not in (TRITONSERVER_REQUEST_RELEASE_ALL, TRITONSERVER_REQUEST_RELEASE_RESCHEDULE):
+            raise TritonModelException(f"invalid release flags {flags}: use TRITONSERVER_REQUEST_RELEASE_ALL "
+                                       "or TRITONSERVER_REQUEST_RELEASE_RESCHEDULE")
+        self._release_flags = flags
+
+    def release_flags(self) -> int:
+        return self._release_flags
+
     def is_cancelled(self) -> bool:
-        return False
+        sender = getattr(self, "_sender", None)  # set by the stub (backends/python_responses.py)
+        return sender is not None and bool(sender.is_cancelled())
 
     def get_response_sender(self) -> Any:
-        raise TritonModelException("decoupled models (get_response_sender) are not supported by Nereid yet")
+        """The request's InferenceResponseSender (the same object on every call)."""
+        sender = getattr(self, "_sender", None)
+        if sender is None:
+            raise TritonModelException("get_response_sender() is only available on the requests a model "
+                                       "receives in execute()")
+        self._sender_used = True
+        return sender
 
     def exec(self, decoupled: bool = False) -> Any:
         """Run this request on `model_name` (in the server, through its scheduler) and wait.
@@ -310,6 +405,18 @@ class InferenceResponse:
             raise TritonModelException('"output_tensors" must be a list.')
         self._output_tensors = output_tensors
         self._error = error
+        if parameters is None or parameters == "":
+            self._parameters: dict[str, Any] = {}
+        elif isinstance(parameters, str):
+            self._parameters = json.loads(parameters)
+        elif isinstance(parameters, dict):
+            self._parameters = dict(parameters)
+        else:
+            raise TritonModelException('"parameters" must be a dict or a JSON object string')
+        for key, value in self._parameters.items():
+            if not isinstance(key, str) or not isinstance(value, (bool, int, float, str)):
+                raise TritonModelException(f"response parameter {key!r}: keys must be str and values bool, int, "
+                                           f"float or str, got {type(value).__name__}")
 
     def output_tensors(self) -> list[Tensor]:
         return self._output_tensors
@@ -319,6 +426,10 @@ class InferenceResponse:
 
     def error(self) -> TritonError | None:
         return self._error
+
+    def parameters(self) -> str:
+        """The response's parameters as a JSON object string (as Triton returns them)."""
+        return json.dumps(self._parameters)
 
 
 def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendInputError
+from backends.base import Backend, BackendInputError, BackendStatusError, ResponseOutputs
 from backends.base import Request as BackendRequest
 from server import logs
 from server.core.batching import concat_inputs, split_outputs
@@ -25,7 +25,15 @@ from server.core.faults import FailureCounter, Watched
 from server.core.scheduler import Job, Scheduler
 from server.core.signature import TensorInfo
 from server.core.stats import ModelStats
-from server.errors import ExecutionTimeout, InternalError, InvalidInput, ModelUnavailable, NereidError
+from server.errors import (
+    ErrorCode,
+    ExecutionTimeout,
+    InternalError,
+    InvalidInput,
+    ModelStatusError,
+    ModelUnavailable,
+    NereidError,
+)
 
 log = logging.getLogger("nereid.instance")
 
@@ -101,6 +109,8 @@ class OutputShaper:
                 lead = arr.shape[:1] if info.max_batch_size > 0 else ()
                 arr = arr.reshape(lead + info.dims)
             result[name] = arr
+        if type(outputs) is ResponseOutputs:  # the model set response parameters: keep them
+            return ResponseOutputs(result, outputs.parameters)
         return result
 
 
@@ -127,6 +137,9 @@ class ModelInstance:
         self._stats = stats
         self._cost = cost
         self._per_request = type(backend).wants_requests
+        # The sequence batcher's hook (server/core/sequence_batcher.py): sees each batch's outcomes
+        # before they are delivered, to keep implicit state and free the sequences for their next step.
+        self._executed: Callable[[list[Job], list[Outcome]], None] | None = getattr(scheduler, "executed", None)
         self._thread = threading.Thread(target=self._serve, name=f"instance-{name}", daemon=True)
 
     def start(self) -> None:
@@ -158,6 +171,8 @@ class ModelInstance:
                     log.exception("instance %s: unexpected failure", self.name)
                     outcomes = self.fail(jobs, exc)
                 self.watched.end()  # if the watchdog answered these already, deliver_all skips them
+            if self._executed is not None:
+                self._executed(jobs, outcomes)
             jobs[0].loop.call_soon_threadsafe(deliver_all, jobs, outcomes)
             # Nothing of a finished batch may wait here for the next one: these locals would keep
             # its requests (and the received messages under their tensors) alive until then.
@@ -305,7 +320,7 @@ class ModelInstance:
         return [
             BackendRequest(
                 shaper.backend_inputs(job.request.inputs, job.request.batch_size), job.request.id,
-                job.request.parameters, job.request.requested_outputs,
+                job.request.parameters, job.request.requested_outputs, job.request.sink,
             )
             for job in live
         ]
@@ -327,6 +342,10 @@ class ModelInstance:
             try:
                 if isinstance(answer, Exception):
                     raise answer
+                if job.request.sink is not None:  # decoupled: the responses went to the sink
+                    outcome_of[id(job)] = (answer, None)
+                    succeeded.append(job)
+                    continue
                 outcome_of[id(job)] = (shaper.response(answer, job.request.requested_outputs), None)
                 succeeded.append(job)
             except Exception as exc:
@@ -383,5 +402,7 @@ def _as_error(exc: Exception, model_label: str, instance: str) -> NereidError:
         return exc
     if isinstance(exc, BackendInputError):
         return InvalidInput(f"model {model_label}: {exc}")
+    if isinstance(exc, BackendStatusError):  # the model chose the status and the message: pass both on
+        return ModelStatusError(str(exc), ErrorCode[exc.code])
     log.warning("instance %s: execution failed: %s", instance, exc)
     return InternalError(f"model {model_label} failed: {exc}")

@@ -7,7 +7,7 @@ import concurrent.futures
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from time import monotonic, perf_counter_ns, sleep
@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from backends.base import Backend, BackendError, ModelSpec
 from backends.registry import backend_class
 from server.core.batcher_config import make_batcher
+from server.core.classification import Labels, classify_outputs, load_labels
 from server.core.dynamic_batcher import DynamicBatchScheduler
 from server.core.faults import WATCHDOG, execution_timeout_s, failure_threshold
 from server.core.instance import (
@@ -32,6 +33,8 @@ from server.core.latency import RequestLatencies
 from server.core.limits import ServingLimits
 from server.core.placement import Placement, place_instances, visible_gpus
 from server.core.scheduler import DirectScheduler, Job, Scheduler
+from server.core.sequence_batcher import SequenceBatcher
+from server.core.sequence_config import sequence_settings
 from server.core.signature import TensorInfo
 from server.core.state import ModelState
 from server.core.stats import ModelStats
@@ -85,7 +88,24 @@ class Model:
         optional = {t.name for t in config.input if t.optional}
         self.inputs = {s.name: TensorInfo.from_spec(s, mbs, s.name in optional) for s in self.spec.inputs}
         self.outputs = {s.name: TensorInfo.from_spec(s, mbs) for s in self.spec.outputs}
+        # sequence_batching (server/core/sequence_batcher.py): the backend also gets the control and
+        # state tensors the scheduler fills; clients see only `input`/`output`.
+        self._sequencer: SequenceBatcher | None = None
+        self._shaped_outputs = self.outputs
+        self._sequence_error = ""
+        try:
+            sequence = sequence_settings(config, model_dir)
+        except (ValueError, OSError) as exc:
+            sequence, self._sequence_error = None, str(exc)
+        if sequence is not None:
+            self.spec = replace(self.spec, inputs=self.spec.inputs + sequence.extra_inputs(),
+                                outputs=self.spec.outputs + sequence.extra_outputs())
+            self._shaped_outputs = {**self.outputs, **{s.name: TensorInfo.from_spec(s, mbs)
+                                                       for s in sequence.extra_outputs()}}
+            self._sequencer = SequenceBatcher(sequence, self.name, tuple(self.inputs))
         self.required_inputs = sum(1 for i in self.inputs.values() if not i.optional)
+        # Zero or many responses per request, streamed (server/core/decoupled.py); never unary.
+        self.decoupled = config.model_transaction_policy.decoupled
         self.stats = ModelStats(RequestLatencies(limits.latency_buckets_ms) if limits.latency_buckets_ms else None)
         # Owned by the protocol layer (server/protocol/codec.py): wire-format templates for this model.
         self.wire_cache: dict[Any, Any] = {}
@@ -93,11 +113,12 @@ class Model:
         self.reason = ""
         self.inflight = 0
         self._batcher = make_batcher(config, self._reject, limits.queue_limit)
-        self._scheduler: Scheduler = self._batcher or DirectScheduler(limits.queue_limit)
+        self._scheduler: Scheduler = self._sequencer or self._batcher or DirectScheduler(limits.queue_limit)
         self._instances: list[ModelInstance] = []
         self._cost = CostTracker()
         self._limits = limits
         self.timeout_s = 0.0  # execution timeout (faults.py); read from the config at load
+        self.labels: Labels = {}  # each output's classification labels (classification.py); read at load
         # Called (from an instance thread) when this version stops serving because every instance
         # kept failing; the repository manager sets it to update readiness, health and the index.
         self.on_unavailable: Callable[[Model], None] | None = None
@@ -123,7 +144,8 @@ class Model:
             try:
                 self.timeout_s = execution_timeout_s(self.config, self._limits.execution_timeout_s)
                 threshold = failure_threshold(self.config, self._limits.failure_threshold)
-            except ValueError as exc:
+                self.labels = load_labels(self.config, self.spec.model_dir)
+            except (ValueError, OSError, NereidError) as exc:
                 raise BackendError(str(exc)) from None
             if self.timeout_s:  # a model running on the event loop could not be timed out
                 self._inline_ns = -1.0
@@ -132,13 +154,19 @@ class Model:
                 # ...but when it can say "done" through a file descriptor, the loop can await that
                 # instead of parking a worker thread (a thread hop costs ~0.1 ms here).
                 self._awaitable = all(hasattr(cls, a) for a in _AWAITABLE)
+            if self.decoupled and not cls.supports_decoupled:
+                raise BackendError(f"the {cls.name} backend does not support the decoupled transaction policy "
+                                   "(model_transaction_policy { decoupled: true })")
             if cls.needs_model_file and not self.spec.model_file.exists():
                 raise BackendError(f"model file {self.spec.model_file} does not exist")
-            shaper = OutputShaper(self.label, self.outputs, self.inputs)
+            if self._sequence_error:
+                raise BackendError(self._sequence_error)
+            shaper = OutputShaper(self.label, self._shaped_outputs, self.inputs)
             for placement in self._placements(cls):
                 backend = cls()
                 backend.load(replace(self.spec, instance_name=placement.name), placement.device)
-                instance = ModelInstance(placement.name, backend, self._scheduler, shaper, self.stats, self._cost,
+                pulls = self._sequencer.view() if self._sequencer is not None else self._scheduler
+                instance = ModelInstance(placement.name, backend, pulls, shaper, self.stats, self._cost,
                                          threshold, self._instance_retired)
                 self._instances.append(instance)
             self._warm(cls)
@@ -239,7 +267,20 @@ class Model:
         outcome: Outcome = (None, error)
         job.loop.call_soon_threadsafe(deliver_all, [job], [outcome])
 
-    async def infer(self, request: InferenceRequest) -> dict[str, np.ndarray]:
+    def infer(self, request: InferenceRequest) -> Coroutine[Any, Any, dict[str, np.ndarray]]:
+        """Run the request (await the result) and return its outputs; those asked for as classes
+        (the classification extension, classification.py) come back as their top-k class strings.
+        A plain function returning the coroutine: the common case pays for no extra frame."""
+        if request.classification:
+            return self._infer_classified(request)
+        return self._infer(request)
+
+    async def _infer_classified(self, request: InferenceRequest) -> dict[str, np.ndarray]:
+        outputs = await self._infer(request)
+        assert request.classification is not None
+        return classify_outputs(outputs, request.classification, self.labels, self.config.max_batch_size > 0)
+
+    async def _infer(self, request: InferenceRequest) -> dict[str, np.ndarray]:
         """Run the request and return its outputs.
 
         A cheap model (measured compute per request under the inline budget) runs
@@ -251,6 +292,8 @@ class Model:
             raise ModelUnavailable(f"{self.label} is not at ready state")
         loop = asyncio.get_running_loop()
         started = perf_counter_ns()
+        if self._sequencer is not None:
+            return await self._infer_sequence(request, loop, started)
         if self._batcher is not None:
             return await self._infer_batched(request, loop, started)
         if self._awaitable and not self._scheduler.pending():
@@ -275,6 +318,23 @@ class Model:
                 self.stats.record_failure(1, 0, "REJECTED")
                 raise
             return await future
+        except asyncio.CancelledError:
+            self.stats.record_failure(1, perf_counter_ns() - started, "CANCELED")
+            raise
+        finally:
+            self.inflight -= 1
+
+    async def _infer_sequence(
+        self, request: InferenceRequest, loop: asyncio.AbstractEventLoop, started: int
+    ) -> dict[str, np.ndarray]:
+        """A request of a sequence model: the sequence batcher routes it to its sequence's slot
+        (or refuses it as Triton does); an instance thread runs it with the others of its batch."""
+        future: asyncio.Future[Any] = loop.create_future()
+        assert self._sequencer is not None
+        self._sequencer.enqueue(Job(request, future, loop, started))
+        self.inflight += 1
+        try:
+            return await future  # type: ignore[no-any-return]
         except asyncio.CancelledError:
             self.stats.record_failure(1, perf_counter_ns() - started, "CANCELED")
             raise

@@ -20,6 +20,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from server.core.model import Model
 from server.metrics.config import MetricsConfig
+from server.metrics.custom import custom_families
 from server.metrics.exposition import render
 from server.metrics.models import model_families
 from server.metrics.system import SystemMetrics
@@ -119,6 +120,7 @@ class MetricsEndpoint:
         families = model_families(self.sources.models(), self.config)
         if self.system is not None:
             families += self.system.families()
+        families += custom_families()  # what Python models created with pb_utils.MetricFamily
         return render(families) + generate_latest(self.registry).decode("utf-8")
 
     def start(self) -> None:

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
+from server.core.classification import ClassifiedOutputs, class_count
 from server.core.model import Model
 from server.core.signature import TensorInfo
 from server.errors import InvalidInput
-from server.protocol.parameters import refuse_shared_memory, request_parameters
+from server.protocol.parameters import encode_response_parameters, refuse_shared_memory, request_parameters
 from server.protocol.wire import encode_varint
 from server.types import InferenceRequest
 
@@ -210,8 +211,11 @@ def decode_infer_request(
     if count_in > 1:  # back to request order (some Python models look at the order)
         inputs = dict(reversed(inputs.items()))
     outputs = msg.outputs
-    wanted = _requested_outputs(outputs, model) if len(outputs) else None
-    return InferenceRequest(inputs, batch or 1, msg.id, wanted, params)
+    wanted, classes = _requested_outputs(outputs, model) if len(outputs) else (None, None)
+    request = InferenceRequest(inputs, batch or 1, msg.id, wanted, params)
+    if classes:
+        request.classification = classes
+    return request
 
 
 # Per model, at most this many accepted (name, datatype, shape) triples are remembered.
@@ -234,8 +238,10 @@ def _accept(name: str, datatype: str, shape: tuple[int, ...], model: Model) -> t
     return info, info.check_shape(shape, model.name), math.prod(shape)
 
 
-def _requested_outputs(outputs: Any, model: Model) -> tuple[str, ...]:
+def _requested_outputs(outputs: Any, model: Model) -> tuple[tuple[str, ...], dict[str, int] | None]:
+    """The requested outputs' names, and the class count of those asking for classification."""
     names: list[str] = []
+    classes: dict[str, int] | None = None
     for index in range(len(outputs)):
         out = outputs[index]
         name = out.name
@@ -247,11 +253,12 @@ def _requested_outputs(outputs: Any, model: Model) -> tuple[str, ...]:
         if out.parameters:
             refuse_shared_memory(out.parameters, "output", name, model.name)
             if "classification" in out.parameters:
-                raise InvalidInput(f"output '{name}': the classification extension is not supported yet")
+                classes = classes or {}
+                classes[name] = class_count(out.parameters["classification"], model.outputs[name], model.name)
         if name in names:
             raise InvalidInput(f"output '{name}' is requested more than once")
         names.append(name)
-    return tuple(names)
+    return tuple(names), classes
 
 
 # Per model, at most this many serialized response headers (one per distinct set of output shapes).
@@ -274,13 +281,18 @@ def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.n
     key: tuple[Any, ...] = ()
     for name, arr in outputs.items():
         key += (name, arr.shape)
+    classified: frozenset[str] = frozenset()
+    if type(outputs) is ClassifiedOutputs:  # classification.py: these outputs are BYTES now
+        classified = outputs.classified
+        key += (classified,)
     templates = model.wire_cache.setdefault("responses", {})
     header = templates.get(key)
     infos = model.outputs
     if header is None:
         template = pb.ModelInferResponse(model_name=model.name, model_version=model.version_str)
         for name, arr in outputs.items():
-            template.outputs.add(name=name, datatype=infos[name].datatype, shape=arr.shape)
+            datatype = "BYTES" if name in classified else infos[name].datatype
+            template.outputs.add(name=name, datatype=datatype, shape=arr.shape)
         header = template.SerializeToString()
         if len(templates) < _TEMPLATES_MAX:
             templates[key] = header
@@ -289,11 +301,14 @@ def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.n
         rid = request_id.encode("utf-8")
         parts += (_ID_TAG, _length(len(rid)), rid)
     for name, arr in outputs.items():
-        if not infos[name].itemsize:
+        if not infos[name].itemsize or name in classified:
             data: Any = encode_bytes_tensor(arr)
         elif arr.nbytes < 65536:
             data = arr.tobytes()
         else:
             data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
         parts += (_RAW_TAG, _length(len(data)), data)
+    parameters = getattr(outputs, "parameters", None)  # backends.base.ResponseOutputs
+    if parameters:
+        parts.append(encode_response_parameters(parameters))
     return parts

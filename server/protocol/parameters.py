@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tritonclient.grpc import service_pb2 as pb
+
 from server.errors import InvalidInput
 
 # Keys starting with "triton_" that Triton allows in a request.
@@ -71,3 +73,22 @@ def refuse_shared_memory(parameters: Any, kind: str, name: str, model: str) -> N
                 + "): Unable to find shared memory region: this server does not implement shared memory yet; "
                 "send the tensor in raw_input_contents instead"
             )
+
+
+def encode_response_parameters(parameters: dict[str, Any]) -> bytes:
+    """A model's response parameters as the serialized `parameters` map of a ModelInferResponse:
+    appended to the response's other fields (protobuf merges a message's fields in any order).
+    Values are bool, int, float or str, as Triton's python backend allows; anything else is sent as
+    its str."""
+    msg = pb.ModelInferResponse()
+    for key, value in parameters.items():
+        param = msg.parameters[str(key)]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            param.int64_param = value
+        elif isinstance(value, float):
+            param.double_param = value
+        else:
+            param.string_param = str(value)
+    return msg.SerializeToString()

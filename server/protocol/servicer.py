@@ -30,6 +30,7 @@ from server.core.state import ModelState
 from server.errors import InvalidInput, ModelNotFound, Overloaded, ServerUnavailable, Unsupported
 from server.protocol import handlers
 from server.protocol.codec import decode_infer_request, encode_infer_response
+from server.protocol.decoupled_stream import FINAL_TRUE, stream_decoupled
 from server.protocol.memory import TRIM_AFTER_BYTES, release_freed_memory, trim_later
 from server.protocol.ratelimit import RateLimiter
 from server.protocol.statistics import model_statistics
@@ -43,8 +44,8 @@ log = logging.getLogger("nereid.protocol")
 
 SERVICE = "inference.GRPCInferenceService"
 # What ServerMetadata reports: only the extensions that really work.
-EXTENSIONS = ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)",
-              "logging", "trace")
+EXTENSIONS = ("classification", "model_configuration", "statistics", "model_repository",
+              "model_repository(unload_dependents)", "logging", "trace")
 STOPPING = "Server is stopping and has stopped accepting new requests"
 STREAM_CLOSED = "Server is shutting down: this stream's requests have been answered; reconnect to another replica"
 
@@ -273,6 +274,8 @@ class InferenceServicer:
             if self.tracer.active:
                 trace = self._trace(context, name, request.id)
             model = self._serving(name, request.model_version)
+            if model.decoupled:
+                raise Unsupported("ModelInfer RPC doesn't support models with decoupled transaction policy")
             if self.limiter is not None:
                 self.limiter.check(context, model)
             decoded = decode_infer_request(request, model, raw)
@@ -336,9 +339,16 @@ class InferenceServicer:
                     if trace is not None:
                         trace.model, trace.version, trace.request_id = model.name, model.version_str, request.id
                         trace.decoded, decoded.trace = perf_counter_ns(), trace
+                    if model.decoupled:  # zero or many responses, each written as it comes
+                        await stream_decoupled(model, request, decoded, responses.put_nowait)
+                        if trace is not None:
+                            self.tracer.finish(trace)
+                        return
                     outputs = await model.infer(decoded)
                     del decoded
-                    response = b"".join(wrap_stream_response(encode_infer_response(model, request.id, outputs)))
+                    parts = encode_infer_response(model, request.id, outputs)
+                    parts.append(FINAL_TRUE)  # as Triton marks every streamed response
+                    response = b"".join(wrap_stream_response(parts))
                     if trace is not None:  # a stream's request is done once its response is queued
                         self.tracer.finish(trace)
                 except Exception as exc:  # reported on this request only
@@ -472,7 +482,7 @@ class InferenceServicer:
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        # `unload_dependents` is accepted and has nothing to do: there are no ensembles yet.
+        # `unload_dependents` is accepted; an ensemble's step models stay loaded (docs/ENSEMBLES.md).
         self._check_repository_call(request.repository_name)
         await asyncio.get_running_loop().run_in_executor(
             self.manager.loader, self.manager.unload_explicit, request.model_name)

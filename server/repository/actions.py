@@ -32,11 +32,13 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from server.core.ensemble import EnsembleModel, StepModels
 from server.core.limits import ServingLimits
 from server.core.model import Model
 from server.core.state import ModelState
 from server.repository.changes import ModelSnapshot
 from server.repository.config import load_model_config, select_versions
+from server.repository.ensemble_config import is_ensemble
 from server.repository.entry import Failure, ModelEntry, VersionKey
 from server.settings import Settings
 
@@ -87,9 +89,15 @@ def serving_limits(settings: Settings) -> ServingLimits:
     )
 
 
-def _build(config: mc.ModelConfig, path: Path, version: int, settings: Settings) -> tuple[Model | None, str]:
+def _build(config: mc.ModelConfig, path: Path, version: int, settings: Settings,
+           steps: StepModels | None = None) -> tuple[Model | None, str]:
     try:
-        model = Model(config, path, version, serving_limits(settings))
+        if is_ensemble(config):
+            if steps is None:
+                return None, f"ensemble '{config.name}' cannot be loaded here: no model registry to find its steps in"
+            model: Model = EnsembleModel(config, path, version, serving_limits(settings), steps)
+        else:
+            model = Model(config, path, version, serving_limits(settings))
     except Exception as exc:  # config passed validation, so this is unexpected: report, don't crash
         log.exception("model '%s' version %d: cannot set up", config.name, version)
         return None, f"cannot set up version {version}: {exc}"
@@ -106,7 +114,7 @@ def _load(model: Model) -> str:
 
 
 def _build_and_load(config: mc.ModelConfig, path: Path, version: int, settings: Settings,
-                    show: ShowLoading | None) -> tuple[Model | None, str]:
+                    show: ShowLoading | None, steps: StepModels | None = None) -> tuple[Model | None, str]:
     """Build and load one version, retrying a failed load `--model-load-retry-count` times (Triton's flag).
 
     Runs on a loader thread. Each attempt uses a fresh Model: a failed load has
@@ -118,21 +126,23 @@ def _build_and_load(config: mc.ModelConfig, path: Path, version: int, settings: 
     attempts = 1 + settings.model_load_retry_count
     attempt = 1
     while True:
-        model, problem = _build(config, path, version, settings)
+        model, problem = _build(config, path, version, settings, steps)
         if model is None:
             return None, problem
         if show is not None:
             show(version, model)
         problem = _load(model)
-        if not problem or attempt == attempts:
+        if not problem or attempt == attempts or isinstance(model, EnsembleModel):
             return model, problem
         log.warning("model %s failed to load (attempt %d of %d), retrying: %s",
                     model.label, attempt, attempts, problem)
         attempt += 1
 
 
-def run_action(entry: ModelEntry, source: Source, settings: Settings, show_loading: ShowLoading) -> Outcome:
-    """Load whatever needs loading for `entry` from `source`; runs on a loader thread."""
+def run_action(entry: ModelEntry, source: Source, settings: Settings, show_loading: ShowLoading,
+               steps: StepModels | None = None) -> Outcome:
+    """Load whatever needs loading for `entry` from `source`; runs on a loader thread.
+    `steps` is where an ensemble finds its step models (the registry)."""
     snap = source.snapshot
     model_dir = snap.model_dir()
     current = entry.serving()
@@ -156,7 +166,8 @@ def run_action(entry: ModelEntry, source: Source, settings: Settings, show_loadi
 
     def attempt(version: int, key: VersionKey, show: bool) -> None:
         assert config is not None
-        model, problem = _build_and_load(config, snap.path, version, settings, show_loading if show else None)
+        model, problem = _build_and_load(config, snap.path, version, settings, show_loading if show else None,
+                                         steps)
         if problem:
             failed[version] = problem
             if model is not None:

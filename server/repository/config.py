@@ -26,8 +26,10 @@ from backends.registry import (
     supports_gpu,
 )
 from server.core.placement import resolve_kind, visible_gpus
+from server.core.sequence_config import normalize as normalize_sequence_batching
 from server.errors import ConfigError
 from server.repository.config_paths import check_config_paths
+from server.repository.ensemble_config import check_ensemble_config, is_ensemble
 from server.repository.layout import ModelDir
 from server.repository.safepath import require_regular
 from server.settings import Settings
@@ -231,7 +233,8 @@ def _validate_tensors(config: mc.ModelConfig, where: str) -> None:
                         f"{where}: {kind} '{tensor.name}': reshape {list(tensor.reshape.shape)} has "
                         f"{got} elements but dims {list(tensor.dims)} have {want}"
                     )
-    if not len(config.input) or not len(config.output):
+    # A Python model may take no inputs at all (it makes its outputs from nothing), as in Triton.
+    if (not len(config.input) and config.backend != "python") or not len(config.output):
         raise ConfigError(f"{where}: model '{config.name}' must declare at least one input and one output")
 
 
@@ -255,16 +258,26 @@ def load_model_config(
         raise ConfigError(f"{where}: config name '{config.name}' does not match directory '{model_dir.name}'")
     if config.max_batch_size < 0:
         raise ConfigError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
+    if is_ensemble(config) or config.HasField("ensemble_scheduling"):  # no backend, files or instances
+        check_ensemble_config(config, where)
+        _fill_version_policy(config)
+        _validate_tensors(config, where)
+        return config
     _fill_backend_fields(config, model_dir)
     # Before auto-complete opens the model file: every file the config names is confined here.
     check_config_paths(config, model_dir, where)
     if not settings.disable_auto_complete_config:
         _auto_complete_io(config, model_dir, settings)
     _fill_instance_groups(config)
-    if config.version_policy.WhichOneof("policy_choice") is None:
-        config.version_policy.latest.num_versions = 1
+    _fill_version_policy(config)
+    normalize_sequence_batching(config)
     _validate_tensors(config, where)
     return config
+
+
+def _fill_version_policy(config: mc.ModelConfig) -> None:
+    if config.version_policy.WhichOneof("policy_choice") is None:
+        config.version_policy.latest.num_versions = 1
 
 
 def tensor_specs(tensors) -> tuple[TensorSpec, ...]:  # type: ignore[no-untyped-def]

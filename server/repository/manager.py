@@ -18,11 +18,13 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 
+from server.core.ensemble import EnsembleModel
 from server.core.model import Model
 from server.core.state import ModelState
 from server.errors import InvalidInput, ModelUnavailable, ServerUnavailable
 from server.repository.actions import Outcome, Source, describe_failure, run_action
 from server.repository.changes import ModelSnapshot, snapshot_model
+from server.repository.ensemble_deps import config_steps, load_waves, source_steps, with_steps
 from server.repository.entry import IndexEntry, ModelEntry
 from server.repository.objstore import StoreError
 from server.repository.overrides import parse_load_parameters, remove_override_dir, write_override_dir
@@ -60,6 +62,8 @@ class RepositoryManager(ModelRegistry):
             raise SystemExit(f"nereid: {exc}") from None
         if self.remote.mirrors:
             self.settings = replace(settings, model_repositories=settings.model_repositories + self.remote.roots)
+        self._explicit_chain = threading.local()  # ensembles whose explicit load is loading their steps
+        self.add_listener(self._ensembles_follow)
 
     # -- discovery --
 
@@ -113,13 +117,18 @@ class RepositoryManager(ModelRegistry):
                 self._fail_model(name, str(exc))
                 continue
             sources.append(Source(snapshot_model(path, name)))
-        self.run_all(sources)
+        self.run_all(with_steps(sources, self._serving, self._find_quietly))  # an ensemble's steps load too
 
     def run_all(self, sources: Iterable[Source]) -> None:
-        futures = [self.loader.submit(self.apply, source) for source in sources]
-        for future in wait(futures).done:
-            if future.exception() is not None:
-                log.error("model action failed unexpectedly", exc_info=future.exception())
+        """Load `sources`, several at once; an ensemble after the step models it needs (ensemble_deps.py)."""
+        waves, cycles = load_waves(sources)
+        for name, reason in sorted(cycles.items()):
+            self._fail_model(name, reason)
+        for wave in waves:
+            futures = [self.loader.submit(self.apply, source) for source in wave]
+            for future in wait(futures).done:
+                if future.exception() is not None:
+                    log.error("model action failed unexpectedly", exc_info=future.exception())
 
     # -- actions (loader threads) --
 
@@ -142,7 +151,7 @@ class RepositoryManager(ModelRegistry):
 
                 self._on_loop(put)
 
-            outcome = run_action(entry, source, self.settings, show_loading)
+            outcome = run_action(entry, source, self.settings, show_loading, steps=self)
 
             def swap() -> None:
                 entry.versions = outcome.rows
@@ -208,6 +217,7 @@ class RepositoryManager(ModelRegistry):
             source = Source(snapshot_model(path, name), request.config, override_dir=path, force=True)
         else:
             source = Source(snapshot_model(self._find(name), name), request.config, force=request.overridden)
+        self._load_steps_of(name, source)
         outcome = self.apply(source)
         if outcome is None:
             if source.override_dir is not None:
@@ -215,6 +225,91 @@ class RepositoryManager(ModelRegistry):
             raise ModelUnavailable(f"failed to load '{name}': the server is stopping")
         if not outcome.ok:
             raise InvalidInput(describe_failure(name, outcome))
+
+    def _load_steps_of(self, name: str, source: Source) -> None:
+        """Explicit mode, as Triton: loading an ensemble first loads its step models that are not
+        serving (recursively). A step that fails to load fails the ensemble's load, with its reason."""
+        steps = source_steps(source)
+        if not steps:
+            return
+        chain: list[str] = getattr(self._explicit_chain, "names", [])
+        if name in chain:
+            cycle = chain[chain.index(name):] + [name]
+            raise InvalidInput(f"load failed for model '{chain[0]}': circular dependency between ensembles: "
+                               + " -> ".join(cycle))
+        self._explicit_chain.names = chain + [name]
+        try:
+            for step in steps:
+                if step == name or self._serving(step) or self._find_quietly(step) is None:
+                    continue  # the ensemble's own load says what is wrong with such a step
+                try:
+                    self.load_explicit(step, {})
+                except InvalidInput as exc:
+                    if "circular dependency" in str(exc):
+                        raise
+                    raise InvalidInput(f"load failed for model '{name}': ensemble '{name}' depends on '{step}' "
+                                       f"which has no loaded version. Model '{step}' loading failed with error: "
+                                       f"{exc}") from None
+        finally:
+            self._explicit_chain.names = chain
+
+    def _serving(self, name: str) -> bool:
+        entry = self._models.get(name)
+        return entry is not None and entry.latest_ready is not None
+
+    def _find_quietly(self, name: str) -> Path | None:
+        try:
+            return self._find(name)
+        except InvalidInput:
+            return None
+
+    def _ensembles_follow(self, name: str, ready: bool) -> None:
+        """A model's readiness may have changed: ensembles that call it follow (a listener).
+
+        A serving ensemble whose step stopped serving, or no longer fits, becomes UNAVAILABLE with
+        Triton's reason; an ensemble that is UNAVAILABLE because of its steps is loaded again (on
+        a loader thread), as Triton reloads an ensemble whose missing step model appears."""
+        for entry in list(self._models.values()):
+            steps = config_steps(entry.config)
+            if entry.unloaded or not steps or name not in steps:
+                continue
+            for model in list(entry.versions.values()):
+                if not isinstance(model, EnsembleModel):
+                    continue
+                if model.state is ModelState.READY:
+                    problem = model.steps_problem()
+                    if problem:
+                        self._block(entry, model, problem)
+                elif model.state is ModelState.UNAVAILABLE and model.blocked and ready:
+                    self._retry_ensemble(entry)
+                    break
+
+    def _block(self, entry: ModelEntry, model: EnsembleModel, problem: str) -> None:
+        def flip() -> None:
+            model.state, model.reason, model.blocked = ModelState.UNAVAILABLE, problem, True
+            entry.refresh_latest()
+
+        self._on_loop(flip)
+        log.warning("%s is UNAVAILABLE: %s", model.label, problem)
+        self._notify(entry)
+
+    def _retry_ensemble(self, entry: ModelEntry) -> None:
+        if self._closing:
+            return
+
+        def retry() -> None:
+            current = self._models.get(entry.name)
+            if current is not entry or entry.unloaded or self._closing:
+                return
+            if any(isinstance(m, EnsembleModel) and m.state is ModelState.UNAVAILABLE and m.blocked
+                   for m in entry.versions.values()):
+                self.apply(Source(snapshot_model(entry.path, entry.name), entry.config,
+                                  override_dir=entry.override_dir))
+
+        try:
+            self.loader.submit(retry)
+        except RuntimeError:  # the loaders are shut down (stopping)
+            pass
 
     def unload_explicit(self, name: str) -> None:
         """RepositoryModelUnload: stop routing, wait for in-flight requests, release the model."""
