@@ -178,7 +178,7 @@ class BlsService:
             if op == "load":
                 await self.loop.run_in_executor(self._loads, self.manager.load_explicit, args["name"],
                                                 args["parameters"])
-            else:  # unload_dependents: nothing depends on a model yet (no ensembles)
+            else:  # unload_dependents is accepted as by RepositoryModelUnload (docs/ENSEMBLES.md)
                 await self.loop.run_in_executor(self._loads, self.manager.unload_explicit, args["name"])
         except Exception as exc:
             respond(None, failure(exc), True)
