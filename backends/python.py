@@ -52,6 +52,7 @@ from backends.base import (
     ResponseOutputs,
     Signature,
 )
+from backends.python_bls import REQUEST_KINDS, BlsRouter
 from backends.python_config import config_signature, triton_config_json
 from backends.python_decoupled import ResponseRouter, response_channel
 from backends.python_events import StubEvents
@@ -117,6 +118,7 @@ class Stub:
         self.poller.register(parent, select.POLLIN)
         self.inputs = Arena(f"nereid-{label}-in")  # ours
         self.outputs = Arena(f"nereid-{label}-out")  # the stub's, mirrored
+        self.bls = BlsRouter(self.channel, label)  # the model's calls to other models (python_bls.py)
         # A decoupled model's responses come on a channel of their own (python_decoupled.py).
         self.router: ResponseRouter | None = None
         if init.get("decoupled"):
@@ -129,15 +131,29 @@ class Stub:
         else:
             self.channel.send(init)
 
-    def reply(self, what: str) -> Any:
-        """The stub's next message; BackendError with the exit status if it died."""
-        try:
-            message, fd = self.channel.recv()
-        except (ChannelClosed, ConnectionError) as exc:
-            raise BackendError(f"the Python stub process {_exit_status(self.proc)} while {what}") from exc
-        if fd is not None:
-            self.outputs.attach(fd, message[1])
-        return message
+    def readable(self, timeout: float) -> bool:
+        """Whether a message is here or arrives within `timeout` seconds."""
+        return self.channel.buffered() or _readable(self.channel.sock, self.poller, timeout)
+
+    def reply(self, what: str, deadline: float | None = None) -> Any:
+        """The stub's next message; BackendError with the exit status if it died.
+
+        Business-logic-scripting calls the model makes meanwhile are handed to the server
+        on the way (they never block here). With a `deadline` (time.monotonic()), None if
+        no other message came by then."""
+        while True:
+            if deadline is not None and not self.readable(deadline - time.monotonic()):
+                return None
+            try:
+                message, fd = self.channel.recv()
+            except (ChannelClosed, ConnectionError) as exc:
+                raise BackendError(f"the Python stub process {_exit_status(self.proc)} while {what}") from exc
+            if message[0] in REQUEST_KINDS:
+                self.bls.handle(message, fd)
+                continue
+            if fd is not None:
+                self.outputs.attach(fd, message[1])
+            return message
 
     def stop(self, timeout: float) -> None:
         if self.proc.poll() is None:
@@ -306,13 +322,14 @@ class PythonBackend(Backend):
         stub = self._pending
         if stub is None:
             raise BackendError(f"python model instance {self._label}: collect() without submit()")
-        if timeout is not None and not _readable(stub.channel.sock, stub.poller, timeout):
-            return None
-        self._pending = None
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            message = stub.reply("executing the request")
+            message = stub.reply("executing the request", deadline)
         except BackendError as exc:
             self._crashed(stub, str(exc), exc)
+        if message is None:
+            return None
+        self._pending = None
         if message[0] == "fail":
             raise BackendError(f"python model {self._spec.name} raised {message[1]}")
         took = message[3]
@@ -337,7 +354,7 @@ class PythonBackend(Backend):
         answer to start arriving (or the stub to die); whether it did. For a cheap model the
         event loop waits here briefly instead of going round the loop."""
         stub = self._pending
-        return stub is not None and _readable(stub.channel.sock, stub.poller, timeout)
+        return stub is not None and stub.readable(timeout)
 
     def pending_alive(self) -> bool:
         """Whether the stub running the submitted requests is still alive (so `collect` will not

@@ -14,17 +14,21 @@ Only stdlib and numpy: the stub imports this module, and nothing here imports `s
 from __future__ import annotations
 
 import array
+import collections
 import mmap
 import os
 import pickle
 import socket
+import threading
 from typing import Any
 
 import numpy as np
 
 _ALIGN = 64
 _MIN_ARENA = 1 << 20
-_HEADER = 4  # little-endian message length
+_HEADER = 4  # little-endian message length; the top bit says a descriptor comes with it
+_FD_FLAG = 1 << 31
+_SIZE_MASK = _FD_FLAG - 1
 _INT = array.array("i", [0]).itemsize
 _FDS = socket.CMSG_SPACE(_INT)
 _RECV_BUFFER = 1 << 16
@@ -41,50 +45,103 @@ class Channel:
     """Length-prefixed pickled messages, each optionally carrying one file descriptor.
 
     A message usually arrives whole in one `recvmsg_into` (one system call) into a
-    buffer kept between calls; only longer ones take more reads.
+    buffer kept between calls; only longer ones take more reads. Several messages may
+    be on their way at once (a stub's business-logic calls answered while it still
+    runs its model), so bytes read past one message are kept for the next, and
+    `buffered()` says whether a whole one is already here (the socket then need not be
+    readable). A message that carries a descriptor says so in its header's top bit;
+    descriptors queue in arrival order, and each arrives no later than the first byte
+    of its message (it rides on that message's first segment).
+    Sends are serialised, so two threads may answer on one channel.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = bytearray(_RECV_BUFFER)
         self._view = memoryview(self._buf)
+        self._lo = self._hi = 0  # unread bytes: _buf[_lo:_hi]
+        self._fds: collections.deque[int] = collections.deque()
+        self._send_lock = threading.Lock()
 
     def send(self, message: Any, fd: int | None = None) -> None:
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        data = len(payload).to_bytes(_HEADER, "little") + payload
-        if fd is None:
-            self.sock.sendall(data)
-            return
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
-        sent = self.sock.sendmsg([data], ancillary)
-        if sent < len(data):
-            self.sock.sendall(memoryview(data)[sent:])
+        word = len(payload) if fd is None else len(payload) | _FD_FLAG
+        data = word.to_bytes(_HEADER, "little") + payload
+        lock = self._send_lock
+        lock.acquire()  # cheaper than `with` on the per-request path
+        try:
+            if fd is None:
+                self.sock.sendall(data)
+                return
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            sent = self.sock.sendmsg([data], ancillary)
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[sent:])
+        finally:
+            lock.release()
+
+    def buffered(self) -> bool:
+        """Whether a whole message has already been read off the socket (`recv` will not block)."""
+        have = self._hi - self._lo
+        if have < _HEADER:
+            return False
+        word = int.from_bytes(self._view[self._lo:self._lo + _HEADER], "little")
+        return have >= _HEADER + (word & _SIZE_MASK)
 
     def recv(self) -> tuple[Any, int | None]:
-        """The next message and the descriptor that came with it (or None).
+        """The next message and the descriptor that came with it (or None)."""
+        lo = self._lo
+        if lo == self._hi:  # nothing read ahead (the usual case): one system call into an empty buffer
+            got, ancdata, _, _ = self.sock.recvmsg_into([self._view], _FDS)
+            if got == 0:
+                raise ChannelClosed("the other process closed the channel")
+            if ancdata:
+                self._keep_fds(ancdata)
+            lo, self._lo, self._hi = 0, 0, got
+        while self._hi - lo < _HEADER:
+            self._room(_HEADER)
+            self._fill()
+            lo = self._lo
+        word = int.from_bytes(self._buf[lo:lo + _HEADER], "little")
+        size = _HEADER + (word & _SIZE_MASK)
+        if size <= len(self._buf):
+            if self._hi - lo < size:
+                self._room(size)
+                while self._hi - self._lo < size:
+                    self._fill()
+                lo = self._lo
+            self._lo = lo + size
+            message = pickle.loads(self._view[lo + _HEADER:lo + size])
+        else:  # longer than the buffer: read the rest of it (and nothing more) into its own
+            whole = bytearray(size)
+            got = self._hi - lo
+            whole[:got] = self._view[lo:self._hi]
+            self._lo = self._hi = 0
+            view = memoryview(whole)
+            while got < size:
+                got += self._more(view[got:])
+            message = pickle.loads(view[_HEADER:])
+        return message, (self._fds.popleft() if word & _FD_FLAG else None)
 
-        Each side sends one message and then waits for the answer, so a read never
-        runs into the next message."""
-        got, ancdata, _, _ = self.sock.recvmsg_into([self._view], _FDS)
+    def _room(self, size: int) -> None:
+        """Make room for a message of `size` bytes starting at the unread bytes."""
+        if self._lo + size > len(self._buf):
+            have = self._hi - self._lo
+            self._buf[:have] = self._buf[self._lo:self._hi]
+            self._lo, self._hi = 0, have
+
+    def _fill(self) -> None:
+        got, ancdata, _, _ = self.sock.recvmsg_into([self._view[self._hi:]], _FDS)
         if got == 0:
             raise ChannelClosed("the other process closed the channel")
-        fd = None
+        if ancdata:
+            self._keep_fds(ancdata)
+        self._hi += got
+
+    def _keep_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
         for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fd = array.array("i", data[:_INT])[0]
-        while got < _HEADER:
-            got += self._more(self._view[got:])
-        size = _HEADER + int.from_bytes(self._buf[:_HEADER], "little")
-        if size <= len(self._buf):
-            while got < size:
-                got += self._more(self._view[got:size])
-            return pickle.loads(self._view[_HEADER:size]), fd
-        whole = bytearray(size)
-        whole[:got] = self._view[:got]
-        view = memoryview(whole)
-        while got < size:
-            got += self._more(view[got:])
-        return pickle.loads(view[_HEADER:]), fd
+                self._fds.append(array.array("i", data[:_INT])[0])
 
     def _more(self, into: memoryview) -> int:
         n = self.sock.recv_into(into)
@@ -94,6 +151,9 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
 
 
 def _aligned(n: int) -> int:

@@ -12,6 +12,7 @@ Run with `autocomplete` instead of serving, it calls the model's optional
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import json
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from backends import python_observe
+from backends.python_bls import ANSWER
+from backends.python_bls_stub import BlsClient
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
 from backends.python_responses import InferenceResponseSender, ResponseHub
 
@@ -73,6 +76,9 @@ class Stub:
         self.model_name = init["model_name"]
         self.inputs = Arena("nereid-in")  # the server's arena, mirrored
         self.outputs = Arena("nereid-out")  # ours
+        self.bls = BlsClient(channel, pb_utils)
+        pb_utils._BLS = self.bls
+        self._loop: asyncio.AbstractEventLoop | None = None  # for `async def execute` models, made on first use
         module = _load_module(init["model_file"])
         self.model = module.TritonPythonModel()
 
@@ -83,6 +89,7 @@ class Stub:
             self.model.initialize(args)
         if not hasattr(self.model, "execute"):
             raise AttributeError("TritonPythonModel has no execute(requests) method")
+        self.bls.phase = "execute"
 
     def serve(self) -> None:
         while True:
@@ -93,6 +100,10 @@ class Stub:
             if message[0] == "stop":
                 self.finalize()
                 return
+            if message[0] == ANSWER:  # a BLS answer to a call its execute did not wait for
+                if fd is not None:
+                    os.close(fd)
+                continue
             arena_size, requests = message[1], message[2]
             if fd is not None:
                 self.inputs.attach(fd, arena_size)
@@ -160,6 +171,8 @@ class Stub:
             batch_states = [states[i] for i in pending]
             try:
                 answers = self.model.execute(batch)
+                if not isinstance(answers, (list, tuple)) and asyncio.iscoroutine(answers):
+                    answers = self._run_async(answers)  # an `async def execute`
             except Exception as exc:
                 traceback.print_exc()
                 if not any(state.sent for state in batch_states):
@@ -223,6 +236,8 @@ class Stub:
             states.append(state)
         try:
             returned = self.model.execute(requests)
+            if asyncio.iscoroutine(returned):
+                returned = self._run_async(returned)
             if returned is not None:
                 raise pb_utils.TritonModelException(
                     f"Python model '{self.model_name}' is using the decoupled mode and the execute function "
@@ -233,6 +248,22 @@ class Stub:
             self.hub.fail_open(states, message, pb_utils.TritonError.INTERNAL)
             return ("fail", message), None
         return ("done", 0, [("decoupled",)] * len(requests), time.perf_counter_ns() - started), None
+
+    def _run_async(self, coroutine: Any) -> Any:
+        """Run an `async def execute` to completion on the stub's event loop (as Triton does);
+        tasks it started and left behind are cancelled, and BLS answers nobody awaits dropped."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        loop = self._loop
+        try:
+            return loop.run_until_complete(coroutine)
+        finally:
+            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            self.bls.drop_pending()
 
     @staticmethod
     def _response(response: Any, wanted: set[str]) -> list[tuple[str, Any]] | tuple[str, str, int]:
@@ -247,6 +278,7 @@ class Stub:
         return [(t.name(), t.as_numpy()) for t in response.output_tensors() if t.name() in wanted]
 
     def finalize(self) -> None:
+        self.bls.phase = "finalize"
         if hasattr(self.model, "finalize"):
             try:
                 self.model.finalize()

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from server.metrics.endpoint import MetricsEndpoint, MetricSources
 from server.metrics.system import SystemMetrics
+from server.protocol.bls import BlsService
 from server.protocol.health import HealthReporter
 from server.protocol.ratelimit import RateLimiter, parse_rate
 from server.protocol.server import BindError, build_server
@@ -54,6 +55,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     manager = RepositoryManager(settings)
     manager.bind_loop(loop)
+    bls = BlsService(manager, loop)  # Python models' calls to other models, in process
+    bls.install()
     health = HealthReporter()
     health.bind_loop(loop)
     try:
@@ -133,6 +136,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     if poller is not None:
         await loop.run_in_executor(None, poller.close, settings.exit_timeout_secs)
     await loop.run_in_executor(None, manager.unload_all, 5.0)
+    bls.close()
     if metrics is not None:
         metrics.stop()
     await loop.run_in_executor(None, tracer.shutdown)  # exports the spans still queued

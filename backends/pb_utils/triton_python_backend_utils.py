@@ -5,7 +5,9 @@ works in a model unchanged. The names, signatures and behaviour follow Triton's
 python backend. Response senders (decoupled models, and the default mode's one response) are
 backends/python_responses.py; `Logger`, `MetricFamily` and `Metric` talk to the server over the
 stub's events socket (backends/python_observe.py); docs/PYTHON_BACKEND.md lists every name and
-its status.
+its status. Business logic scripting
+(`InferenceRequest.exec`, `async_exec`, `is_model_ready`, `load_model`, `unload_model`) goes
+through the stub's connection to the server: backends/python_bls_stub.py.
 
 Input tensors are numpy views over the shared memory the server wrote the request
 into: valid until `execute` returns. Copy an array to keep it longer.
@@ -55,6 +57,15 @@ TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
 TRITONSERVER_MEMORY_CPU = 0
 TRITONSERVER_MEMORY_CPU_PINNED = 1
 TRITONSERVER_MEMORY_GPU = 2
+
+# The stub's BLS client (backends/python_bls_stub.py), set when a model runs in a stub.
+_BLS: Any = None
+
+
+def _bls() -> Any:
+    if _BLS is None:
+        raise TritonModelException("business logic scripting needs the model to run in the server's Python stub")
+    return _BLS
 
 
 def triton_to_numpy_type(data_type: int) -> Any:
@@ -256,8 +267,23 @@ class PreferredMemory:
         self.preferred_device_id = preferred_device_id
 
 
+class InferenceTrace:
+    """A request's trace, to pass on to the requests it makes (`trace=request.trace()`).
+    Nereid's traces are per client request (server/tracing); this holder carries nothing."""
+
+    def __init__(self, context: str | None = None) -> None:
+        self._context = context
+
+    def get_context(self, mode: str = "opentelemetry") -> str | None:
+        return self._context
+
+
 class InferenceRequest:
-    """One client request: its inputs (in the order the client sent them) and metadata."""
+    """One client request: its inputs (in the order the client sent them) and metadata.
+
+    Built by a model, it is a business-logic-scripting request to another model:
+    `exec()` runs it and returns the InferenceResponse (`async_exec()`: an awaitable).
+    """
 
     def __init__(
         self,
@@ -268,6 +294,10 @@ class InferenceRequest:
         correlation_id: int | str = 0,
         flags: int = 0,
         parameters: dict[str, Any] | str | None = None,
+        model_version: int = -1,
+        timeout: int = 0,
+        trace: InferenceTrace | None = None,
+        preferred_memory: Any = None,
         **_: Any,
     ) -> None:
         self._model_name = model_name
@@ -281,6 +311,10 @@ class InferenceRequest:
             self._parameters = parameters
         else:
             self._parameters = json.dumps(parameters or {})
+        self._model_version = model_version
+        self._timeout = timeout
+        self._trace = trace
+        self._preferred_memory = preferred_memory
 
     def inputs(self) -> list[Tensor]:
         return self._inputs
@@ -303,6 +337,24 @@ class InferenceRequest:
 
     def model_name(self) -> str:
         return self._model_name
+
+    def model_version(self) -> int:
+        return self._model_version
+
+    def timeout(self) -> int:
+        """The request's timeout in microseconds (its `timeout` parameter); 0 if none."""
+        if not self._timeout and '"timeout"' in self._parameters:  # a client request: read it once
+            try:
+                value = json.loads(self._parameters).get("timeout", 0)
+            except ValueError:
+                value = 0
+            self._timeout = int(value) if isinstance(value, (int, float)) else 0
+        return self._timeout
+
+    def trace(self) -> InferenceTrace:
+        if self._trace is None:
+            self._trace = InferenceTrace()
+        return self._trace
 
     def set_release_flags(self, flags: int) -> None:
         """TRITONSERVER_REQUEST_RELEASE_RESCHEDULE runs the request again in a later `execute` (the
@@ -329,11 +381,17 @@ class InferenceRequest:
         self._sender_used = True
         return sender
 
-    def exec(self, *args: Any, **kwargs: Any) -> Any:
-        raise TritonModelException("business logic scripting (InferenceRequest.exec) is not supported by Nereid yet")
+    def exec(self, decoupled: bool = False) -> Any:
+        """Run this request on `model_name` (in the server, through its scheduler) and wait.
+        Failures of that model come back as a response with `has_error()`."""
+        return _bls().exec(self, decoupled)
 
-    async_exec = exec
-    stream_exec = exec
+    def async_exec(self, decoupled: bool = False) -> Any:
+        """Send this request now; await the result for the response (in an `async def execute`)."""
+        return _bls().async_exec(self, decoupled)
+
+    def stream_exec(self, *args: Any, **kwargs: Any) -> Any:
+        raise TritonModelException("stream_exec is not supported by Nereid yet")
 
 
 class InferenceResponse:
@@ -379,6 +437,38 @@ def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> 
         if tensor.name() == name:
             return tensor
     return None
+
+
+def get_output_tensor_by_name(inference_response: InferenceResponse, name: str) -> Tensor | None:
+    """The output tensor `name` of a (BLS) response, or None."""
+    for tensor in inference_response.output_tensors():
+        if tensor.name() == name:
+            return tensor
+    return None
+
+
+def is_model_ready(model_name: str, model_version: str = "") -> bool:
+    """Whether `model_name` (a version, or any if "") is ready in the server."""
+    return bool(_bls().control("ready", {"name": model_name, "version": str(model_version)})["ready"][0])
+
+
+def load_model(model_name: str, config: str = "", files: dict[str, bytes] | None = None) -> None:
+    """Load (or reload) a model; the server must run with --model-control-mode=explicit.
+    `config` is a JSON model config; `files` maps "file:<version>/<name>" to its bytes."""
+    if files is not None and not isinstance(files, dict):
+        raise TritonModelException(
+            f"failed to load model '{model_name}', files should be a dictionary of file paths and file contents")
+    parameters: dict[str, Any] = {}
+    if config:
+        parameters["config"] = config
+    for key, value in (files or {}).items():
+        parameters[str(key)] = bytes(value)
+    _bls().control("load", {"name": model_name, "parameters": parameters})
+
+
+def unload_model(model_name: str, unload_dependents: bool = False) -> None:
+    """Unload a model; the server must run with --model-control-mode=explicit."""
+    _bls().control("unload", {"name": model_name, "unload_dependents": bool(unload_dependents)})
 
 
 def get_input_config_by_name(model_config: dict[str, Any], name: str) -> dict[str, Any] | None:

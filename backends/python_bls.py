@@ -1,0 +1,187 @@
+"""Business logic scripting (BLS), the server's half: a Python model calling other models.
+
+A model's `pb_utils.InferenceRequest(...).exec()` in the stub process
+(backends/python_bls_stub.py) sends a `("bls", id, spec, metas, size)` message over the
+instance's own Unix socket, with the input tensors in a fresh shared-memory file passed
+along as a descriptor. Whoever is reading that socket for the instance (the thread or
+event loop waiting for the stub's answer to the client's request) hands the message to
+this instance's `BlsRouter`, which gives it to the server's `BlsHost`: the server runs
+it on the target model through its own scheduler, in process (server/protocol/bls.py),
+never over the network. Each answer goes back as `("bls_r", id, final, result, size)`,
+outputs again in a fresh shared-memory file: one copy of each tensor each way, and the
+receiver's arrays are views of the sender's memory.
+
+An answer carries `final`: a call may be answered by a stream of responses (a decoupled
+target, later), the last one final. Model-management calls (`is_model_ready`,
+`load_model`, `unload_model`) are `("bls_ctl", id, op, args)`, answered the same way.
+
+Models that never use BLS pay nothing: no message, no thread, no descriptor.
+Only stdlib and numpy here (the stub imports it); backends never import `server`.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from backends.python_ipc import Arena, Channel, TensorMeta, layout, read, write
+
+log = logging.getLogger("nereid.python.bls")
+
+# Message kinds from the stub that belong to BLS (python.py hands them to the router).
+REQUEST_KINDS = frozenset({"bls", "bls_ctl"})
+ANSWER = "bls_r"
+INTERNAL = 1  # pb_utils.TritonError.INTERNAL
+
+# (message, pb_utils.TritonError code) of a failed call
+Failure = tuple[str, int]
+
+
+@dataclass
+class BlsCall:
+    """One inference a model asked for, as the server runs it."""
+
+    model_name: str
+    model_version: str  # "" lets the version policy choose (Triton's -1)
+    inputs: dict[str, np.ndarray]  # in the order the model gave them
+    requested_outputs: tuple[str, ...] | None  # None: every output
+    request_id: str = ""
+    correlation_id: int | str = 0
+    flags: int = 0
+    timeout_us: int = 0
+    parameters: dict[str, Any] = field(default_factory=dict)
+    decoupled: bool = False  # the caller takes a stream of responses (exec(decoupled=True))
+
+
+# respond(outputs, failure, final): one answer to a call; exactly one of outputs/failure is set.
+Respond = Callable[[dict[str, np.ndarray] | None, Failure | None, bool], None]
+
+
+class BlsHost(Protocol):
+    """What the server provides (server/protocol/bls.py). Both methods return at once and
+    answer later through `respond`, from any thread."""
+
+    def infer(self, call: BlsCall, respond: Respond) -> None: ...
+
+    def control(self, op: str, args: dict[str, Any], respond: Respond) -> None:
+        """op: "ready" (answers {"ready": bool}), "load", "unload" (answer {})."""
+
+
+_HOST: BlsHost | None = None
+
+
+def set_host(host: BlsHost | None) -> None:
+    """Install the server's BLS host (once, at startup); None removes it."""
+    global _HOST
+    _HOST = host
+
+
+# -- tensors in one-shot shared memory --
+
+
+def pack_tensors(tensors: list[tuple[str, np.ndarray]]) -> tuple[list[TensorMeta], int | None, int]:
+    """Write tensors into a new anonymous shared-memory file sized for them.
+
+    Returns (their metas, the file's descriptor to send and then close, its size); no
+    file at all when they hold no bytes. One file per message, so a message's tensors
+    stay valid for as long as the receiver keeps arrays over them, whatever comes next.
+    """
+    plan, needed = layout(tensors)
+    arena = Arena("nereid-bls")
+    if needed == 0:
+        return write(arena, plan), None, 0
+    fd = os.memfd_create("nereid-bls", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, needed)
+        arena.map, arena.size = mmap.mmap(fd, needed), needed
+        metas = write(arena, plan)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        if arena.map is not None:
+            try:
+                arena.map.close()
+            except BufferError:  # an array still points into it: let it go with that array
+                pass
+    return metas, fd, needed
+
+
+def unpack_tensors(metas: list[TensorMeta], fd: int | None, size: int) -> list[tuple[str, np.ndarray]]:
+    """Arrays over a received shared-memory file (no copy; the file is unmapped when the
+    last array over it is gone). Closes `fd`."""
+    arena = Arena("nereid-bls")
+    if fd is not None:
+        try:
+            if size:
+                arena.map, arena.size = mmap.mmap(fd, size), size
+        finally:
+            os.close(fd)
+    return read(arena, metas, copy=False)
+
+
+def send_answer(channel: Channel, call_id: int, outputs: dict[str, np.ndarray] | None, failure: Failure | None,
+                final: bool) -> None:
+    """Send one answer to call `call_id` (either side may use it: the stub never does)."""
+    fd = None
+    try:
+        if failure is not None:
+            message: tuple[Any, ...] = (ANSWER, call_id, final, ("err", failure[0], failure[1]), 0)
+        else:
+            try:
+                metas, fd, size = pack_tensors(list((outputs or {}).items()))
+                message = (ANSWER, call_id, final, ("ok", metas), size)
+            except Exception as exc:  # e.g. a string tensor that cannot be encoded
+                message = (ANSWER, call_id, final, ("err", f"cannot pass the response to the model: {exc}",
+                                                    INTERNAL), 0)
+        channel.send(message, fd)
+    except OSError as exc:  # the stub died meanwhile: nobody is waiting any more
+        log.debug("BLS answer to call %d not delivered: %s", call_id, exc)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+class BlsRouter:
+    """The server side of one stub's BLS messages: decode, hand to the host, answer."""
+
+    def __init__(self, channel: Channel, label: str) -> None:
+        self.channel = channel
+        self.label = label
+
+    def handle(self, message: tuple[Any, ...], fd: int | None) -> None:
+        """Take one BLS message from the stub; never blocks (the host answers later)."""
+        kind, call_id = message[0], message[1]
+        host = _HOST
+
+        def respond(outputs: dict[str, np.ndarray] | None, failure: Failure | None, final: bool = True) -> None:
+            send_answer(self.channel, call_id, outputs, failure, final)
+
+        if kind == "bls_ctl":
+            if host is None:
+                respond(None, ("the model management API needs a running server", INTERNAL), True)
+                return
+            host.control(message[2], message[3], respond)
+            return
+        _, _, spec, metas, size = message
+        try:
+            inputs = dict(unpack_tensors(metas, fd, size))
+        except Exception as exc:
+            respond(None, (f"cannot read the BLS request's inputs: {exc}", INTERNAL), True)
+            return
+        if host is None:
+            respond(None, ("BLS needs a running server", INTERNAL), True)
+            return
+        call = BlsCall(
+            model_name=spec["model_name"], model_version=spec["model_version"], inputs=inputs,
+            requested_outputs=tuple(spec["requested"]) or None, request_id=spec["request_id"],
+            correlation_id=spec["correlation_id"], flags=spec["flags"], timeout_us=spec["timeout"],
+            parameters=spec["parameters"], decoupled=spec["decoupled"],
+        )
+        host.infer(call, respond)

@@ -1,0 +1,197 @@
+"""Business logic scripting: Python models calling other models, served in process.
+
+A Python model's `InferenceRequest.exec()` reaches the server through its stub's socket
+(backends/python_bls.py) and lands here: the call is checked against the target's
+config as a gRPC request would be (codec.py's checks and messages), then run through
+the target's own `Model.infer` on the event loop, so it is batched, scheduled, counted in
+the target's statistics and bounded by its queue policy like any other request, and
+never touches the network, the servicer's counters or its rate limits. It is a
+transport like the gRPC one: the same request type, the same error tree.
+
+Failures come back to the model as a response with an error (Triton's messages and
+codes); the model-management calls (`is_model_ready`, `load_model`, `unload_model`)
+answer a value or an error the stub raises as `TritonModelException`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from backends.datatypes import protocol_of_numpy
+from backends.python_bls import BlsCall, Failure, Respond, set_host
+from server.core.model import Model
+from server.core.state import ModelState
+from server.errors import ErrorCode, InvalidInput, ModelNotFound, ModelUnavailable, NereidError
+from server.protocol.codec import _accept, _count_error
+from server.repository.manager import RepositoryManager
+from server.repository.registry import parse_version
+from server.types import InferenceRequest
+
+log = logging.getLogger("nereid.bls")
+
+# NereidError codes -> pb_utils.TritonError codes (Triton's TRITONSERVER_Error_Code values)
+_TRITON_CODE = {
+    ErrorCode.INTERNAL: 1, ErrorCode.NOT_FOUND: 2, ErrorCode.INVALID_ARGUMENT: 3, ErrorCode.UNAVAILABLE: 4,
+    ErrorCode.UNIMPLEMENTED: 5, ErrorCode.ALREADY_EXISTS: 6, ErrorCode.CANCELLED: 7,
+    ErrorCode.RESOURCE_EXHAUSTED: 4, ErrorCode.DEADLINE_EXCEEDED: 4,
+}
+_INTERNAL = 1
+_FLAG_START, _FLAG_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END
+
+
+def failure(exc: BaseException) -> Failure:
+    """An exception as the (message, TritonError code) a model sees."""
+    if isinstance(exc, NereidError):
+        return str(exc), _TRITON_CODE.get(exc.code, _INTERNAL)
+    return str(exc) or type(exc).__name__, _INTERNAL
+
+
+def bls_request(model: Model, call: BlsCall) -> InferenceRequest:
+    """The call as the core's request, checked against the model's config with the checks
+    and messages of a gRPC request (codec.py); raises InvalidInput."""
+    given = list(call.inputs)
+    if len(given) > len(model.inputs) or len(given) < model.required_inputs:
+        raise _count_error(model, given)
+    batch = 0
+    for name, array in call.inputs.items():
+        try:
+            datatype = protocol_of_numpy(array.dtype)
+        except ValueError as exc:
+            raise InvalidInput(f"input '{name}' for model '{model.name}': {exc}") from None
+        _, size, _ = _accept(name, datatype, tuple(array.shape), model)
+        if batch and size != batch:
+            raise InvalidInput(f"input '{name}' batch size does not match other inputs for '{model.name}'")
+        batch = size
+    if any(not info.optional and name not in call.inputs for name, info in model.inputs.items()):
+        raise _count_error(model, given)
+    requested = call.requested_outputs
+    if requested is not None:
+        for name in requested:
+            if name not in model.outputs:
+                raise InvalidInput(f"unexpected inference output '{name}' for model '{model.name}'; "
+                                   f"expected one of {list(model.outputs)}")
+        if len(set(requested)) != len(requested):
+            raise InvalidInput(f"an output is requested more than once: {list(requested)}")
+    return InferenceRequest(dict(call.inputs), batch or 1, call.request_id, requested, _parameters(call))
+
+
+def _parameters(call: BlsCall) -> dict[str, Any]:
+    """The request's parameters as the gRPC frontend would give them: the model's own, plus
+    timeout and the sequence fields from the request's timeout, correlation id and flags."""
+    params: dict[str, Any] = {}
+    for key, value in call.parameters.items():
+        if not isinstance(value, (str, int, bool)):
+            raise InvalidInput(f"Unsupported value type on parameters: '{key}' is a {type(value).__name__}; "
+                               "expected a string, an integer or a bool")
+        params[key] = value
+    if call.timeout_us > 0:
+        params["timeout"] = call.timeout_us
+    if call.correlation_id not in (0, ""):
+        params["sequence_id"] = call.correlation_id
+    if call.flags & _FLAG_START:
+        params["sequence_start"] = True
+    if call.flags & _FLAG_END:
+        params["sequence_end"] = True
+    return params
+
+
+class BlsService:
+    """The server's `BlsHost` (backends/python_bls.py): runs the models' calls on the loop."""
+
+    def __init__(self, manager: RepositoryManager, loop: asyncio.AbstractEventLoop) -> None:
+        self.manager = manager
+        self.loop = loop
+        # Loads and unloads asked for by models wait here, not on the manager's loader threads:
+        # a model loading another from its `initialize` already holds one of those.
+        self._loads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nereid-bls-load")
+
+    def install(self) -> None:
+        set_host(self)
+
+    def close(self) -> None:
+        set_host(None)
+        self._loads.shutdown(wait=False)
+
+    # -- BlsHost --
+
+    def infer(self, call: BlsCall, respond: Respond) -> None:
+        self._spawn(self._infer(call, respond), respond)
+
+    def control(self, op: str, args: dict[str, Any], respond: Respond) -> None:
+        self._spawn(self._control(op, args, respond), respond)
+
+    def _spawn(self, coroutine: Any, respond: Respond) -> None:
+        """Run on the event loop, from whichever thread read the stub's message (the loop's too)."""
+        try:
+            asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        except RuntimeError:  # the loop has closed: the server is gone
+            coroutine.close()
+            respond(None, ("the server is stopping", 4), True)
+
+    async def _infer(self, call: BlsCall, respond: Respond) -> None:
+        name = call.model_name
+        try:
+            model = self._target(call)
+            request = bls_request(model, call)
+        except NereidError as exc:  # refused before running: Triton's wording, INTERNAL as Triton
+            respond(None, (f"Model {name} - Error when running inference: {exc}", _INTERNAL), True)
+            return
+        try:
+            outputs = await model.infer(request)
+        except Exception as exc:
+            respond(None, failure(exc), True)
+            return
+        respond(outputs, None, True)
+
+    def _target(self, call: BlsCall) -> Model:
+        name = call.model_name
+        try:
+            model = self.manager.get(name, call.model_version)
+        except (ModelNotFound, ModelUnavailable):
+            raise ModelUnavailable(
+                f"Failed for execute the inference request. Model '{name}' is not ready.") from None
+        if model.state is not ModelState.READY:
+            raise ModelUnavailable(f"Failed for execute the inference request. Model '{name}' is not ready.")
+        decoupled = model.config.model_transaction_policy.decoupled
+        if decoupled and not call.decoupled:
+            raise InvalidInput(
+                f"Model {name} is using the decoupled. The current BLS request call doesn't support models "
+                "using the decoupled transaction policy. Please use 'decoupled=True' argument to the 'exec' or "
+                "'async_exec' calls for decoupled models.'")
+        if decoupled:
+            raise InvalidInput(f"BLS to the decoupled model '{name}' is not supported by Nereid yet")
+        return model
+
+    async def _control(self, op: str, args: dict[str, Any], respond: Respond) -> None:
+        try:
+            if op == "ready":
+                respond({"ready": np.array([self._ready(args["name"], args["version"])])}, None, True)
+                return
+            if op not in ("load", "unload"):
+                raise InvalidInput(f"unknown model management call '{op}'")
+            self.manager.require_explicit()
+            if op == "load":
+                await self.loop.run_in_executor(self._loads, self.manager.load_explicit, args["name"],
+                                                args["parameters"])
+            else:  # unload_dependents is accepted as by RepositoryModelUnload (docs/ENSEMBLES.md)
+                await self.loop.run_in_executor(self._loads, self.manager.unload_explicit, args["name"])
+        except Exception as exc:
+            respond(None, failure(exc), True)
+            return
+        respond({}, None, True)
+
+    def _ready(self, name: str, version: str) -> bool:
+        """Triton's TRITONSERVER_ServerModelIsReady: false (not an error) for an unknown model."""
+        try:
+            entry = self.manager.entry(name)
+        except ModelNotFound:
+            return False
+        if not version:
+            return entry.latest_ready is not None
+        model = entry.versions.get(parse_version(version, name))
+        return model is not None and model.state is ModelState.READY
