@@ -213,17 +213,7 @@ class ModelInstance:
         except Exception as exc:
             return self._failed(jobs, live, _as_error(exc, shaper.model_label, self.name))
         finished = perf_counter_ns()
-        queued = sum(started - job.enqueued_ns for job in live)
-        self._stats.record_execution(
-            total, len(live), prepared - started, executed - prepared, finished - executed,
-            queued, finished * len(live) - sum(job.enqueued_ns for job in live),
-        )
-        latencies = self._stats.latencies
-        if latencies is not None:
-            for job in live:
-                latencies.add((finished - job.enqueued_ns, started - job.enqueued_ns, prepared - started,
-                               executed - prepared, finished - executed))
-        _trace(live, started, prepared, executed, finished)
+        self._record_success(live, total, (started, prepared, executed, finished))
         self._cost.record(total, executed - prepared)
         self._succeeded()
         if len(live) == len(jobs):
@@ -353,21 +343,27 @@ class ModelInstance:
                 failed.append(job)
         finished = perf_counter_ns()
         if succeeded:
-            self._stats.record_execution(
-                sum(job.request.batch_size for job in succeeded), len(succeeded), prepared - started,
-                executed - prepared, finished - executed, sum(started - job.enqueued_ns for job in succeeded),
-                finished * len(succeeded) - sum(job.enqueued_ns for job in succeeded),
-            )
-            latencies = self._stats.latencies
-            if latencies is not None:
-                for job in succeeded:
-                    latencies.add((finished - job.enqueued_ns, started - job.enqueued_ns, prepared - started,
-                                   executed - prepared, finished - executed))
-            _trace(succeeded, started, prepared, executed, finished)
+            self._record_success(succeeded, sum(job.request.batch_size for job in succeeded),
+                                 (started, prepared, executed, finished))
             self._cost.record(sum(job.request.batch_size for job in live), executed - prepared)
         if failed:
             self._stats.record_failure(len(failed), finished * len(failed) - sum(job.enqueued_ns for job in failed))
         return [outcome_of.get(id(job), (None, None)) for job in jobs]
+
+    def _record_success(self, jobs: list[Job], total: int, times: tuple[int, int, int, int]) -> None:
+        """Statistics, latency samples and traces of the jobs of one execution that succeeded.
+        `times`: started, inputs prepared, backend returned, outputs shaped (perf_counter_ns)."""
+        started, prepared, executed, finished = times
+        self._stats.record_execution(
+            total, len(jobs), prepared - started, executed - prepared, finished - executed,
+            sum(started - job.enqueued_ns for job in jobs), finished * len(jobs) - sum(job.enqueued_ns for job in jobs),
+        )
+        latencies = self._stats.latencies
+        if latencies is not None:
+            for job in jobs:
+                latencies.add((finished - job.enqueued_ns, started - job.enqueued_ns, prepared - started,
+                               executed - prepared, finished - executed))
+        _trace(jobs, started, prepared, executed, finished)
 
     def fail(self, jobs: list[Job], exc: BaseException) -> list[Outcome]:
         """Outcomes for jobs whose execution raised `exc` (mapped to the right status)."""
