@@ -278,6 +278,11 @@ class InferenceTrace:
         return self._context
 
 
+def _text(value: Any) -> Any:
+    """A str argument given as bytes (UTF-8) becomes str, as pybind11 converts it for Triton."""
+    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
+
+
 class InferenceRequest:
     """One client request: its inputs (in the order the client sent them) and metadata.
 
@@ -300,10 +305,12 @@ class InferenceRequest:
         preferred_memory: Any = None,
         **_: Any,
     ) -> None:
-        self._model_name = model_name
+        # Triton's constructor takes std::string arguments, which pybind11 also fills from bytes:
+        # python_backend's examples/bls passes the raw element of a BYTES input as model_name.
+        self._model_name = _text(model_name)
         self._inputs = list(inputs or [])
-        self._requested = list(requested_output_names or [])
-        self._request_id = request_id
+        self._requested = [_text(name) for name in requested_output_names or []]
+        self._request_id = _text(request_id)
         self._correlation_id = correlation_id
         self._flags = flags
         self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL

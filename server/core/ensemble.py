@@ -29,6 +29,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from backends.base import BackendError
+from server.core.classification import Labels, classify_outputs, load_labels
 from server.core.ensemble_plan import StepPlan, plan_steps, steps_problem
 from server.core.limits import ServingLimits
 from server.core.model import Model
@@ -77,6 +78,11 @@ class EnsembleModel(Model):
     # -- lifecycle --
 
     def load(self) -> None:
+        try:
+            self.labels = load_labels(self.config, self.spec.model_dir)
+        except (ValueError, OSError, NereidError) as exc:
+            self.state, self.reason = ModelState.UNAVAILABLE, str(exc)
+            raise BackendError(str(exc)) from None
         problem = self.steps_problem()
         if problem:
             self.state, self.reason, self.blocked = ModelState.UNAVAILABLE, problem, True
@@ -136,7 +142,31 @@ class EnsembleModel(Model):
         result = {name: values[name] for name in wanted}
         self.stats.record_execution(request.batch_size, 1, durations[0], durations[1], durations[2], 0,
                                     perf_counter_ns() - started)
+        if request.classification:
+            return classify_outputs(result, request.classification, self._output_labels(),
+                                    self.config.max_batch_size > 0)
         return result
+
+    def _output_labels(self) -> Labels:
+        """Labels for classifying ensemble outputs: the ensemble's own `label_filename`, else those
+        of the step model output that produces the tensor (Triton's ensemble_image_client gets
+        the classifier's labels through the ensemble)."""
+        labels: Labels = dict(self.labels)
+        for name in self.outputs:
+            if name in labels:
+                continue
+            index = self._producer.get(name)
+            if index is None:
+                continue
+            step = self.plan[index]
+            try:
+                model = self._models.get(step.model, step.version)
+            except NereidError:
+                continue
+            for model_output, tensor in step.outputs:
+                if tensor == name and model_output in model.labels:
+                    labels[name] = model.labels[model_output]
+        return labels
 
     async def _run(self, request: InferenceRequest) -> tuple[dict[str, np.ndarray], list[int]]:
         """Run the steps as their inputs appear; returns every tensor and the summed compute times."""
