@@ -59,7 +59,9 @@ def test_300_mb_request_peak_memory_and_other_calls(big_server: ServerProcess) -
         prober = mp.Process(target=_probe, args=(big_server.url, stop, result))
         prober.start()
         time.sleep(0.3)
+        sent = time.monotonic()
         answer = pb.ModelInferResponse.FromString(infer(body, timeout=scaled(120)))
+        elapsed = time.monotonic() - sent
         time.sleep(0.3)
         stop.set()
         worst = result.get(timeout=scaled(30))
@@ -71,7 +73,10 @@ def test_300_mb_request_peak_memory_and_other_calls(big_server: ServerProcess) -
           f"longest ServerLive {worst:.3f} s")
     assert peak < 3.3, f"peak RSS idle + {peak:.2f} x payload (grpcio's receive alone is about 3.0)"
     assert after < 30, f"{after:.0f} MB still held after the request"
-    assert worst < scaled(2.5), f"ServerLive waited {worst:.2f} s during the 300 MB request"
+    # Blocking the event loop for the decode made ServerLive wait ~0.6 of the request's time (2.9-3.4 s
+    # of ~5.2 s here); now ~0.2-0.3. On a machine loaded by other work both stretch: the share holds.
+    assert worst < scaled(2.5) or worst < 0.4 * elapsed, (
+        f"ServerLive waited {worst:.2f} s during the 300 MB request ({elapsed:.2f} s)")
 
 
 def test_message_over_the_limit_is_resource_exhausted(tmp_path) -> None:
