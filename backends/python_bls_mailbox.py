@@ -62,6 +62,7 @@ class Mailbox:
         self._calls: dict[int, _Call] = {}
         self._ids = itertools.count(1)
         self._reading = False  # a thread (or the event loop) is reading the socket
+        self._sleepers = 0  # threads in _sleep (notify only when there are: the per-request path stays cheap)
         self._others: collections.deque[tuple[Any, int | None]] = collections.deque()  # for next_other
         self._closed = ""  # why nothing more can come
         self._watching: asyncio.AbstractEventLoop | None = None  # a loop with a reader on the socket
@@ -95,7 +96,7 @@ class Mailbox:
                 if self._closed:
                     return self._gone(call_id)
                 if self.listened or self._reading:
-                    self._cond.wait()
+                    self._sleep()
                     continue
                 self._lead()
 
@@ -135,7 +136,7 @@ class Mailbox:
                 if self._closed:
                     raise ChannelClosed(self._closed)
                 if self._reading:
-                    self._cond.wait()
+                    self._sleep()
                     continue
                 self._lead()
 
@@ -145,7 +146,8 @@ class Mailbox:
         """An answer read by the listener thread (listened mode)."""
         with self._cond:
             self._deliver(message, fd)
-            self._cond.notify_all()
+            if self._sleepers:
+                self._cond.notify_all()
 
     def close(self, reason: str) -> None:
         """Nothing more can come (the server went away): every waiter gets an error."""
@@ -192,6 +194,14 @@ class Mailbox:
 
     # -- reading the socket (leader/follower) --
 
+    def _sleep(self) -> None:
+        """(holding the lock) Wait for a reader to deliver something."""
+        self._sleepers += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._sleepers -= 1
+
     def _lead(self) -> None:
         """(holding the lock) Read what is on the socket (blocking for one message), deliver it,
         wake the others; the lock is let go while reading."""
@@ -213,7 +223,8 @@ class Mailbox:
         if closed:
             self._closed = closed
             self._wake_all()
-        self._cond.notify_all()
+        if self._sleepers:
+            self._cond.notify_all()
         loop, self._rewatch = self._rewatch, None
         if loop is not None and not closed:
             try:
