@@ -54,7 +54,7 @@ from backends.base import (
 )
 from backends.python_bls import REQUEST_KINDS, BlsRouter
 from backends.python_config import config_signature, triton_config_json
-from backends.python_decoupled import ResponseRouter, response_channel
+from backends.python_decoupled import STATUS_OF_CODE, ResponseRouter, response_channel
 from backends.python_events import StubEvents
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
 
@@ -63,9 +63,6 @@ log = logging.getLogger("nereid.python")
 RESTART_INTERVAL_S = 10.0
 STOP_TIMEOUT_S = 10.0
 _ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding the `backends` package
-# pb_utils.TritonError codes -> the gRPC status the client gets, as Triton maps them.
-_STATUS_OF_CODE = {0: "UNKNOWN", 1: "INTERNAL", 2: "NOT_FOUND", 3: "INVALID_ARGUMENT", 4: "UNAVAILABLE",
-                   5: "UNIMPLEMENTED", 6: "ALREADY_EXISTS", 7: "CANCELLED"}
 # Request parameters Triton takes for itself: the model sees them as correlation_id() and flags().
 _SEQUENCE_KEYS = ("sequence_id", "sequence_start", "sequence_end")
 _FD_SETSIZE = 1024  # select() takes descriptors below this
@@ -410,7 +407,7 @@ class PythonBackend(Backend):
         if result[0] == "decoupled":  # its responses went to the request's sink
             return {}
         _, message, code = result
-        return BackendStatusError(message, _STATUS_OF_CODE.get(code, "INTERNAL"))
+        return BackendStatusError(message, STATUS_OF_CODE.get(code, "INTERNAL"))
 
     def close(self) -> None:
         stub, self._stub = getattr(self, "_stub", None), None

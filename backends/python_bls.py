@@ -11,9 +11,11 @@ never over the network. Each answer goes back as `("bls_r", id, final, result, s
 outputs again in a fresh shared-memory file: one copy of each tensor each way, and the
 receiver's arrays are views of the sender's memory.
 
-An answer carries `final`: a call may be answered by a stream of responses (a decoupled
-target, later), the last one final. Model-management calls (`is_model_ready`,
-`load_model`, `unload_model`) are `("bls_ctl", id, op, args)`, answered the same way.
+An answer carries `final`: a call to a decoupled target (`exec(decoupled=True)`) is answered
+by a stream of responses, the last one final. A decoupled model's messages travel on its
+response channel instead (python_decoupled.py reads them), so its threads can call any time.
+Model-management calls (`is_model_ready`, `load_model`, `unload_model`) are
+`("bls_ctl", id, op, args)`, answered the same way.
 
 Models that never use BLS pay nothing: no message, no thread, no descriptor.
 Only stdlib and numpy here (the stub imports it); backends never import `server`.

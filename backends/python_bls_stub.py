@@ -1,82 +1,78 @@
 """Business logic scripting (BLS), the stub's half: what `InferenceRequest.exec()`,
 `async_exec()`, `is_model_ready`, `load_model` and `unload_model` do in a model.
 
-Each call is sent to the server over the instance's socket (backends/python_bls.py has
-the messages) and answered there. `exec()` blocks, reading the socket until its answer
-comes; answers to other calls read on the way are kept for them. `async_exec()` sends at
-once and returns an awaitable; while any is awaited, the stub's event loop watches the
-socket. Either way every answer is delivered to the call it belongs to, so blocking and
-async calls can be mixed; an answer to a call nobody waits for any more is dropped.
+Each call is sent to the server (backends/python_bls.py has the messages) and answered
+there; the answers wait in a `Mailbox` (backends/python_bls_mailbox.py) until their caller
+takes them, so any thread may call, and blocking and async calls can be mixed. A model in
+the default mode calls over the instance's main socket; a decoupled model over its response
+channel, which a listener thread reads at all times (its sender threads call BLS after
+`execute` returned, when nothing else reads the main socket on either side).
 
-As in Triton: BLS inference only inside `execute` (an exception elsewhere); failures of
-the called model come back as a response whose `has_error()` is true, not an exception.
+As in Triton: `exec(decoupled=True)` returns a `ResponseIterator` over every response of the
+target (a decoupled target's last one may be empty: the final flag alone), and
+`async_exec(...)` an awaitable resolving, once the first response is in, to the response or
+such an iterator. BLS inference is only for `execute` (and what it starts); failures of the
+called model come back as a response whose `has_error()` is true, not an exception.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import os
-import threading
-from collections.abc import Iterator
 from typing import Any
 
-from backends.python_bls import ANSWER, pack_tensors, unpack_tensors
+from backends.python_bls import pack_tensors, unpack_tensors
+from backends.python_bls_mailbox import Answer, Mailbox
 from backends.python_ipc import Channel
-
-# (final, result, fd, size): one answer as received
-_Answer = tuple[bool, tuple[Any, ...], int | None, int]
 
 
 class BlsClient:
     """The stub's end of BLS; one per stub, installed as `pb_utils._BLS`."""
 
-    def __init__(self, channel: Channel, pb_utils: Any) -> None:
+    def __init__(self, channel: Channel, pb_utils: Any, listened: bool = False) -> None:
         self.channel = channel
         self.pb = pb_utils
         self.phase = "initialize"  # "initialize" | "execute" | "finalize"
-        self._next = 0
-        self._answers: dict[int, collections.deque[_Answer]] = {}
-        self._waiters: dict[int, asyncio.Future[None]] = {}
-        self._watching: asyncio.AbstractEventLoop | None = None
+        self.mailbox = Mailbox(channel, listened)
 
     # -- inference --
 
     def exec(self, request: Any, decoupled: bool = False) -> Any:
         call_id = self._send_infer(request, decoupled)
         if decoupled:
-            return _ResponseIterator(self, call_id)
-        return self._response(self._wait(call_id))
+            return ResponseIterator(self, call_id)
+        return self.response(self.mailbox.wait(call_id))
 
     def async_exec(self, request: Any, decoupled: bool = False) -> Any:
-        """Send now; the returned task resolves to the response (or, with `decoupled`, an
-        iterator over the responses). Needs a running event loop (an `async def execute`)."""
+        """Send now; the returned task resolves to the response (or, with `decoupled`, a
+        `ResponseIterator` holding the first response). Needs a running event loop (an
+        `async def execute`)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise self.pb.TritonModelException(
                 "async_exec() needs a running event loop: make execute an 'async def'") from None
         call_id = self._send_infer(request, decoupled)
-        return loop.create_task(self._answer_async(call_id, decoupled))
+        task = loop.create_task(self._answer_async(call_id, decoupled))
+        # Cancelled (its execute ended without awaiting it) or done: later answers are dropped.
+        task.add_done_callback(lambda t: None if decoupled and not t.cancelled() and t.exception() is None
+                               else self.mailbox.abandon(call_id))
+        return task
 
     async def _answer_async(self, call_id: int, decoupled: bool) -> Any:
+        answer = await self.mailbox.wait_async(call_id)
         if not decoupled:
-            return self._response(await self._wait_async(call_id))
-        responses = []
-        while True:
-            answer = await self._wait_async(call_id)
-            responses.append(self._response(answer))
-            if answer[0]:
-                return iter(responses)
+            return self.response(answer)
+        iterator = ResponseIterator(self, call_id)
+        iterator._add(answer)
+        iterator._index = 0  # the first response is yet to be read
+        return iterator
 
     def _send_infer(self, request: Any, decoupled: bool) -> int:
         pb = self.pb
         if self.phase != "execute":
             raise pb.TritonModelException("BLS is only supported during the 'execute' function.")
-        if threading.current_thread() is not threading.main_thread():
-            raise pb.TritonModelException(
-                "BLS from a thread other than the one running 'execute' is not supported by Nereid yet")
         tensors = []
         for tensor in request.inputs():
             if not isinstance(tensor, pb.Tensor):
@@ -101,12 +97,12 @@ class BlsClient:
         }
         metas, fd, size = pack_tensors(tensors)
         try:
-            return self._send(("bls", self._new_id(), spec, metas, size), fd)
+            return self._send(lambda call_id: ("bls", call_id, spec, metas, size), fd)
         finally:
             if fd is not None:
                 os.close(fd)
 
-    def _response(self, answer: _Answer) -> Any:
+    def response(self, answer: Answer) -> Any:
         pb = self.pb
         _, result, fd, size = answer
         if result[0] == "err":
@@ -122,11 +118,7 @@ class BlsClient:
         if self.phase == "finalize":
             raise self.pb.TritonModelException(
                 "the model management API is not supported in 'finalize' or 'auto_complete_config'")
-        if threading.current_thread() is not threading.main_thread():
-            raise self.pb.TritonModelException(
-                "the model management API from a thread other than the one running 'execute' is not "
-                "supported by Nereid yet")
-        _, result, fd, size = self._wait(self._send(("bls_ctl", self._new_id(), op, args)))
+        _, result, fd, size = self.mailbox.wait(self._send(lambda call_id: ("bls_ctl", call_id, op, args)))
         if result[0] == "err":
             if fd is not None:
                 os.close(fd)
@@ -135,104 +127,64 @@ class BlsClient:
 
     # -- the socket --
 
-    def _new_id(self) -> int:
-        self._next += 1
-        self._answers[self._next] = collections.deque()
-        return self._next
-
-    def _send(self, message: tuple[Any, ...], fd: int | None = None) -> int:
-        call_id: int = message[1]
+    def _send(self, message: Any, fd: int | None = None) -> int:
+        call_id = self.mailbox.open()
         try:
-            self.channel.send(message, fd)
+            self.channel.send(message(call_id), fd)
         except BaseException:
-            self._answers.pop(call_id, None)
+            self.mailbox.abandon(call_id)
             raise
         return call_id
 
-    def _wait(self, call_id: int) -> _Answer:
-        """Block until the next answer to `call_id`, delivering others read on the way."""
-        answers = self._answers[call_id]
-        while not answers:
-            self._pump()
-        return self._take(call_id, answers)
 
-    async def _wait_async(self, call_id: int) -> _Answer:
-        answers = self._answers[call_id]
-        loop = asyncio.get_running_loop()
-        while not answers:
-            if self.channel.buffered():
-                self._pump()
-                continue
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters[call_id] = waiter
-            self._watch(loop)
-            try:
-                await waiter
-            finally:
-                self._waiters.pop(call_id, None)
-                if not self._waiters:
-                    self._unwatch()
-        return self._take(call_id, answers)
-
-    def _take(self, call_id: int, answers: collections.deque[_Answer]) -> _Answer:
-        answer = answers.popleft()
-        if answer[0]:  # final: the call is over
-            self._answers.pop(call_id, None)
-        return answer
-
-    def _pump(self) -> None:
-        """Read every message that is here (at least one, blocking) and deliver each."""
-        while True:
-            message, fd = self.channel.recv()
-            self._deliver(message, fd)
-            if not self.channel.buffered():
-                return
-
-    def _deliver(self, message: Any, fd: int | None) -> None:
-        answers = self._answers.get(message[1]) if message[0] == ANSWER else None
-        if answers is None:  # a call nobody waits for any more (or not ours): drop it
-            if fd is not None:
-                os.close(fd)
-            return
-        _, call_id, final, result, size = message
-        answers.append((final, result, fd, size))
-        waiter = self._waiters.get(call_id)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._watching is None:
-            loop.add_reader(self.channel.sock.fileno(), self._pump)
-            self._watching = loop
-
-    def _unwatch(self) -> None:
-        if self._watching is not None:
-            self._watching.remove_reader(self.channel.sock.fileno())
-            self._watching = None
-
-    def drop_pending(self) -> None:
-        """After `execute` returned: answers to calls it never waited for are dropped on arrival."""
-        for answers in self._answers.values():
-            for _, _, fd, _ in answers:
-                if fd is not None:
-                    os.close(fd)
-        self._answers.clear()
-
-
-class _ResponseIterator:
-    """`exec(decoupled=True)`: the responses of one call, read as they come."""
+class ResponseIterator:
+    """`exec(decoupled=True)`: the responses of one call, as Triton's `ResponseIterator`:
+    `next()` waits for the next response; after the final one, a new `for` loop (a new
+    `iter()`) goes over all of them again. Also an async iterator (`async for`, a Nereid
+    extension), which waits without blocking the event loop."""
 
     def __init__(self, client: BlsClient, call_id: int) -> None:
         self._client = client
         self._id = call_id
-        self._done = False
+        self._responses: list[Any] = []
+        self._index = 0
+        self._finished = False
 
-    def __iter__(self) -> Iterator[Any]:
+    def _add(self, answer: Answer) -> Any:
+        response = self._client.response(answer)
+        self._responses.append(response)
+        if answer[0]:
+            self._finished = True
+        self._index = len(self._responses)
+        return response
+
+    def __iter__(self) -> ResponseIterator:
+        if self._finished and self._index >= len(self._responses):
+            self._index = 0
         return self
 
     def __next__(self) -> Any:
-        if self._done:
+        if self._index < len(self._responses):
+            self._index += 1
+            return self._responses[self._index - 1]
+        if self._finished:
             raise StopIteration
-        answer = self._client._wait(self._id)
-        self._done = answer[0]
-        return self._client._response(answer)
+        return self._add(self._client.mailbox.wait(self._id))
+
+    def __aiter__(self) -> ResponseIterator:
+        return self.__iter__()
+
+    async def __anext__(self) -> Any:
+        if self._index < len(self._responses):
+            self._index += 1
+            return self._responses[self._index - 1]
+        if self._finished:
+            raise StopAsyncIteration
+        return self._add(await self._client.mailbox.wait_async(self._id))
+
+    def __del__(self) -> None:
+        if not self._finished:  # dropped half read: the rest of its answers are dropped on arrival
+            try:
+                self._client.mailbox.abandon(self._id)
+            except Exception:
+                pass

@@ -24,14 +24,16 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from backends.base import BackendError, BackendInputError
+from backends.base import BackendError, BackendStatusError
+from backends.python_bls import REQUEST_KINDS, BlsRouter
 from backends.python_ipc import Channel, ChannelClosed
-from backends.python_responses import MessageReader
 from backends.responses import ResponseSink
 
 log = logging.getLogger("nereid.python")
 
-_INVALID_ARG = 3  # pb_utils.TritonError.INVALID_ARG
+# pb_utils.TritonError codes -> the gRPC status the client gets, as Triton maps them.
+STATUS_OF_CODE = {0: "UNKNOWN", 1: "INTERNAL", 2: "NOT_FOUND", 3: "INVALID_ARGUMENT", 4: "UNAVAILABLE",
+                  5: "UNIMPLEMENTED", 6: "ALREADY_EXISTS", 7: "CANCELLED"}
 
 
 def response_channel() -> tuple[socket.socket, socket.socket]:
@@ -47,7 +49,8 @@ def as_outcome(payload: Any) -> dict[str, Any] | BackendError | None:
     if payload[0] == "ok":
         return dict(payload[1])
     _, message, code = payload
-    return BackendInputError(message) if code == _INVALID_ARG else BackendError(message)
+    # The model's message and code as they are (a BLS caller sees them as the model sent them).
+    return BackendStatusError(message, STATUS_OF_CODE.get(code, "INTERNAL"))
 
 
 class _Discard:
@@ -71,6 +74,9 @@ class ResponseRouter:
         self._sinks: dict[int, ResponseSink] = {}
         self._keys = itertools.count()
         self._gone = ""  # why no more responses can come (the stub went away)
+        # A decoupled model's BLS calls come on this channel too, from any of its threads at any
+        # time (python_bls_stub.py); they are answered on it.
+        self.bls = BlsRouter(self.channel, label)
         self._thread = threading.Thread(target=self._read, name=f"responses-{label}", daemon=True)
         self._thread.start()
 
@@ -102,12 +108,14 @@ class ResponseRouter:
             pass
 
     def _read(self) -> None:
-        reader = MessageReader(self.channel.sock)
         while True:
             try:
-                message = reader.recv()
+                message, fd = self.channel.recv()
             except (ChannelClosed, OSError):
                 break
+            if message[0] in REQUEST_KINDS:
+                self.bls.handle(message, fd)
+                continue
             _, key, payload, final = message
             with self._lock:
                 sink = self._sinks.pop(key, None) if final else self._sinks.get(key)

@@ -20,8 +20,7 @@ Only stdlib and numpy (and the model-facing pb_utils module): nothing here impor
 
 from __future__ import annotations
 
-import pickle
-import socket
+import os
 import threading
 from typing import Any
 
@@ -38,31 +37,6 @@ _NEED_RESPONSE = "Inference Response object must be provided when the response f
 _CLOSED = "Unable to send response. Response sender has been closed."
 _ONE_ONLY = "Unable to send response. Non-decoupled model cannot send more than one response."
 _FINAL_FIRST = "Unable to send response. Non-decoupled model cannot send complete final before sending a response."
-
-
-class MessageReader:
-    """Reads the response channel's messages (Channel.send's framing: a 4-byte little-endian
-    length, then the pickle). Unlike `Channel.recv`, which relies on one message at a time
-    in each direction, this keeps what a read got beyond one message: senders here write
-    back to back, from several threads."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._buf = bytearray()
-
-    def recv(self) -> Any:
-        buf = self._buf
-        while True:
-            if len(buf) >= 4:
-                end = 4 + int.from_bytes(buf[:4], "little")
-                if len(buf) >= end:
-                    message = pickle.loads(buf[4:end])
-                    del buf[:end]
-                    return message
-            chunk = self.sock.recv(1 << 16)
-            if not chunk:
-                raise ChannelClosed("the other process closed the response channel")
-            buf += chunk
 
 
 class RequestState:
@@ -107,6 +81,7 @@ class ResponseHub:
         self.channel = channel
         self._lock = threading.Lock()
         self._open: dict[int, RequestState] = {}
+        self.answers: Any = None  # the BLS mailbox (python_bls_mailbox.py) when BLS calls travel here
         if channel is not None:
             threading.Thread(target=self._listen, name="nereid-cancel-listener", daemon=True).start()
 
@@ -157,12 +132,19 @@ class ResponseHub:
 
     def _listen(self) -> None:
         assert self.channel is not None
-        reader = MessageReader(self.channel.sock)
         while True:
             try:
-                message = reader.recv()
-            except (ChannelClosed, OSError):
+                message, fd = self.channel.recv()
+            except (ChannelClosed, OSError) as exc:
+                if self.answers is not None:
+                    self.answers.close(f"the response channel closed: {exc}")
                 return
+            if message[0] != "cancel":  # an answer to a BLS call (decoupled models call over this channel)
+                if self.answers is not None:
+                    self.answers.deliver(message, fd)
+                elif fd is not None:
+                    os.close(fd)
+                continue
             if message[0] == "cancel":
                 with self._lock:
                     state = self._open.get(message[1])

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from backends import python_observe
-from backends.python_bls import ANSWER
+from backends.python_async import BackgroundLoop
 from backends.python_bls_stub import BlsClient
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
 from backends.python_responses import InferenceResponseSender, ResponseHub
@@ -76,9 +76,12 @@ class Stub:
         self.model_name = init["model_name"]
         self.inputs = Arena("nereid-in")  # the server's arena, mirrored
         self.outputs = Arena("nereid-out")  # ours
-        self.bls = BlsClient(channel, pb_utils)
+        # BLS: a decoupled model calls over its response channel, read by the hub's listener thread.
+        self.bls = BlsClient(responses or channel, pb_utils, listened=responses is not None)
+        self.hub.answers = self.bls.mailbox if responses is not None else None
         pb_utils._BLS = self.bls
         self._loop: asyncio.AbstractEventLoop | None = None  # for `async def execute` models, made on first use
+        self._background: BackgroundLoop | None = None  # a decoupled model's `async def execute` runs there
         module = _load_module(init["model_file"])
         self.model = module.TritonPythonModel()
 
@@ -92,18 +95,17 @@ class Stub:
         self.bls.phase = "execute"
 
     def serve(self) -> None:
+        # The main socket also carries a default-mode model's BLS answers, which any thread may be
+        # reading for: read it through the mailbox. A decoupled model's go elsewhere.
+        receive = self.channel.recv if self.hub.decoupled else self.bls.mailbox.next_other
         while True:
             try:
-                message, fd = self.channel.recv()
+                message, fd = receive()
             except (ChannelClosed, ConnectionError):
                 return  # the server went away
             if message[0] == "stop":
                 self.finalize()
                 return
-            if message[0] == ANSWER:  # a BLS answer to a call its execute did not wait for
-                if fd is not None:
-                    os.close(fd)
-                continue
             arena_size, requests = message[1], message[2]
             if fd is not None:
                 self.inputs.attach(fd, arena_size)
@@ -236,8 +238,11 @@ class Stub:
             states.append(state)
         try:
             returned = self.model.execute(requests)
-            if asyncio.iscoroutine(returned):
-                returned = self._run_async(returned)
+            if asyncio.iscoroutine(returned):  # as in Triton: run in the background, not waited for
+                if self._background is None:
+                    self._background = BackgroundLoop()
+                self._background.run(returned, self._async_failed(states))
+                returned = None
             if returned is not None:
                 raise pb_utils.TritonModelException(
                     f"Python model '{self.model_name}' is using the decoupled mode and the execute function "
@@ -248,6 +253,16 @@ class Stub:
             self.hub.fail_open(states, message, pb_utils.TritonError.INTERNAL)
             return ("fail", message), None
         return ("done", 0, [("decoupled",)] * len(requests), time.perf_counter_ns() - started), None
+
+    def _async_failed(self, states: list[Any]) -> Any:
+        """What happens when a decoupled model's `async def execute` raises in the background: each
+        request it left open gets the error as its final response (Triton only logs it, and the
+        client would wait for a final flag that never comes)."""
+        def failed(exc: BaseException) -> None:
+            traceback.print_exception(exc)
+            message = exc.message() if isinstance(exc, pb_utils.TritonModelException) else _describe(exc)
+            self.hub.fail_open(states, message, pb_utils.TritonError.INTERNAL)
+        return failed
 
     def _run_async(self, coroutine: Any) -> Any:
         """Run an `async def execute` to completion on the stub's event loop (as Triton does);
@@ -261,9 +276,8 @@ class Stub:
             left = [t for t in asyncio.all_tasks(loop) if not t.done()]
             for task in left:
                 task.cancel()
-            if left:
+            if left:  # their BLS calls are abandoned as they end (python_bls_stub.py)
                 loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-            self.bls.drop_pending()
 
     @staticmethod
     def _response(response: Any, wanted: set[str]) -> list[tuple[str, Any]] | tuple[str, str, int]:
@@ -279,6 +293,8 @@ class Stub:
 
     def finalize(self) -> None:
         self.bls.phase = "finalize"
+        if self._background is not None:
+            self._background.stop()
         if hasattr(self.model, "finalize"):
             try:
                 self.model.finalize()

@@ -148,14 +148,7 @@ def test_repeat_client(py_server: ServerProcess) -> None:
     assert [int(r.as_numpy("IDX")[0]) for r in results] == list(range(len(in_values)))
 
 
-# BLS to a decoupled model is refused on main ("BLS to the decoupled model 'square_int32' is not
-# supported by Nereid yet"); helper F of issue 11 builds it. Strict: passing fails until removed.
-NOT_YET_BLS_DECOUPLED = pytest.mark.xfail(strict=True, raises=InferenceServerException,
-                                          reason="BLS to decoupled models is not on main yet (issue 11)")
-
-
-@pytest.mark.parametrize("model, factor", [pytest.param("bls_decoupled_sync", 1, marks=NOT_YET_BLS_DECOUPLED),
-                                           pytest.param("bls_decoupled_async", 2, marks=NOT_YET_BLS_DECOUPLED)])
+@pytest.mark.parametrize("model, factor", [("bls_decoupled_sync", 1), ("bls_decoupled_async", 2)])
 def test_bls_decoupled_client(py_server: ServerProcess, model: str, factor: int) -> None:
     """examples/bls_decoupled/{sync,async}_client.py: SUM = IN * IN (one BLS stream to
     square_int32) or 2 * IN * IN (two at once), for IN = 4, 2, 0, 1."""

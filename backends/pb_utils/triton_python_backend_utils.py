@@ -390,15 +390,19 @@ class InferenceRequest:
 
     def exec(self, decoupled: bool = False) -> Any:
         """Run this request on `model_name` (in the server, through its scheduler) and wait.
-        Failures of that model come back as a response with `has_error()`."""
+        Failures of that model come back as a response with `has_error()`. With `decoupled=True`
+        (required for a decoupled target): a ResponseIterator over all of its responses."""
         return _bls().exec(self, decoupled)
 
     def async_exec(self, decoupled: bool = False) -> Any:
-        """Send this request now; await the result for the response (in an `async def execute`)."""
+        """Send this request now; await the result for the response, or with `decoupled=True` a
+        ResponseIterator (in an `async def execute`)."""
         return _bls().async_exec(self, decoupled)
 
     def stream_exec(self, *args: Any, **kwargs: Any) -> Any:
-        raise TritonModelException("stream_exec is not supported by Nereid yet")
+        """Not in Triton's released API (a pre-release name of `exec(decoupled=True)`)."""
+        raise TritonModelException("InferenceRequest has no stream_exec() in Triton's python backend: "
+                                   "use exec(decoupled=True), which returns an iterator over the responses")
 
 
 class InferenceResponse:

@@ -24,6 +24,7 @@ import numpy as np
 
 from backends.datatypes import protocol_of_numpy
 from backends.python_bls import BlsCall, Failure, Respond, set_host
+from server.core.decoupled import stream_responses
 from server.core.model import Model
 from server.core.state import ModelState
 from server.errors import ErrorCode, InvalidInput, ModelNotFound, ModelUnavailable, NereidError
@@ -141,12 +142,26 @@ class BlsService:
         except NereidError as exc:  # refused before running: Triton's wording, INTERNAL as Triton
             respond(None, (f"Model {name} - Error when running inference: {exc}", _INTERNAL), True)
             return
+        if model.config.model_transaction_policy.decoupled:
+            await self._stream(model, request, respond)
+            return
         try:
             outputs = await model.infer(request)
         except Exception as exc:
             respond(None, failure(exc), True)
             return
         respond(outputs, None, True)
+
+    @staticmethod
+    async def _stream(model: Model, request: InferenceRequest, respond: Respond) -> None:
+        """A decoupled target (the caller asked for `decoupled=True`): every response it sends
+        goes back as an answer as it comes, the last one final; the final flag sent alone is
+        an empty final answer, as Triton's response iterator yields it."""
+        async for outputs, error, final in stream_responses(model, request):
+            if error is not None:
+                respond(None, failure(error), final)
+            else:
+                respond(outputs or {}, None, final)
 
     def _target(self, call: BlsCall) -> Model:
         name = call.model_name
@@ -163,8 +178,6 @@ class BlsService:
                 f"Model {name} is using the decoupled. The current BLS request call doesn't support models "
                 "using the decoupled transaction policy. Please use 'decoupled=True' argument to the 'exec' or "
                 "'async_exec' calls for decoupled models.'")
-        if decoupled:
-            raise InvalidInput(f"BLS to the decoupled model '{name}' is not supported by Nereid yet")
         return model
 
     async def _control(self, op: str, args: dict[str, Any], respond: Respond) -> None:
