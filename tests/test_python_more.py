@@ -273,3 +273,49 @@ def test_warmup_of_a_decoupled_model_drains_its_responses(more_server: ServerPro
     assert re.search(r"model 'streamer'.*warmup 'three' ran 2 time\(s\)", log), log
     with client(more_server) as c:
         assert c.is_model_ready("streamer")
+
+
+def _stream(srv: ServerProcess, model: str, values: np.ndarray, parameters: dict | None = None) -> list:
+    """Responses (result, error) of one streamed request, up to its final flag."""
+    import queue
+
+    got: queue.Queue = queue.Queue()
+    inp = grpcclient.InferInput("IN", list(values.shape), "FP32")
+    inp.set_data_from_numpy(values)
+    out = []
+    with client(srv) as c:
+        c.start_stream(lambda result, error: got.put((result, error)))
+        try:
+            c.async_stream_infer(model, [inp], parameters=parameters, enable_empty_final_response=True)
+            while True:
+                result, error = got.get(timeout=scaled(30))
+                out.append((result, error))
+                final = result is not None and result.get_response().parameters["triton_final_response"].bool_param
+                if final or error is not None and len(out) > 64:
+                    break
+        finally:
+            c.stop_stream()
+    return out
+
+
+def test_decoupled_response_statistics(more_server: ServerProcess) -> None:
+    with client(more_server) as c:
+        before = c.get_inference_statistics("streamer").model_stats[0]
+    for values in (np.array([1, 2, 3], np.float32), np.array([4, 5], np.float32)):
+        responses = _stream(more_server, "streamer", values)
+        assert [r.as_numpy("OUT").tolist() for r, _ in responses[:-1]] == [[v] for v in values.tolist()]
+    with client(more_server) as c:
+        stats = c.get_inference_statistics("streamer").model_stats[0]
+    assert stats.inference_stats.success.count - before.inference_stats.success.count == 2
+    assert stats.inference_stats.fail.count == before.inference_stats.fail.count
+    rs = stats.response_stats
+    assert sorted(rs) == ["0", "1", "2", "3"]
+    # responses 0 and 1: both requests sent one; 2: the first sent its third, the second its final flag
+    for key, success, empty in (("0", 2, 0), ("1", 2, 0), ("2", 1, 1), ("3", 0, 1)):
+        entry = rs[key]
+        assert (entry.success.count, entry.empty_response.count, entry.fail.count) == (success, empty, 0), key
+        assert entry.compute_infer.count == success + empty and entry.compute_output.count == success, key
+        assert entry.success.ns >= entry.compute_output.ns, key
+        if success:
+            assert entry.success.ns > 0, key
+    assert rs["0"].compute_infer.ns > 0  # from the request's start to the first response
