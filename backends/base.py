@@ -15,7 +15,7 @@ outcome each, so one request can fail alone. The core calls it instead of
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -116,6 +116,9 @@ class Request:
     requested_outputs: tuple[str, ...] | None = None  # None: every output
     # Decoupled models: where this request's responses go (backends/responses.py ResponseSink).
     sink: Any = None
+    # Whether the client has given up on the request (cancelled, deadline passed): the model
+    # may ask while it runs (`request.is_cancelled()` in Python models).
+    cancelled: Callable[[], bool] | None = None
 
 
 # One outcome per request: its outputs, or the error that fails that request only.

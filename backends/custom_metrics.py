@@ -7,7 +7,11 @@ them (server/metrics/custom.py). Rules follow Triton's: a family's name is reuse
 description wins) unless the kind differs; counters only grow; histograms need strictly ascending
 buckets and support only `observe`; gauges and counters do not support `observe`.
 
-Families live as long as the server: a model that is reloaded finds its metrics again.
+Lifetime, as in Triton: every `MetricFamily` and `Metric` object a model holds is a reference;
+a metric leaves /metrics when the last `Metric` object with its labels is gone, a family when
+the last `MetricFamily` object of its name is gone. A stub that stops (the model unloads, or the
+stub dies) drops every reference it held (python_events.py), so an unloaded model's families and
+metrics leave /metrics with it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ KIND_NAMES = {COUNTER: "counter", GAUGE: "gauge", HISTOGRAM: "histogram"}
 Labels = tuple[tuple[str, str], ...]
 
 
+# Triton's words (python_backend), for a Metric used after its MetricFamily object was deleted.
+FAMILY_DELETED = ("Invalid metric operation as the corresponding 'MetricFamily' has been deleted. The "
+                  "'MetricFamily' object should be deleted AFTER its corresponding 'Metric' objects have "
+                  "been deleted.")
+
+
 class MetricError(ValueError):
     """A metric operation Triton refuses; the stub raises it as TritonModelException."""
 
@@ -33,6 +43,7 @@ class MetricValue:
     counts: list[int] = field(default_factory=list)  # histograms: per bucket, last is +Inf
     count: int = 0
     total: float = 0.0
+    refs: int = 0  # live `Metric` objects with these labels, over every stub
 
 
 @dataclass
@@ -41,6 +52,7 @@ class FamilyEntry:
     description: str
     kind: int
     metrics: dict[Labels, MetricValue] = field(default_factory=dict)
+    refs: int = 0  # live `MetricFamily` objects of this name, over every stub
 
 
 class Registry:
@@ -57,10 +69,11 @@ class Registry:
         with self._lock:
             entry = self._families.get(name)
             if entry is None:
-                self._families[name] = FamilyEntry(name, description, kind)
+                entry = self._families[name] = FamilyEntry(name, description, kind)
             elif entry.kind != kind:
                 raise MetricError(f"metric family '{name}' already exists as a {KIND_NAMES[entry.kind]}; "
                                   f"cannot create it as a {KIND_NAMES[kind]}")
+            entry.refs += 1
 
     def metric(self, name: str, labels: Labels, buckets: list[float] | None) -> None:
         with self._lock:
@@ -75,8 +88,29 @@ class Registry:
                 raise MetricError(f"buckets are only for histograms; '{name}' is a {KIND_NAMES[entry.kind]}")
             else:
                 bounds = ()
-            if labels not in entry.metrics:
-                entry.metrics[labels] = MetricValue(buckets=bounds, counts=[0] * (len(bounds) + 1))
+            metric = entry.metrics.get(labels)
+            if metric is None:
+                metric = entry.metrics[labels] = MetricValue(buckets=bounds, counts=[0] * (len(bounds) + 1))
+            metric.refs += 1
+
+    def release_family(self, name: str) -> None:
+        """One `MetricFamily` object of `name` is gone; the last one takes the family away."""
+        with self._lock:
+            entry = self._families.get(name)
+            if entry is not None:
+                entry.refs -= 1
+                if entry.refs <= 0:
+                    del self._families[name]
+
+    def release_metric(self, name: str, labels: Labels) -> None:
+        """One `Metric` object is gone; the last one with these labels takes the metric away."""
+        with self._lock:
+            entry = self._families.get(name)
+            metric = None if entry is None else entry.metrics.get(labels)
+            if entry is not None and metric is not None:
+                metric.refs -= 1
+                if metric.refs <= 0:
+                    del entry.metrics[labels]
 
     def apply(self, name: str, labels: Labels, op: str, value: float) -> float:
         """increment / set / observe / value on one metric; returns its value (0 for histograms)."""
@@ -110,7 +144,7 @@ class Registry:
     def _entry(self, name: str) -> FamilyEntry:
         entry = self._families.get(name)
         if entry is None:
-            raise MetricError(f"metric family '{name}' does not exist")
+            raise MetricError(FAMILY_DELETED)
         return entry
 
     def snapshot(self) -> list[FamilyEntry]:

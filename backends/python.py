@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,16 +53,18 @@ from backends.base import (
     ResponseOutputs,
     Signature,
 )
-from backends.python_bls import REQUEST_KINDS, BlsRouter
+from backends.python_bls import ANSWER, REQUEST_KINDS, BlsRouter
 from backends.python_config import config_signature, triton_config_json
 from backends.python_decoupled import STATUS_OF_CODE, ResponseRouter, response_channel
 from backends.python_events import StubEvents
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
+from backends.python_responses import IS_CANCELLED
 
 log = logging.getLogger("nereid.python")
 
 RESTART_INTERVAL_S = 10.0
 STOP_TIMEOUT_S = 10.0
+WARMUP_FINAL_TIMEOUT_S = 300.0  # a decoupled model's warmup request waits this long for its final flag
 _ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding the `backends` package
 # Request parameters Triton takes for itself: the model sees them as correlation_id() and flags().
 _SEQUENCE_KEYS = ("sequence_id", "sequence_start", "sequence_end")
@@ -90,6 +93,37 @@ def _readable(sock: socket.socket, poller: select.poll, timeout: float) -> bool:
     return bool(poller.poll(math.ceil(timeout * 1000)))
 
 
+class _Drain:
+    """The response sink of a request run outside the scheduler (warmup of a decoupled model)."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._outputs: dict[str, Any] = {}
+        self._error: BackendError | None = None
+        self.responses = 0
+
+    def send(self, outcome: dict[str, Any] | BackendError | None, final: bool) -> None:
+        if isinstance(outcome, BackendError):
+            self._error = self._error or outcome
+        elif outcome is not None:
+            self._outputs.update(outcome)
+        if outcome is not None:
+            self.responses += 1
+        if final:
+            self._done.set()
+
+    def on_cancel(self, callback: Any) -> None:
+        pass
+
+    def wait(self, label: str) -> dict[str, Any]:
+        if not self._done.wait(WARMUP_FINAL_TIMEOUT_S):
+            raise BackendError(f"python model instance {label}: no final response (TRITONSERVER_RESPONSE_COMPLETE_"
+                               f"FINAL) within {WARMUP_FINAL_TIMEOUT_S:g} s")
+        if self._error is not None:
+            raise self._error
+        return self._outputs
+
+
 class Stub:
     """One stub process and the channel and arenas shared with it."""
 
@@ -116,6 +150,8 @@ class Stub:
         self.inputs = Arena(f"nereid-{label}-in")  # ours
         self.outputs = Arena(f"nereid-{label}-out")  # the stub's, mirrored
         self.bls = BlsRouter(self.channel, label)  # the model's calls to other models (python_bls.py)
+        # The submitted requests' "has the client given up?" probes, for `request.is_cancelled()`.
+        self.cancel_probes: list[Any] = []
         # A decoupled model's responses come on a channel of their own (python_decoupled.py).
         self.router: ResponseRouter | None = None
         if init.get("decoupled"):
@@ -148,9 +184,21 @@ class Stub:
             if message[0] in REQUEST_KINDS:
                 self.bls.handle(message, fd)
                 continue
+            if message[0] == IS_CANCELLED:  # the model asks about one of the running requests
+                self._answer_cancelled(message[1], message[2])
+                continue
             if fd is not None:
                 self.outputs.attach(fd, message[1])
             return message
+
+    def _answer_cancelled(self, call_id: int, index: int) -> None:
+        probes = self.cancel_probes
+        probe = probes[index] if 0 <= index < len(probes) else None
+        try:
+            cancelled = bool(probe()) if probe is not None else False
+        except Exception:  # a probe must not take the reply loop down
+            cancelled = False
+        self.channel.send((ANSWER, call_id, True, ("ok", cancelled), 0))
 
     def stop(self, timeout: float) -> None:
         if self.proc.poll() is None:
@@ -258,9 +306,15 @@ class PythonBackend(Backend):
             log.error("python model instance %s: restarting the stub failed: %s", self._label, exc)
 
     def execute(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        outcome = self.execute_requests([Request(inputs)])[0]
+        """One request, outside the scheduler (warmup). A decoupled model's responses are drained
+        up to its final flag: an error response fails the call; the outputs the responses carried
+        come back together (a later response's tensor replaces an earlier one of the same name)."""
+        sink = _Drain() if self._init["decoupled"] else None
+        outcome = self.execute_requests([Request(inputs, sink=sink)])[0]
         if isinstance(outcome, BackendError):
             raise outcome
+        if sink is not None:
+            return sink.wait(self._label)
         return outcome
 
     def execute_requests(self, requests: Sequence[Request]) -> list[Outcome]:
@@ -304,6 +358,7 @@ class PythonBackend(Backend):
                 parameters = "{}"
             wire.append((r.id, parameters, requested, metas[start:start + count], correlation_id, flags))
             start += count
+        stub.cancel_probes = [r.cancelled for r in requests]
         message: tuple[Any, ...] = ("exec", stub.inputs.size if fd is not None else 0, wire)
         if stub.router is not None:  # decoupled: each request's key for its responses
             message += ([stub.router.register(r.sink) for r in requests],)

@@ -5,6 +5,11 @@ Each stub gets a second socket pair for this, read by one daemon thread here, so
 or update a metric at any time (in `initialize`, in `execute`, from its own threads) without
 waiting for the next response. Log lines are fire-and-forget, as in Triton; metric operations
 are answered (the value, or the error Triton would raise) so the model sees the server's value.
+
+Each `MetricFamily` / `Metric` object the stub creates is a handle here (a number the stub
+chose); the stub releases it when the object is garbage-collected, and closing the socket (the
+stub stopped or died) releases every handle it still held, so the registry (custom_metrics.py)
+drops what no model references any more, as Triton does.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class StubEvents:
         self._file = sock.makefile("rb")
         self._model = model_name
         self._label = label
+        # handle -> ("family", name) or ("metric", name, labels): the references this stub holds
+        self._handles: dict[int, tuple[Any, ...]] = {}
         self._thread = threading.Thread(target=self._run, name=f"nereid-stub-events-{label}", daemon=True)
         self._thread.start()
 
@@ -48,6 +55,15 @@ class StubEvents:
                 return
             except Exception:  # a malformed message must not end the thread
                 log.exception("python model %s: bad event from the stub", self._label)
+
+    def _release(self, handle: int) -> None:
+        held = self._handles.pop(handle, None)
+        if held is None:
+            return
+        if held[0] == "family":
+            REGISTRY.release_family(held[1])
+        else:
+            REGISTRY.release_metric(held[1], held[2])
 
     def _next(self) -> Any:
         """The next message (python_ipc.Channel's framing: 4-byte little-endian length, pickle)."""
@@ -67,12 +83,22 @@ class StubEvents:
             log.log(_LEVELS.get(level, logging.INFO), "model '%s' %s: %s", self._model, where, text,
                     extra={"model": self._model})
             return
+        if what == "release":  # MetricFamily / Metric objects the model no longer holds
+            for handle in message[1]:
+                self._release(handle)
+            return
         try:
             if what == "family":
-                REGISTRY.family(*message[1:])
+                _, handle, name, description, kind = message
+                REGISTRY.family(name, description, kind)
+                self._handles[handle] = ("family", name)
                 answer: Any = ("ok", 0.0)
             elif what == "metric":
-                REGISTRY.metric(*message[1:])
+                _, handle, name, labels, buckets = message
+                REGISTRY.metric(name, labels, buckets)
+                self._handles[handle] = ("metric", name, labels)
+                answer = ("ok", 0.0)
+            elif what == "sync":  # the releases sent before it are done
                 answer = ("ok", 0.0)
             elif what == "op":
                 answer = ("ok", REGISTRY.apply(*message[1:]))
@@ -90,3 +116,5 @@ class StubEvents:
         self._thread.join(timeout=5)
         self._file.close()
         self._channel.close()
+        for handle in list(self._handles):  # the stub is gone: so are its families and metrics
+            self._release(handle)

@@ -9,12 +9,21 @@ are kept in this process.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
 import sys
 import threading
+import weakref
 from typing import Any
 
 from backends.python_ipc import Channel
+
+# Handles of MetricFamily / Metric objects that were garbage-collected and not yet released on the
+# server. `__del__` may run anywhere (inside a call holding the lock, on any thread), so it only
+# queues the handle; the queue is sent first thing by the next message, or at once when free.
+_released: collections.deque[int] = collections.deque()
+_handles = itertools.count(1)
 
 
 class _Events:
@@ -22,17 +31,57 @@ class _Events:
         self.channel = channel
         self.lock = threading.Lock()  # the model's threads share one socket
 
+    def _flush(self) -> None:
+        """Send the queued releases (caller holds the lock)."""
+        handles = []
+        while _released:
+            handles.append(_released.popleft())
+        if handles:
+            self.channel.send(("release", handles))
+
     def post(self, message: Any) -> None:
         with self.lock:
+            self._flush()
             self.channel.send(message)
 
     def call(self, message: Any) -> Any:
         with self.lock:
+            self._flush()
             self.channel.send(message)
             answer, _ = self.channel.recv()
         if answer[0] != "ok":
             raise _exception(answer[1])
         return answer[1]
+
+    def released(self) -> None:
+        """A handle was queued: release it now (and wait for the server, so a scrape that
+        follows `del family` sees it gone, as in Triton) unless the socket is busy."""
+        if not self.lock.acquire(blocking=False):
+            return  # the holder, or the next message, sends it
+        try:
+            if not _released:
+                return
+            self._flush()
+            self.channel.send(("sync",))
+            self.channel.recv()
+        except OSError:
+            pass
+        finally:
+            self.lock.release()
+
+
+def _release(handle: int, *held: Any) -> None:
+    """A MetricFamily (`held`: name) or Metric (name, labels) object is gone (from `__del__`)."""
+    if _events is None:  # no stub: the metrics are kept in this process
+        from backends.custom_metrics import REGISTRY
+
+        if len(held) == 1:
+            REGISTRY.release_family(held[0])
+        else:
+            REGISTRY.release_metric(held[0], held[1])
+        return
+    _released.append(handle)
+    _events.released()
 
 
 _events: _Events | None = None
@@ -57,7 +106,7 @@ def _call(message: Any) -> Any:
 
     try:
         handler: Any = {"family": REGISTRY.family, "metric": REGISTRY.metric, "op": REGISTRY.apply}[message[0]]
-        result = handler(*message[1:])
+        result = handler(*message[2:] if message[0] in ("family", "metric") else message[1:])
     except MetricError as exc:
         raise _exception(str(exc)) from None
     return 0.0 if result is None else result
@@ -111,12 +160,25 @@ class MetricFamily:
     HISTOGRAM = 2
 
     def __init__(self, name: str, description: str, kind: int) -> None:
-        _call(("family", name, description, int(kind)))
+        handle = next(_handles)
+        _call(("family", handle, name, description, int(kind)))
+        self._handle = handle
         self._name = name
         self._kind = kind
+        self._metrics: weakref.WeakSet[Metric] = weakref.WeakSet()
 
     def Metric(self, labels: dict[str, str] | None = None, buckets: list[float] | None = None) -> Metric:  # noqa: N802 - Triton's name
         return Metric(self, labels, buckets)
+
+    def __del__(self) -> None:
+        # As Triton's stub: the family's metrics are deleted with it (using one afterwards
+        # raises), then the family itself.
+        handle = getattr(self, "_handle", None)
+        if handle is None:
+            return
+        for metric in list(self._metrics):
+            metric._invalidate()
+        _release(handle, self._name)
 
 
 class Metric:
@@ -128,16 +190,35 @@ class Metric:
             raise TypeError("Metric needs a MetricFamily; use family.Metric(labels=...)")
         self._name = family._name
         self._labels = tuple(sorted((str(k), str(v)) for k, v in (labels or {}).items()))
-        _call(("metric", self._name, self._labels, None if buckets is None else [float(b) for b in buckets]))
+        self._handle: int | None = None
+        handle = next(_handles)
+        _call(("metric", handle, self._name, self._labels, None if buckets is None else [float(b) for b in buckets]))
+        self._handle = handle
+        family._metrics.add(self)
+
+    def _invalidate(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            _release(handle, self._name, self._labels)
+
+    def _op(self, op: str, value: float) -> Any:
+        if self._handle is None:
+            from backends.custom_metrics import FAMILY_DELETED
+
+            raise _exception(FAMILY_DELETED)
+        return _call(("op", self._name, self._labels, op, float(value)))
 
     def increment(self, value: float) -> None:
-        _call(("op", self._name, self._labels, "increment", float(value)))
+        self._op("increment", value)
 
     def set(self, value: float) -> None:
-        _call(("op", self._name, self._labels, "set", float(value)))
+        self._op("set", value)
 
     def observe(self, value: float) -> None:
-        _call(("op", self._name, self._labels, "observe", float(value)))
+        self._op("observe", value)
 
     def value(self) -> float:
-        return float(_call(("op", self._name, self._labels, "value", 0.0)))
+        return float(self._op("value", 0.0))
+
+    def __del__(self) -> None:
+        self._invalidate()

@@ -29,6 +29,9 @@ import numpy as np
 from backends.python_ipc import Channel, ChannelClosed
 
 FINAL = 1  # TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# (IS_CANCELLED, call id, request index): a model in the default mode asks the server, over the
+# request channel, whether the client gave up on one of the requests `execute` runs.
+IS_CANCELLED = "is_cancelled"
 
 # Where a Triton message exists for a misuse, it is used word for word (python_backend
 # src/response_sender.cc), so that models and tests matching on them keep working.

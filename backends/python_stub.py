@@ -13,6 +13,7 @@ Run with `autocomplete` instead of serving, it calls the model's optional
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import importlib.util
 import json
@@ -20,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -29,7 +31,7 @@ from backends import python_observe
 from backends.python_async import BackgroundLoop
 from backends.python_bls_stub import BlsClient
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
-from backends.python_responses import InferenceResponseSender, ResponseHub
+from backends.python_responses import IS_CANCELLED, InferenceResponseSender, ResponseHub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "pb_utils"))
 
@@ -82,6 +84,7 @@ class Stub:
         pb_utils._BLS = self.bls
         self._loop: asyncio.AbstractEventLoop | None = None  # for `async def execute` models, made on first use
         self._background: BackgroundLoop | None = None  # a decoupled model's `async def execute` runs there
+        self._executing = False  # a default-mode `execute` runs (request.is_cancelled() may ask the server)
         module = _load_module(init["model_file"])
         self.model = module.TritonPythonModel()
 
@@ -126,12 +129,16 @@ class Stub:
             ))
             wanted.append(set(requested))
         states = [self.hub.open(i, names) for i, names in enumerate(wanted)]
-        for request, state in zip(requests, states, strict=True):
+        for index, (request, state) in enumerate(zip(requests, states, strict=True)):
             request._sender = InferenceResponseSender(self.hub, state)
+            request._cancel_probe = functools.partial(self._ask_cancelled, index)
+        self._executing = True
         try:
             responses = self._run(requests, states)
         except _Failed as exc:
             return ("fail", str(exc)), None
+        finally:
+            self._executing = False
         results: list[Any] = []
         tensors_out: list[tuple[str, Any]] = []
         counts: list[int] = []
@@ -159,6 +166,18 @@ class Stub:
                 results[i] = ("ok", metas[start:start + count], params[i])
                 start += count
         return ("done", self.outputs.size if fd is not None else 0, results, time.perf_counter_ns() - started), fd
+
+    def _ask_cancelled(self, index: int) -> bool:
+        """`request.is_cancelled()` of a model in the default mode: ask the server (the reply loop
+        waiting for this `execute` answers). Only from the thread running `execute`, while it runs:
+        elsewhere the request channel is not ours to use, and after it the answer is moot."""
+        if not self._executing or threading.current_thread() is not threading.main_thread():
+            return False
+        bls = self.bls
+        _, result, fd, _ = bls.mailbox.wait(bls._send(lambda call_id: (IS_CANCELLED, call_id, index)))
+        if fd is not None:
+            os.close(fd)
+        return bool(result[1])
 
     def _run(self, requests: list[Any], states: list[Any]) -> list[Any]:
         """The model's responses, one per request. A request answered through its response sender
@@ -322,6 +341,18 @@ def _autocomplete(channel: Channel, init: dict[str, Any]) -> None:
     channel.send(("config", (result if result is not None else config).as_dict()))
 
 
+def _await_stop(channel: Channel) -> None:
+    """Having said all it had to say (a config, a fatal error), the stub waits for the server's
+    `stop` and answers it, as a serving stub does, so the server sees a clean stop rather than a
+    socket reset by a process that already exited."""
+    try:
+        while channel.recv()[0][0] != "stop":
+            pass
+        channel.send(("stopped",))
+    except (ChannelClosed, ConnectionError):
+        pass  # the server went away first
+
+
 def main() -> int:
     # Ctrl-C, `timeout` and systemd signal the whole process group; the server decides when
     # its stubs stop (after draining, calling finalize), and a dead server is seen as end of file.
@@ -334,6 +365,7 @@ def main() -> int:
     try:
         if init["mode"] == "autocomplete":
             _autocomplete(channel, init)
+            _await_stop(channel)
             return 0
         responses = None if responses_fd is None else Channel(socket.socket(fileno=responses_fd))
         stub = Stub(channel, init, responses)
@@ -341,6 +373,7 @@ def main() -> int:
     except Exception as exc:
         traceback.print_exc()
         channel.send(("fatal", _describe(exc)))
+        _await_stop(channel)
         return 1
     channel.send(("ready", os.getpid()))
     stub.serve()

@@ -29,12 +29,13 @@ class TritonPythonModel:
         self.instance = args["model_instance_name"]
         pb_utils.Logger.log_info(f"api initialized as {self.instance}")
         labels = {"model": args["model_name"]}
-        self.counter = pb_utils.MetricFamily("nereid_test_requests", "requests seen",
-                                             pb_utils.MetricFamily.COUNTER).Metric(labels=labels)
-        self.gauge = pb_utils.MetricFamily("nereid_test_last", "last first element",
-                                           pb_utils.MetricFamily.GAUGE).Metric(labels=labels)
-        self.hist = pb_utils.MetricFamily("nereid_test_sizes", "input sizes",
-                                          pb_utils.MetricFamily.HISTOGRAM).Metric(labels=labels, buckets=[1.0, 4.0])
+        # The families are kept: as in Triton, a Metric of a deleted MetricFamily is unusable.
+        self.families = [pb_utils.MetricFamily("nereid_test_requests", "requests seen", pb_utils.MetricFamily.COUNTER),
+                         pb_utils.MetricFamily("nereid_test_last", "last first element", pb_utils.MetricFamily.GAUGE),
+                         pb_utils.MetricFamily("nereid_test_sizes", "input sizes", pb_utils.MetricFamily.HISTOGRAM)]
+        self.counter = self.families[0].Metric(labels=labels)
+        self.gauge = self.families[1].Metric(labels=labels)
+        self.hist = self.families[2].Metric(labels=labels, buckets=[1.0, 4.0])
 
     def execute(self, requests):
         responses = []

@@ -376,8 +376,14 @@ class InferenceRequest:
         return self._release_flags
 
     def is_cancelled(self) -> bool:
+        """Whether the client gave up on this request (cancelled it, or its deadline passed).
+        Decoupled models learn it from the server as it happens; in the default mode the stub
+        asks the server (from the thread running `execute`, while it runs; False otherwise)."""
         sender = getattr(self, "_sender", None)  # set by the stub (backends/python_responses.py)
-        return sender is not None and bool(sender.is_cancelled())
+        if sender is not None and sender.is_cancelled():
+            return True
+        probe = getattr(self, "_cancel_probe", None)  # set by the stub (backends/python_stub.py)
+        return bool(probe()) if probe is not None else False
 
     def get_response_sender(self) -> Any:
         """The request's InferenceResponseSender (the same object on every call)."""

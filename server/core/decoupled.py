@@ -17,6 +17,7 @@ final response. Cancelling (the client went away) tells the backend, which tells
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -36,7 +37,7 @@ class ResponseStream:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.queue: asyncio.Queue[tuple[Any, bool]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Any, bool, int]] = asyncio.Queue()
         self.attached = False  # the backend took the request: it will send the final response
         self._cancel: Callable[[], None] | None = None
 
@@ -44,7 +45,7 @@ class ResponseStream:
 
     def send(self, outcome: Any, final: bool) -> None:
         try:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, (outcome, final))
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, (outcome, final, time.perf_counter_ns()))
         except RuntimeError:  # the loop has closed (shutdown): nobody is listening
             pass
 
@@ -75,16 +76,25 @@ async def stream_responses(model: Model, request: InferenceRequest) -> AsyncIter
         if stream.attached:  # the backend sends the final response (its error too, if it failed)
             return
         # It never reached the backend (queue full, model unavailable, bad input): its error closes it.
-        stream.queue.put_nowait((error or InternalError(f"model {model.label} took no request"), True))
+        stream.queue.put_nowait((error or InternalError(f"model {model.label} took no request"), True,
+                                 time.perf_counter_ns()))
 
     task.add_done_callback(executed)
     finished = False
+    # response_stats: compute_infer runs from the request's start, then from the previous response's send
+    index, previous = 0, time.perf_counter_ns()
     try:
         while not finished:
-            outcome, finished = await stream.queue.get()
-            yield _response(model, request, outcome, finished)
+            outcome, finished, sent = await stream.queue.get()
+            response = _response(model, request, outcome, finished)
+            handed = time.perf_counter_ns()
+            kind = "empty_response" if outcome is None else "fail" if response[1] is not None else "success"
+            model.stats.record_response(index, kind, max(0, sent - previous), max(0, handed - sent))
+            index, previous = index + 1, sent
+            yield response
     finally:
         if not finished:  # the client went away (or the server is stopping)
+            model.stats.record_response(index, "cancel", time.perf_counter_ns() - previous, 0)
             stream.cancel()
             task.cancel()
 

@@ -310,7 +310,7 @@ class ModelInstance:
         return [
             BackendRequest(
                 shaper.backend_inputs(job.request.inputs, job.request.batch_size), job.request.id,
-                job.request.parameters, job.request.requested_outputs, job.request.sink,
+                job.request.parameters, job.request.requested_outputs, job.request.sink, job.cancelled,
             )
             for job in live
         ]

@@ -210,7 +210,8 @@ class Model:
         samples = build_samples(self.config.model_warmup, self.inputs, self.spec.model_dir,
                                 self.config.max_batch_size, str(self.spec.model_dir / "config.pbtxt"))
         shaper = OutputShaper(self.label, self.outputs, self.inputs)
-        run_warmup(self.label, samples, [(i.name, i.backend.execute) for i in self._instances], shaper)
+        run_warmup(self.label, samples, [(i.name, i.backend.execute) for i in self._instances], shaper,
+                   decoupled=self.decoupled)
 
     def unload(self, timeout: float | None = None) -> None:
         """Stop taking requests, let the in-flight ones finish, then stop the instances and release the backends.
@@ -379,6 +380,7 @@ class Model:
                 answers = await asyncio.wrap_future(collecting, loop=loop)
             outcome = instance.finish_requests([job], [job], answers, started, prepared)[0]
         except asyncio.CancelledError:
+            job.abandoned = True  # the model may ask (request.is_cancelled())
             self.stats.record_failure(1, perf_counter_ns() - job.enqueued_ns, "CANCELED")
             handed_off = True
             if collecting is not None:  # that thread owns the backend until it is done

@@ -20,7 +20,8 @@ from server.types import InferenceRequest
 class Job:
     """One request waiting for, or being run by, an instance."""
 
-    __slots__ = ("request", "future", "loop", "enqueued_ns", "level", "deadline_ns", "shape_key", "queue_state")
+    __slots__ = ("request", "future", "loop", "enqueued_ns", "level", "deadline_ns", "shape_key", "queue_state",
+                 "abandoned")
 
     def __init__(
         self, request: InferenceRequest, future: asyncio.Future[Any] | None, loop: asyncio.AbstractEventLoop,
@@ -36,14 +37,15 @@ class Job:
         # dynamic batcher: which queue entry is live (0 main queue, 1 delayed queue, 2 none: taken or dropped),
         # so entries left behind in its deques and deadline heap are recognised as dead in O(1)
         self.queue_state = 0
+        self.abandoned = False  # the client gave up while the job ran awaited on the loop (no future)
 
     @property
     def batch_size(self) -> int:
         return self.request.batch_size
 
     def cancelled(self) -> bool:
-        """The client gave up (deadline, cancel) before the job ran."""
-        return self.future is not None and self.future.done()
+        """The client gave up (deadline, cancel): before the job ran, or while it runs."""
+        return self.abandoned or self.future is not None and self.future.done()
 
 
 class Scheduler(abc.ABC):

@@ -15,6 +15,7 @@ import time
 from server.core.latency import RequestLatencies
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+RESPONSE_DURATIONS = ("compute_infer", "compute_output", "success", "fail", "empty_response", "cancel")
 _FOLD_AT = 4096  # fold the pending records once this many have piled up
 
 
@@ -36,6 +37,9 @@ class ModelStats:
         self.durations: dict[str, list[int]] = {name: [0, 0] for name in DURATIONS}
         # batch size -> [executions, input_ns, infer_ns, output_ns]
         self.batch: dict[int, list[int]] = {}
+        # Decoupled models, as Triton's `response_stats`: response index -> name -> [count, ns]
+        # (names: RESPONSE_DURATIONS), recorded by server/core/decoupled.py on the event loop.
+        self.responses: dict[int, dict[str, list[int]]] = {}
 
     def record_execution(
         self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int,
@@ -101,7 +105,34 @@ class ModelStats:
             copy.durations = {name: list(value) for name, value in self.durations.items()}
             copy.batch = {size: list(value) for size, value in self.batch.items()}
             copy.failure_reasons = dict(self.failure_reasons)
+            copy.responses = {index: {name: list(value) for name, value in entry.items()}
+                              for index, entry in self.responses.items()}
         return copy
+
+    def record_response(self, index: int, outcome: str, infer_ns: int, output_ns: int) -> None:
+        """Response `index` of a decoupled model's request, as Triton counts it: a response with
+        outputs ("success") or an error ("fail") counts compute_infer (from the previous response,
+        or the request's start, until the model sent it), compute_output (from then until it was
+        handed to the protocol) and their sum; the final flag alone ("empty_response") counts
+        compute_infer and itself; "cancel": the client went away while this response was awaited."""
+        with self._lock:
+            entry = self.responses.get(index)
+            if entry is None:
+                entry = self.responses[index] = {name: [0, 0] for name in RESPONSE_DURATIONS}
+            if outcome == "cancel":
+                entry["cancel"][0] += 1
+                entry["cancel"][1] += infer_ns
+                return
+            entry["compute_infer"][0] += 1
+            entry["compute_infer"][1] += infer_ns
+            if outcome == "empty_response":
+                entry["empty_response"][0] += 1
+                entry["empty_response"][1] += infer_ns
+                return
+            entry["compute_output"][0] += 1
+            entry["compute_output"][1] += output_ns
+            entry[outcome][0] += 1
+            entry[outcome][1] += infer_ns + output_ns
 
     def record_failure(self, requests: int, total_ns: int, reason: str = "BACKEND") -> None:
         with self._lock:

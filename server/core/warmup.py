@@ -171,15 +171,19 @@ def build_samples(
 
 def run_warmup(
     label: str, samples: Sequence[WarmupSample], instances: Sequence[tuple[str, Execute]], shaper: OutputShaper,
+    decoupled: bool = False,
 ) -> None:
-    """Run every sample `count` times on every instance; raise BackendError naming what failed."""
+    """Run every sample `count` times on every instance; raise BackendError naming what failed.
+    A decoupled model's `execute` drains the request's responses up to the final flag and returns
+    what they carried, which may be fewer outputs than the config lists (or none): those are checked."""
     for sample in samples:
         started = perf_counter()
         for instance_name, execute in instances:
             inputs = shaper.backend_inputs(sample.inputs, sample.batch_size)
             for _ in range(sample.count):
                 try:
-                    shaper.response(execute(inputs), None)
+                    outputs = execute(inputs)
+                    shaper.response(outputs, tuple(n for n in outputs if n in shaper.outputs) if decoupled else None)
                 except Exception as exc:
                     raise BackendError(
                         f"model_warmup '{sample.name}' failed on instance {instance_name}: {exc}"

@@ -31,4 +31,8 @@ def model_statistics(model: Model) -> pb.ModelStatistics:
         _duration(entry.compute_input, executions, input_ns)
         _duration(entry.compute_infer, executions, infer_ns)
         _duration(entry.compute_output, executions, output_ns)
+    for index, durations in sorted(stats.responses.items()):
+        response = out.response_stats[str(index)]
+        for name, (count, ns) in durations.items():
+            _duration(getattr(response, name), count, ns)
     return out
