@@ -213,14 +213,16 @@ class ModelInstance:
         except Exception as exc:
             return self._failed(jobs, live, _as_error(exc, shaper.model_label, self.name))
         finished = perf_counter_ns()
-        queued = sum(started - job.enqueued_ns for job in live)
+        counted = [job for job in live if not job.padding]  # a sequence batcher's null rows are not counted
+        queued = sum(started - job.enqueued_ns for job in counted)
         self._stats.record_execution(
-            total, len(live), prepared - started, executed - prepared, finished - executed,
-            queued, finished * len(live) - sum(job.enqueued_ns for job in live),
+            total, len(counted), prepared - started, executed - prepared, finished - executed,
+            queued, finished * len(counted) - sum(job.enqueued_ns for job in counted),
+            sum(job.request.batch_size for job in live) - sum(job.request.batch_size for job in counted),
         )
         latencies = self._stats.latencies
         if latencies is not None:
-            for job in live:
+            for job in counted:
                 latencies.add((finished - job.enqueued_ns, started - job.enqueued_ns, prepared - started,
                                executed - prepared, finished - executed))
         _trace(live, started, prepared, executed, finished)
@@ -352,11 +354,14 @@ class ModelInstance:
                 outcome_of[id(job)] = (None, _as_error(exc, shaper.model_label, self.name))
                 failed.append(job)
         finished = perf_counter_ns()
-        if succeeded:
+        padding = sum(job.request.batch_size for job in succeeded if job.padding)
+        if padding:  # a sequence batcher's null requests ran too: not counted (Triton does not)
+            succeeded = [job for job in succeeded if not job.padding]
+        if succeeded or padding:
             self._stats.record_execution(
-                sum(job.request.batch_size for job in succeeded), len(succeeded), prepared - started,
+                sum(job.request.batch_size for job in succeeded) + padding, len(succeeded), prepared - started,
                 executed - prepared, finished - executed, sum(started - job.enqueued_ns for job in succeeded),
-                finished * len(succeeded) - sum(job.enqueued_ns for job in succeeded),
+                finished * len(succeeded) - sum(job.enqueued_ns for job in succeeded), padding,
             )
             latencies = self._stats.latencies
             if latencies is not None:
@@ -365,6 +370,7 @@ class ModelInstance:
                                    executed - prepared, finished - executed))
             _trace(succeeded, started, prepared, executed, finished)
             self._cost.record(sum(job.request.batch_size for job in live), executed - prepared)
+        failed = [job for job in failed if not job.padding]
         if failed:
             self._stats.record_failure(len(failed), finished * len(failed) - sum(job.enqueued_ns for job in failed))
         return [outcome_of.get(id(job), (None, None)) for job in jobs]
@@ -377,7 +383,8 @@ class ModelInstance:
 
     def _failed(self, jobs: list[Job], live: list[Job], error: NereidError) -> list[Outcome]:
         now = perf_counter_ns()
-        self._stats.record_failure(len(live), sum(now - job.enqueued_ns for job in live))
+        counted = [job for job in live if not job.padding]  # null requests are not counted
+        self._stats.record_failure(len(counted), sum(now - job.enqueued_ns for job in counted))
         if not isinstance(error, InvalidInput):  # a client's bad input says nothing about the instance
             self._count_failure(error)
         return [(None, error)] * len(jobs)

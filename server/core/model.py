@@ -102,7 +102,7 @@ class Model:
                                 outputs=self.spec.outputs + sequence.extra_outputs())
             self._shaped_outputs = {**self.outputs, **{s.name: TensorInfo.from_spec(s, mbs)
                                                        for s in sequence.extra_outputs()}}
-            self._sequencer = SequenceBatcher(sequence, self.name, tuple(self.inputs))
+            self._sequencer = SequenceBatcher(sequence, self.name, tuple(self.inputs), drop=self._reject)
         self.required_inputs = sum(1 for i in self.inputs.values() if not i.optional)
         # Zero or many responses per request, streamed (server/core/decoupled.py); never unary.
         self.decoupled = config.model_transaction_policy.decoupled
@@ -261,9 +261,9 @@ class Model:
 
     # -- request path (event loop) --
 
-    def _reject(self, job: Job, error: NereidError) -> None:
+    def _reject(self, job: Job, error: NereidError, reason: str = "REJECTED") -> None:
         """For the batcher's thread: fail one queued request (e.g. its queue timeout expired)."""
-        self.stats.record_failure(1, perf_counter_ns() - job.enqueued_ns, "REJECTED")
+        self.stats.record_failure(1, perf_counter_ns() - job.enqueued_ns, reason)
         outcome: Outcome = (None, error)
         job.loop.call_soon_threadsafe(deliver_all, [job], [outcome])
 
@@ -337,6 +337,7 @@ class Model:
             return await future  # type: ignore[no-any-return]
         except asyncio.CancelledError:
             self.stats.record_failure(1, perf_counter_ns() - started, "CANCELED")
+            self._sequencer.cancelled()  # its sequence ends now, freeing its slot (as Triton)
             raise
         finally:
             self.inflight -= 1

@@ -20,7 +20,8 @@ from server.types import InferenceRequest
 class Job:
     """One request waiting for, or being run by, an instance."""
 
-    __slots__ = ("request", "future", "loop", "enqueued_ns", "level", "deadline_ns", "shape_key", "queue_state")
+    __slots__ = ("request", "future", "loop", "enqueued_ns", "level", "deadline_ns", "shape_key", "queue_state",
+                 "padding")
 
     def __init__(
         self, request: InferenceRequest, future: asyncio.Future[Any] | None, loop: asyncio.AbstractEventLoop,
@@ -36,6 +37,9 @@ class Job:
         # dynamic batcher: which queue entry is live (0 main queue, 1 delayed queue, 2 none: taken or dropped),
         # so entries left behind in its deques and deadline heap are recognised as dead in O(1)
         self.queue_state = 0
+        # A sequence batcher's null request (a row that keeps the others in their slots): it runs,
+        # but statistics do not count it, as Triton does not (server/core/sequence_batcher.py).
+        self.padding = False
 
     @property
     def batch_size(self) -> int:
