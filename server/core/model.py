@@ -207,8 +207,15 @@ class Model:
         and before READY, so no request meets a cold instance (server/core/warmup.py)."""
         if not len(self.config.model_warmup):
             return
-        samples = build_samples(self.config.model_warmup, self.inputs, self.spec.model_dir,
+        inputs = self.inputs
+        if self._sequencer is not None:  # a sample may name control and state inputs, as in Triton
+            mbs = self.config.max_batch_size
+            inputs = {**inputs, **{s.name: TensorInfo.from_spec(s, mbs, True)
+                                   for s in self._sequencer.settings.extra_inputs()}}
+        samples = build_samples(self.config.model_warmup, inputs, self.spec.model_dir,
                                 self.config.max_batch_size, str(self.spec.model_dir / "config.pbtxt"))
+        if self._sequencer is not None:
+            samples = [self._sequencer.warmup_sample(sample) for sample in samples]
         shaper = OutputShaper(self.label, self.outputs, self.inputs)
         run_warmup(self.label, samples, [(i.name, i.backend.execute) for i in self._instances], shaper)
 

@@ -25,6 +25,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from time import monotonic_ns, perf_counter_ns
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 from backends.datatypes import NUMPY_OF
 from server.core.scheduler import Job, Scheduler
 from server.core.sequence_config import CORRID, END, READY, START, SequenceSettings
+from server.core.warmup import WarmupSample
 from server.errors import Cancelled, InvalidInput, NereidError, ServerUnavailable
 from server.types import InferenceRequest
 
@@ -184,6 +186,21 @@ class SequenceBatcher(Scheduler):
                 self._reaper = threading.Thread(target=self._reap_loop, name=f"sequence-reaper-{self.model_name}",
                                                 daemon=True)
                 self._reaper.start()
+
+    def warmup_sample(self, sample: WarmupSample) -> WarmupSample:
+        """A `model_warmup` sample with the control and state inputs it does not name filled in, as
+        one whole sequence in each row (START and END true, READY true, CORRID 0, initial state).
+        Triton runs warmup on the instance, past the scheduler, with only what the sample names."""
+        batch = sample.batch_size if self.settings.max_batch_size > 0 else 1
+        filled = dict(sample.inputs)
+        for name, value in self._controls(True, True, True, None).items():
+            if name not in filled:
+                filled[name] = np.repeat(value, batch, axis=0) if self.settings.max_batch_size > 0 else value
+        for st in self.settings.states:
+            if st.input_name not in filled:
+                filled[st.input_name] = np.stack([st.initial] * batch) if self.settings.max_batch_size > 0 \
+                    else st.initial
+        return replace(sample, inputs=filled)
 
     # -- instance threads --
 
