@@ -67,6 +67,44 @@ class TritonPythonModel:
         return out
 '''
 
+# Reschedules each request twice (TRITONSERVER_REQUEST_RELEASE_RESCHEDULE), then answers how many
+# times it ran and the correlation id it saw.
+ITERATIVE = """import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.runs = {}
+
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            key = request.request_id()
+            self.runs[key] = self.runs.get(key, 0) + 1
+            if self.runs[key] < 3:
+                request.set_release_flags(pb_utils.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE)
+                out.append(None)
+                continue
+            corrid = int(pb_utils.get_input_tensor_by_name(request, "CORRID").as_numpy().reshape(-1)[0])
+            out.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("OUTPUT", np.array([[self.runs[key], corrid]], np.int32))]))
+        return out
+"""
+
+ITERATIVE_CONFIG = """name: "seq_iterative"
+backend: "python"
+max_batch_size: 1
+sequence_batching {
+  iterative_sequence: true
+  max_sequence_idle_microseconds: 3600000000
+  control_input [ { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] } ]
+}
+input [ { name: "INPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "OUTPUT" data_type: TYPE_INT32 dims: [ 2 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
 DYNA_CONFIG = """name: "simple_dyna_sequence"
 backend: "python"
 max_batch_size: 2
@@ -104,6 +142,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     config, files = accumulator("simple_string_dyna_sequence",
                                 "oldest { max_candidate_sequences: 4 preferred_batch_size: [ 2 ] }\n", "TYPE_STRING")
     write_model(repo, "simple_string_dyna_sequence", config, files=files)
+    write_model(repo, "seq_iterative", ITERATIVE_CONFIG, files={"1/model.py": ITERATIVE.encode()})
     write_model(repo, "seq_onnx_stats", SIMPLE_CONFIG.replace('"seq_simple"', '"seq_onnx_stats"'),
                 files={"1/model.onnx": simple_sequence_onnx()})
     for name, named in (("seq_warm", ""), ("seq_warm_named", NAMED)):
@@ -268,6 +307,24 @@ def test_simple_dyna_sequence_client(server: ServerProcess) -> None:
     assert got["1000"] == int0
     assert got["1001"] == int1
     assert got["1002"] == [int(s) for s in sums]
+
+
+def test_iterative_sequence_without_sequence_id(server: ServerProcess) -> None:
+    """iterative_sequence, as Triton's L0_iterative_sequence calls it: requests with no sequence id
+    (and no START) each become a sequence of their own with a fresh correlation id, run until the
+    model stops rescheduling them, and then free their slot: with one slot and an idle limit of
+    an hour, three such requests all complete."""
+    results: queue.Queue = queue.Queue()
+    with client(server) as c:
+        for i in range(3):
+            c.async_infer("seq_iterative", int_input(i), lambda result, error: results.put(error or result),
+                          request_id=f"it{i}", client_timeout=scaled(20))
+        answers = [results.get(timeout=scaled(30)) for _ in range(3)]
+    for answer in answers:
+        assert not isinstance(answer, InferenceServerException), answer
+    rows = sorted(tuple(int(v) for v in a.as_numpy("OUTPUT")[0]) for a in answers)
+    assert [runs for runs, _ in rows] == [3, 3, 3]
+    assert len({corrid for _, corrid in rows}) == 3 and all(corrid > 0 for _, corrid in rows)
 
 
 def test_no_slot_is_left_stuck(server: ServerProcess) -> None:

@@ -123,6 +123,7 @@ class SequenceBatcher(Scheduler):
         self._row = (1, 1) if settings.max_batch_size > 0 else (1,)
         self._state_outputs = tuple(s.output_name for s in settings.states)
         self._corrid = next((c for c in settings.controls if c.kind == CORRID), None)
+        self._next_id = 1  # iterative_sequence: ids for requests that come without one (as Triton numbers them)
 
     def view(self) -> InstanceSlots:
         """A new instance's slots (called once per instance at load)."""
@@ -144,10 +145,12 @@ class SequenceBatcher(Scheduler):
         corrid: int | str = params.get("sequence_id", 0)
         if isinstance(corrid, int) and corrid < 0:
             corrid += 1 << 64  # Triton keeps integer ids as uint64
+        start, end = bool(params.get("sequence_start", False)), bool(params.get("sequence_end", False))
+        if (corrid == 0 or corrid == "") and self.settings.iterative:
+            corrid, start = self._fresh_id(), True  # Triton's IterativeSequencer: a new sequence of its own
         if corrid == 0 or corrid == "":
             raise InvalidInput(f"inference request to model '{self.model_name}' must specify a non-zero or "
                                "non-empty correlation ID")
-        start, end = bool(params.get("sequence_start", False)), bool(params.get("sequence_end", False))
         if self._corrid is not None and isinstance(corrid, str) and self._corrid.datatype != "BYTES":
             if not corrid.isdigit():
                 raise InvalidInput(f"sequence id '{corrid}' is a string but the CORRID control input "
@@ -284,7 +287,28 @@ class SequenceBatcher(Scheduler):
         view.running.append((job, seq))
         if end:
             self._release(slot)
+        elif self.settings.iterative:  # the request runs to its end (its reschedules included): so does
+            self._end(seq)             # its sequence, as when Triton's model releases it without RESCHEDULE
         return job
+
+    def _end(self, seq: Sequence) -> None:
+        if self._sequences.get(seq.corrid) is seq:
+            del self._sequences[seq.corrid]
+        error = Cancelled(f"sequence {seq.corrid} of model '{self.model_name}' ended (iterative_sequence) before "
+                          "this request ran")
+        while seq.queue:
+            job = seq.queue.popleft()[0]
+            if not job.cancelled():
+                self._drop(job, error, "CANCELED")
+        if seq.slot is not None:
+            self._release(seq.slot)
+
+    def _fresh_id(self) -> int:
+        with self._lock:
+            while self._next_id in self._sequences:
+                self._next_id += 1
+            self._next_id += 1
+            return self._next_id - 1
 
     def _null(self, representative: Job, inputs: dict[str, np.ndarray]) -> Job:
         """A row for a slot with nothing to run: another request's inputs, READY false (Triton's
