@@ -346,18 +346,24 @@ class ModelInstance:
             self._record_success(succeeded, sum(job.request.batch_size for job in succeeded),
                                  (started, prepared, executed, finished))
             self._cost.record(sum(job.request.batch_size for job in live), executed - prepared)
+        failed = [job for job in failed if not job.padding]
         if failed:
             self._stats.record_failure(len(failed), finished * len(failed) - sum(job.enqueued_ns for job in failed))
         return [outcome_of.get(id(job), (None, None)) for job in jobs]
 
     def _record_success(self, jobs: list[Job], total: int, times: tuple[int, int, int, int]) -> None:
-        """Statistics, latency samples and traces of the jobs of one execution that succeeded.
+        """Statistics, latency samples and traces of the jobs of one execution that succeeded
+        (`total` items; a sequence batcher's null rows among them count in the batch only).
         `times`: started, inputs prepared, backend returned, outputs shaped (perf_counter_ns)."""
         started, prepared, executed, finished = times
+        counted = [job for job in jobs if not job.padding]  # a sequence batcher's null rows are not counted
+        padding = total - sum(job.request.batch_size for job in counted) if len(counted) != len(jobs) else 0
         self._stats.record_execution(
-            total, len(jobs), prepared - started, executed - prepared, finished - executed,
-            sum(started - job.enqueued_ns for job in jobs), finished * len(jobs) - sum(job.enqueued_ns for job in jobs),
+            total, len(counted), prepared - started, executed - prepared, finished - executed,
+            sum(started - job.enqueued_ns for job in counted),
+            finished * len(counted) - sum(job.enqueued_ns for job in counted), padding,
         )
+        jobs = counted
         latencies = self._stats.latencies
         if latencies is not None:
             for job in jobs:
@@ -373,7 +379,8 @@ class ModelInstance:
 
     def _failed(self, jobs: list[Job], live: list[Job], error: NereidError) -> list[Outcome]:
         now = perf_counter_ns()
-        self._stats.record_failure(len(live), sum(now - job.enqueued_ns for job in live))
+        counted = [job for job in live if not job.padding]  # null requests are not counted
+        self._stats.record_failure(len(counted), sum(now - job.enqueued_ns for job in counted))
         if not isinstance(error, InvalidInput):  # a client's bad input says nothing about the instance
             self._count_failure(error)
         return [(None, error)] * len(jobs)

@@ -102,7 +102,7 @@ class Model:
                                 outputs=self.spec.outputs + sequence.extra_outputs())
             self._shaped_outputs = {**self.outputs, **{s.name: TensorInfo.from_spec(s, mbs)
                                                        for s in sequence.extra_outputs()}}
-            self._sequencer = SequenceBatcher(sequence, self.name, tuple(self.inputs))
+            self._sequencer = SequenceBatcher(sequence, self.name, tuple(self.inputs), drop=self._reject)
         self.required_inputs = sum(1 for i in self.inputs.values() if not i.optional)
         # Zero or many responses per request, streamed (server/core/decoupled.py); never unary.
         self.decoupled = config.model_transaction_policy.decoupled
@@ -207,8 +207,15 @@ class Model:
         and before READY, so no request meets a cold instance (server/core/warmup.py)."""
         if not len(self.config.model_warmup):
             return
-        samples = build_samples(self.config.model_warmup, self.inputs, self.spec.model_dir,
+        inputs = self.inputs
+        if self._sequencer is not None:  # a sample may name control and state inputs, as in Triton
+            mbs = self.config.max_batch_size
+            inputs = {**inputs, **{s.name: TensorInfo.from_spec(s, mbs, True)
+                                   for s in self._sequencer.settings.extra_inputs()}}
+        samples = build_samples(self.config.model_warmup, inputs, self.spec.model_dir,
                                 self.config.max_batch_size, str(self.spec.model_dir / "config.pbtxt"))
+        if self._sequencer is not None:
+            samples = [self._sequencer.warmup_sample(sample) for sample in samples]
         shaper = OutputShaper(self.label, self.outputs, self.inputs)
         run_warmup(self.label, samples, [(i.name, i.backend.execute) for i in self._instances], shaper,
                    decoupled=self.decoupled)
@@ -262,9 +269,9 @@ class Model:
 
     # -- request path (event loop) --
 
-    def _reject(self, job: Job, error: NereidError) -> None:
+    def _reject(self, job: Job, error: NereidError, reason: str = "REJECTED") -> None:
         """For the batcher's thread: fail one queued request (e.g. its queue timeout expired)."""
-        self.stats.record_failure(1, perf_counter_ns() - job.enqueued_ns, "REJECTED")
+        self.stats.record_failure(1, perf_counter_ns() - job.enqueued_ns, reason)
         outcome: Outcome = (None, error)
         job.loop.call_soon_threadsafe(deliver_all, [job], [outcome])
 
@@ -338,6 +345,7 @@ class Model:
             return await future  # type: ignore[no-any-return]
         except asyncio.CancelledError:
             self.stats.record_failure(1, perf_counter_ns() - started, "CANCELED")
+            self._sequencer.cancelled()  # its sequence ends now, freeing its slot (as Triton)
             raise
         finally:
             self.inflight -= 1

@@ -21,7 +21,7 @@ class Job:
     """One request waiting for, or being run by, an instance."""
 
     __slots__ = ("request", "future", "loop", "enqueued_ns", "level", "deadline_ns", "shape_key", "queue_state",
-                 "abandoned")
+                 "abandoned", "padding")
 
     def __init__(
         self, request: InferenceRequest, future: asyncio.Future[Any] | None, loop: asyncio.AbstractEventLoop,
@@ -38,6 +38,9 @@ class Job:
         # so entries left behind in its deques and deadline heap are recognised as dead in O(1)
         self.queue_state = 0
         self.abandoned = False  # the client gave up while the job ran awaited on the loop (no future)
+        # A sequence batcher's null request (a row that keeps the others in their slots): it runs,
+        # but statistics do not count it, as Triton does not (server/core/sequence_batcher.py).
+        self.padding = False
 
     @property
     def batch_size(self) -> int:

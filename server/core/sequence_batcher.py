@@ -25,6 +25,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from time import monotonic_ns, perf_counter_ns
 from typing import Any
 
@@ -33,19 +34,25 @@ import numpy as np
 from backends.datatypes import NUMPY_OF
 from server.core.scheduler import Job, Scheduler
 from server.core.sequence_config import CORRID, END, READY, START, SequenceSettings
-from server.errors import InvalidInput, ServerUnavailable
+from server.core.warmup import WarmupSample
+from server.errors import Cancelled, InvalidInput, NereidError, ServerUnavailable
 from server.types import InferenceRequest
 
 log = logging.getLogger("nereid.sequence")
 
 Entry = tuple[Job, bool, bool, int]  # (job, start, end, enqueued at, monotonic ns)
 Outcome = tuple[Any, Any]
+# Answers a request the scheduler drops without running it: (job, error, Triton's failure reason).
+Drop = Callable[[Job, NereidError, str], None]
+NO_DEADLINE = 1 << 63
+# Triton's messages for a dropped sequence (core sequence_batch_scheduler.cc).
+TIMEOUT_MESSAGE = "timeout of the corresponding sequence has been expired"
 
 
 class Sequence:
     """One correlation id's requests, state and slot."""
 
-    __slots__ = ("corrid", "queue", "state", "seen_ns", "slot", "inflight")
+    __slots__ = ("corrid", "queue", "state", "seen_ns", "slot", "inflight", "deadline_ns")
 
     def __init__(self, corrid: int | str, now: int) -> None:
         self.corrid = corrid
@@ -54,6 +61,10 @@ class Sequence:
         self.seen_ns = now
         self.slot: Slot | None = None
         self.inflight = False
+        self.deadline_ns = NO_DEADLINE  # while in the backlog: the earliest `timeout` of its requests
+
+    def cancelled(self) -> bool:
+        return any(entry[0].cancelled() for entry in self.queue)
 
 
 class Slot:
@@ -95,11 +106,12 @@ class SequenceBatcher(Scheduler):
     """The model-wide part: correlation ids, free slots, backlog, idle reaper."""
 
     def __init__(self, settings: SequenceSettings, model_name: str, input_names: tuple[str, ...],
-                 clock: Callable[[], int] = monotonic_ns) -> None:
+                 clock: Callable[[], int] = monotonic_ns, drop: Drop | None = None) -> None:
         self.settings = settings
         self.model_name = model_name
         self._input_names = input_names
         self._clock = clock
+        self._drop = drop or _drop
         self._lock = threading.Lock()
         self._reaper_cond = threading.Condition(self._lock)
         self._views: list[InstanceSlots] = []
@@ -111,6 +123,7 @@ class SequenceBatcher(Scheduler):
         self._row = (1, 1) if settings.max_batch_size > 0 else (1,)
         self._state_outputs = tuple(s.output_name for s in settings.states)
         self._corrid = next((c for c in settings.controls if c.kind == CORRID), None)
+        self._next_id = 1  # iterative_sequence: ids for requests that come without one (as Triton numbers them)
 
     def view(self) -> InstanceSlots:
         """A new instance's slots (called once per instance at load)."""
@@ -126,16 +139,18 @@ class SequenceBatcher(Scheduler):
     def enqueue(self, job: Job) -> None:
         """Route one request to its sequence; raises InvalidInput as Triton does."""
         params = job.request.parameters
+        if self.settings.max_batch_size > 0 and job.request.batch_size > 1:  # Triton's check, first
+            raise InvalidInput(f"inference request to model '{self.model_name}' must specify batch-size 1 due to "
+                               "requirements of sequence batcher")
         corrid: int | str = params.get("sequence_id", 0)
         if isinstance(corrid, int) and corrid < 0:
             corrid += 1 << 64  # Triton keeps integer ids as uint64
+        start, end = bool(params.get("sequence_start", False)), bool(params.get("sequence_end", False))
+        if (corrid == 0 or corrid == "") and self.settings.iterative:
+            corrid, start = self._fresh_id(), True  # Triton's IterativeSequencer: a new sequence of its own
         if corrid == 0 or corrid == "":
             raise InvalidInput(f"inference request to model '{self.model_name}' must specify a non-zero or "
                                "non-empty correlation ID")
-        start, end = bool(params.get("sequence_start", False)), bool(params.get("sequence_end", False))
-        if self.settings.max_batch_size > 0 and job.request.batch_size != 1:
-            raise InvalidInput(f"inference request for sequence {corrid} to model '{self.model_name}' has batch size "
-                               f"{job.request.batch_size}; a request of a sequence must hold one item (batch size 1)")
         if self._corrid is not None and isinstance(corrid, str) and self._corrid.datatype != "BYTES":
             if not corrid.isdigit():
                 raise InvalidInput(f"sequence id '{corrid}' is a string but the CORRID control input "
@@ -161,6 +176,11 @@ class SequenceBatcher(Scheduler):
                             self.model_name)
             seq.seen_ns = now
             seq.queue.append((job, start, end, now))
+            if seq.slot is None and "timeout" in params:  # waiting for a slot: Triton's backlog timeout
+                timeout_us = params["timeout"]
+                if isinstance(timeout_us, int) and timeout_us > 0 and now + timeout_us * 1000 < seq.deadline_ns:
+                    seq.deadline_ns = now + timeout_us * 1000
+                    self._reaper_cond.notify_all()
             if end:  # a later request with this id starts a new sequence
                 del self._sequences[corrid]
             if seq.slot is not None:
@@ -169,6 +189,21 @@ class SequenceBatcher(Scheduler):
                 self._reaper = threading.Thread(target=self._reap_loop, name=f"sequence-reaper-{self.model_name}",
                                                 daemon=True)
                 self._reaper.start()
+
+    def warmup_sample(self, sample: WarmupSample) -> WarmupSample:
+        """A `model_warmup` sample with the control and state inputs it does not name filled in, as
+        one whole sequence in each row (START and END true, READY true, CORRID 0, initial state).
+        Triton runs warmup on the instance, past the scheduler, with only what the sample names."""
+        batch = sample.batch_size if self.settings.max_batch_size > 0 else 1
+        filled = dict(sample.inputs)
+        for name, value in self._controls(True, True, True, None).items():
+            if name not in filled:
+                filled[name] = np.repeat(value, batch, axis=0) if self.settings.max_batch_size > 0 else value
+        for st in self.settings.states:
+            if st.input_name not in filled:
+                filled[st.input_name] = np.stack([st.initial] * batch) if self.settings.max_batch_size > 0 \
+                    else st.initial
+        return replace(sample, inputs=filled)
 
     # -- instance threads --
 
@@ -185,6 +220,10 @@ class SequenceBatcher(Scheduler):
                 view.cond.wait(None if wait_ns is None else wait_ns / 1e9)
 
     def _form(self, view: InstanceSlots, now: int, draining: bool = False) -> tuple[list[Job] | None, int | None]:
+        for slot in view.slots:  # a sequence whose next request was cancelled ends here, as in Triton
+            seq = slot.sequence
+            if seq is not None and seq.queue and seq.queue[0][0].cancelled():
+                self._cancel(seq)
         ready = [slot for slot in view.slots if slot.sequence is not None and slot.sequence.queue]
         if not ready:
             return None, None
@@ -248,14 +287,37 @@ class SequenceBatcher(Scheduler):
         view.running.append((job, seq))
         if end:
             self._release(slot)
+        elif self.settings.iterative:  # the request runs to its end (its reschedules included): so does
+            self._end(seq)             # its sequence, as when Triton's model releases it without RESCHEDULE
         return job
+
+    def _end(self, seq: Sequence) -> None:
+        if self._sequences.get(seq.corrid) is seq:
+            del self._sequences[seq.corrid]
+        error = Cancelled(f"sequence {seq.corrid} of model '{self.model_name}' ended (iterative_sequence) before "
+                          "this request ran")
+        while seq.queue:
+            job = seq.queue.popleft()[0]
+            if not job.cancelled():
+                self._drop(job, error, "CANCELED")
+        if seq.slot is not None:
+            self._release(seq.slot)
+
+    def _fresh_id(self) -> int:
+        with self._lock:
+            while self._next_id in self._sequences:
+                self._next_id += 1
+            self._next_id += 1
+            return self._next_id - 1
 
     def _null(self, representative: Job, inputs: dict[str, np.ndarray]) -> Job:
         """A row for a slot with nothing to run: another request's inputs, READY false (Triton's
-        null request); its outputs go nowhere."""
+        null request); its outputs go nowhere and statistics do not count it (`padding`)."""
         inputs.update(self._controls(False, False, False, None))
         request = InferenceRequest(inputs, 1, "", representative.request.requested_outputs)
-        return Job(request, None, representative.loop, perf_counter_ns())
+        job = Job(request, None, representative.loop, perf_counter_ns())
+        job.padding = True
+        return job
 
     def _controls(self, start: bool, end: bool, ready: bool, corrid: int | str | None) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -296,14 +358,48 @@ class SequenceBatcher(Scheduler):
         slot.owner.cond.notify()
 
     def _release(self, slot: Slot) -> None:
+        """Free the slot: the oldest backlogged sequence takes it (one with a cancelled request is
+        dropped instead, as Triton does), else it joins the free slots."""
         seq = slot.sequence
         if seq is not None:
             seq.slot = None
         slot.sequence = None
-        if self._backlog:
-            self._assign(self._backlog.popleft(), slot)
+        while self._backlog:
+            waiting = self._backlog.popleft()
+            if waiting.cancelled():
+                self._cancel(waiting)
+                continue
+            waiting.deadline_ns = NO_DEADLINE
+            self._assign(waiting, slot)
             return
         heapq.heappush(self._free, (slot.index, slot.owner.index, slot))
+
+    def _cancel(self, seq: Sequence) -> None:
+        """End a sequence one of whose requests was cancelled (client cancel or deadline): its slot
+        is freed now, its other queued requests fail CANCELLED, and its id needs a new START."""
+        log.info("sequence %s of model '%s': a request was cancelled; the sequence ends", seq.corrid,
+                 self.model_name)
+        if self._sequences.get(seq.corrid) is seq:
+            del self._sequences[seq.corrid]
+        error = Cancelled(f"a request of sequence {seq.corrid} to model '{self.model_name}' was cancelled; "
+                          "the sequence was ended")
+        while seq.queue:
+            job = seq.queue.popleft()[0]
+            if not job.cancelled():
+                self._drop(job, error, "CANCELED")
+        if seq.slot is not None:
+            self._release(seq.slot)
+        elif seq in self._backlog:
+            self._backlog.remove(seq)
+
+    def cancelled(self) -> None:
+        """A request of this model was cancelled while it waited: end its sequence now rather than
+        when it would have run (instances look at their slots; the backlog is looked at here)."""
+        with self._lock:
+            for seq in [seq for seq in self._backlog if seq.cancelled()]:
+                self._cancel(seq)
+            for view in self._views:
+                view.cond.notify()
 
     def _reap_loop(self) -> None:
         idle = self.settings.idle_ns
@@ -322,7 +418,22 @@ class SequenceBatcher(Scheduler):
                         self._release(seq.slot)
                     else:  # queued, running or waiting for a slot: look again soon
                         wake = min(wake, 50_000_000)
+                for seq in [seq for seq in self._backlog if seq.deadline_ns <= now]:
+                    self._expire(seq)
+                if self._backlog:
+                    wake = min(wake, min(seq.deadline_ns for seq in self._backlog) - now)
                 self._reaper_cond.wait(max(wake, 1_000_000) / 1e9)
+
+    def _expire(self, seq: Sequence) -> None:
+        """A backlogged sequence's `timeout` passed before it got a slot: Triton rejects all of it."""
+        self._backlog.remove(seq)
+        if self._sequences.get(seq.corrid) is seq:
+            del self._sequences[seq.corrid]
+        error = ServerUnavailable(TIMEOUT_MESSAGE)
+        while seq.queue:
+            job = seq.queue.popleft()[0]
+            if not job.cancelled():
+                self._drop(job, error, "REJECTED")
 
     def pending(self) -> int:
         with self._lock:
@@ -341,6 +452,10 @@ class SequenceBatcher(Scheduler):
             for view in self._views:
                 view.cond.notify_all()
             self._reaper_cond.notify_all()
+
+
+def _drop(job: Job, error: NereidError, reason: str) -> None:
+    job.loop.call_soon_threadsafe(_fail, job, error)
 
 
 def _fail(job: Job, error: Exception) -> None:

@@ -61,6 +61,7 @@ class SequenceSettings:
     preferred_batch_sizes: tuple[int, ...]  # oldest only
     controls: tuple[Control, ...]
     states: tuple[State, ...]
+    iterative: bool = False  # iterative_sequence: a request is a whole sequence (its model may reschedule it)
 
     def extra_inputs(self) -> tuple[TensorSpec, ...]:
         """The model inputs the scheduler fills (controls, state inputs), as the backend sees them."""
@@ -113,6 +114,7 @@ def sequence_settings(config: mc.ModelConfig, model_dir: Path | None = None) -> 
         idle_ns=int(sb.max_sequence_idle_microseconds or DEFAULT_IDLE_US) * 1000,
         queue_delay_ns=int(delay_us) * 1000, minimum_slot_utilization=float(utilization),
         slots_per_instance=slots, preferred_batch_sizes=preferred, controls=controls, states=states,
+        iterative=sb.iterative_sequence,
     )
 
 

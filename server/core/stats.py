@@ -29,8 +29,8 @@ class ModelStats:
         # Failed requests by Triton's metric reasons: REJECTED (queue full, queue timeout),
         # CANCELED (the client gave up), BACKEND (the execution failed), OTHER.
         self.failure_reasons: dict[str, int] = {}
-        # (batch_size, requests, input_ns, infer_ns, output_ns, queue_ns, success_ns, finished_perf_ns)
-        self._pending: collections.deque[tuple[int, int, int, int, int, int, int, int]] = collections.deque()
+        # (batch_size, requests, input_ns, infer_ns, output_ns, queue_ns, success_ns, finished_perf_ns, padding)
+        self._pending: collections.deque[tuple[int, int, int, int, int, int, int, int, int]] = collections.deque()
         self.last_inference_ms = 0
         self.inference_count = 0  # batch items
         self.execution_count = 0  # backend executions
@@ -43,16 +43,18 @@ class ModelStats:
 
     def record_execution(
         self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int,
-        queue_ns: int, success_ns: int,
+        queue_ns: int, success_ns: int, padding: int = 0,
     ) -> None:
         """One backend execution that served `requests` requests (`batch_size` items in all).
 
         `queue_ns` and `success_ns` are sums over those requests. As in Triton, each
-        request is charged the whole batch's compute time.
+        request is charged the whole batch's compute time. `padding` of the `batch_size` items
+        were a sequence batcher's null requests: they count in the batch size of the execution
+        (as the backend saw it) but not as inferences, and `requests` leaves them out.
         """
         pending = self._pending
         pending.append((batch_size, requests, input_ns, infer_ns, output_ns, queue_ns, success_ns,
-                        time.perf_counter_ns()))
+                        time.perf_counter_ns(), padding))
         if len(pending) >= _FOLD_AT:
             self._fold()
 
@@ -66,12 +68,12 @@ class ModelStats:
             last_perf = 0
             while True:
                 try:
-                    batch_size, requests, input_ns, infer_ns, output_ns, queue_ns, success_ns, done = \
+                    batch_size, requests, input_ns, infer_ns, output_ns, queue_ns, success_ns, done, padding = \
                         pending.popleft()
                 except IndexError:
                     break
                 last_perf = max(last_perf, done)
-                self.inference_count += batch_size
+                self.inference_count += batch_size - padding
                 self.execution_count += 1
                 ci[0] += requests
                 ci[1] += input_ns * requests
