@@ -220,8 +220,11 @@ def _check_common(run: Run) -> None:
     assert len(run.explained[KILLED]) <= CLIENTS, run.table()
     after_kill = [o for o in run.outcomes if o.sent >= m["b_gone"]]
     assert len(after_kill) >= 40 and run.served_by(run.a, m["b_gone"]) == len(after_kill), run.table()
-    # ... among them some the balancer sent to B first: the refused connection made it retry on A.
-    assert any(run.passages[o.request_id].retried for o in after_kill), run.table()
+    # ... and some the balancer sent to B after the kill, before its health check saw B gone: the
+    # refused connection made it retry on A (sent after the kill; whether any were sent after the
+    # kill was *confirmed* depends on how fast the check ran on a loaded machine).
+    since_kill = [o for o in run.outcomes if o.sent >= m["sigkill"]]
+    assert any(run.passages[o.request_id].retried for o in since_kill), run.table()
 
 
 def test_failover_through_nginx(tmp_path: Path, server_factory: Callable[..., ServerProcess]) -> None:
