@@ -338,3 +338,22 @@ def test_unload_dependents_goes_down_nested_ensembles(explicit: ServerProcess) -
     c.load_model("outer")
     c.unload_model("outer", unload_dependents=True)
     assert not any(_ready(c, m) for m in ("outer", "ab", "a", "b", "c"))
+
+
+
+def test_loading_a_loaded_decoupled_ensemble_again_keeps_it(tmp_path: Path) -> None:
+    """Its config (decoupled: true, set at load) differs from the one on disk; a load of the
+    unchanged model must not take that for a change and load it anew (which resets its statistics)."""
+    repo = tmp_path / "repo"
+    write_model(repo, "gen", GEN_CONFIG, files={"1/model.py": GEN.encode()})
+    write_model(repo, "copy", identity_config("copy", [("INPUT0", "INT32", [1])]))
+    write_model(repo, "gen_first", ensemble("gen_first", GEN_FIRST))
+    srv = ServerProcess([repo], ["--model-control-mode", "explicit", "--load-model", "gen_first"])
+    try:
+        _elapsed_stream(srv, "gen_first", 2)
+        c = client(srv)
+        c.load_model("gen_first")
+        assert c.is_model_ready("gen_first")
+        assert int(_stats(c, "gen_first")["success"].get("count", 0)) == 1
+    finally:
+        srv.stop()

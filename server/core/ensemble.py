@@ -98,8 +98,13 @@ class EnsembleModel(Model):
             self.state, self.reason, self.blocked = ModelState.UNAVAILABLE, problem, True
             raise BackendError(problem)
         # As Triton, the ensemble is decoupled when a step is: its config says so (ModelConfig RPC, BLS).
+        # A copy: the repository compares `source_config` with the config on disk.
         self.decoupled = self._flow_decoupled
-        self.config.model_transaction_policy.decoupled = self.decoupled
+        if self.decoupled != self.config.model_transaction_policy.decoupled:
+            config = type(self.source_config)()
+            config.CopyFrom(self.source_config)
+            config.model_transaction_policy.decoupled = self.decoupled
+            self.config = config
         self.state, self.reason, self.blocked = ModelState.READY, "", False
 
     def steps_problem(self) -> str:
