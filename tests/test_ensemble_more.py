@@ -81,6 +81,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     write_model(repo, "join", identity_config("join", [("INPUT0", "INT32", [1]), ("INPUT1", "INT32", [1])]))
     write_model(repo, "gen_first", ensemble("gen_first", GEN_FIRST))
     write_model(repo, "gen_last", ensemble("gen_last", GEN_LAST))
+    write_model(repo, "nested", ensemble("nested", [step("gen_first", {"IN": "IN"}, {"OUT": "n"}),
+                                                    step("gen_last", {"IN": "n"}, {"OUT": "OUT"})]))
     write_model(repo, "gen_limited", ensemble("gen_limited", GEN_SLOW, scheduling="max_inflight_requests: 1"))
     write_model(repo, "gen_unlimited", ensemble("gen_unlimited", GEN_SLOW))
     write_model(repo, "slow_limited", ensemble("slow_limited", [step("slow", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})],
@@ -145,7 +147,10 @@ def test_decoupled_step_streams_every_response_through_the_ensemble(stream: Stre
     stream.client.async_stream_infer(model, _int_input(3), request_id="r3", enable_empty_final_response=True)
     events = stream.until_final()
     assert [e for _, e in events] == [None] * len(events)
-    assert _values(events) == [0, 1, 2]
+    # gen_last: gen's responses, in order. gen_first: each goes through `copy` on its own; those
+    # requests may finish in any order (Triton: "the responses will be in arbitrary order").
+    values = _values(events)
+    assert (values if model == "gen_last" else sorted(values)) == [0, 1, 2]
     assert all(r.get_response().id == "r3" and r.get_response().model_name == model for r, _ in events)
     finals = [_final(r) for r, _ in events]
     assert finals[-1] and not any(finals[:-1])
@@ -153,6 +158,20 @@ def test_decoupled_step_streams_every_response_through_the_ensemble(stream: Stre
         assert len(events) == 4 and events[-1][0].as_numpy("OUT") is None
     # gen_first: the final flag rides on the last response when `copy` answers after gen's final
     # flag (nothing is left in flight), else it comes alone (Triton's rule, both orders possible).
+
+
+def test_decoupled_ensemble_as_a_step_of_another(stream: Stream) -> None:
+    # gen_first answers 0, 1, 2; each goes through gen_last, which answers n times for n.
+    stream.client.async_stream_infer("nested", _int_input(3), enable_empty_final_response=True)
+    events = stream.until_final()
+    assert [e for _, e in events] == [None] * len(events)
+    assert sorted(_values(events)) == [0, 0, 1]
+    assert client_config_decoupled(stream.client, "nested")
+
+
+def client_config_decoupled(c, model: str) -> bool:
+    return bool(c.get_model_config(model, as_json=True)["config"].get("model_transaction_policy", {}).get(
+        "decoupled", False))
 
 
 def test_decoupled_ensemble_may_answer_zero_times(stream: Stream) -> None:
@@ -172,7 +191,7 @@ def test_decoupled_step_error_ends_the_ensemble_request(stream: Stream) -> None:
     assert "gen refuses -1" in error.message(), error.message()
     # The stream goes on.
     stream.client.async_stream_infer("gen_first", _int_input(2), enable_empty_final_response=True)
-    assert _values(stream.until_final()) == [0, 1]
+    assert sorted(_values(stream.until_final())) == [0, 1]
 
 
 def test_decoupled_ensemble_is_decoupled_and_refused_on_model_infer(server: ServerProcess) -> None:
@@ -252,7 +271,7 @@ def test_classification_on_a_decoupled_ensemble_response(stream: Stream) -> None
     stream.client.async_stream_infer("gen_classes", _int_input(2), enable_empty_final_response=True,
                                      outputs=[grpcclient.InferRequestedOutput("OUT", class_count=1)])
     events = stream.until_final()
-    assert [r.as_numpy("OUT").tolist() for r, e in events if e is None and r.as_numpy("OUT") is not None] == [
+    assert sorted(r.as_numpy("OUT").tolist() for r, e in events if e is None and r.as_numpy("OUT") is not None) == [
         [b"0:0:zero"], [b"1:0:zero"]]
 
 
