@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from server.core.classification import ClassifiedOutputs
 from server.core.instance import _as_error
 from server.core.model import Model
 from server.errors import InternalError, NereidError
@@ -116,13 +117,14 @@ def _outputs(model: Model, outputs: dict[str, np.ndarray], wanted: tuple[str, ..
     """The requested outputs a response carries, in order. A decoupled model's response may
     carry fewer than all of them (Triton passes on what the model sent)."""
     result: dict[str, np.ndarray] = {}
+    classified: frozenset[str] = getattr(outputs, "classified", frozenset())  # ClassifiedOutputs: those are BYTES now
     for name in wanted or model.outputs:
         arr = outputs.get(name)
         if arr is None:
             continue
         info = model.outputs[name]
-        if info.itemsize and arr.dtype != info.dtype:
+        if info.itemsize and arr.dtype != info.dtype and name not in classified:
             raise InternalError(f"model {model.label} produced {arr.dtype} for output '{name}', "
                                 f"config says {info.datatype}")
         result[name] = arr
-    return result
+    return ClassifiedOutputs(result, classified) if classified else result

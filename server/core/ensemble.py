@@ -13,7 +13,12 @@ ensemble and the step (`in ensemble 'e', step 1 (model 'post'): ...`; Triton's p
 
 Statistics follow Triton: each ensemble request counts once (inference_count by its batch
 size, one execution), its compute durations are the sums of its steps' compute durations,
-and each step model counts its own requests as usual.
+its queue time is the ensemble's own scheduling before the first step is sent (Triton's
+queue start to compute start), and each step model counts its own requests as usual.
+
+An ensemble with a decoupled step is itself decoupled (Triton sets its transaction policy
+when it loads): it answers on ModelStreamInfer only, every response of a decoupled step
+feeding the steps after it (ensemble_stream.py). Other ensembles take the path below.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from backends.base import BackendError
 from server.core.classification import Labels, classify_outputs, load_labels
-from server.core.ensemble_plan import StepPlan, plan_steps, steps_problem
+from server.core.ensemble_plan import StepPlan, decoupled_flow, plan_steps, steps_problem
+from server.core.ensemble_stream import infer_streamed
 from server.core.limits import ServingLimits
 from server.core.model import Model
 from server.core.signature import TensorInfo
 from server.core.state import ModelState
+from server.core.step_limiter import step_limiters
 from server.errors import InternalError, InvalidInput, ModelUnavailable, NereidError
 from server.types import InferenceRequest
 
@@ -74,6 +81,9 @@ class EnsembleModel(Model):
         self._inputs_set = frozenset(self.inputs)
         self._producer = {tensor: step.index for step in self.plan for _, tensor in step.outputs}
         self._pruned: dict[tuple[str, ...] | None, tuple[int, ...]] = {}
+        # max_inflight_requests: one limiter per step, shared by all requests (step_limiter.py).
+        self.limiters = step_limiters(config.ensemble_scheduling.max_inflight_requests, len(self.plan))
+        self._flow_decoupled = False  # what the step models serving now make of it (steps_problem)
 
     # -- lifecycle --
 
@@ -87,6 +97,14 @@ class EnsembleModel(Model):
         if problem:
             self.state, self.reason, self.blocked = ModelState.UNAVAILABLE, problem, True
             raise BackendError(problem)
+        # As Triton, the ensemble is decoupled when a step is: its config says so (ModelConfig RPC, BLS).
+        # A copy: the repository compares `source_config` with the config on disk.
+        self.decoupled = self._flow_decoupled
+        if self.decoupled != self.config.model_transaction_policy.decoupled:
+            config = type(self.source_config)()
+            config.CopyFrom(self.source_config)
+            config.model_transaction_policy.decoupled = self.decoupled
+            self.config = config
         self.state, self.reason, self.blocked = ModelState.READY, "", False
 
     def steps_problem(self) -> str:
@@ -107,7 +125,16 @@ class EnsembleModel(Model):
                             f"is not loaded.")
                 return f"ensemble '{name}' depends on '{step.model}' which has no loaded version. {exc}"
             configs.setdefault(step.model, model.config)
-        return steps_problem(self.config, configs)
+        problem = steps_problem(self.config, configs)
+        if problem:
+            return problem
+        decoupled = decoupled_flow(self.config, configs)[1]
+        if self.state is ModelState.READY and decoupled != self.decoupled:
+            # A step was reloaded with another transaction policy: the ensemble's changes with it (a new load).
+            now = "decoupled" if decoupled else "not decoupled"
+            return f"ensemble '{name}': a step model changed its transaction policy, the ensemble is now {now}"
+        self._flow_decoupled = decoupled
+        return ""
 
     def unload(self, timeout: float | None = None) -> None:
         """Let the requests in flight finish (their steps run in their own models), then stop."""
@@ -126,6 +153,8 @@ class EnsembleModel(Model):
     async def infer(self, request: InferenceRequest) -> dict[str, np.ndarray]:
         if self.state is not ModelState.READY:
             raise ModelUnavailable(f"{self.label} is not at ready state")
+        if self.decoupled:
+            return await infer_streamed(self, request)
         started = perf_counter_ns()
         self.inflight += 1
         try:
@@ -140,12 +169,17 @@ class EnsembleModel(Model):
             self.inflight -= 1
         wanted = request.requested_outputs if request.requested_outputs is not None else tuple(self.outputs)
         result = {name: values[name] for name in wanted}
-        self.stats.record_execution(request.batch_size, 1, durations[0], durations[1], durations[2], 0,
-                                    perf_counter_ns() - started)
-        if request.classification:
-            return classify_outputs(result, request.classification, self._output_labels(),
-                                    self.config.max_batch_size > 0)
-        return result
+        self.stats.record_execution(request.batch_size, 1, durations[0], durations[1], durations[2],
+                                    durations[3] - started, perf_counter_ns() - started)
+        return self.classified(result, request)
+
+    def classified(self, outputs: dict[str, np.ndarray], request: InferenceRequest) -> dict[str, np.ndarray]:
+        """The classification extension on the ensemble's outputs, as Triton's frontend classifies
+        the ensemble's response (unary and streamed responses alike)."""
+        if not request.classification:
+            return outputs
+        return classify_outputs(outputs, request.classification, self._output_labels(),
+                                self.config.max_batch_size > 0)
 
     def _output_labels(self) -> Labels:
         """Labels for classifying ensemble outputs: the ensemble's own `label_filename`, else those
@@ -169,11 +203,12 @@ class EnsembleModel(Model):
         return labels
 
     async def _run(self, request: InferenceRequest) -> tuple[dict[str, np.ndarray], list[int]]:
-        """Run the steps as their inputs appear; returns every tensor and the summed compute times."""
+        """Run the steps as their inputs appear; returns every tensor, the summed compute times and
+        when the first step was sent (the end of the ensemble's queue time)."""
         values: dict[str, np.ndarray] = dict(request.inputs)
         absent = self._inputs_set.difference(values)  # optional ensemble inputs left out
-        waiting = set(self._steps_for(request.requested_outputs))
-        durations = [0, 0, 0]
+        waiting = set(self.steps_for(request.requested_outputs))
+        durations = [0, 0, 0, 0]
         running: dict[asyncio.Task[tuple[dict[str, np.ndarray], _StepTiming]], StepPlan] = {}
 
         def ready() -> list[StepPlan]:
@@ -193,6 +228,7 @@ class EnsembleModel(Model):
 
         try:
             steps = ready()
+            durations[3] = perf_counter_ns()
             while steps or running:
                 if len(steps) == 1 and not running:  # a chain: no task needed
                     outputs, timing = await self._call(steps[0], values, request)
@@ -218,7 +254,7 @@ class EnsembleModel(Model):
                 f"{', '.join(repr(t) for t in unmet)} were never produced")
         return values, durations
 
-    def _steps_for(self, requested: tuple[str, ...] | None) -> tuple[int, ...]:
+    def steps_for(self, requested: tuple[str, ...] | None) -> tuple[int, ...]:
         """The steps that lead to the requested outputs (all of them when none are named)."""
         steps = self._pruned.get(requested)
         if steps is not None:
@@ -240,36 +276,51 @@ class EnsembleModel(Model):
             self._pruned[requested] = steps
         return steps
 
+    def step_request(self, step: StepPlan, values: dict[str, np.ndarray],
+                     request: InferenceRequest) -> tuple[Model, InferenceRequest]:
+        """The step model and its request: the ensemble tensors it reads, fitted to its inputs. The
+        request's `trace` (a _StepTiming) gets the step's compute timestamps."""
+        model = self._models.get(step.model, step.version)
+        inputs: dict[str, np.ndarray] = {}
+        batch = 0
+        for model_input, tensor in step.inputs:
+            array = values.get(tensor)
+            if array is None:
+                continue
+            info = model.inputs[model_input]
+            array = _fit(info, array)
+            size = info.check_shape(array.shape, model.name)
+            if batch and size != batch:
+                raise InvalidInput(f"input '{model_input}' batch size does not match other inputs for "
+                                   f"'{model.name}'")
+            batch = size
+            inputs[model_input] = array
+        return model, InferenceRequest(inputs, batch or 1, request.id, tuple(o for o, _ in step.outputs),
+                                       dict(request.parameters), _StepTiming())
+
+    def step_error(self, step: StepPlan, exc: BaseException) -> NereidError:
+        """A step's failure as the ensemble reports it: the same status, named after the step."""
+        if isinstance(exc, NereidError):
+            return _named(exc, f"in ensemble '{self.name}', {step.label}: {exc}")
+        log.error("%s: %s failed unexpectedly: %r", self.label, step.label, exc)
+        return InternalError(f"in ensemble '{self.name}', {step.label}: {exc!r}")
+
     async def _call(self, step: StepPlan, values: dict[str, np.ndarray],
                     request: InferenceRequest) -> tuple[dict[str, np.ndarray], _StepTiming]:
         """One step: an in-process request to the step model, its errors named after the step."""
-        timing = _StepTiming()
+        limiter = self.limiters[step.index] if self.limiters is not None else None
+        if limiter is not None:
+            await limiter.acquire()
         try:
-            model = self._models.get(step.model, step.version)
-            inputs: dict[str, np.ndarray] = {}
-            batch = 0
-            for model_input, tensor in step.inputs:
-                array = values.get(tensor)
-                if array is None:
-                    continue
-                info = model.inputs[model_input]
-                array = _fit(info, array)
-                size = info.check_shape(array.shape, model.name)
-                if batch and size != batch:
-                    raise InvalidInput(f"input '{model_input}' batch size does not match other inputs for "
-                                       f"'{model.name}'")
-                batch = size
-                inputs[model_input] = array
-            sub = InferenceRequest(inputs, batch or 1, request.id, tuple(o for o, _ in step.outputs),
-                                   dict(request.parameters), timing)
-            return await model.infer(sub), timing
-        except NereidError as exc:
-            raise _named(exc, f"in ensemble '{self.name}', {step.label}: {exc}") from None
+            model, sub = self.step_request(step, values, request)
+            return await model.infer(sub), sub.trace
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a bug, reported as such rather than as a dropped connection
-            log.exception("%s: %s failed unexpectedly", self.label, step.label)
-            raise InternalError(f"in ensemble '{self.name}', {step.label}: {exc!r}") from None
+        except Exception as exc:  # named after the step (a bug is reported as such, not as a dropped connection)
+            raise self.step_error(step, exc) from None
+        finally:
+            if limiter is not None:
+                limiter.release()
 
 
 def _fit(info: TensorInfo, array: np.ndarray) -> np.ndarray:

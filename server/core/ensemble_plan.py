@@ -5,8 +5,9 @@ then are the step models' completed configs known. Triton's rules and messages (
 `ensemble_utils.cc` ValidateEnsembleConfig): every mapped input and output exists on the step
 model, every required step input is mapped exactly once, no step maps two outputs to one
 tensor, an ensemble tensor has one datatype and one shape wherever it appears (a -1 matches
-anything; a batching model's [d...] matches a non-batching model's [-1, d...]), and a step
-model that batches allows at least the ensemble's max_batch_size.
+anything; a batching model's [d...] matches a non-batching model's [-1, d...]), a step
+model that batches allows at least the ensemble's max_batch_size, and no step mixes tensors
+descending from different decoupled steps (`decoupled_flow`).
 """
 
 from __future__ import annotations
@@ -88,13 +89,42 @@ def steps_problem(config: mc.ModelConfig, step_configs: dict[str, mc.ModelConfig
         if step_config.max_batch_size and step_config.max_batch_size < config.max_batch_size:
             return (f"ensemble {ensemble} allows maximum batch size {config.max_batch_size}, but it contains "
                     f"model {model} which only allows maximum batch size to be {step_config.max_batch_size}")
-        if step_config.model_transaction_policy.decoupled:
-            return (f"in ensemble {ensemble}, model {model} is decoupled: decoupled step models are not supported "
-                    "in ensembles by this server yet")
         problem = _mapping_problem(ensemble, step, step_config, tensors)
         if problem:
             return problem
-    return ""
+    return decoupled_flow(config, step_configs)[0]
+
+
+def decoupled_flow(config: mc.ModelConfig, step_configs: dict[str, mc.ModelConfig]) -> tuple[str, bool]:
+    """Whether the ensemble is decoupled (some step model is), and Triton's message when a step
+    would mix tensors that came from different decoupled steps (or from one and the request):
+    their responses could not be matched one to one. Triton labels each tensor with the
+    decoupled step it descends from (core `ensemble_utils.cc` ValidateEnsembleConfig); a step
+    (or the ensemble's outputs together) must see one label. Returns (problem or '', decoupled)."""
+    ensemble = config.name
+    label = {tensor.name: 0 for tensor in config.input}
+    fresh = 0
+    pending = list(config.ensemble_scheduling.step)
+    while pending:
+        ready = [step for step in pending if all(t in label for t in step.input_map.values())]
+        if not ready:
+            break  # not connected: the config checks report it
+        for step in ready:
+            pending.remove(step)
+            sources = {label[t] for t in step.input_map.values()}
+            if len(sources) > 1:
+                return (f"in ensemble {ensemble}, step of model '{step.model_name}' receives inputs originated from "
+                        "different decoupled models", False)
+            out = min(sources, default=0)
+            if step_configs[step.model_name].model_transaction_policy.decoupled:
+                fresh += 1
+                out = fresh
+            for tensor in step.output_map.values():
+                label[tensor] = out
+    if len({label[t.name] for t in config.output if t.name in label}) > 1:
+        return (f"in ensemble {ensemble}, step of model '{ensemble}' receives inputs originated from different "
+                "decoupled models", False)
+    return "", fresh > 0
 
 
 def _mapping_problem(ensemble: str, step, step_config: mc.ModelConfig,  # type: ignore[no-untyped-def]

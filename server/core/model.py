@@ -79,6 +79,7 @@ class Model:
     ) -> None:
         limits = limits or ServingLimits(inline_us=DEFAULT_INLINE_US)
         self.config = config
+        self.source_config = config  # as loaded from the repository (an ensemble's `config` may add to it)
         self.name = config.name
         self.version = version
         self.version_str = str(version)

@@ -191,8 +191,9 @@ class BlsService:
             if op == "load":
                 await self.loop.run_in_executor(self._loads, self.manager.load_explicit, args["name"],
                                                 args["parameters"])
-            else:  # unload_dependents is accepted as by RepositoryModelUnload (docs/ENSEMBLES.md)
-                await self.loop.run_in_executor(self._loads, self.manager.unload_explicit, args["name"])
+            else:  # unload_dependents as RepositoryModelUnload (docs/ENSEMBLES.md)
+                await self.loop.run_in_executor(self._loads, self.manager.unload_explicit, args["name"],
+                                                bool(args.get("unload_dependents", False)))
         except Exception as exc:
             respond(None, failure(exc), True)
             return

@@ -482,10 +482,11 @@ class InferenceServicer:
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        # `unload_dependents` is accepted; an ensemble's step models stay loaded (docs/ENSEMBLES.md).
         self._check_repository_call(request.repository_name)
+        # tritonclient's unload_model(unload_dependents=True): a bool parameter (docs/ENSEMBLES.md).
+        dependents = "unload_dependents" in request.parameters and request.parameters["unload_dependents"].bool_param
         await asyncio.get_running_loop().run_in_executor(
-            self.manager.loader, self.manager.unload_explicit, request.model_name)
+            self.manager.loader, self.manager.unload_explicit, request.model_name, dependents)
         return pb.RepositoryModelUnloadResponse()
 
     def _check_repository_call(self, repository_name: str) -> None:

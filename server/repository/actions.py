@@ -181,7 +181,7 @@ def run_action(entry: ModelEntry, source: Source, settings: Settings, show_loadi
         key = VersionKey(snap.path, snap.extras, snap.versions[version])
         serving = current.get(version)
         if serving is not None and not source.force and entry.keys.get(version) == key \
-                and serving.config == config:
+                and serving.source_config == config:
             keep[version] = serving
             continue
         old = entry.failures.get(version)
@@ -203,7 +203,7 @@ def run_action(entry: ModelEntry, source: Source, settings: Settings, show_loadi
                 if version in failed or version in known_bad or version not in on_disk:
                     continue
                 key = VersionKey(snap.path, snap.extras, snap.versions[version])
-                if entry.keys.get(version) == key and fallback[version].config == config:
+                if entry.keys.get(version) == key and fallback[version].source_config == config:
                     continue
                 attempt(version, key, show=False)
                 if version in new:

@@ -68,6 +68,9 @@ class ModelEntry:
     latest_ready: Model | None = None
     override_dir: Path | None = None  # private copy made by a load with file overrides
     unloaded: bool = False  # explicitly unloaded: readiness ignores it, as Triton's "unloaded"
+    # Loaded only because an ensemble needed it (explicit mode): unloading that ensemble with
+    # `unload_dependents` unloads it too, as Triton does with a model not loaded explicitly.
+    as_step: bool = False
 
     def refresh_latest(self) -> None:
         ready = [m for _, m in sorted(self.versions.items()) if m.state is ModelState.READY]

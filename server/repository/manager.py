@@ -117,7 +117,12 @@ class RepositoryManager(ModelRegistry):
                 self._fail_model(name, str(exc))
                 continue
             sources.append(Source(snapshot_model(path, name)))
-        self.run_all(with_steps(sources, self._serving, self._find_quietly))  # an ensemble's steps load too
+        everything = with_steps(sources, self._serving, self._find_quietly)  # an ensemble's steps load too
+        self.run_all(everything)
+        for source in everything[len(sources):]:  # loaded only as steps (unload_dependents)
+            entry = self._models.get(source.snapshot.name)
+            if entry is not None:
+                entry.as_step = True
 
     def run_all(self, sources: Iterable[Source]) -> None:
         """Load `sources`, several at once; an ensemble after the step models it needs (ensemble_deps.py)."""
@@ -209,8 +214,9 @@ class RepositoryManager(ModelRegistry):
         if self.settings.model_control_mode != "explicit":
             raise ServerUnavailable("explicit model load / unload is not allowed if polling is enabled")
 
-    def load_explicit(self, name: str, parameters: Mapping[str, object]) -> None:
-        """RepositoryModelLoad: synchronous; raises InvalidInput with Triton's message on failure."""
+    def load_explicit(self, name: str, parameters: Mapping[str, object], as_step: bool = False) -> None:
+        """RepositoryModelLoad: synchronous; raises InvalidInput with Triton's message on failure.
+        `as_step`: loaded because an ensemble being loaded needs it, not by name."""
         request = parse_load_parameters(name, parameters)
         if request.files:
             path = write_override_dir(request)
@@ -219,6 +225,9 @@ class RepositoryManager(ModelRegistry):
             source = Source(snapshot_model(self._find(name), name), request.config, force=request.overridden)
         self._load_steps_of(name, source)
         outcome = self.apply(source)
+        entry = self._models.get(name)
+        if entry is not None:
+            entry.as_step = as_step
         if outcome is None:
             if source.override_dir is not None:
                 remove_override_dir(source.override_dir)
@@ -243,7 +252,7 @@ class RepositoryManager(ModelRegistry):
                 if step == name or self._serving(step) or self._find_quietly(step) is None:
                     continue  # the ensemble's own load says what is wrong with such a step
                 try:
-                    self.load_explicit(step, {})
+                    self.load_explicit(step, {}, as_step=True)
                 except InvalidInput as exc:
                     if "circular dependency" in str(exc):
                         raise
@@ -311,8 +320,12 @@ class RepositoryManager(ModelRegistry):
         except RuntimeError:  # the loaders are shut down (stopping)
             pass
 
-    def unload_explicit(self, name: str) -> None:
-        """RepositoryModelUnload: stop routing, wait for in-flight requests, release the model."""
+    def unload_explicit(self, name: str, unload_dependents: bool = False) -> None:
+        """RepositoryModelUnload: stop routing, wait for in-flight requests, release the model.
+
+        `unload_dependents`, as Triton's dependency graph: the step models of an unloaded
+        ensemble that were loaded only because an ensemble needed them (not by name) and that
+        no other ensemble uses are unloaded too, and theirs in turn."""
         check_model_name(name)
         with self._lock_for(name):
             entry = self._models.get(name)
@@ -334,6 +347,19 @@ class RepositoryManager(ModelRegistry):
                 model.unload(self.settings.exit_timeout_secs)
                 log.info("unloaded model %s", model.label)
             self._cleanup_overrides()
+        if unload_dependents:
+            for step in dict.fromkeys(config_steps(entry.config) or ()):
+                if self._dependent_to_unload(step):
+                    log.info("unloading model '%s': loaded for ensemble '%s', which no longer needs it", step, name)
+                    self.unload_explicit(step, True)
+
+    def _dependent_to_unload(self, step: str) -> bool:
+        """A step model loaded only for ensembles, none of which (loaded or not) still lists it."""
+        entry = self._models.get(step)
+        if entry is None or entry.unloaded or not entry.as_step:
+            return False
+        return not any(step in (config_steps(other.config) or ()) for other in self._models.values()
+                       if not other.unloaded and other.name != step)
 
     def disk_names(self) -> set[str]:
         return super().disk_names() | self.remote.names()
