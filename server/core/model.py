@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from backends.base import Backend, BackendError, ModelSpec
+from backends.base import Backend, BackendError
 from backends.registry import backend_class
 from server.core.batcher_config import make_batcher
 from server.core.classification import Labels, classify_outputs, load_labels
@@ -36,31 +36,14 @@ from server.core.scheduler import DirectScheduler, Job, Scheduler
 from server.core.sequence_batcher import SequenceBatcher
 from server.core.sequence_config import sequence_settings
 from server.core.signature import TensorInfo
+from server.core.spec import build_spec
 from server.core.state import ModelState
 from server.core.stats import ModelStats
 from server.core.warmup import build_samples, run_warmup
 from server.errors import ExecutionTimeout, ModelUnavailable, NereidError
-from server.repository.config import config_to_json, tensor_specs
 from server.types import InferenceRequest
 
 log = logging.getLogger("nereid.model")
-
-
-def build_spec(config: mc.ModelConfig, model_dir: Path, version: int) -> ModelSpec:
-    version_dir = model_dir / str(version)
-    return ModelSpec(
-        name=config.name,
-        version=version,
-        model_dir=model_dir,
-        version_dir=version_dir,
-        model_file=version_dir / config.default_model_filename,
-        max_batch_size=config.max_batch_size,
-        inputs=tensor_specs(config.input),
-        outputs=tensor_specs(config.output),
-        parameters={k: v.string_value for k, v in config.parameters.items()},
-        config_json=config_to_json(config),
-        instance_count=sum(g.count for g in config.instance_group),
-    )
 
 
 # What an out-of-process backend provides so the event loop can await it (backends/python.py).
