@@ -24,8 +24,9 @@ from backends.registry import backend_class
 from server.core.ensemble_plan import steps_problem
 from server.core.model import Model
 from server.core.signature import TensorInfo
+from server.core.spec import tensor_specs
 from server.core.warmup import build_samples
-from server.repository.config import load_model_config, select_versions, tensor_specs
+from server.repository.config import load_model_config, select_versions
 from server.repository.ensemble_config import is_ensemble, step_models
 from server.repository.layout import ModelDir, is_version_name, scan_model_dir
 from server.settings import Settings

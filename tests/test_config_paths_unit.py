@@ -17,12 +17,12 @@ import pytest
 from util import identity_config, write_model
 
 from backends.base import TensorSpec
+from server.confine import confine, require_regular
 from server.core.signature import TensorInfo
 from server.core.warmup import build_samples
 from server.errors import ConfigError, ErrorCode
 from server.repository.config import config_from_json, load_model_config, parse_config_text
 from server.repository.layout import scan_model_dir
-from server.repository.safepath import confine, require_regular
 from server.settings import Settings
 
 SETTINGS = Settings(model_repositories=())

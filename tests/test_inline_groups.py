@@ -1,6 +1,6 @@
 """In-process (no gRPC) checks of how a batched model's group runs on the event loop: a model
 measured cheap that turns slow holds the loop for at most one batch, not for every batch of a
-large group (server/core/model.py, `Model._flush`)."""
+large group (server/core/gathering.py, `Gatherer._flush`)."""
 
 from __future__ import annotations
 

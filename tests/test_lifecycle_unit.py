@@ -12,12 +12,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 from util import identity_config, write_model
 
 from server.core.signature import TensorInfo
+from server.core.spec import tensor_specs
 from server.core.state import ModelState
 from server.core.warmup import build_samples
 from server.errors import ConfigError, ErrorCode, InvalidInput, NereidError
 from server.repository.actions import Source, describe_failure, run_action
 from server.repository.changes import ChangeDetector, Stamp, snapshot_model, tree_stamp
-from server.repository.config import parse_config_text, tensor_specs
+from server.repository.config import parse_config_text
 from server.repository.entry import ModelEntry
 from server.repository.overrides import parse_load_parameters, remove_override_dir, write_override_dir
 from server.repository.safepath import check_model_name, find_model_dir, override_relpath, override_target

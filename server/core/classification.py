@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from server.confine import confine
 from server.core.signature import TensorInfo
 from server.errors import InvalidInput
-from server.repository.safepath import confine
 
 # The datatypes Triton can classify (server/src/classification.cc TopkClassifications).
 CLASSIFIABLE = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"})

@@ -26,13 +26,16 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from backends.base import BackendError
 from backends.datatypes import config_to_protocol
+from server.confine import confine, require_regular
 from server.core.instance import OutputShaper
 from server.core.signature import TensorInfo
 from server.errors import ConfigError
-from server.repository.config_paths import WARMUP_DIR
-from server.repository.safepath import confine, require_regular
 
 log = logging.getLogger("nereid.warmup")
+
+# Where a sample's `input_data_file` lives, under the model's folder (as in Triton). The
+# repository checks these names against the same folder when it normalises a config.
+WARMUP_DIR = "warmup"
 
 # Executions per sample and instance at most (Triton has no bound): a count of 10^9 in a config or
 # load override would keep a loader thread busy for good and the model never READY.

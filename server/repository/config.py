@@ -25,13 +25,13 @@ from backends.registry import (
     backend_for_file,
     supports_gpu,
 )
+from server.confine import require_regular
 from server.core.placement import resolve_kind, visible_gpus
 from server.core.sequence_config import normalize as normalize_sequence_batching
 from server.errors import ConfigError
 from server.repository.config_paths import check_config_paths
 from server.repository.ensemble_config import check_ensemble_config, is_ensemble
 from server.repository.layout import ModelDir
-from server.repository.safepath import require_regular
 from server.settings import Settings
 
 log = logging.getLogger("nereid.config")
@@ -70,10 +70,6 @@ def config_from_json(text: str, source: str) -> mc.ModelConfig:
     except (json_format.ParseError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     return config
-
-
-def config_to_json(config: mc.ModelConfig) -> str:
-    return json_format.MessageToJson(config, preserving_proto_field_name=True)
 
 
 def select_versions(config: mc.ModelConfig, available: tuple[int, ...]) -> list[int]:
@@ -279,15 +275,3 @@ def _fill_version_policy(config: mc.ModelConfig) -> None:
     if config.version_policy.WhichOneof("policy_choice") is None:
         config.version_policy.latest.num_versions = 1
 
-
-def tensor_specs(tensors) -> tuple[TensorSpec, ...]:  # type: ignore[no-untyped-def]
-    """Config inputs or outputs as backend TensorSpecs."""
-    return tuple(
-        TensorSpec(
-            name=t.name,
-            datatype=config_to_protocol(mc.DataType.Name(t.data_type)),
-            dims=tuple(int(d) for d in t.dims),
-            reshape=tuple(int(d) for d in t.reshape.shape) if t.HasField("reshape") else None,
-        )
-        for t in tensors
-    )

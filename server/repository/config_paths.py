@@ -2,7 +2,7 @@
 
 A config (config.pbtxt, or a load's JSON override) can name files in several fields
 of model_config.proto; each must lie inside the model's own folder, symlinks followed
-(safepath.confine), and the ones Nereid may read must be regular files. This runs in
+(server/confine.py), and the ones Nereid may read must be regular files. This runs in
 `load_model_config` before auto-complete reads a model file, so no backend, warmup or
 auto-complete ever opens a path a config named without it being checked here.
 
@@ -21,12 +21,12 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from server.confine import confine, require_regular
+from server.core.sequence_config import INITIAL_STATE_DIR
+from server.core.warmup import WARMUP_DIR
 from server.errors import ConfigError
 from server.repository.layout import ModelDir
-from server.repository.safepath import confine, require_regular
 
-WARMUP_DIR = "warmup"
-INITIAL_STATE_DIR = "initial_state"
 EXECUTION_ENV_PATH = "EXECUTION_ENV_PATH"
 # Replaced by the model's folder in EXECUTION_ENV_PATH (first occurrence), as Triton's python
 # backend does (triton-inference-server/python_backend, src/python_be.cc, ModelState::ModelState).
