@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import shutil
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from util import ServerProcess, client, write_model
+from util import ROOT, ServerProcess, client, write_model
 
 from server.core.placement import visible_gpus
 
@@ -154,5 +157,46 @@ def test_nvml_gpu_metrics(tmp_path: Path) -> None:
             if ("nv_gpu_power_usage", uuid) in samples:
                 assert 0 < samples[("nv_gpu_power_usage", uuid)] <= samples[("nv_gpu_power_limit", uuid)] * 1.5
         print("GPU metrics:", {k[0]: v for k, v in samples.items()})
+    finally:
+        server.stop()
+
+
+def test_string_and_classification_models_on_the_gpu(tmp_path: Path) -> None:
+    """The generated libtorch string and classifier models (scripts/gen_triton_compat.py) with
+    their instances on cuda:0: strings stay on the host, tensors go to the GPU and back."""
+    _torch()
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_triton_compat.py"), str(tmp_path)], check=True,
+                   capture_output=True, timeout=300)
+    for name in ("libtorch_string_batch", "libtorch_string_mixed", "image_classifier"):
+        config = tmp_path / name / "config.pbtxt"
+        config.write_text(config.read_text() + "instance_group [ { kind: KIND_GPU count: 1 gpus: [ 0 ] } ]\n")
+    for other in tmp_path.iterdir():
+        if other.name not in ("libtorch_string_batch", "libtorch_string_mixed", "image_classifier"):
+            shutil.rmtree(other)
+    server = ServerProcess([tmp_path])
+    try:
+        assert sum("on cuda:0, CUDA stream" in line for line in server.lines) == 3, server.log
+        c = client(server)
+        text = np.array([[b"ab"], [b"xyz"]], dtype=object)
+        inp = grpcclient.InferInput("INPUT__0", [2, 1], "BYTES")
+        inp.set_data_from_numpy(text)
+        result = c.infer("libtorch_string_batch", [inp])
+        assert result.as_numpy("OUTPUT__0").reshape(-1).tolist() == [b"AB", b"XYZ"]
+        assert result.as_numpy("OUTPUT__1").reshape(-1).tolist() == [2, 3]
+        count = grpcclient.InferInput("count", [1], "INT64")
+        count.set_data_from_numpy(np.array([3], dtype=np.int64))
+        words = grpcclient.InferInput("text", [1], "BYTES")
+        words.set_data_from_numpy(np.array([b"go"], dtype=object))
+        assert c.infer("libtorch_string_mixed", [count, words]).as_numpy("repeated").tolist() == [b"go-go-go"]
+        image = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
+        pixels = grpcclient.InferInput("INPUT__0", list(image.shape), "FP32")
+        pixels.set_data_from_numpy(image)
+        scores = c.infer("image_classifier", [pixels]).as_numpy("OUTPUT__0")
+        top = c.infer("image_classifier", [pixels],
+                      outputs=[grpcclient.InferRequestedOutput("OUTPUT__0", class_count=3)]).as_numpy("OUTPUT__0")
+        assert top.shape == (2, 3)
+        for row, classes in zip(scores, top, strict=True):
+            value, index, _label = classes[0].decode().split(":", 2)
+            assert int(index) == int(np.argmax(row)) and abs(float(value) - row.max()) < 1e-4
     finally:
         server.stop()
