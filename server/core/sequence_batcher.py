@@ -292,16 +292,22 @@ class SequenceBatcher(Scheduler):
         return job
 
     def _end(self, seq: Sequence) -> None:
+        self._finish(seq, Cancelled(f"sequence {seq.corrid} of model '{self.model_name}' ended (iterative_sequence) "
+                                    "before this request ran"))
+
+    def _finish(self, seq: Sequence, error: Cancelled) -> None:
+        """Forget a sequence now: its queued requests fail with `error` (CANCELED), its slot is freed
+        (or its place in the backlog dropped), and its id needs a new START."""
         if self._sequences.get(seq.corrid) is seq:
             del self._sequences[seq.corrid]
-        error = Cancelled(f"sequence {seq.corrid} of model '{self.model_name}' ended (iterative_sequence) before "
-                          "this request ran")
         while seq.queue:
             job = seq.queue.popleft()[0]
             if not job.cancelled():
                 self._drop(job, error, "CANCELED")
         if seq.slot is not None:
             self._release(seq.slot)
+        elif seq in self._backlog:
+            self._backlog.remove(seq)
 
     def _fresh_id(self) -> int:
         with self._lock:
@@ -379,18 +385,8 @@ class SequenceBatcher(Scheduler):
         is freed now, its other queued requests fail CANCELLED, and its id needs a new START."""
         log.info("sequence %s of model '%s': a request was cancelled; the sequence ends", seq.corrid,
                  self.model_name)
-        if self._sequences.get(seq.corrid) is seq:
-            del self._sequences[seq.corrid]
-        error = Cancelled(f"a request of sequence {seq.corrid} to model '{self.model_name}' was cancelled; "
-                          "the sequence was ended")
-        while seq.queue:
-            job = seq.queue.popleft()[0]
-            if not job.cancelled():
-                self._drop(job, error, "CANCELED")
-        if seq.slot is not None:
-            self._release(seq.slot)
-        elif seq in self._backlog:
-            self._backlog.remove(seq)
+        self._finish(seq, Cancelled(f"a request of sequence {seq.corrid} to model '{self.model_name}' was "
+                                    "cancelled; the sequence was ended"))
 
     def cancelled(self) -> None:
         """A request of this model was cancelled while it waited: end its sequence now rather than
