@@ -20,9 +20,11 @@ from util import ServerProcess, client, identity_config, python_config, scaled, 
 CACHE = 'response_cache { enable: true }\n'
 SLOW_MS = 300
 
-# Output = input * 2 + the request parameter "offset"; a negative first element fails.
+# Output = input * 2 + the request parameter "offset"; a negative first element fails (after 0.3 s
+# when it is below -3).
 PY_MODEL = b'''
 import json
+import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -33,6 +35,7 @@ class TritonPythonModel:
         for request in requests:
             x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
             if x[0] < 0:
+                time.sleep(0.3 if x[0] < -3 else 0)  # slow failures overlap with their twins
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("negative input")))
                 continue
             offset = float(json.loads(request.parameters() or "{}").get("offset", 0))
@@ -50,6 +53,7 @@ def _repo(tmp_path_factory: pytest.TempPathFactory):
                                               instance_count=4, extra=CACHE))
     write_model(repo, "two", identity_config("two", [("INPUT0", "FP32", [-1]), ("INPUT1", "BYTES", [-1])],
                                              extra=CACHE))
+    write_model(repo, "grid", identity_config("grid", [("INPUT0", "FP32", [-1, -1])], extra=CACHE))
     write_model(repo, "pycache", python_config("pycache", CACHE), files={"1/model.py": PY_MODEL})
     return repo
 
@@ -141,6 +145,16 @@ def test_different_inputs_miss(cache_server: ServerProcess) -> None:
     assert s.inference_stats.cache_hit.count - base.inference_stats.cache_hit.count == 1
 
 
+def test_same_bytes_other_shape_misses(cache_server: ServerProcess) -> None:
+    """Triton hashes only the bytes; here the shape is part of the key, so a [1,4] request after
+    a [2,2] one with the same bytes gets its own [1,4] answer."""
+    data = np.arange(4, dtype=np.float32)
+    square = infer(cache_server, "grid", data.reshape(2, 2))
+    row = infer(cache_server, "grid", data.reshape(1, 4))
+    assert square.shape == (2, 2) and row.shape == (1, 4)
+    assert stats(cache_server, "grid").execution_count == 2
+
+
 def _bytes_input(items) -> grpcclient.InferInput:
     data = np.array(items, dtype=np.object_)
     t = grpcclient.InferInput("INPUT1", list(data.shape), "BYTES")
@@ -178,6 +192,24 @@ def test_concurrent_identical_requests_run_once(cache_server: ServerProcess) -> 
     assert after.execution_count - before.execution_count == 1  # one computation, eight answers
     assert after.inference_stats.cache_hit.count - before.inference_stats.cache_hit.count == n - 1
     assert after.inference_stats.cache_miss.count - before.inference_stats.cache_miss.count == 1
+
+
+def test_concurrent_identical_failures_are_not_shared(cache_server: ServerProcess) -> None:
+    """Waiters on a computation that fails run again themselves: each gets its own error."""
+    before = stats(cache_server, "pycache").inference_stats.fail.count
+    n = 4
+
+    def call(_: int) -> str:
+        try:
+            infer(cache_server, "pycache", [-5.0, 1, 1, 1])
+        except InferenceServerException as exc:
+            return exc.message()
+        return "no error"
+
+    with ThreadPoolExecutor(n) as pool:
+        messages = list(pool.map(call, range(n)))
+    assert all("negative input" in m for m in messages), messages
+    assert stats(cache_server, "pycache").inference_stats.fail.count - before == n
 
 
 def test_hit_vs_miss_latency_printed(cache_server: ServerProcess) -> None:
