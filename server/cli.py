@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from server import __version__
+from server.core.response_cache import ResponseCache, parse_cache_config
 from server.logs import FORMATS, LogState
 from server.logs import configure as configure_logging
 from server.metrics.config import parse_metrics_config
@@ -248,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="event loop: uvloop is faster; auto uses it when installed (default auto)")
     serve.add_argument("--backend-config", action="append", default=[],
                        help="[<backend>,]<key>=<value>, e.g. onnxruntime,default-max-batch-size=8")
+    serve.add_argument("--cache-config", action="append", default=[], metavar="<cache>,<key>=<value>",
+                       help="response cache, as Triton: local,size=BYTES (shared by every model whose config "
+                       "has response_cache { enable: true })")
+    serve.add_argument("--response-cache-byte-size", type=int, default=None, metavar="BYTES",
+                       help="deprecated (as in Triton): the same as --cache-config local,size=BYTES")
     _add_lifecycle_flags(serve)
     _add_object_store_flags(serve)
     _add_security_flags(serve)
@@ -265,6 +271,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         restricted = parse_restricted_protocols(args.grpc_restricted_protocol)
         metrics_config = parse_metrics_config(args.metrics_config)
         trace_config = parse_trace_config(args.trace_config)
+        cache_bytes = parse_cache_config(args.cache_config, args.response_cache_byte_size)
     except ValueError as exc:
         raise SystemExit(f"nereid: {exc}") from exc
     mutual = bool(args.grpc_use_ssl_mutual)
@@ -309,6 +316,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         rate_limit_client_header=args.rate_limit_client_header,
         model_execution_timeout_secs=args.model_execution_timeout_secs,
         model_failure_threshold=args.model_failure_threshold,
+        response_cache=ResponseCache(cache_bytes) if cache_bytes else None,
     )
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.logs import LogState
 from server.metrics.config import MetricsConfig
 from server.tracing.config import TraceConfig
+
+if TYPE_CHECKING:
+    from server.core.response_cache import ResponseCache
 
 INT32_MAX = 2**31 - 1
 # The default largest gRPC message. grpcio itself peaks at about 3x a message while receiving it
@@ -107,6 +111,9 @@ class Settings:
     grpc_root_cert: Path | None = None
     # --grpc-restricted-protocol groups; empty: every protocol is open and no interceptor runs.
     grpc_restricted_protocols: tuple[Restriction, ...] = ()
+    # Triton's response cache (--cache-config local,size=N; server/core/response_cache.py): the one
+    # cache every model with `response_cache { enable: true }` shares; None: no cache.
+    response_cache: ResponseCache | None = field(default=None, compare=False, repr=False)
 
     def backend_setting(self, backend: str, key: str, default: str) -> str:
         """A `--backend-config` value for `backend`, falling back to the global one."""

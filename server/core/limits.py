@@ -7,6 +7,10 @@ config parameters may override some of them (faults.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.core.response_cache import ResponseCache
 
 
 @dataclass(frozen=True)
@@ -19,3 +23,5 @@ class ServingLimits:
     failure_threshold: int = 0  # consecutive failed executions before an instance is retired; 0: never
     # Histogram bucket bounds (ms) when metrics want per-request latencies; () records none.
     latency_buckets_ms: tuple[float, ...] = ()
+    # The server's response cache (response_cache.py), used by versions whose config enables it.
+    response_cache: ResponseCache | None = None

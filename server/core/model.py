@@ -37,6 +37,7 @@ from server.core.instance import CostTracker, ModelInstance, Outcome, OutputShap
 from server.core.latency import RequestLatencies
 from server.core.lifecycle import InstancePool, check_backend
 from server.core.limits import ServingLimits
+from server.core.response_cache import model_cache
 from server.core.scheduler import DirectScheduler, Job, Scheduler
 from server.core.sequence_batcher import SequenceBatcher
 from server.core.sequence_config import sequence_settings
@@ -90,6 +91,8 @@ class Model:
         # Zero or many responses per request, streamed (server/core/decoupled.py); never unary.
         self.decoupled = config.model_transaction_policy.decoupled
         self.stats = ModelStats(RequestLatencies(limits.latency_buckets_ms) if limits.latency_buckets_ms else None)
+        # Triton's response cache (response_cache.py) when the server and this config enable it.
+        self.cache, self._cache_error = model_cache(config, limits.response_cache, version, self.stats)
         # Owned by the protocol layer (server/protocol/codec.py): wire-format templates for this model.
         self.wire_cache: dict[Any, Any] = {}
         self.state = ModelState.LOADING
@@ -139,6 +142,8 @@ class Model:
             check_backend(cls, self.spec, self.decoupled)
             if self._sequence_error:
                 raise BackendError(self._sequence_error)
+            if self._cache_error:
+                raise BackendError(self._cache_error)
             sequencer = self._sequencer
             pulls: Callable[[], Scheduler] = sequencer.view if sequencer is not None else lambda: self._scheduler
             pool.create(cls, self.spec, self.config.instance_group, pulls,
@@ -214,10 +219,13 @@ class Model:
         A plain function returning the coroutine: the common case pays for no extra frame."""
         if request.classification:
             return self._infer_classified(request)
+        if self.cache is not None:  # answered from the response cache, or run and kept there
+            return self.cache.infer(request, self._infer)
         return self._infer(request)
 
     async def _infer_classified(self, request: InferenceRequest) -> dict[str, np.ndarray]:
-        outputs = await self._infer(request)
+        cache = self.cache
+        outputs = await (cache.infer(request, self._infer) if cache is not None else self._infer(request))
         assert request.classification is not None
         return classify_outputs(outputs, request.classification, self.labels, self.config.max_batch_size > 0)
 

@@ -40,6 +40,10 @@ class ModelStats:
         # Decoupled models, as Triton's `response_stats`: response index -> name -> [count, ns]
         # (names: RESPONSE_DURATIONS), recorded by server/core/decoupled.py on the event loop.
         self.responses: dict[int, dict[str, list[int]]] = {}
+        # The response cache (server/core/response_cache.py), as Triton's cache_hit / cache_miss:
+        # [count, ns]; a hit's ns is its lookup, a miss's its lookup plus the insertion.
+        self.cache_hit = [0, 0]
+        self.cache_miss = [0, 0]
 
     def record_execution(
         self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int,
@@ -107,6 +111,8 @@ class ModelStats:
             copy.durations = {name: list(value) for name, value in self.durations.items()}
             copy.batch = {size: list(value) for size, value in self.batch.items()}
             copy.failure_reasons = dict(self.failure_reasons)
+            copy.cache_hit = list(self.cache_hit)
+            copy.cache_miss = list(self.cache_miss)
             copy.responses = {index: {name: list(value) for name, value in entry.items()}
                               for index, entry in self.responses.items()}
         return copy
@@ -142,3 +148,24 @@ class ModelStats:
             entry[0] += requests
             entry[1] += total_ns
             self.failure_reasons[reason] = self.failure_reasons.get(reason, 0) + requests
+
+    def record_cache_hit(self, total_ns: int, queue_ns: int, lookup_ns: int) -> None:
+        """A request answered from the response cache, as Triton counts it: a success and a
+        queue entry (the time before the lookup), and the hit with its lookup time; no
+        inference, execution or compute time (the model did not run)."""
+        with self._lock:
+            d = self.durations
+            d["success"][0] += 1
+            d["success"][1] += total_ns
+            d["queue"][0] += 1
+            d["queue"][1] += queue_ns
+            self.cache_hit[0] += 1
+            self.cache_hit[1] += lookup_ns
+            self.last_inference_ms = max(self.last_inference_ms, time.time_ns() // 1_000_000)
+
+    def record_cache_miss(self, ns: int) -> None:
+        """A request that missed the cache, ran, and succeeded: its lookup plus insertion time
+        (its execution is recorded as usual)."""
+        with self._lock:
+            self.cache_miss[0] += 1
+            self.cache_miss[1] += ns

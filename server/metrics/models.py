@@ -30,6 +30,13 @@ _COUNTERS = (
     ("nv_inference_compute_output_duration_us", "Cumulative inference compute output duration in microseconds "
      "(does not include cached requests)", "compute_output"),
 )
+# The response cache (server/core/response_cache.py), per model, as Triton's metrics.md names them.
+_CACHE_COUNTERS = (
+    ("nv_cache_num_hits_per_model", "Number of cache hits per model"),
+    ("nv_cache_num_misses_per_model", "Number of cache misses per model"),
+    ("nv_cache_hit_duration_per_model", "Total cache hit duration per model, in microseconds"),
+    ("nv_cache_miss_duration_per_model", "Total cache miss (insert+lookup) duration per model, in microseconds"),
+)
 _SUMMARIES = (
     ("nv_inference_request_summary_us", "Summary of inference request duration in microseconds "
      "(includes cached requests)"),
@@ -59,6 +66,7 @@ def model_families(models: Iterable[Model], config: MetricsConfig) -> list[Famil
     histogram = Family("nv_inference_first_response_histogram_ms", "Duration from request to first response in "
                        "milliseconds", "histogram")
     summaries = [Family(name, text, "summary") for name, text in _SUMMARIES]
+    cache = [Family(name, text, "counter") for name, text in _CACHE_COUNTERS]
     for model in models:
         if model.state not in (ModelState.READY, ModelState.UNLOADING):
             continue
@@ -70,6 +78,10 @@ def model_families(models: Iterable[Model], config: MetricsConfig) -> list[Famil
         count.sample(labels, stats.inference_count)
         executions.sample(labels, stats.execution_count)
         pending.sample(labels, model.pending())
+        if model.cache is not None:  # Triton reports these for models using the response cache only
+            hits, misses = stats.cache_hit, stats.cache_miss
+            for family, value in zip(cache, (hits[0], misses[0], hits[1] // 1000, misses[1] // 1000), strict=True):
+                family.sample(labels, value)
         for family, (_, _, key) in zip(durations, _COUNTERS, strict=False):
             family.sample(labels, stats.durations[key][1] // 1000)
         latencies = model.stats.latencies
@@ -82,7 +94,7 @@ def model_families(models: Iterable[Model], config: MetricsConfig) -> list[Famil
             for field, family in enumerate(summaries):
                 quantiles, total_count, total_us = latencies.summary(field, config.quantiles)
                 family.summary(labels, quantiles, total_count, total_us)
-    return [success, failure, count, executions, pending, *durations, histogram, *summaries]
+    return [success, failure, count, executions, pending, *durations, *cache, histogram, *summaries]
 
 
 assert len(_SUMMARIES) == len(FIELDS)

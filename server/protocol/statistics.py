@@ -26,6 +26,8 @@ def model_statistics(model: Model) -> pb.ModelStatistics:
     for name in DURATIONS:
         count, ns = stats.durations[name]
         _duration(getattr(infer, name), count, ns)
+    _duration(infer.cache_hit, *stats.cache_hit)
+    _duration(infer.cache_miss, *stats.cache_miss)
     for size, (executions, input_ns, infer_ns, output_ns) in sorted(stats.batch.items()):
         entry = out.batch_stats.add(batch_size=size)
         _duration(entry.compute_input, executions, input_ns)

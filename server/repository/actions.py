@@ -86,6 +86,7 @@ def serving_limits(settings: Settings) -> ServingLimits:
         failure_threshold=settings.model_failure_threshold,
         latency_buckets_ms=settings.metrics_config.buckets_ms
         if settings.allow_metrics and settings.metrics_config.per_request else (),
+        response_cache=settings.response_cache,
     )
 
 
