@@ -182,7 +182,7 @@ def test_register_errors(c, regions) -> None:
         assert "failed to register shared memory region 'big': invalid args" in err.message()
     err = expect_error("INVALID_ARGUMENT", c.register_system_shared_memory, "zero", key, 0)
     assert "invalid args" in err.message()
-    err = expect_error("INTERNAL", c.register_system_shared_memory, "missing", _key(), 64)
+    err = expect_error("NOT_FOUND", c.register_system_shared_memory, "missing", _key(), 64)
     assert "Unable to open shared memory region" in err.message()
     assert set(c.get_system_shared_memory_status().regions) == {"dup"}
 
@@ -202,7 +202,7 @@ def test_symlink_in_dev_shm_is_not_followed(c, tmp_path: Path) -> None:
     name = f"nereid_test_link_{uuid.uuid4().hex[:8]}"
     os.symlink(target, f"/dev/shm/{name}")
     try:
-        err = expect_error("INTERNAL", c.register_system_shared_memory, "link", f"/{name}", 8)
+        err = expect_error("NOT_FOUND", c.register_system_shared_memory, "link", f"/{name}", 8)
         assert "Unable to open shared memory region" in err.message()
     finally:
         os.unlink(f"/dev/shm/{name}")

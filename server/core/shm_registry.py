@@ -28,7 +28,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 
-from server.errors import AlreadyExists, InternalError, InvalidInput, RegionNotFound
+from server.errors import AlreadyExists, InvalidInput, RegionNotFound
 
 SHM_DIR = "/dev/shm"
 _NAME_MAX = 255
@@ -108,8 +108,8 @@ class SharedMemoryRegistry:
     def _open(self, name: str, key: str, file_name: str, offset: int, byte_size: int) -> Region:
         try:
             fd = os.open(os.path.join(self._dir, file_name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            raise InternalError(f"Unable to open shared memory region: '{key}'") from None
+        except OSError:  # absent, a symlink (ELOOP), not ours: a client's mistake, not a server failure
+            raise RegionNotFound(f"Unable to open shared memory region: '{key}'") from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_dev != os.stat(self._dir).st_dev:
