@@ -37,6 +37,18 @@ class ModelNotFound(NereidError):
     code = ErrorCode.NOT_FOUND
 
 
+class RegionNotFound(NereidError):
+    """No shared memory region is registered under that name."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class AlreadyExists(NereidError):
+    """A name is already taken (a shared memory region registered twice)."""
+
+    code = ErrorCode.ALREADY_EXISTS
+
+
 class ModelUnavailable(NereidError):
     """The model exists but cannot take requests now (loading, unloading, failed)."""
 

@@ -24,6 +24,8 @@ class InferenceRequest:
     classification: dict[str, int] | None = None
     # A decoupled model's request: where its responses go (server/core/decoupled.py ResponseStream).
     sink: Any = None
+    # Requested outputs to be written into shared memory (server/protocol/shm_tensors.py OutputSlot).
+    shm_outputs: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

@@ -37,7 +37,10 @@ ACCEPTABLE: dict[str, frozenset[Code]] = {
     **{f"/{INFERENCE}/{m}": _SERVER_WIDE for m in ("ServerLive", "ServerReady", "ServerMetadata")},
     f"/{INFERENCE}/RepositoryIndex": frozenset({Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND}),
     **{f"/{INFERENCE}/{m}": frozenset({Code.INVALID_ARGUMENT, Code.UNIMPLEMENTED})
-       for m in INFERENCE_METHODS if "SharedMemory" in m},
+       for m in INFERENCE_METHODS if m.startswith("CudaSharedMemory")},
+    # System shared memory (docs/SHARED_MEMORY.md): random keys name no object (NOT_FOUND).
+    **{f"/{INFERENCE}/{m}": frozenset({Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.ALREADY_EXISTS})
+       for m in INFERENCE_METHODS if m.startswith("SystemSharedMemory")},
     f"/{INFERENCE}/LogSettings": frozenset({Code.OK, Code.INVALID_ARGUMENT}),
     f"/{INFERENCE}/TraceSetting": frozenset({Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND}),
     f"/{HEALTH}/Check": frozenset({Code.OK, Code.NOT_FOUND, Code.INVALID_ARGUMENT}),

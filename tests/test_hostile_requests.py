@@ -138,8 +138,8 @@ CASES = [
     ("timeout_bool", lambda: _request(timeout=("bool_param", True)), INVALID, "'timeout' parameter"),
     ("sequence_start_int", lambda: _request(sequence_start=("int64_param", 1)), INVALID, "'sequence_start'"),
     ("reserved_triton_key", lambda: _request(triton_secret=("bool_param", True)), INVALID, "reserved for Triton"),
-    ("shm_input", _shm_input, INVALID, "shared memory"),
-    ("shm_output", _shm_output, INVALID, "shared memory"),
+    ("shm_input", _shm_input, grpc.StatusCode.NOT_FOUND, "Unable to find shared memory region: 'region0'"),
+    ("shm_output", _shm_output, INVALID, "'shared_memory_byte_size' must be specified along with"),
 ]
 
 

@@ -92,10 +92,10 @@ def test_server_metadata(identity_server: ServerProcess) -> None:
     assert len(extensions) == len(set(extensions)), extensions
     # What works must be announced ...
     for ext in ("classification", "model_configuration", "statistics", "model_repository",
-                "model_repository(unload_dependents)", "logging", "trace"):
+                "model_repository(unload_dependents)", "logging", "trace", "system_shared_memory"):
         assert ext in extensions
     # ... and what answers UNIMPLEMENTED must not be.
-    for ext in ("system_shared_memory", "cuda_shared_memory", "sequence"):
+    for ext in ("cuda_shared_memory", "sequence"):
         assert ext not in extensions
 
 

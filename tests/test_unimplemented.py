@@ -1,5 +1,5 @@
-"""RPCs Nereid does not implement yet answer UNIMPLEMENTED with a message naming the RPC,
-and the server keeps serving afterwards."""
+"""RPCs Nereid does not implement yet (CUDA shared memory) answer UNIMPLEMENTED with a message
+naming the RPC, and the server keeps serving afterwards."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ from tritonclient.grpc import service_pb2_grpc
 from util import ServerProcess, client, expect_error, expect_rpc_error
 
 UNARY = [
-    ("SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest()),
-    ("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=64)),
-    ("SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest(name="r")),
     ("CudaSharedMemoryStatus", pb.CudaSharedMemoryStatusRequest()),
     ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest(name="r", raw_handle=b"h", byte_size=64)),
     ("CudaSharedMemoryUnregister", pb.CudaSharedMemoryUnregisterRequest(name="r")),
@@ -36,8 +33,8 @@ def test_unary_rpc_is_unimplemented(stub, rpc: str, request_msg) -> None:
 
 def test_tritonclient_unimplemented_calls(identity_server: ServerProcess) -> None:
     c = client(identity_server)
-    assert "SystemSharedMemoryStatus" in expect_error(
-        "UNIMPLEMENTED", c.get_system_shared_memory_status).message()
+    assert "CudaSharedMemoryStatus" in expect_error(
+        "UNIMPLEMENTED", c.get_cuda_shared_memory_status).message()
 
 
 def test_server_still_serves_after_unimplemented_calls(stub, identity_server: ServerProcess) -> None:

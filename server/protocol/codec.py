@@ -20,9 +20,11 @@ from tritonclient.grpc import service_pb2 as pb
 
 from server.core.classification import ClassifiedOutputs, class_count
 from server.core.model import Model
+from server.core.shm_registry import SharedMemoryRegistry
 from server.core.signature import TensorInfo
 from server.errors import InvalidInput
-from server.protocol.parameters import encode_response_parameters, refuse_shared_memory, request_parameters
+from server.protocol.parameters import encode_response_parameters, request_parameters
+from server.protocol.shm_tensors import OutputSlot, output_slot, read_input, shm_params
 from server.protocol.wire import encode_varint
 from server.types import InferenceRequest
 
@@ -139,12 +141,14 @@ def _count_error(model: Model, given: list[str]) -> InvalidInput:
 
 
 def decode_infer_request(
-    msg: pb.ModelInferRequest, model: Model, raw: Sequence[bytes | memoryview] | None = None
+    msg: pb.ModelInferRequest, model: Model, raw: Sequence[bytes | memoryview] | None = None,
+    shm: SharedMemoryRegistry | None = None,
 ) -> InferenceRequest:
     """Check a ModelInferRequest against the model's config and view its tensors as numpy arrays.
 
     `raw` is the request's raw_input_contents (wire.split_infer_request cuts them out of large
-    messages as memoryviews); None reads them from `msg`. Inputs are checked last to first:
+    messages as memoryviews); None reads them from `msg`. `shm` holds the registered shared
+    memory regions that tensors may name (shm_tensors.py). Inputs are checked last to first:
     when several are wrong, Triton names the last one, and clients' tests expect that.
     """
     if raw is None:
@@ -155,11 +159,10 @@ def decode_infer_request(
     if count_in > len(model.inputs) or count_in < model.required_inputs:
         raise _count_error(model, [t.name for t in tensors])
     use_raw = len(raw) > 0
+    raw_at: list[int] | None = None  # each input's raw entry, when some inputs are in shared memory
     if use_raw and len(raw) != count_in:
-        raise InvalidInput(
-            f"expected {count_in} entries in raw_input_contents (one per input) for model "
-            f"'{model.name}', got {len(raw)}"
-        )
+        raw_at = _raw_positions(tensors, len(raw), model.name)
+    regions = shm or _NO_REGIONS
     inputs: dict[str, np.ndarray] = {}
     batch = 0
     accepted = model.wire_cache.setdefault("inputs", {})
@@ -179,15 +182,20 @@ def decode_infer_request(
         if batch and size != batch:
             raise InvalidInput(f"input '{name}' batch size does not match other inputs for '{model.name}'")
         batch = size
-        if tensor.parameters:
-            refuse_shared_memory(tensor.parameters, "input", name, model.name)
-        if use_raw:
+        if tensor.parameters and (where := shm_params(tensor.parameters, name)) is not None:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"unexpected 'content' provided when using shared memory for input tensor "
+                                   f"'{name}' for model '{model.name}'")
+            if use_raw and raw_at is None:  # every input had a raw entry: one too many
+                raw_at = _raw_positions(tensors, len(raw), model.name)
+            inputs[name] = read_input(regions, where, info, shape, count, model.name, decode_bytes_tensor)
+        elif use_raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
                     f"contents field must not be specified when using raw_input_contents for '{name}' "
                     f"for model '{model.name}'"
                 )
-            data = raw[index]
+            data = raw[index if raw_at is None else raw_at[index]]
             if info.itemsize:
                 expected = count * info.itemsize
                 if len(data) != expected:
@@ -211,11 +219,34 @@ def decode_infer_request(
     if count_in > 1:  # back to request order (some Python models look at the order)
         inputs = dict(reversed(inputs.items()))
     outputs = msg.outputs
-    wanted, classes = _requested_outputs(outputs, model) if len(outputs) else (None, None)
+    wanted, classes, slots = _requested_outputs(outputs, model, regions) if len(outputs) else (None, None, None)
     request = InferenceRequest(inputs, batch or 1, msg.id, wanted, params)
     if classes:
         request.classification = classes
+    if slots:
+        request.shm_outputs = slots
     return request
+
+
+_NO_REGIONS = SharedMemoryRegistry()  # for callers without a registry: every region is unknown
+
+
+def _raw_positions(tensors: Any, given: int, model: str) -> list[int]:
+    """Which raw_input_contents entry each input reads: inputs in shared memory have none
+    (as in Triton, the entries belong to the other inputs, in order)."""
+    positions: list[int] = []
+    at = 0
+    for index in range(len(tensors)):
+        tensor = tensors[index]
+        in_shm = bool(tensor.parameters) and "shared_memory_region" in tensor.parameters
+        positions.append(-1 if in_shm else at)
+        at += not in_shm
+    if at != given:
+        raise InvalidInput(
+            f"expected {at} entries in raw_input_contents (one per input not in shared memory) for model "
+            f"'{model}', got {given}"
+        )
+    return positions
 
 
 # Per model, at most this many accepted (name, datatype, shape) triples are remembered.
@@ -238,10 +269,14 @@ def _accept(name: str, datatype: str, shape: tuple[int, ...], model: Model) -> t
     return info, info.check_shape(shape, model.name), math.prod(shape)
 
 
-def _requested_outputs(outputs: Any, model: Model) -> tuple[tuple[str, ...], dict[str, int] | None]:
-    """The requested outputs' names, and the class count of those asking for classification."""
+def _requested_outputs(
+    outputs: Any, model: Model, regions: SharedMemoryRegistry
+) -> tuple[tuple[str, ...], dict[str, int] | None, dict[str, OutputSlot] | None]:
+    """The requested outputs' names, the class count of those asking for classification, and
+    where those to be written to shared memory go."""
     names: list[str] = []
     classes: dict[str, int] | None = None
+    slots: dict[str, OutputSlot] | None = None
     for index in range(len(outputs)):
         out = outputs[index]
         name = out.name
@@ -251,14 +286,19 @@ def _requested_outputs(outputs: Any, model: Model) -> tuple[tuple[str, ...], dic
                 f"expected one of {list(model.outputs)}"
             )
         if out.parameters:
-            refuse_shared_memory(out.parameters, "output", name, model.name)
+            where = shm_params(out.parameters, name)
+            if where is not None:
+                if "classification" in out.parameters:
+                    raise InvalidInput("output can't set both 'shared_memory_region' and 'classification'")
+                slots = slots or {}
+                slots[name] = output_slot(regions, where)
             if "classification" in out.parameters:
                 classes = classes or {}
                 classes[name] = class_count(out.parameters["classification"], model.outputs[name], model.name)
         if name in names:
             raise InvalidInput(f"output '{name}' is requested more than once")
         names.append(name)
-    return tuple(names), classes
+    return tuple(names), classes, slots
 
 
 # Per model, at most this many serialized response headers (one per distinct set of output shapes).
@@ -272,12 +312,14 @@ def _length(n: int) -> bytes:
     return _SMALL[n] if n < 128 else encode_varint(n)
 
 
-def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.ndarray]) -> list[Any]:
+def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.ndarray],
+                          in_shm: frozenset[str] = frozenset()) -> list[Any]:
     """The serialized ModelInferResponse as pieces for one `b"".join`: the metadata (names,
     datatypes, shapes; serialized once per set of output shapes and cached), the id, then one
     raw_output_contents entry per output, in order (tritonclient relies on it). Protobuf
     accepts fields in any order. Large outputs are passed as memoryviews, so the join is
-    their only copy."""
+    their only copy. Outputs named in `in_shm` were written to shared memory: their entry
+    is empty, as Triton sends them."""
     key: tuple[Any, ...] = ()
     for name, arr in outputs.items():
         key += (name, arr.shape)
@@ -301,8 +343,11 @@ def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.n
         rid = request_id.encode("utf-8")
         parts += (_ID_TAG, _length(len(rid)), rid)
     for name, arr in outputs.items():
-        if not infos[name].itemsize or name in classified:
-            data: Any = encode_bytes_tensor(arr)
+        data: Any
+        if in_shm and name in in_shm:
+            data = b""
+        elif not infos[name].itemsize or name in classified:
+            data = encode_bytes_tensor(arr)
         elif arr.nbytes < 65536:
             data = arr.tobytes()
         else:

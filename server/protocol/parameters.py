@@ -3,9 +3,8 @@
 Triton reserves a few request parameter names and insists on their types
 (server/src/grpc/infer_handler.cc, `SetInferenceRequestMetadata`); everything else
 is passed to the model if it is an int64, bool, string or double. The messages
-below follow Triton's, so clients that match on them keep working. Shared memory is
-not implemented yet: a tensor that names a region is refused rather than silently
-read from the (empty) raw contents.
+below follow Triton's, so clients that match on them keep working. Tensor parameters
+naming a shared memory region are read by shm_tensors.py.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from server.errors import InvalidInput
 
 # Keys starting with "triton_" that Triton allows in a request.
 TRITON_RESERVED = ("triton_enable_empty_final_response",)
-SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 def _value(param: Any) -> tuple[str | None, Any]:
@@ -60,19 +58,6 @@ def request_parameters(parameters: Any) -> dict[str, Any]:
             raise InvalidInput(f"invalid value type for '{key}' parameter: no value set")
         out[key] = value
     return out
-
-
-def refuse_shared_memory(parameters: Any, kind: str, name: str, model: str) -> None:
-    """Inputs and requested outputs may name a shared-memory region; Nereid has none (yet)."""
-    for key in SHARED_MEMORY_KEYS:
-        if key in parameters:
-            region = parameters["shared_memory_region"].string_param if "shared_memory_region" in parameters else ""
-            raise InvalidInput(
-                f"{kind} '{name}' for model '{model}' uses shared memory (parameter '{key}'"
-                + (f", region '{region}'" if region else "")
-                + "): Unable to find shared memory region: this server does not implement shared memory yet; "
-                "send the tensor in raw_input_contents instead"
-            )
 
 
 def encode_response_parameters(parameters: dict[str, Any]) -> bytes:

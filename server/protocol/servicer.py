@@ -26,13 +26,15 @@ from tritonclient.grpc import service_pb2 as pb
 
 from server import __version__, logs
 from server.core.model import Model
+from server.core.shm_registry import SharedMemoryRegistry
 from server.core.state import ModelState
 from server.errors import InvalidInput, ModelNotFound, Overloaded, ServerUnavailable, Unsupported
-from server.protocol import handlers
-from server.protocol.codec import decode_infer_request, encode_infer_response
+from server.protocol import handlers, shm_rpc
+from server.protocol.codec import decode_infer_request, encode_bytes_tensor, encode_infer_response
 from server.protocol.decoupled_stream import FINAL_TRUE, stream_decoupled
 from server.protocol.memory import TRIM_AFTER_BYTES, release_freed_memory, trim_later
 from server.protocol.ratelimit import RateLimiter
+from server.protocol.shm_tensors import write_outputs
 from server.protocol.statistics import model_statistics
 from server.protocol.wire import split_infer_request, wrap_stream_response
 from server.repository.manager import RepositoryManager
@@ -45,7 +47,7 @@ log = logging.getLogger("nereid.protocol")
 SERVICE = "inference.GRPCInferenceService"
 # What ServerMetadata reports: only the extensions that really work.
 EXTENSIONS = ("classification", "model_configuration", "statistics", "model_repository",
-              "model_repository(unload_dependents)", "logging", "trace")
+              "model_repository(unload_dependents)", "logging", "trace", "system_shared_memory")
 STOPPING = "Server is stopping and has stopped accepting new requests"
 STREAM_CLOSED = "Server is shutting down: this stream's requests have been answered; reconnect to another replica"
 
@@ -54,8 +56,10 @@ _END = object()  # tells a stream's writer that no more responses will come
 
 class InferenceServicer:
     def __init__(self, manager: RepositoryManager, limiter: RateLimiter | None = None,
-                 tracer: Tracer | None = None) -> None:
+                 tracer: Tracer | None = None, shm: SharedMemoryRegistry | None = None) -> None:
         self.manager = manager
+        # System shared memory regions (docs/SHARED_MEMORY.md); another frontend may share this registry.
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
         self.tracer = tracer or Tracer(TraceConfig())
         # Overload (docs/SECURITY.md): inference requests beyond this many in flight are answered
         # RESOURCE_EXHAUSTED at once; 0 disables. Per-client rate limits when configured.
@@ -278,17 +282,20 @@ class InferenceServicer:
                 raise Unsupported("ModelInfer RPC doesn't support models with decoupled transaction policy")
             if self.limiter is not None:
                 self.limiter.check(context, model)
-            decoded = decode_infer_request(request, model, raw)
+            decoded = decode_infer_request(request, model, raw, self.shm)
             request_id = request.id
             del request, raw
             if trace is not None:
                 trace.decoded, trace.version, decoded.trace = perf_counter_ns(), model.version_str, trace
+            slots = decoded.shm_outputs
             outputs = await model.infer(decoded)
             del decoded  # the request's bytes go now, unless an output is a view of them
+            in_shm = write_outputs(outputs, slots, model.outputs, encode_bytes_tensor) if slots else frozenset()
+            del slots
             if logs.verbose():
                 log.debug("ModelInfer '%s' version %s id '%s': OK", name, model.version_str, request_id,
                           extra={"model": name, "version": model.version_str, "request_id": request_id})
-            return b"".join(encode_infer_response(model, request_id, outputs))
+            return b"".join(encode_infer_response(model, request_id, outputs, in_shm))
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:  # a status below, once the except block (and its traceback) is gone
@@ -333,20 +340,26 @@ class InferenceServicer:
                     model = self._serving(request.model_name, request.model_version)
                     if self.limiter is not None:
                         self.limiter.check(context, model)
-                    decoded = decode_infer_request(request, model, raw)
+                    decoded = decode_infer_request(request, model, raw, self.shm)
                     trace = self.tracer.start(model.name, context.invocation_metadata()) if self.tracer.active \
                         else None
                     if trace is not None:
                         trace.model, trace.version, trace.request_id = model.name, model.version_str, request.id
                         trace.decoded, decoded.trace = perf_counter_ns(), trace
                     if model.decoupled:  # zero or many responses, each written as it comes
+                        if decoded.shm_outputs:
+                            raise Unsupported("shared memory outputs are not supported for decoupled models; "
+                                              "request the outputs without shared memory parameters")
                         await stream_decoupled(model, request, decoded, responses.put_nowait)
                         if trace is not None:
                             self.tracer.finish(trace)
                         return
+                    slots = decoded.shm_outputs
                     outputs = await model.infer(decoded)
                     del decoded
-                    parts = encode_infer_response(model, request.id, outputs)
+                    in_shm = write_outputs(outputs, slots, model.outputs, encode_bytes_tensor) if slots \
+                        else frozenset()
+                    parts = encode_infer_response(model, request.id, outputs, in_shm)
                     parts.append(FINAL_TRUE)  # as Triton marks every streamed response
                     response = b"".join(wrap_stream_response(parts))
                     if trace is not None:  # a stream's request is done once its response is queued
@@ -417,6 +430,29 @@ class InferenceServicer:
                 task.cancel()
             if self._idle is not None and not self._streams and not self.inflight:
                 self._idle.set()
+
+    # -- shared memory (shm_rpc.py) --
+
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
+                                         context: Any) -> pb.SystemSharedMemoryRegisterResponse:
+        return await shm_rpc.register(self.shm, request)
+
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
+                                       context: Any) -> pb.SystemSharedMemoryStatusResponse:
+        return shm_rpc.status(self.shm, request)
+
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                                           context: Any) -> pb.SystemSharedMemoryUnregisterResponse:
+        return shm_rpc.unregister(self.shm, request)
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise shm_rpc.cuda_unsupported("CudaSharedMemoryRegister")
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        raise shm_rpc.cuda_unsupported("CudaSharedMemoryStatus")
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        raise shm_rpc.cuda_unsupported("CudaSharedMemoryUnregister")
 
     # -- tracing --
 
