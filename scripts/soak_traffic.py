@@ -368,7 +368,7 @@ INFER_CASES: dict[str, tuple[Callable[[], Any], frozenset[str]]] = {
     "unknown-version": (lambda: raw_request("id_direct", FOUR, version="7"), NOT_FOUND),
     "noncanonical-version": (lambda: raw_request("id_direct", FOUR, version="01"), INVALID),
     "bad-priority": (_bad_priority, INVALID),
-    "shared-memory": (_shared_memory, INVALID),
+    "shared-memory": (_shared_memory, NOT_FOUND),  # a region nobody registered
     "two-contents": (_two_contents, INVALID),
 }
 GARBAGE_CASES: dict[str, tuple[str, bytes, frozenset[str]]] = {
