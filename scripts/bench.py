@@ -175,7 +175,7 @@ def server_command(target: str, args: argparse.Namespace, port: int) -> list[str
         if not args.baseline_checkout:
             raise ServerError("target 'baseline' needs --baseline-checkout DIR")
         return [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(repo), "--grpc-port",
-                str(port), "--metrics-port", "0", *args.nereid_arg]
+                str(port), "--metrics-port", "0", "--http-port", "0", *args.nereid_arg]
     if target in ("nereid", "nereid-torch") or target in args.variant_repos or target in TARGET_ARGS:
         exe = ROOT / ".venv" / "bin" / "nereid"
         if not exe.exists():

@@ -23,7 +23,10 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
+from server.http.routes import HttpRoutes
+from server.http.transport import HttpServer
 from server.metrics.endpoint import MetricsEndpoint, MetricSources
 from server.metrics.system import SystemMetrics
 from server.protocol.bls import BlsService
@@ -64,14 +67,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     except ValueError as exc:
         raise SystemExit(f"nereid: --trace-config: {exc}") from None
     servicer = InferenceServicer(manager, rate_limiter(settings), tracer)
-    server, port = build_server(settings, servicer, health)
+    server, port = build_server(settings, servicer, health) if settings.allow_grpc else (None, 0)
     metrics = start_metrics(settings, manager, servicer)
     await health.set_server(False)
     manager.add_listener(health.model_changed_threadsafe)
     manager.add_listener(_server_health_follower(loop, servicer, health))
-    await server.start()
-    log.info("Started GRPCInferenceService at %s:%d (event loop: %s)", settings.grpc_address, port,
-             type(loop).__module__.split(".")[0])
+    if server is not None:
+        await server.start()
+        log.info("Started GRPCInferenceService at %s:%d (event loop: %s)", settings.grpc_address, port,
+                 type(loop).__module__.split(".")[0])
+    http = await start_http(settings, servicer)
 
     poller = Poller(manager) if settings.model_control_mode == "poll" else None
     startup = manager.load_startup if poller is None else functools.partial(
@@ -117,7 +122,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         # finds the port closed but not one that was refused; those in flight finish.
         log.info("stopping: listener closed, draining %d in flight (up to %.0fs)", servicer.inflight,
                  settings.exit_timeout_secs)
-        closed = asyncio.ensure_future(server.stop(grace=settings.exit_timeout_secs))
+        closed = asyncio.ensure_future(_stop_listeners(server, http, settings.exit_timeout_secs))
         servicer.end_streams()
         await _drain(servicer, settings.exit_timeout_secs)
         await closed
@@ -130,7 +135,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             await asyncio.wait_for(servicer.quiet(_QUIET_S), max(0.0, min(_REFUSE_S, deadline - loop.time())))
         except TimeoutError:
             log.info("closing while calls still arrive: those the listener holds end CANCELLED")
-        await server.stop(grace=_CLOSE_GRACE_S)
+        await _stop_listeners(server, http, _CLOSE_GRACE_S)
     if not loading.done():
         await loading
     if poller is not None:
@@ -159,6 +164,29 @@ _QUIET_S = 1.0
 # after the drain, 3-6 of about 570 when closing right after it, 0-1 closing before it.
 # Clients sending directly lose the few calls grpcio holds at the close (CANCELLED).
 _REFUSE_S = 1.0
+
+
+async def _stop_listeners(server: Any, http: HttpServer | None, grace: float) -> None:
+    """Close the gRPC and HTTP listeners (either may be off), letting answers in progress go out."""
+    if http is not None:
+        await http.stop(grace)
+    if server is not None:
+        await server.stop(grace=grace)
+
+
+async def start_http(settings: Settings, servicer: InferenceServicer) -> HttpServer | None:
+    """KServe v2 HTTP/REST on this event loop (--allow-http), over the same servicer and models."""
+    if not settings.allow_http:
+        return None
+    http = HttpServer(HttpRoutes(servicer), settings.grpc_max_message_bytes)
+    try:
+        port = await http.start(settings.http_address, settings.http_port)
+    except OSError as exc:
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise BindError(f"could not bind the HTTP endpoint {settings.http_address}:{settings.http_port}: "
+                        f"{why}") from None
+    log.info("Started HTTPService at %s:%d", settings.http_address, port)
+    return http
 
 
 async def _drain(servicer: InferenceServicer, timeout: float) -> None:
@@ -243,7 +271,10 @@ def run(settings: Settings) -> int:
         else:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
-        check_port_free(settings.grpc_address, settings.grpc_port)
+        if settings.allow_grpc:
+            check_port_free(settings.grpc_address, settings.grpc_port)
+        if not settings.allow_grpc and not settings.allow_http:
+            log.warning("--allow-grpc and --allow-http are both false: only metrics are served")
         asyncio.run(serve(settings))
     except BindError as exc:
         print(f"nereid: {exc}", file=sys.stderr)

@@ -228,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(repeatable)")
     serve.add_argument("--grpc-address", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default 8001)")
+    serve.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC (default true)")
+    serve.add_argument("--allow-http", type=_bool, default=True, metavar="BOOL",
+                       help="serve KServe v2 HTTP/REST (default true; docs/HTTP.md)")
+    serve.add_argument("--http-address", default="0.0.0.0", help="HTTP address to bind (default 0.0.0.0)")
+    serve.add_argument("--http-port", type=_int_at_least(0), default=8000,
+                       help="HTTP port; 0 picks a free one (default 8000)")
     serve.add_argument("--grpc-max-message-bytes", type=_max_message, default=DEFAULT_MAX_MESSAGE_BYTES,
                        help="largest gRPC message accepted or sent, up to 2147483647 (Triton's limit); a "
                        "request costs about 3x its size while it is received (default 536870912, 512 MiB)")
@@ -280,6 +286,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         **_object_store_settings(args),
         grpc_address=args.grpc_address,
         grpc_port=args.grpc_port,
+        allow_grpc=args.allow_grpc,
+        allow_http=args.allow_http,
+        http_address=args.http_address,
+        http_port=args.http_port,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         disable_auto_complete_config=args.disable_auto_complete_config,
         strict_readiness=args.strict_readiness,

@@ -47,6 +47,11 @@ class Settings:
     model_repositories: tuple[Path, ...]
     grpc_address: str = "0.0.0.0"
     grpc_port: int = 8001
+    allow_grpc: bool = True
+    # KServe v2 HTTP/REST (server/http/, docs/HTTP.md) on the same event loop; 0: a free port, logged.
+    allow_http: bool = True
+    http_address: str = "0.0.0.0"
+    http_port: int = 8000
     # Triton (and tritonclient) allow messages up to INT32_MAX; grpcio's default is 4 MiB.
     grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     disable_auto_complete_config: bool = False

@@ -78,7 +78,7 @@ def test_json_format_and_log_file_from_the_command_line(repo, tmp_path) -> None:
     log_file = tmp_path / "nereid.log"
     proc = subprocess.Popen(
         [PYTHON, "-m", "server.cli", "serve", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-         "--grpc-port", "0", "--metrics-port", "0", "--log-format", "json", "--log-verbose", "1",
+         "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0", "--log-format", "json", "--log-verbose", "1",
          "--log-file", str(log_file)], cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: log_file.exists() and "models loaded" in log_file.read_text(), timeout=scaled(60),

@@ -183,7 +183,8 @@ def test_metrics_off_and_port_in_use(tmp_path) -> None:
         port = taken.getsockname()[1]
         done = subprocess.run(
             [PYTHON, "-m", "server.cli", "serve", "--model-repository", str(tmp_path), "--grpc-address", "127.0.0.1",
-             "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", str(port)],
+             "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", str(port),
+             "--http-port", "0"],
             cwd=ROOT, capture_output=True, text=True, timeout=scaled(60))
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (

@@ -251,7 +251,7 @@ def _serve_once(args: list[str], env: dict[str, str], prelude: str = "") -> subp
 def test_startup_errors_are_one_line(s3, moto: MotoS3, tmp_path: Path) -> None:
     s3c, bucket = s3
     env = dict(os.environ)
-    base = ["serve", "--grpc-address", "127.0.0.1", "--grpc-port", "0"]
+    base = ["serve", "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--http-port", "0"]
 
     missing = _serve_once([*base, "--model-repository", f"s3://no-such-bucket-{bucket}/repo"], env)
     assert missing.returncode != 0
@@ -279,7 +279,8 @@ def test_two_servers_cannot_share_a_cache_folder(s3, tmp_path: Path, server_fact
     put(s3c, bucket, {"repo/x/config.pbtxt": identity_config("x", [("INPUT0", "FP32", [4])]), "repo/x/1/a": "a"})
     cache = ["--model-repository-cache", str(tmp_path / "cache")]
     first = server_factory([f"s3://{bucket}/repo"], *cache)
-    second = _serve_once(["serve", "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--model-repository",
+    second = _serve_once(["serve", "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--http-port", "0",
+                          "--model-repository",
                           f"s3://{bucket}/repo", *cache], dict(os.environ))
     assert second.returncode != 0
     assert "is in use by another Nereid server" in second.stderr.strip().splitlines()[-1]

@@ -322,7 +322,7 @@ def test_parse_errors(values: list[str], message: str) -> None:
 
 
 def test_bad_flag_stops_startup_with_one_line(repo: Path) -> None:
-    cmd = [PYTHON, "-m", "server.cli", "serve", "--model-repository", str(repo), "--grpc-port", "0",
+    cmd = [PYTHON, "-m", "server.cli", "serve", "--model-repository", str(repo), "--grpc-port", "0", "--http-port", "0",
            "--grpc-restricted-protocol=inference:k=topsecret", "--grpc-restricted-protocol=inference:k2=topsecret2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60 * TIME_FACTOR)
     assert proc.returncode == 1

@@ -23,7 +23,7 @@ def test_port_in_use_is_one_line_and_exit_1(tmp_path) -> None:
         port = taken.getsockname()[1]
         done = subprocess.run(
             [PYTHON, "-m", "server.cli", "serve", "--model-repository", str(tmp_path), "--grpc-address", "127.0.0.1",
-             "--grpc-port", str(port)],
+             "--grpc-port", str(port), "--http-port", "0"],
             cwd=ROOT, capture_output=True, text=True, timeout=scaled(60),
         )
     assert done.returncode == 1, done.stderr
@@ -75,7 +75,7 @@ def test_inference_while_models_load_is_unavailable_not_not_found(tmp_path) -> N
         '  inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 2 ] zero_data: true } } } ]\n')))
     proc = subprocess.Popen(  # not ServerProcess: it waits until the models are loaded
         [PYTHON, "-m", "server.cli", "serve", "--model-repository", str(tmp_path), "--grpc-address", "127.0.0.1",
-         "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0"],
+         "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--http-port", "0"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None

@@ -118,7 +118,7 @@ def test_mutual_tls_refuses_plaintext_client(mtls_server: ServerProcess) -> None
 
 def _start_expecting_failure(repo: Path, *args: str) -> str:
     cmd = [PYTHON, "-m", "server.cli", "serve", "--model-repository", str(repo),
-           "--grpc-address", "127.0.0.1", "--grpc-port", "0", *args]
+           "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60 * TIME_FACTOR,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
@@ -172,7 +172,7 @@ def test_bad_tls_configuration_is_one_line(repo: Path, pki: Pki, other_pki: Pki,
 def test_ssl_flags_need_a_value(repo: Path) -> None:
     """As in tritonserver, --grpc-use-ssl takes a value; a bare flag is a usage error."""
     cmd = [PYTHON, "-m", "server.cli", "serve", "--model-repository", str(repo), "--grpc-use-ssl",
-           "--grpc-port", "0"]
+           "--grpc-port", "0", "--http-port", "0"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60 * TIME_FACTOR)
     assert proc.returncode == 2 and "--grpc-use-ssl" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -30,6 +30,7 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "py
 
 STARTED_RE = re.compile(r"Started GRPCInferenceService at 127\.0\.0\.1:(\d+)")
 METRICS_RE = re.compile(r"Started Metrics Service at [^ ]+:(\d+)")
+HTTP_RE = re.compile(r"Started HTTPService at [^ ]+:(\d+)")
 LOADED_RE = re.compile(r"models loaded; server")
 
 # Every time limit in the tests is multiplied by this, so that a slow or busy CI machine can
@@ -198,6 +199,12 @@ def _kill_leftovers() -> None:
             server.proc.wait(10)
 
 
+def _flag(args: Sequence[str], name: str) -> str | None:
+    """The value given to `name` as `name VALUE` in args, if any."""
+    args = list(args)
+    return args[args.index(name) + 1] if name in args[:-1] else None
+
+
 class ServerProcess:
     """A real Nereid server in a subprocess. Use `stop()` (or the fixtures) to end it."""
 
@@ -208,6 +215,8 @@ class ServerProcess:
         cmd += ["--grpc-address", "127.0.0.1", "--grpc-port", "0"]
         if not any(arg.startswith(("--metrics-port", "--metrics-address")) for arg in extra_args):
             cmd += ["--metrics-address", "127.0.0.1", "--metrics-port", "0"]  # a free port, never 8002
+        if not any(arg.startswith(("--http-port", "--http-address")) for arg in extra_args):
+            cmd += ["--http-address", "127.0.0.1", "--http-port", "0"]  # a free port, never 8000
         if not any(arg.startswith("--lame-duck-secs") for arg in extra_args):
             # No lame duck (Triton's shutdown): it would add a second to every server's stop.
             # The tests of shutdown itself (test_shutdown.py, test_failover.py) set it.
@@ -226,12 +235,17 @@ class ServerProcess:
         self._reader.start()
         self.port = 0
         self.metrics_port = 0  # 0 when metrics are off
+        self.http_port = 0  # 0 when HTTP is off (--allow-http false)
         try:
-            match = self.wait_for_log(STARTED_RE, startup_timeout)
-            self.port = int(match.group(1))
+            if "--allow-grpc=false" in extra_args or _flag(extra_args, "--allow-grpc") == "false":
+                self.wait_for_log(HTTP_RE, startup_timeout)
+            else:
+                self.port = int(self.wait_for_log(STARTED_RE, startup_timeout).group(1))
             metrics = [METRICS_RE.search(line) for line in self.lines]
             self.metrics_port = next((int(m.group(1)) for m in metrics if m), 0)
             self.wait_for_log(LOADED_RE, startup_timeout)
+            https = [HTTP_RE.search(line) for line in self.lines]  # logged before loading ends
+            self.http_port = next((int(m.group(1)) for m in https if m), 0)
         except BaseException:
             self.stop()
             raise
@@ -281,6 +295,11 @@ class ServerProcess:
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """host:port of the KServe v2 HTTP endpoint (tritonclient.http's `url`)."""
+        return f"127.0.0.1:{self.http_port}"
 
     def channel(self) -> grpc.Channel:
         limit = 2**31 - 1

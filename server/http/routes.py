@@ -1,0 +1,246 @@
+"""KServe v2 REST routes over the gRPC servicer's own methods: each route builds the request
+message the RPC takes, awaits the same method and writes its answer as Triton's JSON. Health,
+metadata, config, statistics and repository calls share the servicer's code and errors;
+inference shares the codec and `Model.infer` (server/http/infer.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import json
+import re
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+from tritonclient.grpc import service_pb2 as pb
+
+from server.errors import InvalidInput, ModelNotFound, Overloaded, Unsupported
+from server.http.infer import encode_infer_response, parse_infer_request
+from server.http.jsonpb import to_json
+from server.http.status import error_response
+from server.http.transport import Request, Response
+from server.protocol import handlers
+from server.protocol.codec import decode_infer_request
+from server.protocol.servicer import InferenceServicer
+
+_MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+_EMPTY = b""
+_HEADER_LENGTH = "inference-header-content-length"
+
+Route = Callable[[Request, str, str], Awaitable[Response]]
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(value, separators=(",", ":")).encode())
+
+
+def _body_json(request: Request) -> dict[str, Any]:
+    if not request.body:
+        return {}
+    try:
+        doc = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"failed to parse the request JSON buffer: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return doc
+
+
+class HttpRoutes:
+    """Request -> Response for every route; errors become Triton's `{"error": ...}` bodies."""
+
+    def __init__(self, servicer: InferenceServicer) -> None:
+        self.servicer = servicer
+        get: list[tuple[str, Route]] = [
+            (r"/v2/health/live", self.live),
+            (r"/v2/health/ready", self.ready),
+            (r"/v2", self.server_metadata),
+            (r"/v2/models/stats", self.statistics),
+            (_MODEL + r"/ready", self.model_ready),
+            (_MODEL + r"/config", self.model_config),
+            (_MODEL + r"/stats", self.statistics),
+            (_MODEL, self.model_metadata),
+        ]
+        post: list[tuple[str, Route]] = [
+            (_MODEL + r"/infer", self.infer),
+            (r"/v2/repository/index", self.repository_index),
+            (r"/v2/repository/models/(?P<model>[^/]+)/load", self.load),
+            (r"/v2/repository/models/(?P<model>[^/]+)/unload", self.unload),
+        ]
+        self.routes = {"GET": [(re.compile(p), h) for p, h in get],
+                       "POST": [(re.compile(p), h) for p, h in post]}
+
+    async def __call__(self, request: Request) -> Response:
+        for method, table in self.routes.items():
+            for pattern, route in table:
+                match = pattern.fullmatch(request.path)
+                if match is None:
+                    continue
+                if method != request.method:
+                    return Response(405, b'{"error":"Method Not Allowed"}')
+                groups = match.groupdict()
+                name = unquote(groups.get("model") or "")
+                version = unquote(groups.get("version") or "")
+                try:
+                    return await route(request, name, version)
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:
+                    code, message = handlers.failure(f"HTTP {request.method} {request.path}", exc)
+                    return error_response(code, message)
+        return Response(404, b'{"error":"Not Found"}')
+
+    # -- health and metadata --
+
+    async def live(self, request: Request, name: str, version: str) -> Response:
+        return Response(200, _EMPTY)
+
+    async def ready(self, request: Request, name: str, version: str) -> Response:
+        return Response(200 if self.servicer.is_ready() else 400, _EMPTY)
+
+    async def model_ready(self, request: Request, name: str, version: str) -> Response:
+        try:
+            answer = await self.servicer.ModelReady(pb.ModelReadyRequest(name=name, version=version), None)
+        except ModelNotFound:  # Triton: an unknown model is simply not ready
+            return Response(400, _EMPTY)
+        return Response(200 if answer.ready else 400, _EMPTY)
+
+    async def server_metadata(self, request: Request, name: str, version: str) -> Response:
+        return _json(to_json(await self.servicer.ServerMetadata(pb.ServerMetadataRequest(), None)))
+
+    async def model_metadata(self, request: Request, name: str, version: str) -> Response:
+        answer = await self.servicer.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), None)
+        return _json(to_json(answer))
+
+    async def model_config(self, request: Request, name: str, version: str) -> Response:
+        answer = await self.servicer.ModelConfig(pb.ModelConfigRequest(name=name, version=version), None)
+        return _json(to_json(answer.config))  # Triton's HTTP answer is the config itself
+
+    async def statistics(self, request: Request, name: str, version: str) -> Response:
+        answer = await self.servicer.ModelStatistics(pb.ModelStatisticsRequest(name=name, version=version), None)
+        return _json(to_json(answer))
+
+    # -- model repository --
+
+    async def repository_index(self, request: Request, name: str, version: str) -> Response:
+        ready = bool(_body_json(request).get("ready", False))
+        answer = await self.servicer.RepositoryIndex(pb.RepositoryIndexRequest(ready=ready), None)
+        rows = []
+        for row in answer.models:
+            entry = {"name": row.name}
+            if row.version:
+                entry["version"] = row.version
+            if row.state:
+                entry["state"] = row.state
+            entry["reason"] = row.reason
+            rows.append(entry)
+        return _json(rows)
+
+    async def load(self, request: Request, name: str, version: str) -> Response:
+        message = pb.RepositoryModelLoadRequest(model_name=name)
+        for key, value in _parameters(_body_json(request)).items():
+            param = message.parameters[key]
+            if key.startswith("file:"):  # Triton's HTTP carries file contents as base64
+                try:
+                    param.bytes_param = base64.b64decode(str(value), validate=True)
+                except ValueError:
+                    raise InvalidInput(f"parameter '{key}': the file content must be base64") from None
+            elif isinstance(value, bool):
+                param.bool_param = value
+            elif isinstance(value, int):
+                param.int64_param = value
+            elif isinstance(value, str):
+                param.string_param = value
+            else:
+                raise InvalidInput(f"parameter '{key}': expected a string, integer or boolean")
+        await self.servicer._tracked(self.servicer.RepositoryModelLoad)(message, None)
+        return Response(200, _EMPTY)
+
+    async def unload(self, request: Request, name: str, version: str) -> Response:
+        message = pb.RepositoryModelUnloadRequest(model_name=name)
+        dependents = _parameters(_body_json(request)).get("unload_dependents", False)
+        if dependents:
+            message.parameters["unload_dependents"].bool_param = bool(dependents)
+        await self.servicer._tracked(self.servicer.RepositoryModelUnload)(message, None)
+        return Response(200, _EMPTY)
+
+    # -- inference --
+
+    async def infer(self, request: Request, name: str, version: str) -> Response:
+        """The gRPC ModelInfer path with an HTTP body: the same accounting (in flight, refusals,
+        rejections by model and code), the same checks, the same `Model.infer`."""
+        servicer = self.servicer
+        servicer._enter()  # refused (503) while the server stops
+        try:
+            try:
+                if servicer.max_inflight and servicer.inflight > servicer.max_inflight:
+                    raise Overloaded(servicer._full())
+                body = _decompressed(request)
+                length = request.headers.get(_HEADER_LENGTH)
+                try:
+                    header_length = None if length is None else int(length)
+                except ValueError:
+                    raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got '{length}'") from None
+                message, raw, plan = parse_infer_request(body, header_length, name, version)
+                del body
+                model = servicer._serving(name, version)
+                if model.decoupled:
+                    raise Unsupported("HTTP infer doesn't support models with decoupled transaction policy")
+                decoded = decode_infer_request(message, model, raw)
+                del raw
+                outputs = await model.infer(decoded)
+                del decoded
+                parts, header_length = encode_infer_response(model, message.id, outputs, plan)
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                code, text = handlers.failure("HTTP infer", exc)
+                servicer._rejected(name, code)
+                return error_response(code, text)
+        finally:
+            servicer._leave()
+        response = Response(200, parts)
+        if header_length is not None:
+            response.content_type = "application/octet-stream"
+            response.headers.append(("Inference-Header-Content-Length", str(header_length)))
+        _compress(request, response)
+        return response
+
+
+def _parameters(doc: dict[str, Any]) -> dict[str, Any]:
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be a JSON object")
+    return params
+
+
+def _decompressed(request: Request) -> bytes:
+    """The body after its Content-Encoding (gzip or deflate, as tritonclient sends them)."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if not encoding or encoding == "identity":
+        return request.body
+    try:
+        if encoding == "gzip":
+            return gzip.decompress(request.body)
+        if encoding == "deflate":
+            return zlib.decompress(request.body)
+    except (OSError, zlib.error, EOFError) as exc:
+        raise InvalidInput(f"failed to decompress the {encoding} request body: {exc}") from None
+    raise Unsupported(f"unsupported Content-Encoding '{encoding}'; expected gzip or deflate")
+
+
+def _compress(request: Request, response: Response) -> None:
+    """Compress the answer when the client accepts gzip or deflate (tritonclient's
+    response_compression_algorithm); the header length then counts the uncompressed JSON."""
+    accepted = [part.split(";")[0].strip().lower() for part in request.headers.get("accept-encoding", "").split(",")]
+    body = response.body
+    joined = b"".join(body) if isinstance(body, list) else body
+    if "gzip" in accepted:
+        response.body = gzip.compress(joined, compresslevel=1)
+        response.headers.append(("Content-Encoding", "gzip"))
+    elif "deflate" in accepted:
+        response.body = zlib.compress(joined, 1)
+        response.headers.append(("Content-Encoding", "deflate"))
