@@ -68,8 +68,8 @@ ENV PATH=/opt/nereid/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
 WORKDIR /tmp
-# 8001: gRPC (KServe v2 / Triton); 8002: Prometheus metrics (GET /metrics).
-EXPOSE 8001 8002
+# 8000: HTTP/REST (KServe v2); 8001: gRPC (KServe v2 / Triton); 8002: Prometheus metrics (GET /metrics).
+EXPOSE 8000 8001 8002
 # grpc.health.v1 Check on 127.0.0.1:8001, service "" (server readiness): healthy once every
 # model has loaded, unhealthy while draining. NEREID_HEALTH_* variables change the target
 # (deploy/docker/healthcheck.py).

@@ -85,7 +85,7 @@ class Server:
     def __init__(self, repo: Path, log: Path) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(repo),
-               "--grpc-address", "127.0.0.1", "--grpc-port", str(self.port), "--metrics-port", "0",
+               "--grpc-address", "127.0.0.1", "--grpc-port", str(self.port), "--metrics-port", "0", "--http-port", "0",
                "--lame-duck-secs", "0"]
         self.log = log
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)

@@ -93,7 +93,8 @@ def _start_nereid(repo: Path) -> tuple[subprocess.Popen, str]:
         'output [ { name: "OUTPUT0" data_type: TYPE_UINT8 dims: [ -1 ] } ]\n')
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(repo), "--grpc-address",
-         "127.0.0.1", "--grpc-port", "0", "--grpc-max-message-bytes", str(LIMIT), "--metrics-port", "0"],
+         "127.0.0.1", "--grpc-port", "0", "--grpc-max-message-bytes", str(LIMIT), "--metrics-port", "0",
+         "--http-port", "0"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     port = ""

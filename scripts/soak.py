@@ -71,6 +71,7 @@ class Server:
         cmd = [PYTHON, "-m", "server.cli", "serve", "--model-repository", str(repo),
                "--grpc-address", "127.0.0.1", "--grpc-port", "0",
                "--metrics-address", "127.0.0.1", "--metrics-port", "0",
+               "--http-address", "127.0.0.1", "--http-port", "0",
                "--model-control-mode", control, "--exit-timeout-secs", str(EXIT_TIMEOUT)]
         cmd += ["--repository-poll-secs", "0.5"] if control == "poll" else ["--load-model", "*"]
         self.cmd = cmd

@@ -168,7 +168,7 @@ def test_hpa_scales_on_the_metric_the_adapter_serves() -> None:
 def test_manifests_match_the_image() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "USER 10001:10001" in dockerfile
-    assert re.search(r"^EXPOSE 8001 8002$", dockerfile, re.M)
+    assert re.search(r"^EXPOSE 8000 8001 8002$", dockerfile, re.M)
     for container in (by_kind("Deployment")["spec"]["template"]["spec"]["containers"][0],
                       by_kind("ServingRuntime")["spec"]["containers"][0]):
         assert container["args"][0] == "serve"  # after the image's `tini -- nereid` entrypoint

@@ -297,7 +297,8 @@ def test_bad_cache_flags_refused(args: list[str], message: str, tmp_path) -> Non
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "--model-repository", str(tmp_path), *args],
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "--model-repository", str(tmp_path), "--http-port", "0",
+                           "--metrics-port", "0", *args],
                           capture_output=True, text=True, timeout=scaled(60))
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
