@@ -26,6 +26,7 @@ from backends.datatypes import NUMPY_OF
 from server.core.model import Model
 from server.errors import InvalidInput
 from server.protocol.codec import encode_bytes_tensor
+from server.protocol.parameters import set_scalar
 
 # Parameters only the HTTP framing uses; they never reach the model.
 _BINARY_SIZE = "binary_data_size"
@@ -45,15 +46,7 @@ class OutputPlan:
 
 
 def _set_param(param: Any, key: str, value: Any) -> None:
-    if isinstance(value, bool):
-        param.bool_param = value
-    elif isinstance(value, int):
-        param.int64_param = value
-    elif isinstance(value, float):
-        param.double_param = value
-    elif isinstance(value, str):
-        param.string_param = value
-    else:
+    if not set_scalar(param, value):
         raise InvalidInput(f"parameter '{key}' has invalid type. It should be either 'int', 'bool', or 'string'.")
 
 

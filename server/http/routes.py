@@ -24,6 +24,7 @@ from server.http.status import error_response
 from server.http.transport import Request, Response
 from server.protocol import handlers
 from server.protocol.codec import decode_infer_request
+from server.protocol.parameters import set_scalar
 from server.protocol.servicer import InferenceServicer
 
 _MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
@@ -148,13 +149,7 @@ class HttpRoutes:
                     param.bytes_param = base64.b64decode(str(value), validate=True)
                 except ValueError:
                     raise InvalidInput(f"parameter '{key}': the file content must be base64") from None
-            elif isinstance(value, bool):
-                param.bool_param = value
-            elif isinstance(value, int):
-                param.int64_param = value
-            elif isinstance(value, str):
-                param.string_param = value
-            else:
+            elif isinstance(value, float) or not set_scalar(param, value):
                 raise InvalidInput(f"parameter '{key}': expected a string, integer or boolean")
         await self.servicer._tracked(self.servicer.RepositoryModelLoad)(message, None)
         return Response(200, _EMPTY)

@@ -68,12 +68,22 @@ def encode_response_parameters(parameters: dict[str, Any]) -> bytes:
     msg = pb.ModelInferResponse()
     for key, value in parameters.items():
         param = msg.parameters[str(key)]
-        if isinstance(value, bool):
-            param.bool_param = value
-        elif isinstance(value, int):
-            param.int64_param = value
-        elif isinstance(value, float):
-            param.double_param = value
-        else:
+        if not set_scalar(param, value):
             param.string_param = str(value)
     return msg.SerializeToString()
+
+
+def set_scalar(param: Any, value: Any) -> bool:
+    """Fill an InferParameter from a Python (or JSON) scalar; False when `value` is not a bool,
+    int, float or str. bool is tested first: it is an int to Python."""
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    elif isinstance(value, str):
+        param.string_param = value
+    else:
+        return False
+    return True
