@@ -82,6 +82,8 @@ def test_sagemaker_ping_and_invocations(two_model_repo: Path, server_factory: Ca
     status, _, body = call(port, "POST", "/invocations", b'{"inputs": [{"name": "NOPE", "datatype": "FP32", '
                            b'"shape": [1], "data": [1]}]}')
     assert status == 400 and "NOPE" in json.loads(body)["error"]
+    status, _, body = call(port, "POST", "/invocations", json.dumps(BODY).encode(), {"Content-Encoding": "br"})
+    assert status == 400 and "br" in json.loads(body)["error"]  # 501 on /v2
     assert call(port, "GET", "/v2/health/ready")[0] == 400
     assert call(port, "POST", "/ping")[0] == 405
 
