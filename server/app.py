@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from server.http.platforms import SageMakerRoutes, VertexAiRoutes
 from server.http.routes import HttpRoutes
 from server.http.transport import HttpServer
 from server.metrics.endpoint import MetricsEndpoint, MetricSources
@@ -76,7 +77,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await server.start()
         log.info("Started GRPCInferenceService at %s:%d (event loop: %s)", settings.grpc_address, port,
                  type(loop).__module__.split(".")[0])
-    http = await start_http(settings, servicer)
+    kserve = await start_http(settings, servicer)
+    http = ([kserve] if kserve is not None else []) + await start_platforms(settings, servicer)
 
     poller = Poller(manager) if settings.model_control_mode == "poll" else None
     startup = manager.load_startup if poller is None else functools.partial(
@@ -166,10 +168,10 @@ _QUIET_S = 1.0
 _REFUSE_S = 1.0
 
 
-async def _stop_listeners(server: Any, http: HttpServer | None, grace: float) -> None:
-    """Close the gRPC and HTTP listeners (either may be off), letting answers in progress go out."""
-    if http is not None:
-        await http.stop(grace)
+async def _stop_listeners(server: Any, http: list[HttpServer], grace: float) -> None:
+    """Close the gRPC and HTTP listeners (any may be off), letting answers in progress go out."""
+    for listener in http:
+        await listener.stop(grace)
     if server is not None:
         await server.stop(grace=grace)
 
@@ -187,6 +189,32 @@ async def start_http(settings: Settings, servicer: InferenceServicer) -> HttpSer
                         f"{why}") from None
     log.info("Started HTTPService at %s:%d", settings.http_address, port)
     return http
+
+
+async def start_platforms(settings: Settings, servicer: InferenceServicer) -> list[HttpServer]:
+    """SageMaker and Vertex AI listeners (--allow-sagemaker, --allow-vertex-ai) on this loop,
+    on --http-address, over the KServe v2 handlers (server/http/platforms.py)."""
+    listeners: list[tuple[str, Any, int]] = []
+    if settings.allow_sagemaker:
+        routes: Any = SageMakerRoutes(HttpRoutes(servicer), settings.sagemaker_default_model)
+        listeners.append(("Sagemaker", routes, settings.sagemaker_port))
+    if settings.allow_vertex_ai:
+        routes = VertexAiRoutes(HttpRoutes(servicer), settings.vertex_ai_default_model,
+                                settings.vertex_ai_predict_route, settings.vertex_ai_health_route)
+        listeners.append(("Vertex AI", routes, settings.vertex_ai_port))
+    started: list[HttpServer] = []
+    for name, routes, port in listeners:
+        listener = HttpServer(routes, settings.grpc_max_message_bytes)
+        try:
+            bound = await listener.start(settings.http_address, port)
+        except OSError as exc:
+            for other in started:
+                await other.stop(0)
+            why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise BindError(f"could not bind the {name} endpoint {settings.http_address}:{port}: {why}") from None
+        log.info("Started %s HTTPService at %s:%d", name, settings.http_address, bound)
+        started.append(listener)
+    return started
 
 
 async def _drain(servicer: InferenceServicer, timeout: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -207,6 +208,51 @@ def _add_security_flags(serve: argparse.ArgumentParser) -> None:
                        f"protocols: {', '.join(RESTRICTED_PROTOCOL_GROUPS)}")
 
 
+def _add_platform_flags(serve: argparse.ArgumentParser) -> None:
+    """Triton's SageMaker and Vertex AI listeners (docs/PLATFORMS.md); ports default from the
+    platforms' environment (SAGEMAKER_BIND_TO_PORT, AIP_HTTP_PORT), else 8080."""
+    serve.add_argument("--allow-sagemaker", type=_bool, default=False, metavar="BOOL",
+                       help="serve SageMaker's /ping and /invocations (default false)")
+    serve.add_argument("--sagemaker-port", type=_int_at_least(0), default=None,
+                       help="SageMaker port (default $SAGEMAKER_BIND_TO_PORT, else 8080)")
+    serve.add_argument("--allow-vertex-ai", type=_bool, default=None, metavar="BOOL",
+                       help="serve Vertex AI's $AIP_HEALTH_ROUTE and $AIP_PREDICT_ROUTE (default true when "
+                       "AIP_MODE=PREDICTION, as Triton)")
+    serve.add_argument("--vertex-ai-port", type=_int_at_least(0), default=None,
+                       help="Vertex AI port (default $AIP_HTTP_PORT, else 8080)")
+    serve.add_argument("--vertex-ai-default-model", default="",
+                       help="the model the predict route serves (default: the only model)")
+
+
+def _env_port(name: str) -> int | None:
+    """A port from the platform's environment (SAGEMAKER_BIND_TO_PORT, AIP_HTTP_PORT), checked."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) > 65535:
+        raise ValueError(f"{name} must be a port number (0-65535), got '{text}'")
+    return int(text)
+
+
+def _platform_settings(args: argparse.Namespace) -> dict[str, Any]:
+    env = os.environ
+    sagemaker_port = args.sagemaker_port if args.sagemaker_port is not None else _env_port("SAGEMAKER_BIND_TO_PORT")
+    vertex_port = args.vertex_ai_port if args.vertex_ai_port is not None else _env_port("AIP_HTTP_PORT")
+    allow_vertex = args.allow_vertex_ai
+    if allow_vertex is None:
+        allow_vertex = env.get("AIP_MODE", "") == "PREDICTION"
+    predict, health = env.get("AIP_PREDICT_ROUTE", ""), env.get("AIP_HEALTH_ROUTE", "")
+    if allow_vertex and not (predict and health):  # Triton's startup errors
+        raise ValueError(f"{'AIP_PREDICT_ROUTE' if not predict else 'AIP_HEALTH_ROUTE'} is not defined for "
+                         "Vertex AI endpoint")
+    return {"allow_sagemaker": args.allow_sagemaker,
+            "sagemaker_port": 8080 if sagemaker_port is None else sagemaker_port,
+            "sagemaker_default_model": env.get("SAGEMAKER_TRITON_DEFAULT_MODEL_NAME", ""),
+            "allow_vertex_ai": allow_vertex, "vertex_ai_port": 8080 if vertex_port is None else vertex_port,
+            "vertex_ai_default_model": args.vertex_ai_default_model,
+            "vertex_ai_predict_route": predict, "vertex_ai_health_route": health}
+
+
 def _add_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     validate = sub.add_parser("validate", help="check a model repository without serving it")
     validate.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="model repository path(s)")
@@ -234,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-address", default="0.0.0.0", help="HTTP address to bind (default 0.0.0.0)")
     serve.add_argument("--http-port", type=_int_at_least(0), default=8000,
                        help="HTTP port; 0 picks a free one (default 8000)")
+    _add_platform_flags(serve)
     serve.add_argument("--grpc-max-message-bytes", type=_max_message, default=DEFAULT_MAX_MESSAGE_BYTES,
                        help="largest gRPC message accepted or sent, up to 2147483647 (Triton's limit); a "
                        "request costs about 3x its size while it is received (default 536870912, 512 MiB)")
@@ -278,6 +325,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         metrics_config = parse_metrics_config(args.metrics_config)
         trace_config = parse_trace_config(args.trace_config)
         cache_bytes = parse_cache_config(args.cache_config, args.response_cache_byte_size)
+        platforms = _platform_settings(args)
     except ValueError as exc:
         raise SystemExit(f"nereid: {exc}") from exc
     mutual = bool(args.grpc_use_ssl_mutual)
@@ -290,6 +338,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         allow_http=args.allow_http,
         http_address=args.http_address,
         http_port=args.http_port,
+        **platforms,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         disable_auto_complete_config=args.disable_auto_complete_config,
         strict_readiness=args.strict_readiness,

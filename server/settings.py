@@ -52,6 +52,15 @@ class Settings:
     allow_http: bool = True
     http_address: str = "0.0.0.0"
     http_port: int = 8000
+    # Managed platforms (server/http/platforms.py, docs/PLATFORMS.md), bound on http_address.
+    allow_sagemaker: bool = False
+    sagemaker_port: int = 8080
+    sagemaker_default_model: str = ""  # $SAGEMAKER_TRITON_DEFAULT_MODEL_NAME; "": the only model
+    allow_vertex_ai: bool = False
+    vertex_ai_port: int = 8080
+    vertex_ai_default_model: str = ""  # "": the only model
+    vertex_ai_predict_route: str = ""  # $AIP_PREDICT_ROUTE
+    vertex_ai_health_route: str = ""  # $AIP_HEALTH_ROUTE
     # Triton (and tritonclient) allow messages up to INT32_MAX; grpcio's default is 4 MiB.
     grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     disable_auto_complete_config: bool = False
