@@ -33,7 +33,7 @@ _MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
 _REGION = r"(?:/region/(?P<region>[^/]+))?"
 _SYSTEM_SHM = r"/v2/systemsharedmemory" + _REGION
 _CUDA_SHM = r"/v2/cudasharedmemory" + _REGION
-_TRACE = r"(?:/v2/models/(?P<model>[^/]+))?/trace/setting"
+_TRACE = r"/v2(?:/models/(?P<model>[^/]+))?/trace/setting"
 _EMPTY = b""
 _HEADER_LENGTH = "inference-header-content-length"
 
@@ -72,7 +72,7 @@ class HttpRoutes:
             (_MODEL, self.model_metadata),
             (_SYSTEM_SHM + r"/status", self.shm_status),
             (_CUDA_SHM + r"/status", self.cuda_shm),
-            (r"/v2" + _TRACE, self.trace_setting),
+            (_TRACE, self.trace_setting),
             (r"/v2/logging", self.log_settings),
         ]
         post: list[tuple[str, Route]] = [
@@ -83,7 +83,7 @@ class HttpRoutes:
             (_SYSTEM_SHM + r"/register", self.shm_register),
             (_SYSTEM_SHM + r"/unregister", self.shm_unregister),
             (_CUDA_SHM + r"/(?:register|unregister)", self.cuda_shm),
-            (r"/v2" + _TRACE, self.trace_setting),
+            (_TRACE, self.trace_setting),
             (r"/v2/logging", self.log_settings),
         ]
         self.routes = {"GET": [(re.compile(p), h) for p, h in get],
