@@ -114,7 +114,7 @@ def parse_infer_request(body: bytes, header_length: int | None, model_name: str,
         elif "data" in item:
             raw.append(_json_data(item["data"], name, datatype, model_name))
         elif "shared_memory_region" in tensor.parameters:
-            raw.append(b"")  # the codec reads (or refuses) the region
+            pass  # no raw entry, as over gRPC: the codec reads the region
         else:
             raise InvalidInput(f"unable to find data for input tensor '{name}' for model '{model_name}' in request.")
     if offset != len(binary):
@@ -159,9 +159,10 @@ def _json_data(data: Any, name: str, datatype: str, model: str) -> bytes:
     return arr.tobytes()
 
 
-def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.ndarray],
-                          plan: OutputPlan) -> tuple[list[bytes], int | None]:
-    """The response body's parts and the JSON header's length when binary parts follow it (None: all JSON)."""
+def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.ndarray], plan: OutputPlan,
+                          in_shm: frozenset[str] = frozenset()) -> tuple[list[bytes], int | None]:
+    """The response body's parts and the JSON header's length when binary parts follow it (None: all JSON).
+    Outputs written to shared memory (`in_shm`) carry only name, datatype and shape, as Triton's."""
     classified: frozenset[str] = getattr(outputs, "classified", frozenset())
     entries = []
     binaries: list[bytes] = []
@@ -170,7 +171,9 @@ def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.n
         is_bytes = name in classified or not info.itemsize
         entry: dict[str, Any] = {"name": name, "datatype": "BYTES" if name in classified else info.datatype,
                                  "shape": list(arr.shape)}
-        if plan.is_binary(name):
+        if name in in_shm:
+            pass
+        elif plan.is_binary(name):
             data = encode_bytes_tensor(arr) if is_bytes else np.ascontiguousarray(arr).tobytes()
             entry["parameters"] = {_BINARY_SIZE: len(data)}
             binaries.append(data)

@@ -18,16 +18,22 @@ from urllib.parse import unquote
 from tritonclient.grpc import service_pb2 as pb
 
 from server.errors import InvalidInput, ModelNotFound, Overloaded, Unsupported
+from server.http import settings
 from server.http.infer import encode_infer_response, parse_infer_request
 from server.http.jsonpb import to_json
 from server.http.status import error_response
 from server.http.transport import Request, Response
 from server.protocol import handlers
-from server.protocol.codec import decode_infer_request
+from server.protocol.codec import decode_infer_request, encode_bytes_tensor
 from server.protocol.parameters import set_scalar
 from server.protocol.servicer import InferenceServicer
+from server.protocol.shm_tensors import write_outputs
 
 _MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+_REGION = r"(?:/region/(?P<region>[^/]+))?"
+_SYSTEM_SHM = r"/v2/systemsharedmemory" + _REGION
+_CUDA_SHM = r"/v2/cudasharedmemory" + _REGION
+_TRACE = r"/v2(?:/models/(?P<model>[^/]+))?/trace/setting"
 _EMPTY = b""
 _HEADER_LENGTH = "inference-header-content-length"
 
@@ -64,34 +70,44 @@ class HttpRoutes:
             (_MODEL + r"/config", self.model_config),
             (_MODEL + r"/stats", self.statistics),
             (_MODEL, self.model_metadata),
+            (_SYSTEM_SHM + r"/status", self.shm_status),
+            (_CUDA_SHM + r"/status", self.cuda_shm),
+            (_TRACE, self.trace_setting),
+            (r"/v2/logging", self.log_settings),
         ]
         post: list[tuple[str, Route]] = [
             (_MODEL + r"/infer", self.infer),
             (r"/v2/repository/index", self.repository_index),
             (r"/v2/repository/models/(?P<model>[^/]+)/load", self.load),
             (r"/v2/repository/models/(?P<model>[^/]+)/unload", self.unload),
+            (_SYSTEM_SHM + r"/register", self.shm_register),
+            (_SYSTEM_SHM + r"/unregister", self.shm_unregister),
+            (_CUDA_SHM + r"/(?:register|unregister)", self.cuda_shm),
+            (_TRACE, self.trace_setting),
+            (r"/v2/logging", self.log_settings),
         ]
         self.routes = {"GET": [(re.compile(p), h) for p, h in get],
                        "POST": [(re.compile(p), h) for p, h in post]}
 
     async def __call__(self, request: Request) -> Response:
-        for method, table in self.routes.items():
-            for pattern, route in table:
-                match = pattern.fullmatch(request.path)
-                if match is None:
-                    continue
-                if method != request.method:
-                    return Response(405, b'{"error":"Method Not Allowed"}')
-                groups = match.groupdict()
-                name = unquote(groups.get("model") or "")
-                version = unquote(groups.get("version") or "")
-                try:
-                    return await route(request, name, version)
-                except (asyncio.CancelledError, KeyboardInterrupt):
-                    raise
-                except Exception as exc:
-                    code, message = handlers.failure(f"HTTP {request.method} {request.path}", exc)
-                    return error_response(code, message)
+        table = self.routes.get(request.method, [])
+        for pattern, route in table:
+            match = pattern.fullmatch(request.path)
+            if match is None:
+                continue
+            groups = match.groupdict()
+            name = unquote(groups.get("model") or groups.get("region") or "")
+            version = unquote(groups.get("version") or "")
+            try:
+                return await route(request, name, version)
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                code, message = handlers.failure(f"HTTP {request.method} {request.path}", exc)
+                return error_response(code, message)
+        for method, others in self.routes.items():  # a known route with another method: 405
+            if method != request.method and any(p.fullmatch(request.path) for p, _ in others):
+                return Response(405, b'{"error":"Method Not Allowed"}')
         return Response(404, b'{"error":"Not Found"}')
 
     # -- health and metadata --
@@ -162,6 +178,41 @@ class HttpRoutes:
         await self.servicer._tracked(self.servicer.RepositoryModelUnload)(message, None)
         return Response(200, _EMPTY)
 
+    # -- shared memory (the gRPC servicer's registry and handlers) --
+
+    async def shm_register(self, request: Request, name: str, version: str) -> Response:
+        message = settings.register_request(name, _body_json(request))
+        await self.servicer.SystemSharedMemoryRegister(message, None)
+        return Response(200, _EMPTY)
+
+    async def shm_status(self, request: Request, name: str, version: str) -> Response:
+        answer = await self.servicer.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(name=name), None)
+        return _json(settings.status_json(answer))
+
+    async def shm_unregister(self, request: Request, name: str, version: str) -> Response:
+        await self.servicer.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name=name), None)
+        return Response(200, _EMPTY)
+
+    async def cuda_shm(self, request: Request, name: str, version: str) -> Response:
+        """Every CUDA shared memory route: the gRPC RPCs' UNIMPLEMENTED error (501)."""
+        action = request.path.rsplit("/", 1)[-1]
+        rpc = {"status": self.servicer.CudaSharedMemoryStatus, "register": self.servicer.CudaSharedMemoryRegister,
+               "unregister": self.servicer.CudaSharedMemoryUnregister}[action]
+        await rpc(None, None)
+        return Response(200, _EMPTY)  # not reached while CUDA shared memory is unsupported
+
+    # -- trace and log settings (GET reads, POST changes then reads) --
+
+    async def trace_setting(self, request: Request, name: str, version: str) -> Response:
+        doc = _body_json(request) if request.method == "POST" else {}
+        answer = await self.servicer.TraceSetting(settings.trace_request(name, doc), None)
+        return _json(settings.trace_json(answer))
+
+    async def log_settings(self, request: Request, name: str, version: str) -> Response:
+        doc = _body_json(request) if request.method == "POST" else {}
+        answer = await self.servicer.LogSettings(settings.log_request(doc), None)
+        return _json(settings.log_json(answer))
+
     # -- inference --
 
     async def infer(self, request: Request, name: str, version: str) -> Response:
@@ -184,11 +235,14 @@ class HttpRoutes:
                 model = servicer._serving(name, version)
                 if model.decoupled:
                     raise Unsupported("HTTP infer doesn't support models with decoupled transaction policy")
-                decoded = decode_infer_request(message, model, raw)
+                decoded = decode_infer_request(message, model, raw, servicer.shm)
                 del raw
+                slots = decoded.shm_outputs
                 outputs = await model.infer(decoded)
                 del decoded
-                parts, header_length = encode_infer_response(model, message.id, outputs, plan)
+                in_shm = write_outputs(outputs, slots, model.outputs, encode_bytes_tensor) if slots else frozenset()
+                del slots
+                parts, header_length = encode_infer_response(model, message.id, outputs, plan, in_shm)
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as exc:
