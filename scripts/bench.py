@@ -61,7 +61,9 @@ PERF_ANALYZER = ROOT / ".tools" / "bin" / "perf_analyzer"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
-KNOWN_TARGETS = ("echo", "nereid", "nereid-torch", "baseline", "nereid-nometrics", "nereid-histograms")
+KNOWN_TARGETS = ("echo", "nereid", "nereid-torch", "baseline", "nereid-nometrics", "nereid-histograms", "nereid-http")
+# Targets perf_analyzer drives over KServe v2 HTTP/REST (`-i http`) instead of gRPC.
+HTTP_TARGETS = ("nereid-http",)
 # Extra server flags of the metrics variants of the nereid target (metrics on and off in one run).
 TARGET_ARGS = {
     "nereid-nometrics": ["--allow-metrics", "false"],
@@ -152,17 +154,22 @@ class Server:
     proc: subprocess.Popen[Any]
     port: int
     log: Path
+    http_port: int = 0  # for HTTP_TARGETS: where perf_analyzer sends (readiness still asks gRPC)
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def pa_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}" if self.http_port else self.url
 
 
 class ServerError(RuntimeError):
     pass
 
 
-def server_command(target: str, args: argparse.Namespace, port: int) -> list[str]:
+def server_command(target: str, args: argparse.Namespace, port: int, http_port: int = 0) -> list[str]:
     repo = Path(args.variant_repos.get(target, args.model_repository))
     if target == "echo":
         cmd = [sys.executable, str(ROOT / "scripts" / "bench_echo.py"), "--port", str(port),
@@ -176,13 +183,13 @@ def server_command(target: str, args: argparse.Namespace, port: int) -> list[str
             raise ServerError("target 'baseline' needs --baseline-checkout DIR")
         return [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(repo), "--grpc-port",
                 str(port), "--metrics-port", "0", "--http-port", "0", *args.nereid_arg]
-    if target in ("nereid", "nereid-torch") or target in args.variant_repos or target in TARGET_ARGS:
+    if target in ("nereid", "nereid-torch", *HTTP_TARGETS) or target in args.variant_repos or target in TARGET_ARGS:
         exe = ROOT / ".venv" / "bin" / "nereid"
         if not exe.exists():
             raise ServerError(f"{exe} not found (run scripts/setup)")
         return [str(exe), "serve", "--model-repository", str(repo), "--grpc-port", str(port),
-                "--metrics-address", "127.0.0.1", "--metrics-port", "0", *TARGET_ARGS.get(target, []),
-                *args.nereid_arg]
+                "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--http-address", "127.0.0.1",
+                "--http-port", str(http_port), *TARGET_ARGS.get(target, []), *args.nereid_arg]
     raise ServerError(f"unknown target {target!r}")
 
 
@@ -219,7 +226,8 @@ def wait_ready(server: Server, model: str, timeout: float) -> None:
 def start_server(target: str, args: argparse.Namespace, pinned: bool, outdir: Path,
                  live: list[Server]) -> Server:
     port = free_port()
-    cmd = pin(server_command(target, args, port), SERVER_CORE, pinned)
+    http_port = free_port() if target in HTTP_TARGETS else 0
+    cmd = pin(server_command(target, args, port, http_port), SERVER_CORE, pinned)
     log = outdir / f"server-{target}-{'pinned' if pinned else 'unpinned'}.log"
     with log.open("w") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n")
@@ -229,7 +237,7 @@ def start_server(target: str, args: argparse.Namespace, pinned: bool, outdir: Pa
             env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_checkout).resolve()))
         proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)
-    server = Server(target, proc, port, log)
+    server = Server(target, proc, port, log, http_port)
     live.append(server)
     wait_ready(server, target_model(target, args), args.startup_timeout)
     return server
@@ -304,7 +312,11 @@ def run_perf_analyzer(server: Server, args: argparse.Namespace, concurrency: int
     counts_before = None if server.name == "echo" else read_batch_counts(server.url, model)
     csv_path = outdir / f"{stem}.csv"
     log = outdir / f"{stem}.log"
-    cmd = [str(PERF_ANALYZER), "-i", "grpc", "-u", server.url, "-m", target_model(server.name, args), "-b", "1",
+    protocol = "http" if server.name in HTTP_TARGETS else "grpc"
+    if protocol == "http" and mode == "streaming":
+        row.error = "skipped (no streaming over HTTP)"
+        return row
+    cmd = [str(PERF_ANALYZER), "-i", protocol, "-u", server.pa_url, "-m", target_model(server.name, args), "-b", "1",
            f"--concurrency-range={concurrency}:{concurrency}",
            "--measurement-interval", str(args.measurement_interval),
            "--stability-percentage", str(args.stability_percentage),
