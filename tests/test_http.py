@@ -17,18 +17,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
-from util import ServerProcess, identity_config, scaled, write_model
+from util import ServerProcess, http_request, identity_config, scaled, write_model
 
 
 def raw(server: ServerProcess, method: str, path: str, body: bytes | None = None,
         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=scaled(30))
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
+    return http_request(server.http_port, method, path, body, headers)
 
 
 def client(server: ServerProcess) -> httpclient.InferenceServerClient:

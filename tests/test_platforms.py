@@ -4,7 +4,6 @@ Ports are free ones (flag 0 and the logged port, or an env port picked free), ne
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import socket
@@ -13,22 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from util import ServerProcess, identity_config, scaled, write_model
+from util import ServerProcess, http_request, identity_config, scaled, write_model
 
 SAGEMAKER_RE = re.compile(r"Started Sagemaker HTTPService at [^ ]+:(\d+)")
 VERTEX_RE = re.compile(r"Started Vertex AI HTTPService at [^ ]+:(\d+)")
 BODY = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [4], "data": [1.0, 2.5, -3.0, 4.0]}]}
 
 
-def call(port: int, method: str, path: str, body: bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(30))
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
+call = http_request
 
 
 def logged_port(server: ServerProcess, pattern: re.Pattern[str]) -> int:

@@ -7,6 +7,7 @@ port is parsed from the "Started GRPCInferenceService at 127.0.0.1:PORT" log lin
 from __future__ import annotations
 
 import atexit
+import http.client
 import importlib
 import os
 import re
@@ -453,3 +454,15 @@ def random_array(datatype: str, shape: Sequence[int], rng: np.random.Generator) 
     if flat.size >= 3:
         flat[0], flat[1], flat[2] = np.finfo(dtype).max, np.finfo(dtype).tiny, -0.0
     return arr
+
+
+def http_request(port: int, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP/1.1 request to 127.0.0.1:port: (status, headers with lower-case names, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(30))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
