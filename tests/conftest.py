@@ -24,6 +24,7 @@ from util import (
     STATS_DELAY_MS,
     ServerProcess,
     identity_config,
+    shm_key,
     write_model,
 )
 
@@ -121,3 +122,23 @@ def server_factory() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def shm_region() -> Iterator[Callable[[int], tuple[object, str]]]:
+    """Make system shared-memory regions (tritonclient.utils.shared_memory) for one test:
+    `shm_region(size)` gives (handle, key); each is destroyed (shm_unlink) at the test's end.
+    Shared by the gRPC and HTTP shared-memory tests."""
+    import tritonclient.utils.shared_memory as shm
+
+    made: list[object] = []
+
+    def make(size: int) -> tuple[object, str]:
+        key = shm_key()
+        handle = shm.create_shared_memory_region(key[1:], key, size)
+        made.append(handle)
+        return handle, key
+
+    yield make
+    for handle in made:
+        shm.destroy_shared_memory_region(handle)

@@ -7,7 +7,6 @@ routes answer the gRPC RPCs' UNIMPLEMENTED error as 501."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -32,14 +31,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
-def regions() -> Iterator[list]:
-    made: list = []
-    yield made
-    for handle in made:
-        shm.destroy_shared_memory_region(handle)
-
-
-@pytest.fixture
 def c(server: ServerProcess) -> Iterator[httpclient.InferenceServerClient]:
     cl = httpclient.InferenceServerClient(server.http_url, network_timeout=scaled(30))
     yield cl
@@ -47,18 +38,11 @@ def c(server: ServerProcess) -> Iterator[httpclient.InferenceServerClient]:
     cl.close()
 
 
-def _region(regions: list, size: int) -> tuple[object, str]:
-    key = f"/nereid_http_{uuid.uuid4().hex[:12]}"
-    handle = shm.create_shared_memory_region(key[1:], key, size)
-    regions.append(handle)
-    return handle, key
-
-
-def test_register_infer_status_unregister(c, server, regions) -> None:
+def test_register_infer_status_unregister(c, server, shm_region) -> None:
     a = np.arange(8, dtype=np.float32).reshape(2, 4)
     b = np.arange(8, dtype=np.int32).reshape(2, 4) * 3
-    handle_in, key_in = _region(regions, 64)
-    handle_out, key_out = _region(regions, 64)
+    handle_in, key_in = shm_region(64)
+    handle_out, key_out = shm_region(64)
     shm.set_shared_memory_region(handle_in, [a, b])  # a at 0, b at 32
     c.register_system_shared_memory("in", key_in, 64)
     c.register_system_shared_memory("out", key_out, 64)
@@ -90,12 +74,12 @@ def test_register_infer_status_unregister(c, server, regions) -> None:
     assert c.get_system_shared_memory_status() == []
 
 
-def test_mixed_shm_and_json_and_binary(c, regions) -> None:
+def test_mixed_shm_and_json_and_binary(c, shm_region) -> None:
     """An input in a region beside one in the JSON; one output in a region, one as binary."""
     a = np.full((1, 4), 2.5, np.float32)
     b = np.array([[1, 2, 3, 4]], np.int32)
-    handle, key = _region(regions, 16)
-    handle_out, key_out = _region(regions, 16)
+    handle, key = shm_region(16)
+    handle_out, key_out = shm_region(16)
     shm.set_shared_memory_region(handle, [a])
     c.register_system_shared_memory("a", key, 16)
     c.register_system_shared_memory("o", key_out, 16)
@@ -112,12 +96,12 @@ def test_mixed_shm_and_json_and_binary(c, regions) -> None:
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), b)
 
 
-def test_bytes_tensor_through_shared_memory(c, regions) -> None:
+def test_bytes_tensor_through_shared_memory(c, shm_region) -> None:
     data = np.array([b"alpha", b"", b"gamma"], dtype=np.object_)
     serialized = serialize_byte_tensor(data)
     size = serialized_byte_size(serialized)
-    handle_in, key_in = _region(regions, size)
-    handle_out, key_out = _region(regions, 64)
+    handle_in, key_in = shm_region(size)
+    handle_out, key_out = shm_region(64)
     shm.set_shared_memory_region(handle_in, [serialized])
     c.register_system_shared_memory("s_in", key_in, size)
     c.register_system_shared_memory("s_out", key_out, 64)
@@ -129,8 +113,8 @@ def test_bytes_tensor_through_shared_memory(c, regions) -> None:
     assert list(shm.get_contents_as_numpy(handle_out, np.object_, [3])) == list(data)
 
 
-def test_one_registry_for_grpc_and_http(c, server, regions) -> None:
-    _, key = _region(regions, 32)
+def test_one_registry_for_grpc_and_http(c, server, shm_region) -> None:
+    _, key = shm_region(32)
     g = grpcclient.InferenceServerClient(server.url)
     try:
         g.register_system_shared_memory("from_grpc", key, 24, offset=8)
@@ -142,8 +126,8 @@ def test_one_registry_for_grpc_and_http(c, server, regions) -> None:
         g.close()
 
 
-def test_errors(c, server, regions) -> None:
-    handle, key = _region(regions, 16)
+def test_errors(c, server, shm_region) -> None:
+    handle, key = shm_region(16)
     c.register_system_shared_memory("r", key, 16)
     with pytest.raises(InferenceServerException, match="already"):
         c.register_system_shared_memory("r", key, 16)

@@ -20,7 +20,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor, serialized_byte_size
-from util import ServerProcess, client, expect_error, expect_rpc_error, identity_config, scaled, write_model
+from util import ServerProcess, client, expect_error, expect_rpc_error, identity_config, scaled, shm_key, write_model
 
 SLOW_MS = 1500
 
@@ -39,26 +39,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
-def regions() -> Iterator[list]:
-    """Regions created by a test; destroyed (shm_unlink) at its end."""
-    made: list = []
-    yield made
-    for handle in made:
-        shm.destroy_shared_memory_region(handle)
-
-
-def _key() -> str:
-    return f"/nereid_test_{uuid.uuid4().hex[:12]}"
-
-
-def _region(regions: list, size: int) -> tuple[object, str]:
-    key = _key()
-    handle = shm.create_shared_memory_region(key[1:], key, size)
-    regions.append(handle)
-    return handle, key
-
-
-@pytest.fixture
 def c(server: ServerProcess) -> Iterator[grpcclient.InferenceServerClient]:
     cl = client(server)
     yield cl
@@ -66,11 +46,11 @@ def c(server: ServerProcess) -> Iterator[grpcclient.InferenceServerClient]:
     cl.close()
 
 
-def test_identity_inputs_and_outputs_in_shared_memory(c, regions) -> None:
+def test_identity_inputs_and_outputs_in_shared_memory(c, shm_region) -> None:
     a = np.arange(8, dtype=np.float32).reshape(2, 4)
     b = np.arange(8, dtype=np.int32).reshape(2, 4) * 3
-    handle_in, key_in = _region(regions, 64)
-    handle_out, key_out = _region(regions, 64)
+    handle_in, key_in = shm_region(64)
+    handle_out, key_out = shm_region(64)
     shm.set_shared_memory_region(handle_in, [a, b])  # a at 0, b at 32
     c.register_system_shared_memory("in", key_in, 64)
     c.register_system_shared_memory("out", key_out, 64)
@@ -92,11 +72,11 @@ def test_identity_inputs_and_outputs_in_shared_memory(c, regions) -> None:
     np.testing.assert_array_equal(shm.get_contents_as_numpy(handle_out, np.int32, [2, 4], offset=32), b)
 
 
-def test_mixed_shared_memory_and_raw_inputs_and_outputs(c, regions) -> None:
+def test_mixed_shared_memory_and_raw_inputs_and_outputs(c, shm_region) -> None:
     """An input in shared memory has no raw_input_contents entry; the others keep theirs, in order."""
     a = np.full((1, 4), 2.5, np.float32)
     b = np.array([[1, 2, 3, 4]], np.int32)
-    handle, key = _region(regions, 16)
+    handle, key = shm_region(16)
     shm.set_shared_memory_region(handle, [a])
     c.register_system_shared_memory("a", key, 16)
     in0 = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
@@ -108,12 +88,12 @@ def test_mixed_shared_memory_and_raw_inputs_and_outputs(c, regions) -> None:
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), b)
 
 
-def test_bytes_tensor_through_shared_memory(c, regions) -> None:
+def test_bytes_tensor_through_shared_memory(c, shm_region) -> None:
     data = np.array([b"alpha", b"", b"gamma"], dtype=np.object_)
     serialized = serialize_byte_tensor(data)
     size = serialized_byte_size(serialized)
-    handle_in, key_in = _region(regions, size)
-    handle_out, key_out = _region(regions, 64)
+    handle_in, key_in = shm_region(size)
+    handle_out, key_out = shm_region(64)
     shm.set_shared_memory_region(handle_in, [serialized])
     c.register_system_shared_memory("s_in", key_in, size)
     c.register_system_shared_memory("s_out", key_out, 64)
@@ -126,12 +106,12 @@ def test_bytes_tensor_through_shared_memory(c, regions) -> None:
     assert list(got) == list(data)
 
 
-def test_onnx_model_with_shared_memory(onnx_server: ServerProcess, regions) -> None:
+def test_onnx_model_with_shared_memory(onnx_server: ServerProcess, shm_region) -> None:
     cl = client(onnx_server)
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
     b = np.ones((1, 16), np.int32)
-    handle_in, key_in = _region(regions, 128)
-    handle_out, key_out = _region(regions, 128)
+    handle_in, key_in = shm_region(128)
+    handle_out, key_out = shm_region(128)
     shm.set_shared_memory_region(handle_in, [a, b])
     name_in, name_out = f"onnx_in_{uuid.uuid4().hex[:6]}", f"onnx_out_{uuid.uuid4().hex[:6]}"
     cl.register_system_shared_memory(name_in, key_in, 128)
@@ -151,9 +131,9 @@ def test_onnx_model_with_shared_memory(onnx_server: ServerProcess, regions) -> N
         cl.unregister_system_shared_memory(name_out)
 
 
-def test_status_and_unregister(c, regions) -> None:
-    _, key1 = _region(regions, 4096)
-    _, key2 = _region(regions, 8192)
+def test_status_and_unregister(c, shm_region) -> None:
+    _, key1 = shm_region(4096)
+    _, key2 = shm_region(8192)
     c.register_system_shared_memory("r1", key1, 64, offset=16)
     c.register_system_shared_memory("r2", key2, 8192)
     status = c.get_system_shared_memory_status()
@@ -171,8 +151,8 @@ def test_status_and_unregister(c, regions) -> None:
     assert "Unable to find system shared memory region: 'r1'" in err.message()
 
 
-def test_register_errors(c, regions) -> None:
-    _, key = _region(regions, 64)
+def test_register_errors(c, shm_region) -> None:
+    _, key = shm_region(64)
     c.register_system_shared_memory("dup", key, 64)
     err = expect_error("ALREADY_EXISTS", c.register_system_shared_memory, "dup", key, 64)
     assert "shared memory region 'dup' already in manager" in err.message()
@@ -182,7 +162,7 @@ def test_register_errors(c, regions) -> None:
         assert "failed to register shared memory region 'big': invalid args" in err.message()
     err = expect_error("INVALID_ARGUMENT", c.register_system_shared_memory, "zero", key, 0)
     assert "invalid args" in err.message()
-    err = expect_error("NOT_FOUND", c.register_system_shared_memory, "missing", _key(), 64)
+    err = expect_error("NOT_FOUND", c.register_system_shared_memory, "missing", shm_key(), 64)
     assert "Unable to open shared memory region" in err.message()
     assert set(c.get_system_shared_memory_status().regions) == {"dup"}
 
@@ -216,8 +196,8 @@ def _simple_input(region: str, byte_size: int, offset: int = 0, shape=(1, 4)) ->
     return [in0, in1]
 
 
-def test_input_errors(c, regions) -> None:
-    _, key = _region(regions, 64)
+def test_input_errors(c, shm_region) -> None:
+    _, key = shm_region(64)
     c.register_system_shared_memory("r", key, 32, offset=16)  # the region is [16, 48) of the object
     err = expect_error("NOT_FOUND", c.infer, "pair", _simple_input("nope", 16))
     assert "Unable to find shared memory region: 'nope'" in err.message()
@@ -233,8 +213,8 @@ def test_input_errors(c, regions) -> None:
     c.infer("pair", _simple_input("r", 16, offset=16))
 
 
-def test_output_errors(c, regions) -> None:
-    _, key = _region(regions, 64)
+def test_output_errors(c, shm_region) -> None:
+    _, key = shm_region(64)
     c.register_system_shared_memory("o", key, 64)
     data = [grpcclient.InferInput("INPUT0", [1, 4], "FP32"), grpcclient.InferInput("INPUT1", [1, 4], "INT32")]
     data[0].set_data_from_numpy(np.zeros((1, 4), np.float32))
@@ -258,8 +238,8 @@ def _raw_stub(server: ServerProcess):
     return service_pb2_grpc.GRPCInferenceServiceStub(server.channel())
 
 
-def test_parameter_errors_raw(server: ServerProcess, c, regions) -> None:
-    _, key = _region(regions, 64)
+def test_parameter_errors_raw(server: ServerProcess, c, shm_region) -> None:
+    _, key = shm_region(64)
     c.register_system_shared_memory("p", key, 64)
     stub = _raw_stub(server)
 
@@ -304,10 +284,10 @@ def test_parameter_errors_raw(server: ServerProcess, c, regions) -> None:
     assert "output can't set both 'shared_memory_region' and 'classification'" in err.details()
 
 
-def test_unregister_during_inflight_request(c, regions) -> None:
+def test_unregister_during_inflight_request(c, shm_region) -> None:
     """The region leaves the registry at once; the request in flight still reads and writes it."""
     data = np.array([1.5, 2.5, 3.5, 4.5], np.float32)
-    handle, key = _region(regions, 32)
+    handle, key = shm_region(32)
     shm.set_shared_memory_region(handle, [data])
     c.register_system_shared_memory("busy", key, 32)
     inp = grpcclient.InferInput("INPUT0", [4], "FP32")
@@ -334,9 +314,9 @@ def test_unregister_during_inflight_request(c, regions) -> None:
     assert "Unable to find shared memory region: 'busy'" in err.message()
 
 
-def test_shrunk_object_is_refused_not_crashed(c, regions, server: ServerProcess) -> None:
+def test_shrunk_object_is_refused_not_crashed(c, shm_region, server: ServerProcess) -> None:
     """A client that truncates the object after registering gets an error; the server lives on."""
-    handle, key = _region(regions, 8192)
+    handle, key = shm_region(8192)
     c.register_system_shared_memory("shrink", key, 16, offset=4096)
     os.truncate(f"/dev/shm/{key[1:]}", 16)
     inp = grpcclient.InferInput("INPUT0", [4], "FP32")
@@ -359,12 +339,12 @@ def test_server_metadata_announces_system_shared_memory(c) -> None:
     assert "system_shared_memory" in extensions and "cuda_shared_memory" not in extensions
 
 
-def test_16mib_input_through_shared_memory_vs_in_the_message(c, regions) -> None:
+def test_16mib_input_through_shared_memory_vs_in_the_message(c, shm_region) -> None:
     """Not a timed assertion: prints both so the difference can be read in the test log."""
     data = np.random.default_rng(0).random(4 * 1024 * 1024, dtype=np.float32)  # 16 MiB
     size = data.nbytes
-    handle_in, key_in = _region(regions, size)
-    handle_out, key_out = _region(regions, size)
+    handle_in, key_in = shm_region(size)
+    handle_out, key_out = shm_region(size)
     shm.set_shared_memory_region(handle_in, [data])
     c.register_system_shared_memory("big_in", key_in, size)
     c.register_system_shared_memory("big_out", key_out, size)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -466,3 +467,8 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None,
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
         conn.close()
+
+
+def shm_key() -> str:
+    """A fresh POSIX shared-memory key for a test region (conftest's `shm_region` uses it)."""
+    return f"/nereid_test_{uuid.uuid4().hex[:12]}"
