@@ -27,6 +27,7 @@ from server.core.model import Model
 from server.errors import InvalidInput
 from server.protocol.codec import encode_bytes_tensor
 from server.protocol.parameters import set_scalar
+from server.protocol.shm_tensors import REGION
 
 # Parameters only the HTTP framing uses; they never reach the model.
 _BINARY_SIZE = "binary_data_size"
@@ -113,7 +114,7 @@ def parse_infer_request(body: bytes, header_length: int | None, model_name: str,
             offset += size
         elif "data" in item:
             raw.append(_json_data(item["data"], name, datatype, model_name))
-        elif "shared_memory_region" in tensor.parameters:
+        elif REGION in tensor.parameters:
             pass  # no raw entry, as over gRPC: the codec reads the region
         else:
             raise InvalidInput(f"unable to find data for input tensor '{name}' for model '{model_name}' in request.")

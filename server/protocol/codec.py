@@ -24,7 +24,7 @@ from server.core.shm_registry import SharedMemoryRegistry
 from server.core.signature import TensorInfo
 from server.errors import InvalidInput
 from server.protocol.parameters import encode_response_parameters, request_parameters
-from server.protocol.shm_tensors import OutputSlot, output_slot, read_input, shm_params
+from server.protocol.shm_tensors import REGION, OutputSlot, output_slot, read_input, shm_params
 from server.protocol.wire import encode_varint
 from server.types import InferenceRequest
 
@@ -238,7 +238,7 @@ def _raw_positions(tensors: Any, given: int, model: str) -> list[int]:
     at = 0
     for index in range(len(tensors)):
         tensor = tensors[index]
-        in_shm = bool(tensor.parameters) and "shared_memory_region" in tensor.parameters
+        in_shm = bool(tensor.parameters) and REGION in tensor.parameters
         positions.append(-1 if in_shm else at)
         at += not in_shm
     if at != given:
