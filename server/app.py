@@ -31,14 +31,15 @@ from server.http.transport import HttpServer
 from server.metrics.endpoint import MetricsEndpoint, MetricSources
 from server.metrics.system import SystemMetrics
 from server.protocol.bls import BlsService
-from server.protocol.health import HealthReporter
+from server.protocol.health import HEALTH_SERVICE, HealthReporter
 from server.protocol.ratelimit import RateLimiter, parse_rate
 from server.protocol.server import BindError, build_server
-from server.protocol.servicer import InferenceServicer
+from server.protocol.servicer import SERVICE, InferenceServicer
 from server.repository.manager import RepositoryManager
 from server.repository.poller import Poller
 from server.settings import Settings
 from server.tracing.otel import Tracer
+from server.workers.pool import WorkerPool, WorkerStartError
 
 log = logging.getLogger("nereid")
 
@@ -68,15 +69,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     except ValueError as exc:
         raise SystemExit(f"nereid: --trace-config: {exc}") from None
     servicer = InferenceServicer(manager, rate_limiter(settings), tracer)
-    server, port = build_server(settings, servicer, health) if settings.allow_grpc else (None, 0)
+    server, port = grpc_listener(settings, servicer, health)
     metrics = start_metrics(settings, manager, servicer)
     await health.set_server(False)
     manager.add_listener(health.model_changed_threadsafe)
     manager.add_listener(_server_health_follower(loop, servicer, health))
     if server is not None:
         await server.start()
-        log.info("Started GRPCInferenceService at %s:%d (event loop: %s)", settings.grpc_address, port,
-                 type(loop).__module__.split(".")[0])
+        workers = f", {settings.workers} worker processes" if settings.workers > 1 else ""
+        log.info("Started GRPCInferenceService at %s:%d (event loop: %s%s)", settings.grpc_address, port,
+                 type(loop).__module__.split(".")[0], workers)
     kserve = await start_http(settings, servicer)
     http = ([kserve] if kserve is not None else []) + await start_platforms(settings, servicer)
 
@@ -166,6 +168,18 @@ _QUIET_S = 1.0
 # after the drain, 3-6 of about 570 when closing right after it, 0-1 closing before it.
 # Clients sending directly lose the few calls grpcio holds at the close (CANCELLED).
 _REFUSE_S = 1.0
+
+
+def grpc_listener(settings: Settings, servicer: InferenceServicer, health: HealthReporter) -> tuple[Any, int]:
+    """The gRPC listener: a grpc.aio server in this process, or with --workers N the pool of
+    frontend processes that forward to this one (server/workers/); (None, 0) without gRPC."""
+    if not settings.allow_grpc:
+        return None, 0
+    if settings.workers > 1:
+        pool = WorkerPool(settings, {SERVICE: servicer.method_handlers(),
+                                     HEALTH_SERVICE: health.servicer.method_handlers()})
+        return pool, pool.port
+    return build_server(settings, servicer, health)
 
 
 async def _stop_listeners(server: Any, http: list[HttpServer], grace: float) -> None:
@@ -304,7 +318,7 @@ def run(settings: Settings) -> int:
         if not settings.allow_grpc and not settings.allow_http:
             log.warning("--allow-grpc and --allow-http are both false: only metrics are served")
         asyncio.run(serve(settings))
-    except BindError as exc:
+    except (BindError, WorkerStartError) as exc:
         print(f"nereid: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

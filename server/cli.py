@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -36,6 +37,14 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        from server.workers.pool import usable_cores
+
+        return usable_cores()
+    return _int_at_least(1)(text)
 
 
 def _positive_float(text: str) -> float:
@@ -298,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--inline-compute-us", type=float, default=100.0,
                        help="models measured below this many µs per request run on the event loop when an "
                        "instance is idle, saving a thread hand-off; 0 disables (default 100)")
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
+                       help="gRPC frontend processes sharing the port, all forwarding to the one process that "
+                       "owns the models; auto = the usable cores; 1 serves everything in one process "
+                       "(default 1; docs/ARCHITECTURE.md)")
     serve.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                        help="event loop: uvloop is faster; auto uses it when installed (default auto)")
     serve.add_argument("--backend-config", action="append", default=[],
@@ -355,6 +368,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         metrics_config=metrics_config,
         trace_config=trace_config,
         inline_compute_us=args.inline_compute_us,
+        workers=args.workers,
         event_loop=args.event_loop,
         backend_config=backend_config,
         model_control_mode=args.model_control_mode,
@@ -391,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     settings = settings_from_args(args)
+    if settings.workers > 1:  # the frontends are started with the same command line
+        settings = dataclasses.replace(settings, serve_argv=tuple(argv[1:]))
     try:
         configure_logging(settings.log)
     except OSError as exc:

@@ -83,6 +83,10 @@ class Settings:
     # Compute budget (µs per request, measured) under which a model runs on the event
     # loop instead of a worker thread when an instance is idle; 0 disables.
     inline_compute_us: float = 100.0
+    # --workers: frontend processes on the gRPC port, forwarding to this one (server/workers/);
+    # 1 serves gRPC in this process. serve_argv is the command line they are started with.
+    workers: int = 1
+    serve_argv: tuple[str, ...] = ()
     # Overload and faults (server/core/faults.py, docs/SECURITY.md): queued requests per model where
     # the config sets no max_queue_size (0: unbounded, as Triton), requests in flight in the whole
     # server (0: no cap), an execution timeout (0: none; a model's `execution_timeout_ms` parameter

@@ -45,17 +45,27 @@ def build_server(
     settings: Settings, servicer: InferenceServicer, health: HealthReporter
 ) -> tuple[grpc.aio.Server, int]:
     """Create the server and bind its port; returns (server, bound port). Not started yet."""
+    services = {SERVICE: servicer.method_handlers(), HEALTH_SERVICE: health.servicer.method_handlers()}
+    return grpc_server(settings, services)
+
+
+def grpc_server(
+    settings: Settings, services: dict[str, dict[str, grpc.RpcMethodHandler]], reuse_port: bool = False,
+    announce: bool = True,
+) -> tuple[grpc.aio.Server, int]:
+    """The listener with these services (plus reflection), bound; `reuse_port` for the frontends
+    of --workers, which share the port (server/workers/); `announce` logs the security setup."""
     limit = settings.grpc_max_message_bytes
     options = [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
-        # Never share a port with another process silently.
-        ("grpc.so_reuseport", 0),
+        # Never share a port with another process silently; --workers shares it on purpose.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     credentials = tls.server_credentials(settings)  # TLSConfigError before anything is bound
     server = grpc.aio.server(options=options, interceptors=interceptors(settings.grpc_restricted_protocols))
-    server.add_registered_method_handlers(SERVICE, servicer.method_handlers())
-    server.add_registered_method_handlers(HEALTH_SERVICE, health.servicer.method_handlers())
+    for service, handlers in services.items():
+        server.add_registered_method_handlers(service, handlers)
     server.add_registered_method_handlers(REFLECTION_SERVICE, _reflection_handlers())
     address = settings.grpc_address
     host = f"[{address}]" if ":" in address else address
@@ -69,7 +79,8 @@ def build_server(
         raise BindError(f"could not bind {target}: {exc}") from None
     if port == 0:
         raise BindError(f"could not bind {target}")
-    _log_security(settings)
+    if announce:
+        _log_security(settings)
     return server, port
 
 

@@ -1,0 +1,98 @@
+"""What the owner's method handlers see of a call a frontend forwarded.
+
+The servicer and the health service are written against grpc.aio's servicer context
+(`read`, `abort`, `set_code`, `invocation_metadata`, `peer`, `add_done_callback`, `write`
+...). This class offers that same surface for a call that arrived over a link, so the
+handlers run unchanged in both modes and there is one request path, not two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+_EOF = grpc.aio.EOF
+
+
+class ForwardedContext:
+    """A grpc.aio-like servicer context for one forwarded call."""
+
+    def __init__(self, meta: tuple[Any, ...], messages: asyncio.Queue[Any] | None, first: bytes | None,
+                 write: Callable[[bytes], None]) -> None:
+        peer, metadata, auth, remaining = meta
+        self._peer: str = peer
+        self._metadata: tuple[tuple[str, Any], ...] = metadata
+        self._auth: dict[str, list[bytes]] = auth or {}
+        self._deadline = None if remaining is None else time.monotonic() + remaining
+        self._messages = messages  # client-streaming calls: bodies, then _EOF
+        self._first = first  # the one body of a unary or stream-unary call
+        self._write = write
+        self._callbacks: list[Callable[[Any], None]] = []
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.finished = False
+
+    # -- what the handlers call --
+
+    async def read(self) -> Any:
+        """The next request message, then grpc.aio.EOF (stream-unary and stream-stream calls)."""
+        if self._first is not None:
+            body, self._first = self._first, None
+            return body
+        if self._messages is None:
+            return _EOF
+        return await self._messages.get()
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        self.code, self.details = code, details
+        raise grpc.aio.AbortError()
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def invocation_metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._auth
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._callbacks.append(callback)
+
+    async def write(self, message: bytes) -> None:
+        """A response message of a server-streaming handler that writes through its context."""
+        self._write(message)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass  # not forwarded: no handler of ours sets any
+
+    def send_initial_metadata(self, metadata: Any) -> Awaitable[None]:
+        return asyncio.sleep(0)
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return self.finished
+
+    # -- the owner --
+
+    def finish(self) -> None:
+        """The call has ended: run the callbacks the handlers added (traces, memory trims)."""
+        self.finished = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)

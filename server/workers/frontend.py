@@ -1,0 +1,228 @@
+"""A frontend process of `nereid serve --workers N`: terminate gRPC, forward every call.
+
+It listens on the server's address and port with SO_REUSEPORT, with the same TLS,
+message limits and restricted-protocol interceptor as a single-process server (they are
+built from the same command line), answers reflection itself, and forwards every
+inference and health RPC as raw bytes to the owner over its link. It never parses a
+request: all decisions (readiness, refusal while stopping, errors) are the owner's.
+
+It ignores SIGINT and SIGTERM (a terminal's Ctrl-C reaches the whole process group):
+the owner tells it when to stop listening, after the drain. If the owner disappears,
+every call in flight ends UNAVAILABLE and the frontend exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import gc
+import logging
+import marshal
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from server.workers import link
+from server.workers.link import LinkProtocol, frame
+from server.workers.methods import Method, method_table
+
+log = logging.getLogger("nereid.workers")
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+OWNER_GONE = "the server's model process has exited; retry"
+_EOF = grpc.aio.EOF
+
+
+class _Call:
+    __slots__ = ("future", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, streaming: bool) -> None:
+        self.future: asyncio.Future[Any] | None = None if streaming else loop.create_future()
+        self.queue: asyncio.Queue[Any] | None = asyncio.Queue() if streaming else None
+
+    def resolve(self, item: Any) -> None:
+        if self.future is not None:
+            if not self.future.done():
+                self.future.set_result(item)
+        else:
+            self.queue.put_nowait(item)  # type: ignore[union-attr]
+
+
+class FrontendLink:
+    """The frontend's end of the link: call ids, pending calls, and the STOP order."""
+
+    def __init__(self, secure: bool) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._calls: dict[int, _Call] = {}
+        self._next = 1
+        self._secure = secure
+        self.stopped: asyncio.Future[float | None] = self._loop.create_future()  # grace, or None if lost
+        self.protocol = LinkProtocol(self._frame, self._lost)
+
+    def meta(self, context: Any) -> tuple[Any, ...]:
+        metadata = tuple((m[0], m[1]) for m in context.invocation_metadata() or ())
+        auth = {k: list(v) for k, v in context.auth_context().items()} if self._secure else None
+        return context.peer(), metadata, auth, context.time_remaining()
+
+    def start(self, kind: int, method: int, context: Any, body: bytes, streaming: bool) -> tuple[int, _Call]:
+        call_id = self._next
+        self._next += 1
+        call = self._calls[call_id] = _Call(self._loop, streaming)
+        if self.protocol.closed:
+            call.resolve((grpc.StatusCode.UNAVAILABLE.value[0], OWNER_GONE))
+        else:
+            self.protocol.send(frame(kind, call_id, link.call_payload(method, self.meta(context)), body))
+        return call_id, call
+
+    def send(self, kind: int, call_id: int, body: bytes = b"") -> None:
+        self.protocol.send(frame(kind, call_id, body) if body else frame(kind, call_id))
+
+    def forget(self, call_id: int, cancel: bool) -> None:
+        if self._calls.pop(call_id, None) is not None and cancel:
+            self.send(link.CANCEL, call_id)
+
+    def _frame(self, kind: int, call_id: int, payload: bytes) -> None:
+        if kind == link.REPLY:
+            call = self._calls.pop(call_id, None)
+            if call is not None:
+                call.resolve(payload)
+        elif kind == link.SEND:
+            call = self._calls.get(call_id)
+            if call is not None:
+                call.resolve(payload)
+        elif kind == link.STATUS:
+            call = self._calls.pop(call_id, None)
+            if call is not None:
+                call.resolve(link.split_status(payload))
+        elif kind == link.STOP and not self.stopped.done():
+            self.stopped.set_result(marshal.loads(payload))
+
+    def _lost(self, exc: Exception | None) -> None:
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call.resolve((grpc.StatusCode.UNAVAILABLE.value[0], OWNER_GONE))
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+
+def _handler(number: int, method: Method, forward: FrontendLink) -> grpc.RpcMethodHandler:
+    """A raw-bytes handler that forwards one method."""
+    if method.name == "ModelInfer" or (not method.client_streaming and not method.server_streaming):
+        async def unary(request: Any, context: Any) -> bytes | None:
+            body = request if method.name != "ModelInfer" else await context.read()
+            if not isinstance(body, bytes):  # the client closed without a message
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method.name}: no request message was sent")
+            call_id, call = forward.start(link.CALL, number, context, body, streaming=False)
+            del body, request
+            try:
+                answer = await call.future  # type: ignore[misc]
+            except asyncio.CancelledError:
+                forward.forget(call_id, cancel=True)
+                raise
+            if isinstance(answer, bytes):
+                return answer
+            await context.abort(_CODES.get(answer[0], grpc.StatusCode.UNKNOWN), answer[1])
+            return None
+
+        if method.name == "ModelInfer":  # stream-unary, to own the request's bytes (servicer.ModelInfer)
+            return grpc.stream_unary_rpc_method_handler(unary)
+        return grpc.unary_unary_rpc_method_handler(unary)
+
+    async def streaming(request: Any, context: Any) -> AsyncIterator[bytes]:
+        if method.client_streaming:
+            call_id, call = forward.start(link.OPEN, number, context, b"", streaming=True)
+            pump = asyncio.ensure_future(_pump(request, call_id, forward))
+        else:
+            call_id, call = forward.start(link.CALL, number, context, request, streaming=True)
+            pump = None
+        finished = False
+        try:
+            while True:
+                item = await call.queue.get()  # type: ignore[union-attr]
+                if isinstance(item, bytes):
+                    yield item
+                    continue
+                finished = True
+                code, details = item
+                if code:
+                    context.set_code(_CODES.get(code, grpc.StatusCode.UNKNOWN))
+                    context.set_details(details)
+                return
+        finally:
+            if pump is not None:
+                pump.cancel()
+            forward.forget(call_id, cancel=not finished)
+
+    if method.client_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming)
+    return grpc.unary_stream_rpc_method_handler(streaming)
+
+
+async def _pump(requests: AsyncIterator[bytes], call_id: int, forward: FrontendLink) -> None:
+    """Forward a client stream's messages as they arrive, then its end."""
+    try:
+        async for body in requests:
+            forward.send(link.MESSAGE, call_id, body)
+    except Exception:  # the client's stream broke: the call's own status says so
+        pass
+    forward.send(link.HALF_CLOSE, call_id)
+
+
+async def serve(settings: Any, link_fd: int, index: int) -> int:
+    from server.protocol.server import grpc_server  # the same listener a single process builds
+
+    loop = asyncio.get_running_loop()
+    forward = FrontendLink(secure=settings.grpc_use_ssl)
+    sock = socket.socket(fileno=link_fd)
+    await loop.connect_accepted_socket(lambda: forward.protocol, sock)
+    services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+    for number, method in enumerate(method_table()):
+        services.setdefault(method.service, {})[method.name] = _handler(number, method, forward)
+    server, _ = grpc_server(settings, services, reuse_port=True, announce=False)
+    await server.start()
+    gc.collect()
+    gc.freeze()
+    forward.send(link.READY, 0, marshal.dumps((index, os.getpid())))
+    grace = await forward.stopped
+    if grace is None:
+        log.error("worker %d: the owner process is gone; exiting", index)
+        await server.stop(0.5)
+        return 1
+    await server.stop(grace)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nereid-frontend", description="internal: a --workers frontend")
+    parser.add_argument("--link-fd", type=int, required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument("serve_argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from server.cli import build_parser, settings_from_args
+    from server.logs import configure as configure_logging
+
+    serve_argv = args.serve_argv[1:] if args.serve_argv[:1] == ["--"] else args.serve_argv
+    settings = settings_from_args(build_parser().parse_args(["serve", *serve_argv]))
+    settings = dataclasses.replace(settings, grpc_port=args.grpc_port)
+    configure_logging(settings.log)
+    if settings.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(serve(settings, args.link_fd, args.index))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

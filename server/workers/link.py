@@ -1,0 +1,175 @@
+"""The frame format between a frontend and the owner, and the stream both ends read and write.
+
+A frame is a 13-byte header (payload length u32, kind u8, call id u64, little endian) and
+its payload. Calls are multiplexed by id over one socket pair per frontend.
+
+Why a socket pair with batched writes rather than shared memory: docs/ARCHITECTURE.md
+measured the hand-off, and at batch 1 its cost is the sleep and wake-up of two processes,
+whatever carries the bytes. Both ends therefore write everything one event-loop pass
+produced with one system call (`LinkProtocol.send` queues, the next pass flushes), and
+read everything that arrived with one: under load many calls share each wake-up.
+Large payloads are read straight into a buffer of their own size (one copy), small ones
+are cut out of a shared receive buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import marshal
+import struct
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("nereid.workers")
+
+HEADER = struct.Struct("<IBQ")
+CALL_HEAD = struct.Struct("<HI")  # method index, metadata length
+STATUS_HEAD = struct.Struct("<H")  # status code
+
+# Frontend -> owner.
+CALL = 1  # method index, metadata (marshal), first request body (unary, stream-unary, unary-stream)
+OPEN = 2  # method index, metadata: a client-streaming call whose messages follow as MESSAGE frames
+MESSAGE = 3  # one request message of a stream
+HALF_CLOSE = 4  # the client sent its last message
+CANCEL = 5  # the client went away or its deadline passed
+READY = 6  # control (call id 0): the frontend is listening; payload: marshal((index, pid))
+# Owner -> frontend.
+REPLY = 10  # the unary response; ends the call with OK
+SEND = 11  # one response message of a stream
+STATUS = 12  # ends the call: code (u16; 0 = OK) and details (UTF-8)
+STOP = 13  # control (call id 0): stop serving; payload: marshal(grace seconds)
+
+_LARGE = 256 * 1024  # payloads at least this large get a buffer of their own
+_BUFFER = 512 * 1024
+
+
+def frame(kind: int, call_id: int, *parts: bytes | memoryview) -> list[bytes | memoryview]:
+    """A frame as a list of buffers for `LinkProtocol.send` (the payload is not copied)."""
+    size = sum(len(part) for part in parts)
+    return [HEADER.pack(size, kind, call_id), *parts]
+
+
+def call_payload(method: int, meta: Any) -> bytes:
+    """The head of a CALL or OPEN payload; the request body follows it."""
+    packed = marshal.dumps(meta)
+    return CALL_HEAD.pack(method, len(packed)) + packed
+
+
+def split_call(payload: bytes) -> tuple[int, Any, bytes]:
+    """(method index, metadata, body) of a CALL or OPEN payload."""
+    method, size = CALL_HEAD.unpack_from(payload)
+    start = CALL_HEAD.size
+    meta = marshal.loads(payload[start:start + size])
+    return method, meta, payload[start + size:]
+
+
+def status_payload(code: int, details: str) -> bytes:
+    return STATUS_HEAD.pack(code) + details.encode("utf-8", "replace")
+
+
+def split_status(payload: bytes) -> tuple[int, str]:
+    (code,) = STATUS_HEAD.unpack_from(payload)
+    return code, payload[STATUS_HEAD.size:].decode("utf-8", "replace")
+
+
+FrameHandler = Callable[[int, int, bytes], None]
+
+
+class LinkProtocol(asyncio.BufferedProtocol):
+    """One end of a link: parses frames into `on_frame(kind, call_id, payload)` and batches writes."""
+
+    def __init__(self, on_frame: FrameHandler, on_lost: Callable[[Exception | None], None]) -> None:
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray(_BUFFER)
+        self._view = memoryview(self._buffer)
+        self._filled = 0  # bytes of _buffer holding data not yet parsed
+        self._large: bytearray | None = None  # the payload being read into a buffer of its own
+        self._large_at = 0
+        self._large_head: tuple[int, int] = (0, 0)  # its (kind, call id)
+        self._pending: list[bytes | memoryview] = []
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+
+    # -- writing --
+
+    def send(self, parts: list[bytes | memoryview]) -> None:
+        """Queue a frame; everything queued in one event-loop pass goes out in one write."""
+        if self.closed:
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending += parts
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(pending)
+
+    # -- reading --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._large is not None:
+            return memoryview(self._large)[self._large_at:]
+        if self._filled == len(self._buffer):  # cannot happen (frames under _LARGE fit): be safe
+            bigger = bytearray(2 * len(self._buffer))
+            bigger[:self._filled] = self._buffer
+            self._buffer, self._view = bigger, memoryview(bigger)
+        return self._view[self._filled:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._large is not None:
+            self._large_at += nbytes
+            if self._large_at == len(self._large):
+                kind, call_id = self._large_head
+                payload = bytes(self._large)  # one more copy: the handlers take bytes
+                self._large = None
+                self._on_frame(kind, call_id, payload)
+            return
+        self._filled += nbytes
+        self._parse()
+
+    def _parse(self) -> None:
+        buffer, view, filled = self._buffer, self._view, self._filled
+        pos = 0
+        head = HEADER.size
+        while filled - pos >= head:
+            size, kind, call_id = HEADER.unpack_from(buffer, pos)
+            start = pos + head
+            if size >= _LARGE:  # read the rest straight into its own buffer
+                have = min(filled - start, size)
+                self._large = bytearray(size)
+                self._large[:have] = view[start:start + have]
+                self._large_at, self._large_head = have, (kind, call_id)
+                pos = start + have
+                if have == size:
+                    payload = bytes(self._large)
+                    self._large = None
+                    self._on_frame(kind, call_id, payload)
+                    continue
+                break
+            if filled - start < size:
+                break
+            self._on_frame(kind, call_id, bytes(view[start:start + size]))
+            pos = start + size
+        if pos:
+            rest = filled - pos
+            if rest:
+                buffer[:rest] = bytes(view[pos:filled])  # a copy: the ranges may overlap
+            self._filled = rest
+            if len(buffer) > _BUFFER and not rest:
+                self._buffer = bytearray(_BUFFER)
+                self._view = memoryview(self._buffer)
+
+    def eof_received(self) -> bool:
+        return False  # close our end too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        self._on_lost(exc)

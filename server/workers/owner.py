@@ -1,0 +1,145 @@
+"""The owner's end of a frontend's link: run each forwarded call against the owner's handlers.
+
+The handlers are the very ones a single-process server registers with grpc.aio (the
+servicer's and the health service's), called the way grpcio calls them, with a
+`ForwardedContext`. A call's task is cancelled when its client goes away (CANCEL) or
+when the frontend's link closes (the frontend died: its clients have lost their
+connections already).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import marshal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from server.workers import link
+from server.workers.context import ForwardedContext
+from server.workers.link import LinkProtocol, frame
+from server.workers.methods import method_table
+
+log = logging.getLogger("nereid.workers")
+
+_EOF = grpc.aio.EOF
+
+
+def handler_table(services: dict[str, dict[str, grpc.RpcMethodHandler]]) -> list[grpc.RpcMethodHandler | None]:
+    """The owner's handler for each method number of `methods.method_table()`."""
+    return [services.get(m.service, {}).get(m.name) for m in method_table()]
+
+
+class OwnerLink:
+    """One frontend's link, seen from the owner."""
+
+    def __init__(self, index: int, handlers: list[grpc.RpcMethodHandler | None],
+                 on_ready: Callable[[int, int], None], on_lost: Callable[[int], None]) -> None:
+        self.index = index
+        self._handlers = handlers
+        self._on_ready = on_ready
+        self._on_lost = on_lost
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._streams: dict[int, asyncio.Queue[Any]] = {}
+        self.protocol = LinkProtocol(self._frame, self._lost)
+
+    def stop(self, grace: float) -> None:
+        """Tell the frontend to stop listening, letting its calls finish for up to `grace` seconds."""
+        self.protocol.send(frame(link.STOP, 0, marshal.dumps(float(grace))))
+
+    def _frame(self, kind: int, call_id: int, payload: bytes) -> None:
+        if kind == link.CALL or kind == link.OPEN:
+            method, meta, body = link.split_call(payload)
+            handler = self._handlers[method] if method < len(self._handlers) else None
+            if handler is None:
+                self._status(call_id, grpc.StatusCode.UNIMPLEMENTED, "method not found")
+                return
+            messages: asyncio.Queue[Any] | None = None
+            if kind == link.OPEN:
+                messages = self._streams[call_id] = asyncio.Queue()
+            write = self._writer(call_id, handler.response_serializer)
+            context = ForwardedContext(meta, messages, body if kind == link.CALL else None, write)
+            self._tasks[call_id] = asyncio.get_running_loop().create_task(
+                self._run(call_id, handler, context, body))
+        elif kind == link.MESSAGE:
+            queue = self._streams.get(call_id)
+            if queue is not None:
+                queue.put_nowait(payload)
+        elif kind == link.HALF_CLOSE:
+            queue = self._streams.get(call_id)
+            if queue is not None:
+                queue.put_nowait(_EOF)
+        elif kind == link.CANCEL:
+            task = self._tasks.get(call_id)
+            if task is not None:
+                task.cancel()
+        elif kind == link.READY:
+            index, pid = marshal.loads(payload)
+            self._on_ready(index, pid)
+        else:
+            log.error("worker %d sent an unknown frame kind %d; ignored", self.index, kind)
+
+    def _writer(self, call_id: int, serializer: Any) -> Callable[[Any], None]:
+        def write(message: Any) -> None:
+            body = message if serializer is None else serializer(message)
+            self.protocol.send(frame(link.SEND, call_id, body))
+
+        return write
+
+    def _status(self, call_id: int, code: grpc.StatusCode, details: str) -> None:
+        self.protocol.send(frame(link.STATUS, call_id, link.status_payload(code.value[0], details)))
+
+    async def _run(self, call_id: int, handler: grpc.RpcMethodHandler, context: ForwardedContext,
+                   body: bytes) -> None:
+        """Run one call as grpcio would, then end it on the link with its reply or status."""
+        reply: bytes | None = None
+        try:
+            parse = handler.request_deserializer
+            if handler.unary_unary is not None:
+                response = await handler.unary_unary(body if parse is None else parse(body), context)
+                if context.code is None or context.code is grpc.StatusCode.OK:
+                    serializer = handler.response_serializer
+                    reply = response if serializer is None else serializer(response)
+            elif handler.stream_unary is not None:
+                response = await handler.stream_unary(_messages(context), context)
+                if context.code is None or context.code is grpc.StatusCode.OK:
+                    serializer = handler.response_serializer
+                    reply = response if serializer is None else serializer(response)
+            else:
+                stream = handler.unary_stream(body if parse is None else parse(body), context) \
+                    if handler.unary_stream is not None else handler.stream_stream(_messages(context), context)
+                if inspect.isasyncgen(stream):
+                    write = self._writer(call_id, handler.response_serializer)
+                    async for item in stream:
+                        write(item)
+                else:  # a handler that writes through its context
+                    await stream
+        except grpc.aio.AbortError:
+            pass  # the context holds the status
+        except asyncio.CancelledError:
+            context.code, context.details = grpc.StatusCode.CANCELLED, "cancelled"
+        except Exception as exc:  # the handlers map their own errors: this is a bug
+            log.exception("forwarded call failed")
+            context.code, context.details = grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"
+        finally:
+            self._tasks.pop(call_id, None)
+            self._streams.pop(call_id, None)
+            context.finish()
+        if reply is not None:
+            self.protocol.send(frame(link.REPLY, call_id, reply))
+        else:
+            self._status(call_id, context.code or grpc.StatusCode.OK, context.details)
+
+    def _lost(self, exc: Exception | None) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        self._on_lost(self.index)
+
+
+async def _messages(context: ForwardedContext) -> AsyncIterator[Any]:
+    """A client-streaming call's requests, as grpcio's request iterator gives them."""
+    while (body := await context.read()) is not _EOF:
+        yield body

@@ -1,0 +1,176 @@
+"""Start, watch, restart and stop the frontend processes of `nereid serve --workers N`.
+
+The pool stands where the single-process server's grpc.aio server stands in app.py
+(`start`, `stop(grace)`), so the shutdown sequence — lame duck, refusal, drain — is the
+same code in both modes: the frontends keep forwarding while the owner's servicer decides
+what is served, refused or drained, and `stop` closes their listeners last.
+
+The port: the owner binds a socket with SO_REUSEPORT to the address and port (port 0
+picks one) and never listens on it. It only holds the number for the frontends, which
+bind the same address with SO_REUSEPORT and listen; the kernel spreads new connections
+among the listening sockets only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from server.settings import Settings
+from server.workers.owner import OwnerLink, handler_table
+
+log = logging.getLogger("nereid.workers")
+
+# A frontend that exits within this long of its start is crash-looping: restarts back off.
+_STABLE_S = 10.0
+_BACKOFF_MAX_S = 5.0
+_START_TIMEOUT_S = 60.0
+
+
+class WorkerStartError(OSError):
+    """A frontend did not start (its port could not be bound, or it exited): the server does not start."""
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    link: OwnerLink | None = None
+    started_at: float = 0.0
+    ready: asyncio.Future[int] | None = None
+    restarts: int = 0
+    backoff: float = 0.1
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class WorkerPool:
+    """N frontend processes behind one address and port, all forwarding to this process."""
+
+    def __init__(self, settings: Settings, services: dict[str, dict[str, grpc.RpcMethodHandler]]) -> None:
+        self.settings = settings
+        self._handlers = handler_table(services)
+        self._workers = [_Worker(i) for i in range(settings.workers)]
+        self._stopping = False
+        self._holder = _reserve(settings.grpc_address, settings.grpc_port)
+        self.port: int = self._holder.getsockname()[1]
+        self.restarts = 0  # frontends restarted after an unexpected exit, for metrics
+
+    async def start(self) -> None:
+        """Start every frontend and wait until each listens; a failure stops the others."""
+        try:
+            await asyncio.gather(*(self._start(worker) for worker in self._workers))
+        except BaseException:
+            await self.stop(0.0)
+            raise
+        for worker in self._workers:
+            worker.watcher = asyncio.get_running_loop().create_task(self._watch(worker))
+
+    async def _start(self, worker: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        worker.ready = loop.create_future()
+        try:
+            command = [sys.executable, "-m", "server.workers.frontend", "--link-fd", str(theirs.fileno()),
+                       "--index", str(worker.index), "--grpc-port", str(self.port), "--",
+                       *self.settings.serve_argv]
+            worker.process = await asyncio.create_subprocess_exec(*command, pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        worker.started_at = time.monotonic()
+        worker.link = OwnerLink(worker.index, self._handlers, self._ready, self._lost)
+        await loop.connect_accepted_socket(lambda: worker.link.protocol, ours)  # type: ignore[union-attr]
+        exited = asyncio.ensure_future(worker.process.wait())
+        done, _ = await asyncio.wait([worker.ready, exited], timeout=_START_TIMEOUT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if worker.ready in done:
+            exited.cancel()
+            log.info("worker %d (pid %d) serving", worker.index, worker.process.pid)
+            return
+        if exited in done:
+            raise WorkerStartError(f"worker {worker.index} exited with code {exited.result()} before it served "
+                                   "(see its error above)")
+        exited.cancel()
+        raise WorkerStartError(f"worker {worker.index} did not start within {_START_TIMEOUT_S:.0f}s")
+
+    def _ready(self, index: int, pid: int) -> None:
+        ready = self._workers[index].ready
+        if ready is not None and not ready.done():
+            ready.set_result(pid)
+
+    def _lost(self, index: int) -> None:
+        if not self._stopping:
+            log.error("worker %d's link closed", index)
+
+    async def _watch(self, worker: _Worker) -> None:
+        """Restart a frontend that exits while the server runs; its clients reconnect to the others."""
+        while not self._stopping and worker.process is not None:
+            code = await worker.process.wait()
+            if self._stopping:
+                return
+            lived = time.monotonic() - worker.started_at
+            worker.backoff = 0.1 if lived > _STABLE_S else min(worker.backoff * 2, _BACKOFF_MAX_S)
+            log.error("worker %d (pid %d) exited with code %s; restarting it in %.1fs (the others keep serving)",
+                      worker.index, worker.process.pid, code, worker.backoff)
+            await asyncio.sleep(worker.backoff)
+            if self._stopping:
+                return
+            try:
+                await self._start(worker)
+            except (OSError, WorkerStartError) as exc:
+                log.error("worker %d did not restart: %s", worker.index, exc)
+                worker.started_at = time.monotonic()
+                continue
+            worker.restarts += 1
+            self.restarts += 1
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.process is not None and w.process.returncode is None]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Close every frontend's listener, letting calls in progress finish for `grace` seconds."""
+        self._stopping = True
+        grace = 0.0 if grace is None else grace
+        for worker in self._workers:
+            if worker.watcher is not None:
+                worker.watcher.cancel()
+            if worker.link is not None:
+                worker.link.stop(grace)
+        waits = [w.process.wait() for w in self._workers if w.process is not None]
+        if waits:
+            done, pending = await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=grace + 5.0)
+            for worker in self._workers:
+                if worker.process is not None and worker.process.returncode is None:
+                    log.warning("worker %d did not stop in time: killed", worker.index)
+                    worker.process.kill()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
+        self._holder.close()
+
+
+def _reserve(address: str, port: int) -> socket.socket:
+    """Bind (never listen) a SO_REUSEPORT socket to hold the address and port for the frontends."""
+    infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, sockaddr = infos[0]
+    holder = socket.socket(family, kind, proto)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        holder.bind(sockaddr)
+    except OSError as exc:
+        holder.close()
+        raise WorkerStartError(f"could not bind {address}:{port}: {exc.strerror or exc}") from None
+    return holder
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (`--workers auto`)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
