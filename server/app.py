@@ -70,7 +70,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         raise SystemExit(f"nereid: --trace-config: {exc}") from None
     servicer = InferenceServicer(manager, rate_limiter(settings), tracer)
     server, port = grpc_listener(settings, servicer, health)
-    metrics = start_metrics(settings, manager, servicer)
+    metrics = start_metrics(settings, manager, servicer, server if isinstance(server, WorkerPool) else None)
     await health.set_server(False)
     manager.add_listener(health.model_changed_threadsafe)
     manager.add_listener(_server_health_follower(loop, servicer, health))
@@ -270,8 +270,8 @@ def _server_health_follower(
     return changed
 
 
-def start_metrics(settings: Settings, manager: RepositoryManager,
-                  servicer: InferenceServicer) -> MetricsEndpoint | None:
+def start_metrics(settings: Settings, manager: RepositoryManager, servicer: InferenceServicer,
+                  workers: WorkerPool | None = None) -> MetricsEndpoint | None:
     """The Prometheus endpoint (--allow-metrics), reading the registry and the servicer when scraped."""
     if not settings.allow_metrics:
         return None
@@ -281,6 +281,7 @@ def start_metrics(settings: Settings, manager: RepositoryManager,
         rejections=lambda: dict(servicer.rejections),
         states=manager.states,
         load_failures=lambda: dict(manager.load_failures),
+        workers=workers.snapshot if workers is not None else None,
     )
     system = SystemMetrics(settings.metrics_interval_ms / 1000.0, settings.allow_cpu_metrics,
                            settings.allow_gpu_metrics)

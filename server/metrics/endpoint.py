@@ -58,6 +58,24 @@ class NereidCollector:
         for name, count in sorted(s.load_failures().items()):
             failures.add_metric([name], count)
         yield failures
+        if s.workers is not None:
+            yield from _worker_families(s.workers())
+
+
+def _worker_families(rows: list[tuple[int, int, int, bool]]) -> Any:
+    """--workers N: per frontend process, calls forwarded, restarts and whether it is up."""
+    calls = CounterMetricFamily("nereid_worker_calls", "RPCs a frontend process forwarded (--workers)",
+                                labels=["worker"])
+    restarts = CounterMetricFamily("nereid_worker_restarts", "Times a frontend process was restarted after it "
+                                   "exited unexpectedly (--workers)", labels=["worker"])
+    up = GaugeMetricFamily("nereid_worker_up", "1 while a frontend process runs (--workers)", labels=["worker"])
+    for index, count, restarted, running in rows:
+        calls.add_metric([str(index)], count)
+        restarts.add_metric([str(index)], restarted)
+        up.add_metric([str(index)], 1 if running else 0)
+    yield calls
+    yield restarts
+    yield up
 
 
 class MetricSources:
@@ -65,12 +83,14 @@ class MetricSources:
 
     def __init__(self, models: Callable[[], list[Model]], inflight: Callable[[], int],
                  rejections: Callable[[], dict[tuple[str, str], int]],
-                 states: Callable[[], list[tuple[str, str, str]]], load_failures: Callable[[], dict[str, int]]) -> None:
+                 states: Callable[[], list[tuple[str, str, str]]], load_failures: Callable[[], dict[str, int]],
+                 workers: Callable[[], list[tuple[int, int, int, bool]]] | None = None) -> None:
         self.models = models
         self.inflight = inflight
         self.rejections = rejections
         self.states = states
         self.load_failures = load_failures
+        self.workers = workers  # (index, calls, restarts, up) per frontend process, with --workers
 
 
 class MetricsEndpoint:

@@ -37,8 +37,9 @@ class OwnerLink:
     """One frontend's link, seen from the owner."""
 
     def __init__(self, index: int, handlers: list[grpc.RpcMethodHandler | None],
-                 on_ready: Callable[[int, int], None], on_lost: Callable[[int], None]) -> None:
+                 on_ready: Callable[[int, int], None], on_lost: Callable[[int], None], calls: list[int]) -> None:
         self.index = index
+        self._calls = calls  # calls[index]: this frontend's forwarded calls, shared with the pool
         self._handlers = handlers
         self._on_ready = on_ready
         self._on_lost = on_lost
@@ -53,6 +54,7 @@ class OwnerLink:
     def _frame(self, kind: int, call_id: int, payload: bytes) -> None:
         if kind == link.CALL or kind == link.OPEN:
             method, meta, body = link.split_call(payload)
+            self._calls[self.index] += 1
             handler = self._handlers[method] if method < len(self._handlers) else None
             if handler is None:
                 self._status(call_id, grpc.StatusCode.UNIMPLEMENTED, "method not found")

@@ -60,7 +60,7 @@ class WorkerPool:
         self._stopping = False
         self._holder = _reserve(settings.grpc_address, settings.grpc_port)
         self.port: int = self._holder.getsockname()[1]
-        self.restarts = 0  # frontends restarted after an unexpected exit, for metrics
+        self.calls = [0] * settings.workers  # RPCs forwarded by each frontend (metrics)
 
     async def start(self) -> None:
         """Start every frontend and wait until each listens; a failure stops the others."""
@@ -84,7 +84,7 @@ class WorkerPool:
         finally:
             theirs.close()
         worker.started_at = time.monotonic()
-        worker.link = OwnerLink(worker.index, self._handlers, self._ready, self._lost)
+        worker.link = OwnerLink(worker.index, self._handlers, self._ready, self._lost, self.calls)
         await loop.connect_accepted_socket(lambda: worker.link.protocol, ours)  # type: ignore[union-attr]
         exited = asyncio.ensure_future(worker.process.wait())
         done, _ = await asyncio.wait([worker.ready, exited], timeout=_START_TIMEOUT_S,
@@ -128,10 +128,11 @@ class WorkerPool:
                 worker.started_at = time.monotonic()
                 continue
             worker.restarts += 1
-            self.restarts += 1
 
-    def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers if w.process is not None and w.process.returncode is None]
+    def snapshot(self) -> list[tuple[int, int, int, bool]]:
+        """(index, calls forwarded, restarts, running) per frontend, for the metrics endpoint's thread."""
+        return [(w.index, self.calls[w.index], w.restarts, w.process is not None and w.process.returncode is None)
+                for w in self._workers]
 
     async def stop(self, grace: float | None = None) -> None:
         """Close every frontend's listener, letting calls in progress finish for `grace` seconds."""
