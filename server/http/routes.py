@@ -11,7 +11,7 @@ import gzip
 import json
 import re
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -19,6 +19,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from server.errors import InvalidInput, ModelNotFound, Overloaded, Unsupported
 from server.http import settings
+from server.http.access import HttpAccess
 from server.http.infer import encode_infer_response, parse_infer_request
 from server.http.jsonpb import to_json
 from server.http.status import error_response
@@ -28,6 +29,7 @@ from server.protocol.codec import decode_infer_request, encode_bytes_tensor
 from server.protocol.parameters import set_scalar
 from server.protocol.servicer import InferenceServicer
 from server.protocol.shm_tensors import write_outputs
+from server.settings import Restriction
 
 _MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
 _REGION = r"(?:/region/(?P<region>[^/]+))?"
@@ -59,42 +61,46 @@ def _body_json(request: Request) -> dict[str, Any]:
 class HttpRoutes:
     """Request -> Response for every route; errors become Triton's `{"error": ...}` bodies."""
 
-    def __init__(self, servicer: InferenceServicer) -> None:
+    def __init__(self, servicer: InferenceServicer, restrictions: Sequence[Restriction] = ()) -> None:
         self.servicer = servicer
-        get: list[tuple[str, Route]] = [
-            (r"/v2/health/live", self.live),
-            (r"/v2/health/ready", self.ready),
-            (r"/v2", self.server_metadata),
-            (r"/v2/models/stats", self.statistics),
-            (_MODEL + r"/ready", self.model_ready),
-            (_MODEL + r"/config", self.model_config),
-            (_MODEL + r"/stats", self.statistics),
-            (_MODEL, self.model_metadata),
-            (_SYSTEM_SHM + r"/status", self.shm_status),
-            (_CUDA_SHM + r"/status", self.cuda_shm),
-            (_TRACE, self.trace_setting),
-            (r"/v2/logging", self.log_settings),
+        self.access = HttpAccess(restrictions)
+        # (pattern, handler, the restricted-API group it belongs to, as tritonserver's http_server.cc)
+        get: list[tuple[str, Route, str]] = [
+            (r"/v2/health/live", self.live, "health"),
+            (r"/v2/health/ready", self.ready, "health"),
+            (r"/v2", self.server_metadata, "metadata"),
+            (r"/v2/models/stats", self.statistics, "statistics"),
+            (_MODEL + r"/ready", self.model_ready, "health"),
+            (_MODEL + r"/config", self.model_config, "model-config"),
+            (_MODEL + r"/stats", self.statistics, "statistics"),
+            (_MODEL, self.model_metadata, "metadata"),
+            (_SYSTEM_SHM + r"/status", self.shm_status, "shared-memory"),
+            (_CUDA_SHM + r"/status", self.cuda_shm, "shared-memory"),
+            (_TRACE, self.trace_setting, "trace"),
+            (r"/v2/logging", self.log_settings, "logging"),
         ]
-        post: list[tuple[str, Route]] = [
-            (_MODEL + r"/infer", self.infer),
-            (r"/v2/repository/index", self.repository_index),
-            (r"/v2/repository/models/(?P<model>[^/]+)/load", self.load),
-            (r"/v2/repository/models/(?P<model>[^/]+)/unload", self.unload),
-            (_SYSTEM_SHM + r"/register", self.shm_register),
-            (_SYSTEM_SHM + r"/unregister", self.shm_unregister),
-            (_CUDA_SHM + r"/(?:register|unregister)", self.cuda_shm),
-            (_TRACE, self.trace_setting),
-            (r"/v2/logging", self.log_settings),
+        post: list[tuple[str, Route, str]] = [
+            (_MODEL + r"/infer", self.infer, "inference"),
+            (r"/v2/repository/index", self.repository_index, "model-repository"),
+            (r"/v2/repository/models/(?P<model>[^/]+)/load", self.load, "model-repository"),
+            (r"/v2/repository/models/(?P<model>[^/]+)/unload", self.unload, "model-repository"),
+            (_SYSTEM_SHM + r"/register", self.shm_register, "shared-memory"),
+            (_SYSTEM_SHM + r"/unregister", self.shm_unregister, "shared-memory"),
+            (_CUDA_SHM + r"/(?:register|unregister)", self.cuda_shm, "shared-memory"),
+            (_TRACE, self.trace_setting, "trace"),
+            (r"/v2/logging", self.log_settings, "logging"),
         ]
-        self.routes = {"GET": [(re.compile(p), h) for p, h in get],
-                       "POST": [(re.compile(p), h) for p, h in post]}
+        self.routes = {"GET": [(re.compile(p), h, g) for p, h, g in get],
+                       "POST": [(re.compile(p), h, g) for p, h, g in post]}
 
     async def __call__(self, request: Request) -> Response:
         table = self.routes.get(request.method, [])
-        for pattern, route in table:
+        for pattern, route, group in table:
             match = pattern.fullmatch(request.path)
             if match is None:
                 continue
+            if self.access and (refused := self.access.refusal(group, request.headers)) is not None:
+                return refused
             groups = match.groupdict()
             name = unquote(groups.get("model") or groups.get("region") or "")
             version = unquote(groups.get("version") or "")
@@ -106,7 +112,7 @@ class HttpRoutes:
                 code, message = handlers.failure(f"HTTP {request.method} {request.path}", exc)
                 return error_response(code, message)
         for method, others in self.routes.items():  # a known route with another method: 405
-            if method != request.method and any(p.fullmatch(request.path) for p, _ in others):
+            if method != request.method and any(p.fullmatch(request.path) for p, _, _ in others):
                 return Response(405, b'{"error":"Method Not Allowed"}')
         return Response(404, b'{"error":"Not Found"}')
 
