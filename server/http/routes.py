@@ -17,18 +17,18 @@ from urllib.parse import unquote
 
 from tritonclient.grpc import service_pb2 as pb
 
-from server.errors import InvalidInput, ModelNotFound, Overloaded, Unsupported
+from server.core.model import Model
+from server.errors import InvalidInput, ModelNotFound, Unsupported
 from server.http import settings
 from server.http.access import HttpAccess
-from server.http.infer import encode_infer_response, parse_infer_request
+from server.http.call import HttpCall
+from server.http.infer import OutputPlan, encode_infer_response, parse_infer_request
 from server.http.jsonpb import to_json
 from server.http.status import error_response
 from server.http.transport import Request, Response
 from server.protocol import handlers
-from server.protocol.codec import decode_infer_request, encode_bytes_tensor
 from server.protocol.parameters import set_scalar
 from server.protocol.servicer import InferenceServicer
-from server.protocol.shm_tensors import write_outputs
 from server.settings import Restriction
 
 _MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
@@ -173,7 +173,7 @@ class HttpRoutes:
                     raise InvalidInput(f"parameter '{key}': the file content must be base64") from None
             elif isinstance(value, float) or not set_scalar(param, value):
                 raise InvalidInput(f"parameter '{key}': expected a string, integer or boolean")
-        await self.servicer._tracked(self.servicer.RepositoryModelLoad)(message, None)
+        await self.servicer.tracked(self.servicer.RepositoryModelLoad)(message, None)
         return Response(200, _EMPTY)
 
     async def unload(self, request: Request, name: str, version: str) -> Response:
@@ -181,7 +181,7 @@ class HttpRoutes:
         dependents = _parameters(_body_json(request)).get("unload_dependents", False)
         if dependents:
             message.parameters["unload_dependents"].bool_param = bool(dependents)
-        await self.servicer._tracked(self.servicer.RepositoryModelUnload)(message, None)
+        await self.servicer.tracked(self.servicer.RepositoryModelUnload)(message, None)
         return Response(200, _EMPTY)
 
     # -- shared memory (the gRPC servicer's registry and handlers) --
@@ -222,47 +222,40 @@ class HttpRoutes:
     # -- inference --
 
     async def infer(self, request: Request, name: str, version: str) -> Response:
-        """The gRPC ModelInfer path with an HTTP body: the same accounting (in flight, refusals,
-        rejections by model and code), the same checks, the same `Model.infer`."""
-        servicer = self.servicer
-        servicer._enter()  # refused (503) while the server stops
-        try:
+        """The servicer's one inference path (`InferenceServicer.infer`: admission, rate limits,
+        tracing, statistics, errors) with an HTTP body in and Triton's JSON (+ binary) out."""
+        plans: list[OutputPlan] = []
+
+        async def read() -> tuple[pb.ModelInferRequest, Sequence[Any]]:
+            body = _decompressed(request)
+            length = request.headers.get(_HEADER_LENGTH)
             try:
-                if servicer.max_inflight and servicer.inflight > servicer.max_inflight:
-                    raise Overloaded(servicer._full())
-                body = _decompressed(request)
-                length = request.headers.get(_HEADER_LENGTH)
-                try:
-                    header_length = None if length is None else int(length)
-                except ValueError:
-                    raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got '{length}'") from None
-                message, raw, plan = parse_infer_request(body, header_length, name, version)
-                del body
-                model = servicer._serving(name, version)
-                if model.decoupled:
-                    raise Unsupported("HTTP infer doesn't support models with decoupled transaction policy")
-                decoded = decode_infer_request(message, model, raw, servicer.shm)
-                del raw
-                slots = decoded.shm_outputs
-                outputs = await model.infer(decoded)
-                del decoded
-                in_shm = write_outputs(outputs, slots, model.outputs, encode_bytes_tensor) if slots else frozenset()
-                del slots
-                parts, header_length = encode_infer_response(model, message.id, outputs, plan, in_shm)
-            except (asyncio.CancelledError, KeyboardInterrupt):
-                raise
-            except Exception as exc:
-                code, text = handlers.failure("HTTP infer", exc)
-                servicer._rejected(name, code)
-                return error_response(code, text)
+                header_length = None if length is None else int(length)
+            except ValueError:
+                raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got '{length}'") from None
+            message, raw, plan = parse_infer_request(body, header_length, name, version)
+            plans.append(plan)
+            return message, raw
+
+        def encode(model: Model, request_id: str, outputs: Any, in_shm: frozenset[str]) -> Response:
+            parts, header_length = encode_infer_response(model, request_id, outputs, plans[0], in_shm)
+            response = Response(200, parts)
+            if header_length is not None:
+                response.content_type = "application/octet-stream"
+                response.headers.append(("Inference-Header-Content-Length", str(header_length)))
+            return response
+
+        call = HttpCall(request)
+        try:
+            answer = await self.servicer.infer(
+                call, read, encode, "HTTP infer", "HTTP infer doesn't support models with decoupled transaction policy",
+                name)
         finally:
-            servicer._leave()
-        response = Response(200, parts)
-        if header_length is not None:
-            response.content_type = "application/octet-stream"
-            response.headers.append(("Inference-Header-Content-Length", str(header_length)))
-        _compress(request, response)
-        return response
+            call.done()
+        if not isinstance(answer, Response):
+            return error_response(*answer)
+        _compress(request, answer)
+        return answer
 
 
 def _parameters(doc: dict[str, Any]) -> dict[str, Any]:
