@@ -27,6 +27,10 @@ sizes, and each row shows its throughput as a % of that ceiling. The issue's swe
 
   scripts/bench --variants all --modes unary,streaming --concurrency 1,4,16,64
 
+Issue 13's payload rows (scripts/bench_payloads.py): `--targets nereid-16mib-inline,nereid-16mib-shm`
+(a 16 MiB input inside the message vs through system shared memory) and
+`--targets nereid-cache-hit,nereid-cache-miss` (response cache hit vs miss latency).
+
 Prints markdown tables; `--out FILE` appends them with the command line, date and commit.
 Servers are killed at the end, also on errors and Ctrl-C; every perf_analyzer run is bounded
 by --pa-timeout. Logs and CSVs go to bench-out/<timestamp>/.
@@ -54,6 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bench_payloads import MODELS, PAYLOAD_TARGETS, make_payload_repo, perf_analyzer_args, server_args
 from bench_variants import make_variant_repo, mode_list, read_batch_counts, variant_list
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +66,8 @@ PERF_ANALYZER = ROOT / ".tools" / "bin" / "perf_analyzer"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
-KNOWN_TARGETS = ("echo", "nereid", "nereid-torch", "baseline", "nereid-nometrics", "nereid-histograms", "nereid-http")
+KNOWN_TARGETS = ("echo", "nereid", "nereid-torch", "baseline", "nereid-nometrics", "nereid-histograms", "nereid-http",
+                 *PAYLOAD_TARGETS)
 # Targets perf_analyzer drives over KServe v2 HTTP/REST (`-i http`) instead of gRPC.
 HTTP_TARGETS = ("nereid-http",)
 # Extra server flags of the metrics variants of the nereid target (metrics on and off in one run).
@@ -189,12 +195,14 @@ def server_command(target: str, args: argparse.Namespace, port: int, http_port: 
             raise ServerError(f"{exe} not found (run scripts/setup)")
         return [str(exe), "serve", "--model-repository", str(repo), "--grpc-port", str(port),
                 "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--http-address", "127.0.0.1",
-                "--http-port", str(http_port), *TARGET_ARGS.get(target, []), *args.nereid_arg]
+                "--http-port", str(http_port), *TARGET_ARGS.get(target, []), *server_args(target), *args.nereid_arg]
     raise ServerError(f"unknown target {target!r}")
 
 
 def target_model(target: str, args: argparse.Namespace) -> str:
     """The model perf_analyzer drives for a target (nereid-torch: the TorchScript twin)."""
+    if target in MODELS:
+        return MODELS[target]
     return args.torch_model if target == "nereid-torch" else args.model
 
 
@@ -323,6 +331,8 @@ def run_perf_analyzer(server: Server, args: argparse.Namespace, concurrency: int
            "--max-trials", str(args.max_trials), "--async", "-f", str(csv_path)]
     if mode == "streaming":
         cmd.append("--streaming")
+    if server.name in PAYLOAD_TARGETS:
+        cmd += perf_analyzer_args(server.name, Path(args.variant_repos[server.name]))
     cmd = pin(cmd, CLIENT_CORE, pinned)
     print(f"  {server.name} {mode} {pinning} c={concurrency} ...", end="", flush=True, file=sys.stderr)
     with log.open("w") as fh:
@@ -743,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants or []:
             args.variant_repos[f"nereid-{variant}"] = str(make_variant_repo(
                 Path(args.model_repository), args.model, variant, outdir / "repos" / variant))
+        if any(t in PAYLOAD_TARGETS for t in args.target_list):
+            payloads = str(make_payload_repo(outdir))
+            args.variant_repos.update({t: payloads for t in PAYLOAD_TARGETS})
         for pinned in pinnings:
             if "nereid-torch" in args.target_list and not args.no_torch:
                 torch_results.append(bench_torch(args, pinned, outdir))

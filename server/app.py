@@ -194,7 +194,7 @@ async def start_http(settings: Settings, servicer: InferenceServicer) -> HttpSer
     """KServe v2 HTTP/REST on this event loop (--allow-http), over the same servicer and models."""
     if not settings.allow_http:
         return None
-    http = HttpServer(HttpRoutes(servicer), settings.grpc_max_message_bytes)
+    http = HttpServer(HttpRoutes(servicer, settings.http_restricted_apis), settings.grpc_max_message_bytes)
     try:
         port = await http.start(settings.http_address, settings.http_port)
     except OSError as exc:
@@ -210,10 +210,11 @@ async def start_platforms(settings: Settings, servicer: InferenceServicer) -> li
     on --http-address, over the KServe v2 handlers (server/http/platforms.py)."""
     listeners: list[tuple[str, Any, int]] = []
     if settings.allow_sagemaker:
-        routes: Any = SageMakerRoutes(HttpRoutes(servicer), settings.sagemaker_default_model)
+        routes: Any = SageMakerRoutes(HttpRoutes(servicer, settings.http_restricted_apis),
+                                      settings.sagemaker_default_model)
         listeners.append(("Sagemaker", routes, settings.sagemaker_port))
     if settings.allow_vertex_ai:
-        routes = VertexAiRoutes(HttpRoutes(servicer), settings.vertex_ai_default_model,
+        routes = VertexAiRoutes(HttpRoutes(servicer, settings.http_restricted_apis), settings.vertex_ai_default_model,
                                 settings.vertex_ai_predict_route, settings.vertex_ai_health_route)
         listeners.append(("Vertex AI", routes, settings.vertex_ai_port))
     started: list[HttpServer] = []

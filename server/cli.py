@@ -25,6 +25,7 @@ from server.settings import (
     RESTRICTED_PROTOCOL_GROUPS,
     Settings,
     parse_backend_config,
+    parse_restricted_apis,
     parse_restricted_protocols,
 )
 from server.tracing.config import parse_trace_config
@@ -289,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-address", default="0.0.0.0", help="HTTP address to bind (default 0.0.0.0)")
     serve.add_argument("--http-port", type=_int_at_least(0), default=8000,
                        help="HTTP port; 0 picks a free one (default 8000)")
+    serve.add_argument("--http-restricted-api", action="append", default=[],
+                       metavar="<api>[,<api>...]:<key>=<value>",
+                       help="HTTP requests to these APIs need header <key>: <value> (else 403); repeatable; "
+                       f"APIs: {', '.join(RESTRICTED_PROTOCOL_GROUPS)}")
     _add_platform_flags(serve)
     serve.add_argument("--grpc-max-message-bytes", type=_max_message, default=DEFAULT_MAX_MESSAGE_BYTES,
                        help="largest gRPC message accepted or sent, up to 2147483647 (Triton's limit); a "
@@ -335,6 +340,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     try:
         backend_config = parse_backend_config(args.backend_config)
         restricted = parse_restricted_protocols(args.grpc_restricted_protocol)
+        restricted_http = parse_restricted_apis(args.http_restricted_api)
         metrics_config = parse_metrics_config(args.metrics_config)
         trace_config = parse_trace_config(args.trace_config)
         cache_bytes = parse_cache_config(args.cache_config, args.response_cache_byte_size)
@@ -383,6 +389,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         grpc_server_key=args.grpc_server_key,
         grpc_root_cert=args.grpc_root_cert,
         grpc_restricted_protocols=restricted,
+        http_restricted_apis=restricted_http,
         model_queue_limit=args.model_queue_limit,
         max_inflight_requests=args.max_inflight_requests,
         rate_limit_per_client=args.rate_limit_per_client or "",

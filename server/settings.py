@@ -129,6 +129,8 @@ class Settings:
     grpc_root_cert: Path | None = None
     # --grpc-restricted-protocol groups; empty: every protocol is open and no interceptor runs.
     grpc_restricted_protocols: tuple[Restriction, ...] = ()
+    # --http-restricted-api groups (server/http/access.py); empty: every HTTP API is open.
+    http_restricted_apis: tuple[Restriction, ...] = ()
     # Triton's response cache (--cache-config local,size=N; server/core/response_cache.py): the one
     # cache every model with `response_cache { enable: true }` shares; None: no cache.
     response_cache: ResponseCache | None = field(default=None, compare=False, repr=False)
@@ -157,8 +159,20 @@ def parse_backend_config(values: list[str]) -> dict[str, dict[str, str]]:
 
 def parse_restricted_protocols(values: list[str]) -> tuple[Restriction, ...]:
     """Parse Triton's `--grpc-restricted-protocol=<protocol>[,<protocol>...]:<key>=<value>`
-    (repeatable). Errors follow Triton's texts (command_line_parser.cc
-    ParseRestrictedFeatureOption) but never repeat the value, which is a secret."""
+    (repeatable); the header is `triton-grpc-protocol-<key>`. Errors follow Triton's texts
+    (command_line_parser.cc ParseRestrictedFeatureOption) but never repeat the value, which is
+    a secret."""
+    return _parse_restrictions(values, "--grpc-restricted-protocol", "protocol", RESTRICTED_HEADER_PREFIX, "gRPC")
+
+
+def parse_restricted_apis(values: list[str]) -> tuple[Restriction, ...]:
+    """Parse Triton's `--http-restricted-api=<api>[,<api>...]:<key>=<value>` (repeatable): the
+    same groups as gRPC, but the header is `<key>` itself, as tritonserver's HTTP server checks it."""
+    return _parse_restrictions(values, "--http-restricted-api", "api", "", "HTTP")
+
+
+def _parse_restrictions(values: list[str], flag: str, noun: str, prefix: str, transport: str,
+                        ) -> tuple[Restriction, ...]:
     taken: set[str] = set()
     result = []
     for raw in values:
@@ -166,28 +180,23 @@ def parse_restricted_protocols(values: list[str]) -> tuple[Restriction, ...]:
         key, eq, value = setting.partition("=")
         if not (colon and eq and names and key and value):
             shown = f" Got '{names}:...'" if colon else ""
-            raise ValueError(
-                "--grpc-restricted-protocol option format is '<protocol>[,<protocol>...]:<key>=<value>'." + shown
-            )
+            raise ValueError(f"{flag} option format is '<{noun}>[,<{noun}>...]:<key>=<value>'." + shown)
         groups = tuple(names.split(","))
         for group in groups:
             if group not in RESTRICTED_PROTOCOL_GROUPS:
                 raise ValueError(
-                    f"unknown restricted protocol '{group}'; expected one of {', '.join(RESTRICTED_PROTOCOL_GROUPS)}"
+                    f"unknown restricted {noun} '{group}'; expected one of {', '.join(RESTRICTED_PROTOCOL_GROUPS)}"
                 )
             if group in taken:
-                raise ValueError(f"restricted protocol '{group}' can not be specified in multiple config groups")
+                raise ValueError(f"restricted {noun} '{group}' can not be specified in multiple config groups")
             taken.add(group)
-        # gRPC metadata keys travel lower-case (HTTP/2), so a key given in capitals could never match.
+        # Header names are case-insensitive and travel lower-case (HTTP/2; the HTTP server
+        # lower-cases them), so a key given in capitals could never match otherwise.
         key = key.lower()
-        if not _HEADER_KEY.fullmatch(key) or key.endswith("-bin"):
-            raise ValueError(
-                f"--grpc-restricted-protocol key '{key}' is not a usable gRPC header name "
-                "(letters, digits, '-', '_', '.'; not ending in '-bin')"
-            )
+        if not _HEADER_KEY.fullmatch(key) or (transport == "gRPC" and key.endswith("-bin")):
+            rule = "letters, digits, '-', '_', '.'" + ("; not ending in '-bin'" if transport == "gRPC" else "")
+            raise ValueError(f"{flag} key '{key}' is not a usable {transport} header name ({rule})")
         if not all(" " <= char <= "~" for char in value):
-            raise ValueError(
-                f"--grpc-restricted-protocol value for key '{key}' must be printable ASCII (the value is not shown)"
-            )
-        result.append(Restriction(groups, RESTRICTED_HEADER_PREFIX + key, value))
+            raise ValueError(f"{flag} value for key '{key}' must be printable ASCII (the value is not shown)")
+        result.append(Restriction(groups, prefix + key, value))
     return tuple(result)

@@ -167,5 +167,13 @@ def test_cuda_shared_memory_routes_are_unimplemented(c, server) -> None:
         status, _, body = raw(server, method, path, b"{}" if method == "POST" else None)
         assert status == 501, (path, status, body)
         assert "CUDA shared memory is not supported" in json.loads(body)["error"]
-    with pytest.raises(InferenceServerException, match="CUDA shared memory is not supported"):
-        c.get_cuda_shared_memory_status()
+        assert "without CUDA IPC support" in json.loads(body)["error"]
+    # Through tritonclient.http: 501 (Triton's status for UNSUPPORTED) and the reason, per call.
+    for call, args, rpc in ((c.get_cuda_shared_memory_status, (), "CudaSharedMemoryStatus"),
+                            (c.unregister_cuda_shared_memory, (), "CudaSharedMemoryUnregister"),
+                            (c.register_cuda_shared_memory, ("g", b"aGFuZGxl", 0, 64), "CudaSharedMemoryRegister")):
+        with pytest.raises(InferenceServerException) as info:
+            call(*args)
+        assert info.value.status() == "501", (rpc, info.value.status())
+        assert info.value.message().startswith(f"{rpc}: CUDA shared memory is not supported"), info.value.message()
+        assert "without CUDA IPC support" in info.value.message()

@@ -332,6 +332,7 @@ def test_cuda_shared_memory_is_unimplemented_with_a_reason(c) -> None:
         err = expect_error("UNIMPLEMENTED", call, *args)
         assert "CUDA shared memory is not supported" in err.message()
         assert "system shared memory" in err.message()
+        assert "without CUDA IPC support" in err.message()
 
 
 def test_server_metadata_announces_system_shared_memory(c) -> None:

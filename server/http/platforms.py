@@ -143,7 +143,7 @@ class VertexAiRoutes(PlatformRoutes):
     async def _redirect(self, request: Request, path: str) -> Response:
         """Vertex AI only sends POST: the redirected route runs with the method it expects."""
         method = "GET"
-        for pattern, _ in self.routes.routes["POST"]:
+        for pattern, _, _ in self.routes.routes["POST"]:
             if pattern.fullmatch(path):
                 method = "POST"
         target = dataclasses.replace(request, method=method, path=path)

@@ -11,23 +11,25 @@ import gzip
 import json
 import re
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
 from tritonclient.grpc import service_pb2 as pb
 
-from server.errors import InvalidInput, ModelNotFound, Overloaded, Unsupported
+from server.core.model import Model
+from server.errors import InvalidInput, ModelNotFound, Unsupported
 from server.http import settings
-from server.http.infer import encode_infer_response, parse_infer_request
+from server.http.access import HttpAccess
+from server.http.call import HttpCall
+from server.http.infer import OutputPlan, encode_infer_response, parse_infer_request
 from server.http.jsonpb import to_json
 from server.http.status import error_response
 from server.http.transport import Request, Response
 from server.protocol import handlers
-from server.protocol.codec import decode_infer_request, encode_bytes_tensor
 from server.protocol.parameters import set_scalar
 from server.protocol.servicer import InferenceServicer
-from server.protocol.shm_tensors import write_outputs
+from server.settings import Restriction
 
 _MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
 _REGION = r"(?:/region/(?P<region>[^/]+))?"
@@ -59,42 +61,46 @@ def _body_json(request: Request) -> dict[str, Any]:
 class HttpRoutes:
     """Request -> Response for every route; errors become Triton's `{"error": ...}` bodies."""
 
-    def __init__(self, servicer: InferenceServicer) -> None:
+    def __init__(self, servicer: InferenceServicer, restrictions: Sequence[Restriction] = ()) -> None:
         self.servicer = servicer
-        get: list[tuple[str, Route]] = [
-            (r"/v2/health/live", self.live),
-            (r"/v2/health/ready", self.ready),
-            (r"/v2", self.server_metadata),
-            (r"/v2/models/stats", self.statistics),
-            (_MODEL + r"/ready", self.model_ready),
-            (_MODEL + r"/config", self.model_config),
-            (_MODEL + r"/stats", self.statistics),
-            (_MODEL, self.model_metadata),
-            (_SYSTEM_SHM + r"/status", self.shm_status),
-            (_CUDA_SHM + r"/status", self.cuda_shm),
-            (_TRACE, self.trace_setting),
-            (r"/v2/logging", self.log_settings),
+        self.access = HttpAccess(restrictions)
+        # (pattern, handler, the restricted-API group it belongs to, as tritonserver's http_server.cc)
+        get: list[tuple[str, Route, str]] = [
+            (r"/v2/health/live", self.live, "health"),
+            (r"/v2/health/ready", self.ready, "health"),
+            (r"/v2", self.server_metadata, "metadata"),
+            (r"/v2/models/stats", self.statistics, "statistics"),
+            (_MODEL + r"/ready", self.model_ready, "health"),
+            (_MODEL + r"/config", self.model_config, "model-config"),
+            (_MODEL + r"/stats", self.statistics, "statistics"),
+            (_MODEL, self.model_metadata, "metadata"),
+            (_SYSTEM_SHM + r"/status", self.shm_status, "shared-memory"),
+            (_CUDA_SHM + r"/status", self.cuda_shm, "shared-memory"),
+            (_TRACE, self.trace_setting, "trace"),
+            (r"/v2/logging", self.log_settings, "logging"),
         ]
-        post: list[tuple[str, Route]] = [
-            (_MODEL + r"/infer", self.infer),
-            (r"/v2/repository/index", self.repository_index),
-            (r"/v2/repository/models/(?P<model>[^/]+)/load", self.load),
-            (r"/v2/repository/models/(?P<model>[^/]+)/unload", self.unload),
-            (_SYSTEM_SHM + r"/register", self.shm_register),
-            (_SYSTEM_SHM + r"/unregister", self.shm_unregister),
-            (_CUDA_SHM + r"/(?:register|unregister)", self.cuda_shm),
-            (_TRACE, self.trace_setting),
-            (r"/v2/logging", self.log_settings),
+        post: list[tuple[str, Route, str]] = [
+            (_MODEL + r"/infer", self.infer, "inference"),
+            (r"/v2/repository/index", self.repository_index, "model-repository"),
+            (r"/v2/repository/models/(?P<model>[^/]+)/load", self.load, "model-repository"),
+            (r"/v2/repository/models/(?P<model>[^/]+)/unload", self.unload, "model-repository"),
+            (_SYSTEM_SHM + r"/register", self.shm_register, "shared-memory"),
+            (_SYSTEM_SHM + r"/unregister", self.shm_unregister, "shared-memory"),
+            (_CUDA_SHM + r"/(?:register|unregister)", self.cuda_shm, "shared-memory"),
+            (_TRACE, self.trace_setting, "trace"),
+            (r"/v2/logging", self.log_settings, "logging"),
         ]
-        self.routes = {"GET": [(re.compile(p), h) for p, h in get],
-                       "POST": [(re.compile(p), h) for p, h in post]}
+        self.routes = {"GET": [(re.compile(p), h, g) for p, h, g in get],
+                       "POST": [(re.compile(p), h, g) for p, h, g in post]}
 
     async def __call__(self, request: Request) -> Response:
         table = self.routes.get(request.method, [])
-        for pattern, route in table:
+        for pattern, route, group in table:
             match = pattern.fullmatch(request.path)
             if match is None:
                 continue
+            if self.access and (refused := self.access.refusal(group, request.headers)) is not None:
+                return refused
             groups = match.groupdict()
             name = unquote(groups.get("model") or groups.get("region") or "")
             version = unquote(groups.get("version") or "")
@@ -106,7 +112,7 @@ class HttpRoutes:
                 code, message = handlers.failure(f"HTTP {request.method} {request.path}", exc)
                 return error_response(code, message)
         for method, others in self.routes.items():  # a known route with another method: 405
-            if method != request.method and any(p.fullmatch(request.path) for p, _ in others):
+            if method != request.method and any(p.fullmatch(request.path) for p, _, _ in others):
                 return Response(405, b'{"error":"Method Not Allowed"}')
         return Response(404, b'{"error":"Not Found"}')
 
@@ -167,7 +173,7 @@ class HttpRoutes:
                     raise InvalidInput(f"parameter '{key}': the file content must be base64") from None
             elif isinstance(value, float) or not set_scalar(param, value):
                 raise InvalidInput(f"parameter '{key}': expected a string, integer or boolean")
-        await self.servicer._tracked(self.servicer.RepositoryModelLoad)(message, None)
+        await self.servicer.tracked(self.servicer.RepositoryModelLoad)(message, None)
         return Response(200, _EMPTY)
 
     async def unload(self, request: Request, name: str, version: str) -> Response:
@@ -175,7 +181,7 @@ class HttpRoutes:
         dependents = _parameters(_body_json(request)).get("unload_dependents", False)
         if dependents:
             message.parameters["unload_dependents"].bool_param = bool(dependents)
-        await self.servicer._tracked(self.servicer.RepositoryModelUnload)(message, None)
+        await self.servicer.tracked(self.servicer.RepositoryModelUnload)(message, None)
         return Response(200, _EMPTY)
 
     # -- shared memory (the gRPC servicer's registry and handlers) --
@@ -216,47 +222,40 @@ class HttpRoutes:
     # -- inference --
 
     async def infer(self, request: Request, name: str, version: str) -> Response:
-        """The gRPC ModelInfer path with an HTTP body: the same accounting (in flight, refusals,
-        rejections by model and code), the same checks, the same `Model.infer`."""
-        servicer = self.servicer
-        servicer._enter()  # refused (503) while the server stops
-        try:
+        """The servicer's one inference path (`InferenceServicer.infer`: admission, rate limits,
+        tracing, statistics, errors) with an HTTP body in and Triton's JSON (+ binary) out."""
+        plans: list[OutputPlan] = []
+
+        async def read() -> tuple[pb.ModelInferRequest, Sequence[Any]]:
+            body = _decompressed(request)
+            length = request.headers.get(_HEADER_LENGTH)
             try:
-                if servicer.max_inflight and servicer.inflight > servicer.max_inflight:
-                    raise Overloaded(servicer._full())
-                body = _decompressed(request)
-                length = request.headers.get(_HEADER_LENGTH)
-                try:
-                    header_length = None if length is None else int(length)
-                except ValueError:
-                    raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got '{length}'") from None
-                message, raw, plan = parse_infer_request(body, header_length, name, version)
-                del body
-                model = servicer._serving(name, version)
-                if model.decoupled:
-                    raise Unsupported("HTTP infer doesn't support models with decoupled transaction policy")
-                decoded = decode_infer_request(message, model, raw, servicer.shm)
-                del raw
-                slots = decoded.shm_outputs
-                outputs = await model.infer(decoded)
-                del decoded
-                in_shm = write_outputs(outputs, slots, model.outputs, encode_bytes_tensor) if slots else frozenset()
-                del slots
-                parts, header_length = encode_infer_response(model, message.id, outputs, plan, in_shm)
-            except (asyncio.CancelledError, KeyboardInterrupt):
-                raise
-            except Exception as exc:
-                code, text = handlers.failure("HTTP infer", exc)
-                servicer._rejected(name, code)
-                return error_response(code, text)
+                header_length = None if length is None else int(length)
+            except ValueError:
+                raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got '{length}'") from None
+            message, raw, plan = parse_infer_request(body, header_length, name, version)
+            plans.append(plan)
+            return message, raw
+
+        def encode(model: Model, request_id: str, outputs: Any, in_shm: frozenset[str]) -> Response:
+            parts, header_length = encode_infer_response(model, request_id, outputs, plans[0], in_shm)
+            response = Response(200, parts)
+            if header_length is not None:
+                response.content_type = "application/octet-stream"
+                response.headers.append(("Inference-Header-Content-Length", str(header_length)))
+            return response
+
+        call = HttpCall(request)
+        try:
+            answer = await self.servicer.infer(
+                call, read, encode, "HTTP infer", "HTTP infer doesn't support models with decoupled transaction policy",
+                name)
         finally:
-            servicer._leave()
-        response = Response(200, parts)
-        if header_length is not None:
-            response.content_type = "application/octet-stream"
-            response.headers.append(("Inference-Header-Content-Length", str(header_length)))
-        _compress(request, response)
-        return response
+            call.done()
+        if not isinstance(answer, Response):
+            return error_response(*answer)
+        _compress(request, answer)
+        return answer
 
 
 def _parameters(doc: dict[str, Any]) -> dict[str, Any]:

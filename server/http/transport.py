@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httptools
 
@@ -26,6 +27,7 @@ class Request:
     query: str
     headers: dict[str, str]  # lower-case names
     body: bytes = b""
+    peer: str = ""  # the client, as grpcio names a peer ("ipv4:127.0.0.1:50312")
 
 
 @dataclass(slots=True)
@@ -38,7 +40,8 @@ class Response:
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            413: "Payload Too Large",
             429: "Too Many Requests", 500: "Internal Server Error", 501: "Not Implemented",
             503: "Service Unavailable", 504: "Gateway Timeout"}
 
@@ -50,6 +53,14 @@ def encode_head(response: Response, length: int, keep_alive: bool) -> bytes:
     if not keep_alive:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def peer_name(address: Any) -> str:
+    """grpcio's peer form for a socket address (the transport's `peername`)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"ipv6:[{host}]:{port}" if ":" in str(host) else f"ipv4:{host}:{port}"
+    return f"unix:{address}" if address else ""
 
 
 class _Connection(asyncio.Protocol):
@@ -68,11 +79,13 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._too_large = False
+        self.peer = ""
 
     # -- asyncio.Protocol --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.peer = peer_name(transport.get_extra_info("peername"))
         self.connections.add(self)
         self.worker = asyncio.get_running_loop().create_task(self._answer())
 
@@ -112,7 +125,7 @@ class _Connection(asyncio.Protocol):
         path = url.path.decode("latin-1")
         query = url.query.decode("latin-1") if url.query else ""
         request = Request(self.parser.get_method().decode("latin-1"), path, query, self._headers,
-                          b"".join(self._body) if len(self._body) != 1 else self._body[0])
+                          b"".join(self._body) if len(self._body) != 1 else self._body[0], self.peer)
         if self._too_large:
             request.method = "!TOO_LARGE"
         self.queue.put_nowait((request, self.parser.should_keep_alive()))

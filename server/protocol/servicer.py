@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from time import perf_counter_ns
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import message_factory
@@ -51,6 +51,7 @@ EXTENSIONS = ("classification", "model_configuration", "statistics", "model_repo
 STOPPING = "Server is stopping and has stopped accepting new requests"
 STREAM_CLOSED = "Server is shutting down: this stream's requests have been answered; reconnect to another replica"
 
+_T = TypeVar("_T")
 _END = object()  # tells a stream's writer that no more responses will come
 
 
@@ -146,7 +147,7 @@ class InferenceServicer:
         if not self.inflight and self._idle is not None:
             self._idle.set()
 
-    def _tracked(self, behavior: Callable[..., Awaitable[Any]], always: bool = False) -> Callable[..., Awaitable[Any]]:
+    def tracked(self, behavior: Callable[..., Awaitable[Any]], always: bool = False) -> Callable[..., Awaitable[Any]]:
         """Count a unary RPC as in flight; refuse it while stopping unless `always` (health, metadata)."""
 
         async def run(request: Any, context: Any) -> Any:
@@ -237,51 +238,62 @@ class InferenceServicer:
     # -- inference (the hot path) --
 
     async def ModelInfer(self, requests: Any, context: Any) -> bytes | None:
-        """The unary hot path, in one coroutine: read, split, look up, decode, infer, encode.
+        """The unary hot path: `infer` with the request read from the call and encoded as protobuf.
 
         Registered as stream-unary (identical on the wire for a client that sends one message),
         so that this handler owns the request's bytes: grpcio's unary path would hold them until
         the response is sent, and a 300 MB request would then cost its size once more while its
         response is built and copied. Measured: no difference in calls per second."""
-        if self.closing and self._arrived():
-            self._rejected("", grpc.StatusCode.UNAVAILABLE)
-            # Aborted, not finish_with: a trailers-only answer (no headers, no empty message
-            # before the status), the only kind a gRPC client's retry policy retries elsewhere.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
-        if self.max_inflight and self.inflight >= self.max_inflight:
-            self._rejected("", grpc.StatusCode.RESOURCE_EXHAUSTED)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._full())
-        self.inflight += 1
-        answer = await self._model_infer(context)
-        if isinstance(answer, bytes):
-            return answer
-        # Aborted from this frame, which holds nothing of the request (grpcio keeps the abort's
-        # traceback until the call ends), and trailers-only, which a client's retry policy can retry.
-        await context.abort(*answer)
-        return None
 
-    async def _model_infer(self, context: Any) -> bytes | tuple[grpc.StatusCode, str]:
-        """ModelInfer's work: the response's bytes, or the status to end the call with."""
-        status = None
-        name = ""
-        trace = None
-        try:
+        async def read() -> tuple[pb.ModelInferRequest, Sequence[Any]]:
             body = await context.read()
             if not isinstance(body, bytes):  # the client closed without sending a request
                 raise InvalidInput("ModelInfer: no request message was sent")
             if len(body) >= TRIM_AFTER_BYTES:  # memory.py: what grpcio's receive and send leave behind
                 await release_freed_memory()
                 context.add_done_callback(trim_later)
-            request, raw = split_infer_request(body)
-            del body
+            return split_infer_request(body)
+
+        answer = await self.infer(context, read, _encode_protobuf, "ModelInfer",
+                                  "ModelInfer RPC doesn't support models with decoupled transaction policy")
+        if isinstance(answer, bytes):
+            return answer
+        # Aborted from this frame, which holds nothing of the request (grpcio keeps the abort's
+        # traceback until the call ends), and trailers-only (no headers, no empty message before
+        # the status): the only kind a gRPC client's retry policy retries elsewhere.
+        await context.abort(*answer)
+        return None
+
+    async def infer(self, call: Any, read: Callable[[], Awaitable[tuple[pb.ModelInferRequest, Sequence[Any]]]],
+                    encode: Callable[[Model, str, Any, frozenset[str]], _T], label: str,
+                    decoupled_refusal: str, name: str = "") -> _T | tuple[grpc.StatusCode, str]:
+        """One unary inference for every transport (gRPC ModelInfer, HTTP infer, the platform
+        routes), so admission, rate limits, tracing, statistics and errors are one code path.
+
+        `call` is the gRPC context or an adapter with the same methods (invocation_metadata,
+        auth_context, peer, add_done_callback: server/http/call.py); `read` gives the request
+        message and one raw buffer per input, once admitted; `encode` turns the outputs into
+        the transport's answer. Returns that answer, or the (code, message) to answer with;
+        refusals and errors are counted by model and code here."""
+        if self.closing and self._arrived():
+            self._rejected("", grpc.StatusCode.UNAVAILABLE)
+            return grpc.StatusCode.UNAVAILABLE, STOPPING
+        if self.max_inflight and self.inflight >= self.max_inflight:
+            self._rejected("", grpc.StatusCode.RESOURCE_EXHAUSTED)
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, self._full()
+        self.inflight += 1
+        status = None
+        trace = None
+        try:
+            request, raw = await read()
             name = request.model_name
             if self.tracer.active:
-                trace = self._trace(context, name, request.id)
+                trace = self._trace(call, name, request.id)
             model = self._serving(name, request.model_version)
             if model.decoupled:
-                raise Unsupported("ModelInfer RPC doesn't support models with decoupled transaction policy")
+                raise Unsupported(decoupled_refusal)
             if self.limiter is not None:
-                self.limiter.check(context, model)
+                self.limiter.check(call, model)
             decoded = decode_infer_request(request, model, raw, self.shm)
             request_id = request.id
             del request, raw
@@ -293,13 +305,13 @@ class InferenceServicer:
             in_shm = write_outputs(outputs, slots, model.outputs, encode_bytes_tensor) if slots else frozenset()
             del slots
             if logs.verbose():
-                log.debug("ModelInfer '%s' version %s id '%s': OK", name, model.version_str, request_id,
+                log.debug("%s '%s' version %s id '%s': OK", label, name, model.version_str, request_id,
                           extra={"model": name, "version": model.version_str, "request_id": request_id})
-            return b"".join(encode_infer_response(model, request_id, outputs, in_shm))
+            return encode(model, request_id, outputs, in_shm)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:  # a status below, once the except block (and its traceback) is gone
-            status = handlers.failure("ModelInfer", exc)
+            status = handlers.failure(label, exc)
         finally:
             self._leave()
         self._rejected(name, status[0])
@@ -307,12 +319,13 @@ class InferenceServicer:
             trace.status = status[0].name
         return status
 
-    def _trace(self, context: Any, model: str, request_id: str) -> RequestTrace | None:
-        """Start a trace if this request is sampled (server/tracing); it is exported once the RPC is done."""
-        trace = self.tracer.start(model, context.invocation_metadata())
+    def _trace(self, call: Any, model: str, request_id: str) -> RequestTrace | None:
+        """Start a trace if this request is sampled (server/tracing): its parent is the call's W3C
+        `traceparent` (gRPC metadata or HTTP header); it is exported once the call is done."""
+        trace = self.tracer.start(model, call.invocation_metadata())
         if trace is not None:
             trace.model, trace.request_id = model, request_id
-            context.add_done_callback(lambda _: self.tracer.finish(trace))
+            call.add_done_callback(lambda _: self.tracer.finish(trace))
         return trace
 
     async def ModelStreamInfer(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
@@ -549,7 +562,7 @@ class InferenceServicer:
                 out[name] = grpc.stream_unary_rpc_method_handler(self.ModelInfer)
                 continue
             request_cls = message_factory.GetMessageClass(method.input_type)
-            out[name] = handlers.unary(name, self._tracked(behavior, always),
+            out[name] = handlers.unary(name, self.tracked(behavior, always),
                                        handlers.typed_parser(request_cls, name), _serialize)
         return out
 
@@ -559,6 +572,10 @@ _ALWAYS_ANSWERED = frozenset({
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
     "ModelStatistics", "RepositoryIndex",
 })
+
+
+def _encode_protobuf(model: Model, request_id: str, outputs: Any, in_shm: frozenset[str]) -> bytes:
+    return b"".join(encode_infer_response(model, request_id, outputs, in_shm))
 
 
 def _serialize(message: Any) -> bytes:
