@@ -29,6 +29,7 @@ from server.http.platforms import SageMakerRoutes, VertexAiRoutes
 from server.http.routes import HttpRoutes
 from server.http.transport import HttpServer
 from server.metrics.endpoint import MetricsEndpoint, MetricSources
+from server.metrics.rollout import RolloutCollector
 from server.metrics.system import SystemMetrics
 from server.protocol.bls import BlsService
 from server.protocol.health import HealthReporter
@@ -277,6 +278,7 @@ def start_metrics(settings: Settings, manager: RepositoryManager,
         why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
         raise BindError(f"could not bind the metrics endpoint {settings.metrics_address}:{settings.metrics_port}: "
                         f"{why}") from None
+    endpoint.registry.register(RolloutCollector(manager.rollouts))  # type: ignore[arg-type]
     endpoint.start()
     log.info("Started Metrics Service at %s:%d", settings.metrics_address, endpoint.port)
     return endpoint

@@ -232,13 +232,13 @@ class HttpRoutes:
                     raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got '{length}'") from None
                 message, raw, plan = parse_infer_request(body, header_length, name, version)
                 del body
-                model = servicer._serving(name, version)
+                model = servicer._serving(name, version, message)
                 if model.decoupled:
                     raise Unsupported("HTTP infer doesn't support models with decoupled transaction policy")
                 decoded = decode_infer_request(message, model, raw, servicer.shm)
                 del raw
                 slots = decoded.shm_outputs
-                outputs = await model.infer(decoded)
+                outputs = await servicer.manager.rollouts.infer(model, decoded)
                 del decoded
                 in_shm = write_outputs(outputs, slots, model.outputs, encode_bytes_tensor) if slots else frozenset()
                 del slots

@@ -18,6 +18,7 @@ from server.protocol import tls
 from server.protocol.access import interceptors
 from server.protocol.handlers import HandlerCollector, guard
 from server.protocol.health import HEALTH_SERVICE, HealthReporter
+from server.protocol.rollout_rpc import ROLLOUT_SERVICE, RolloutService
 from server.protocol.servicer import SERVICE, InferenceServicer
 from server.settings import Settings
 
@@ -57,6 +58,7 @@ def build_server(
     server.add_registered_method_handlers(SERVICE, servicer.method_handlers())
     server.add_registered_method_handlers(HEALTH_SERVICE, health.servicer.method_handlers())
     server.add_registered_method_handlers(REFLECTION_SERVICE, _reflection_handlers())
+    server.add_registered_method_handlers(ROLLOUT_SERVICE, RolloutService(servicer.manager).method_handlers())
     address = settings.grpc_address
     host = f"[{address}]" if ":" in address else address
     target = f"{host}:{settings.grpc_port}"
