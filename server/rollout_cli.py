@@ -24,17 +24,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     rollout.add_argument("--url", default="localhost:8001", help="the server's gRPC address (default localhost:8001)")
     rollout.add_argument("--version", type=int, default=None,
                          help="promote: the version to promote (needed when there are several canaries)")
+    rollout.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
+                         help="gRPC metadata to send, e.g. a restricted protocol's header (repeatable)")
     rollout.add_argument("--json", action="store_true", help="print the server's answer as JSON")
     rollout.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
 
 
-def call(url: str, action: str, model: str, version: int | None = None, timeout: float = 10.0) -> dict[str, Any]:
+def call(url: str, action: str, model: str, version: int | None = None, timeout: float = 10.0,
+         headers: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model}
     if version is not None:
         body["version"] = version
     with grpc.insecure_channel(url) as channel:
         method = channel.unary_unary(f"/nereid.Rollout/{VERBS[action]}")
-        answer = method(json.dumps(body).encode(), timeout=timeout)
+        answer = method(json.dumps(body).encode(), timeout=timeout, metadata=headers or None)
     result: dict[str, Any] = json.loads(answer)
     return result
 
@@ -61,8 +64,15 @@ def render(status: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    headers = []
+    for item in args.header:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"nereid rollout: --header expects KEY=VALUE, got '{item}'", file=sys.stderr)
+            return 2
+        headers.append((key.strip().lower(), value))
     try:
-        status = call(args.url, args.action, args.model, args.version, args.timeout)
+        status = call(args.url, args.action, args.model, args.version, args.timeout, headers)
     except grpc.RpcError as exc:
         print(f"nereid rollout {args.action}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -272,3 +272,20 @@ def test_bad_policy_is_ignored_and_said(tmp_path: Path) -> None:
         assert "rollout.yaml ignored" in srv.log
     finally:
         srv.stop()
+
+
+def test_control_service_is_in_the_model_repository_group(tmp_path: Path) -> None:
+    """Promote and abort change what clients get: `--grpc-restricted-protocol=model-repository:...`
+    guards them like the load/unload RPCs."""
+    repo = tmp_path / "repo"
+    model = write_model(repo, "ab", identity_config("ab", [("INPUT0", "FP32", [2])], extra=ALL_VERSIONS),
+                        versions=(1, 2))
+    (model / "rollout.yaml").write_text("weights: {1: 50, 2: 50}\n")
+    srv = ServerProcess([repo], ["--grpc-restricted-protocol=model-repository:admin-key=s3cret"])
+    try:
+        refused = _rollout(srv, "abort", "ab")
+        assert refused.returncode == 1 and "expecting header 'triton-grpc-protocol-admin-key'" in refused.stderr
+        allowed = _rollout(srv, "abort", "ab", "--header", "triton-grpc-protocol-admin-key=s3cret")
+        assert allowed.returncode == 0 and "version(s) 2 to weight 0" in allowed.stdout, allowed
+    finally:
+        srv.stop()
