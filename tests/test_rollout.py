@@ -289,3 +289,21 @@ def test_control_service_is_in_the_model_repository_group(tmp_path: Path) -> Non
         assert allowed.returncode == 0 and "version(s) 2 to weight 0" in allowed.stdout, allowed
     finally:
         srv.stop()
+
+
+def test_http_follows_the_same_policy_and_keys(server: ServerProcess) -> None:
+    import tritonclient.http as httpclient
+
+    http = httpclient.InferenceServerClient(server.http_url)
+    client = grpcclient.InferenceServerClient(server.url)
+    before = json.loads(_rollout(server, "status", "split", "--json").stdout)
+    versions = set()
+    for i in range(40):
+        tensor = httpclient.InferInput("INPUT0", [2], "FP32")
+        tensor.set_data_from_numpy(np.ones(2, np.float32))
+        answer = http.infer("split", [tensor], parameters={"user": f"h{i}"}).get_response()
+        assert answer["model_version"] == _version(client, "split", parameters={"user": f"h{i}"})
+        versions.add(answer["model_version"])
+    assert versions == {"1", "2"}
+    after = json.loads(_rollout(server, "status", "split", "--json").stdout)
+    assert sum(r["requests"] for r in after["versions"]) - sum(r["requests"] for r in before["versions"]) == 80
