@@ -156,21 +156,23 @@ def test_failing_canary_is_rolled_back_under_load(server: ServerProcess) -> None
     for worker in workers:
         worker.start()
     rolled_back_at = None
-    deadline = started + scaled(WINDOW_S)
-    while time.monotonic() < deadline:
-        status = json.loads(_rollout(server, "status", "canary", "--json").stdout)
-        row = next(r for r in status["versions"] if r["version"] == 2)
-        if row["weight"] == 0:
-            rolled_back_at = time.monotonic()
-            break
-        time.sleep(0.05)
-    assert rolled_back_at is not None, f"not rolled back within the {WINDOW_S}s window: {tally}"
-    with lock:
-        at_rollback = dict(tally)
-    time.sleep(scaled(2))  # the stable version serves the rest
-    stop.set()
-    for worker in workers:
-        worker.join()
+    try:
+        deadline = started + scaled(WINDOW_S)
+        while time.monotonic() < deadline:
+            status = json.loads(_rollout(server, "status", "canary", "--json").stdout)
+            row = next(r for r in status["versions"] if r["version"] == 2)
+            if row["weight"] == 0:
+                rolled_back_at = time.monotonic()
+                break
+            time.sleep(0.05)
+        assert rolled_back_at is not None, f"not rolled back within the {WINDOW_S}s window: {tally}"
+        with lock:
+            at_rollback = dict(tally)
+        time.sleep(scaled(2))  # the stable version serves the rest
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
     after = {k: tally[k] - at_rollback[k] for k in tally}
     print(f"\nrollback under load: {tally['requests']} requests, {tally['errors']} errors seen by clients, "
           f"version 1 answered {tally['1']}; rolled back {rolled_back_at - started:.2f}s after load began "
