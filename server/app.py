@@ -29,12 +29,13 @@ from server.http.platforms import SageMakerRoutes, VertexAiRoutes
 from server.http.routes import HttpRoutes
 from server.http.transport import HttpServer
 from server.metrics.endpoint import MetricsEndpoint, MetricSources
+from server.metrics.rollout import RolloutCollector
 from server.metrics.system import SystemMetrics
 from server.protocol.bls import BlsService
-from server.protocol.health import HEALTH_SERVICE, HealthReporter
+from server.protocol.health import HealthReporter
 from server.protocol.ratelimit import RateLimiter, parse_rate
-from server.protocol.server import BindError, build_server
-from server.protocol.servicer import SERVICE, InferenceServicer
+from server.protocol.server import BindError, build_server, services_of
+from server.protocol.servicer import InferenceServicer
 from server.repository.manager import RepositoryManager
 from server.repository.poller import Poller
 from server.settings import Settings
@@ -176,8 +177,7 @@ def grpc_listener(settings: Settings, servicer: InferenceServicer, health: Healt
     if not settings.allow_grpc:
         return None, 0
     if settings.workers > 1:
-        pool = WorkerPool(settings, {SERVICE: servicer.method_handlers(),
-                                     HEALTH_SERVICE: health.servicer.method_handlers()})
+        pool = WorkerPool(settings, services_of(servicer, health))
         return pool, pool.port
     return build_server(settings, servicer, health)
 
@@ -293,6 +293,7 @@ def start_metrics(settings: Settings, manager: RepositoryManager, servicer: Infe
         why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
         raise BindError(f"could not bind the metrics endpoint {settings.metrics_address}:{settings.metrics_port}: "
                         f"{why}") from None
+    endpoint.registry.register(RolloutCollector(manager.rollouts))  # type: ignore[arg-type]
     endpoint.start()
     log.info("Started Metrics Service at %s:%d", settings.metrics_address, endpoint.port)
     return endpoint

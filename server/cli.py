@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server import __version__
+from server import __version__, rollout_cli
 from server.core.response_cache import ResponseCache, parse_cache_config
 from server.logs import FORMATS, LogState
 from server.logs import configure as configure_logging
@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nereid {__version__}")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="serve a model repository over gRPC")
+    rollout_cli.add_parser(sub)
     serve.add_argument("--model-repository", action="append", required=True, metavar="PATH|URL",
                        help="model repository: a path, s3://[host:port/]bucket/prefix or gs://bucket/prefix "
                        "(repeatable)")
@@ -408,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "validate":
         return _validate(args)
+    if args.command == "rollout":
+        return rollout_cli.run(args)
     if args.command != "serve":
         parser.print_help()
         return 2

@@ -275,7 +275,8 @@ def test_reflection_is_in_the_metadata_group(repo: Path, server_factory) -> None
 
 def test_every_rpc_has_a_group() -> None:
     groups = method_groups()
-    assert len(groups) == 20 + 2 + 1
+    assert len(groups) == 20 + 2 + 1 + 3  # + nereid.Rollout's Status, Promote, Abort
+    assert groups["/nereid.Rollout/Promote"] == ("model-repository", False, False)
     assert {group for group, _, _ in groups.values()} == set(RESTRICTED_PROTOCOL_GROUPS)
     assert groups["/inference.GRPCInferenceService/ModelStreamInfer"] == ("inference", True, True)
     assert groups["/grpc.health.v1.Health/Check"][0] == "health"

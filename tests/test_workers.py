@@ -157,7 +157,7 @@ def test_errors_streams_and_large_messages_through_a_worker(identity_repo_slow, 
     big = np.random.default_rng(1).standard_normal((2, 3_000_000)).astype(np.float32)  # 24 MB
     np.testing.assert_array_equal(c.infer("ident", _inputs(big)).as_numpy("OUTPUT0"), big)
     # A stream: several requests in flight, one bad, answered in any order with their ids.
-    answers: "collections.deque" = collections.deque()
+    answers: collections.deque = collections.deque()
     done = threading.Event()
 
     def callback(result, error) -> None:
@@ -237,7 +237,7 @@ def test_a_killed_worker_is_restarted_and_the_others_keep_serving(identity_repo_
     while _worker_pids(srv).get(0) == pids[0] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _worker_pids(srv)[0] != pids[0], srv.log
-    assert "worker 0 (pid %d) exited with code -9; restarting" % pids[0] in srv.log
+    assert f"worker 0 (pid {pids[0]}) exited with code -9; restarting" in srv.log
     assert _worker_values(srv, "nereid_worker_restarts_total") == {0: 1.0, 1: 0.0}
     assert _worker_values(srv, "nereid_worker_up") == {0: 1.0, 1: 1.0}
     # The victim's client reconnects (to whichever frontend) and is served again.

@@ -26,16 +26,16 @@ def test_frames_survive_any_split() -> None:
         rng = random.Random(7)
         sizes = [0, 1, 12, 13, 1000, 255 * 1024, 256 * 1024, 256 * 1024 + 1, 700_000, 3_000_000, 5, 0]
         payloads = [bytes(rng.getrandbits(8) for _ in range(min(s, 64))) * (s // 64 + 1) for s in sizes]
-        payloads = [p[:s] for p, s in zip(payloads, sizes)]
+        payloads = [p[:s] for p, s in zip(payloads, sizes, strict=True)]
         data = b"".join(b"".join(bytes(part) for part in frame(link.MESSAGE, i + 1, p))
                         for i, p in enumerate(payloads))
         for trial in range(20):
             got: list[tuple[int, int, bytes]] = []
-            protocol = LinkProtocol(lambda k, c, p: got.append((k, c, p)), lambda exc: None)
+            protocol = LinkProtocol(lambda k, c, p, got=got: got.append((k, c, p)), lambda exc: None)
             cuts = sorted(rng.sample(range(1, len(data)), trial * 3)) if trial else []
             _feed(protocol, data, cuts)
             assert [(k, c) for k, c, _ in got] == [(link.MESSAGE, i + 1) for i in range(len(sizes))]
-            for (_, _, payload), expected in zip(got, payloads):
+            for (_, _, payload), expected in zip(got, payloads, strict=True):
                 assert payload == expected
 
     asyncio.run(run())

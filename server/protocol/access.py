@@ -69,6 +69,8 @@ def method_groups() -> dict[str, tuple[str, bool, bool]]:
         for method in service.methods:
             group = groups[method.name]
             result[f"/{service.full_name}/{method.name}"] = (group, method.client_streaming, method.server_streaming)
+    for method in ("Status", "Promote", "Abort"):  # nereid.Rollout (rollout_rpc.py): JSON, no descriptor
+        result[f"/nereid.Rollout/{method}"] = ("model-repository", False, False)
     return result
 
 

@@ -18,6 +18,7 @@ from server.protocol import tls
 from server.protocol.access import interceptors
 from server.protocol.handlers import HandlerCollector, guard
 from server.protocol.health import HEALTH_SERVICE, HealthReporter
+from server.protocol.rollout_rpc import ROLLOUT_SERVICE, RolloutService
 from server.protocol.servicer import SERVICE, InferenceServicer
 from server.settings import Settings
 
@@ -45,8 +46,14 @@ def build_server(
     settings: Settings, servicer: InferenceServicer, health: HealthReporter
 ) -> tuple[grpc.aio.Server, int]:
     """Create the server and bind its port; returns (server, bound port). Not started yet."""
-    services = {SERVICE: servicer.method_handlers(), HEALTH_SERVICE: health.servicer.method_handlers()}
-    return grpc_server(settings, services)
+    return grpc_server(settings, services_of(servicer, health))
+
+
+def services_of(servicer: InferenceServicer, health: HealthReporter) -> dict[str, dict[str, grpc.RpcMethodHandler]]:
+    """Every service the server answers, by name (reflection aside): the listener of a single
+    process registers them, and with --workers the owner runs them for the frontends."""
+    return {SERVICE: servicer.method_handlers(), HEALTH_SERVICE: health.servicer.method_handlers(),
+            ROLLOUT_SERVICE: RolloutService(servicer.manager).method_handlers()}
 
 
 def grpc_server(

@@ -34,6 +34,7 @@ from server.protocol.codec import decode_infer_request, encode_bytes_tensor, enc
 from server.protocol.decoupled_stream import FINAL_TRUE, stream_decoupled
 from server.protocol.memory import TRIM_AFTER_BYTES, release_freed_memory, trim_later
 from server.protocol.ratelimit import RateLimiter
+from server.protocol.rollout_rpc import sticky_key
 from server.protocol.shm_tensors import write_outputs
 from server.protocol.statistics import model_statistics
 from server.protocol.wire import split_infer_request, wrap_stream_response
@@ -126,11 +127,21 @@ class InferenceServicer:
         self.last_call = asyncio.get_running_loop().time()
         return self.stopping
 
-    def _serving(self, name: str, version: str) -> Model:
+    def _serving(self, name: str, version: str, request: Any = None, context: Any = None) -> Model:
         """The model for an inference request. Until startup loading is done, a model not
         there yet is UNAVAILABLE (retryable, like the refused connection Triton gives before
-        it has loaded), not NOT_FOUND."""
+        it has loaded), not NOT_FOUND. A request naming no version of a model with a rollout
+        goes where its policy sends it (sticky key from `request`'s parameters or `context`'s
+        metadata; docs/ROLLOUTS.md)."""
         try:
+            if not version:
+                rollout = self.manager.rollouts.get(name)
+                if rollout is not None:
+                    key = None if request is None else sticky_key(
+                        rollout, request.parameters, None if context is None else context.invocation_metadata())
+                    chosen = self.manager.rollouts.choose(name, key)
+                    if chosen is not None:
+                        return chosen
             return self.manager.get(name, version)
         except ModelNotFound:
             if self.loaded:
@@ -289,7 +300,7 @@ class InferenceServicer:
             name = request.model_name
             if self.tracer.active:
                 trace = self._trace(call, name, request.id)
-            model = self._serving(name, request.model_version)
+            model = self._serving(name, request.model_version, request, call)
             if model.decoupled:
                 raise Unsupported(decoupled_refusal)
             if self.limiter is not None:
@@ -300,7 +311,7 @@ class InferenceServicer:
             if trace is not None:
                 trace.decoded, trace.version, decoded.trace = perf_counter_ns(), model.version_str, trace
             slots = decoded.shm_outputs
-            outputs = await model.infer(decoded)
+            outputs = await self.manager.rollouts.infer(model, decoded)
             del decoded  # the request's bytes go now, unless an output is a view of them
             in_shm = write_outputs(outputs, slots, model.outputs, encode_bytes_tensor) if slots else frozenset()
             del slots
@@ -350,7 +361,7 @@ class InferenceServicer:
                     context.add_done_callback(trim_later)
                 request, raw = split_infer_request(body)
                 try:
-                    model = self._serving(request.model_name, request.model_version)
+                    model = self._serving(request.model_name, request.model_version, request, context)
                     if self.limiter is not None:
                         self.limiter.check(context, model)
                     decoded = decode_infer_request(request, model, raw, self.shm)
@@ -368,7 +379,7 @@ class InferenceServicer:
                             self.tracer.finish(trace)
                         return
                     slots = decoded.shm_outputs
-                    outputs = await model.infer(decoded)
+                    outputs = await self.manager.rollouts.infer(model, decoded)
                     del decoded
                     in_shm = write_outputs(outputs, slots, model.outputs, encode_bytes_tensor) if slots \
                         else frozenset()

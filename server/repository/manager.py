@@ -31,6 +31,7 @@ from server.repository.overrides import parse_load_parameters, remove_override_d
 from server.repository.registry import ModelRegistry, StateListener, model_paths
 from server.repository.remote import RemoteRepositories
 from server.repository.safepath import check_model_name, find_model_dir
+from server.rollout.router import prepare as prepare_rollout
 from server.settings import Settings
 
 log = logging.getLogger("nereid.repository")
@@ -157,6 +158,7 @@ class RepositoryManager(ModelRegistry):
                 self._on_loop(put)
 
             outcome = run_action(entry, source, self.settings, show_loading, steps=self)
+            rollout = prepare_rollout(name, source.snapshot.path)  # rollout.yaml, read beside the config
 
             def swap() -> None:
                 entry.versions = outcome.rows
@@ -169,6 +171,7 @@ class RepositoryManager(ModelRegistry):
                     model.state = ModelState.UNLOADING
                 entry.refresh_latest()
                 self._models[name] = entry
+                self.rollouts.install(name, rollout)
 
             if source.override_dir is not None:
                 self._override_dirs.add(source.override_dir)
@@ -202,6 +205,7 @@ class RepositoryManager(ModelRegistry):
                 for model, _ in retire:
                     model.state = ModelState.UNLOADING
                 self._models.pop(name, None)
+                self.rollouts.forget(name)
 
             self._on_loop(swap)
             log.info("model '%s' removed from the repository", name)

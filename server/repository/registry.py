@@ -18,6 +18,7 @@ from server.core.model import Model
 from server.core.state import ModelState
 from server.errors import InvalidInput, ModelNotFound, ModelUnavailable
 from server.repository.entry import IndexEntry, ModelEntry
+from server.rollout.router import Rollouts, lookup_in
 from server.settings import Settings
 
 log = logging.getLogger("nereid.repository")
@@ -48,6 +49,8 @@ class ModelRegistry:
         self._listeners: list[StateListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        # Traffic policies (rollout.yaml): which version answers a request naming none (docs/ROLLOUTS.md).
+        self.rollouts = Rollouts(lookup_in(self._models.get))
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Call from the event loop's thread: changes then run there, between requests."""
@@ -171,8 +174,18 @@ class ModelRegistry:
             if entry is None:
                 rows.append(IndexEntry(name, "", "", ""))
             else:
-                rows.extend(entry.index_rows(ready_only))
+                rows.extend(self._with_rollout(entry.index_rows(ready_only)))
         return rows
+
+    def _with_rollout(self, rows: list[IndexEntry]) -> list[IndexEntry]:
+        """The rollout's word on each version row: its share and role, or why it was rolled back."""
+        out = []
+        for row in rows:
+            note = self.rollouts.reason(row.name, int(row.version)) if row.version else ""
+            if note:
+                row = IndexEntry(row.name, row.version, row.state, f"{row.reason}; {note}" if row.reason else note)
+            out.append(row)
+        return out
 
     def is_ready(self) -> bool:
         """Strict readiness over every model the manager knows (rules in entry.py)."""

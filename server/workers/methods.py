@@ -1,7 +1,7 @@
 """The RPCs a frontend forwards, numbered identically in every process of one server.
 
-Built from the protocol descriptors (never from the servicer), so a frontend knows the
-methods without importing the model code.
+Built from the protocol descriptors and the names of Nereid's own rollout service, never
+from the servicer's handlers.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from grpc_health.v1 import health_pb2
 from tritonclient.grpc import service_pb2 as pb
+
+from server.protocol.rollout_rpc import ROLLOUT_METHODS, ROLLOUT_SERVICE
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -30,4 +32,5 @@ def method_table() -> list[Method]:
         for method in descriptor.services_by_name[service].methods:
             table.append(Method(method.containing_service.full_name, method.name, method.client_streaming,
                                 method.server_streaming))
+    table += [Method(ROLLOUT_SERVICE, name, False, False) for name in ROLLOUT_METHODS]
     return table

@@ -1,0 +1,1 @@
+"""Rollouts (docs/ROLLOUTS.md): traffic splits, sticky keys, shadow copies, automatic rollback."""
