@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from server import __version__
+from server.batchjob.args import add_batch_parser
 from server.core.response_cache import ResponseCache, parse_cache_config
 from server.logs import FORMATS, LogState
 from server.logs import configure as configure_logging
@@ -315,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_flags(serve)
     _add_trace_flags(serve)
     _add_validate(sub)
+    add_batch_parser(sub)
     return parser
 
 
@@ -387,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "validate":
         return _validate(args)
+    if args.command == "batch":
+        from server.batchjob.job import run_batch
+
+        return run_batch(args)
     if args.command != "serve":
         parser.print_help()
         return 2
