@@ -63,6 +63,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(root, "affine", AFFINE_CONFIG, files={"1/model.onnx": _affine_onnx()})
     # one input, no batching: every row is a request of its own
     write_model(root, "single", identity_config("single", [("INPUT0", "FP32", [3])]))
+    # dims [1]: a column of plain scalars feeds it
+    write_model(root, "scalar", identity_config("scalar", [("INPUT0", "INT64", [1])], max_batch_size=16))
     # slow, to interrupt a job part way
     write_model(root, "slow", identity_config("slow", [("INPUT0", "FP32", [4])], max_batch_size=100,
                                               execute_delay_ms=20))
@@ -174,6 +176,26 @@ def test_npy_into_a_model_that_does_not_batch(tmp_path: Path, server: ServerProc
     rows = per_row(server, "single", {"INPUT0": data}, list(range(0, 300, 7)), ["OUTPUT0"], batching=False)
     np.testing.assert_array_equal(got[::7], rows["OUTPUT0"])
     np.testing.assert_array_equal(got, data)
+
+
+@pytest.mark.parametrize("kind", [".parquet", ".jsonl"])
+def test_scalar_columns_feed_a_dims_1_input(tmp_path: Path, repo: Path, kind: str) -> None:
+    values = np.arange(100, dtype=np.int64) * 7
+    source = tmp_path / f"s{kind}"
+    if kind == ".parquet":
+        pq.write_table(pa.table({"INPUT0": values, "other": values.astype(str)}), source)
+    else:
+        source.write_text("".join(json.dumps({"INPUT0": int(v), "other": "x"}) + "\n" for v in values))
+    done = batch("scalar", str(source), "--repository", str(repo))
+    assert done.returncode == 0, done.stderr
+    got = read_output(tmp_path / f"s{kind}.scalar.out.{kind[1:]}", ["OUTPUT0"])["OUTPUT0"]
+    np.testing.assert_array_equal(got, values.reshape(-1, 1))
+
+
+def test_connection_refused_is_one_line(tmp_path: Path) -> None:
+    source = write_dataset(tmp_path / "x.npz", make_inputs(5))
+    done = batch("affine", str(source), "--url", "127.0.0.1:1")
+    assert done.returncode == 1 and "127.0.0.1:1" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_compressed_npz_is_streamed_and_scored(tmp_path: Path, repo: Path) -> None:

@@ -70,6 +70,8 @@ class InputPlan:
             except (ValueError, TypeError, OverflowError) as exc:
                 raise BatchError(f"input '{sig.name}' (rows from {start + 1}): cannot be read as "
                                  f"{sig.datatype}: {exc}") from None
+        if array.ndim == 1 and sig.dims in ((1,), (-1,)):  # a column of scalars into dims [1]
+            array = array.reshape(-1, 1)
         if not _fits(tuple(array.shape[1:]), sig.dims):
             raise BatchError(f"input '{sig.name}': each row has shape {_dims_text(array.shape[1:])}, model "
                              f"'{self.target.name}' expects {_dims_text(sig.dims)}")
