@@ -219,26 +219,31 @@ def _wait_for_progress(manifest: Path, proc: subprocess.Popen[str], timeout: flo
     raise AssertionError("no chunk finished in time")
 
 
-@pytest.mark.parametrize("kind", [".npz", ".jsonl", ".parquet"])
-def test_killed_job_resumes_to_the_same_result(tmp_path: Path, server: ServerProcess, kind: str) -> None:
+@pytest.mark.parametrize(("kind", "mode", "stop"), [
+    (".npz", "remote", signal.SIGKILL), (".jsonl", "remote", signal.SIGKILL), (".parquet", "remote", signal.SIGKILL),
+    (".npz", "inprocess", signal.SIGINT)])
+def test_killed_job_resumes_to_the_same_result(tmp_path: Path, server: ServerProcess, repo: Path, kind: str,
+                                               mode: str, stop: signal.Signals) -> None:
     rows = 6000
     data = {"INPUT0": np.random.default_rng(5).standard_normal((rows, 4)).astype(np.float32)}
     source = write_dataset(tmp_path / f"d{kind}", data)
     ext = kind.lstrip(".")
     dest = tmp_path / f"d{kind}.slow.out.{ext}"
     manifest = tmp_path / f"{dest.name}.parts" / "manifest.json"
-    args = ["slow", str(source), "--url", server.url, "--batch-size", "100", "--concurrency", "2",
+    args = ["slow", str(source), *where(mode, server, repo), "--batch-size", "100", "--concurrency", "2",
             "--chunk-rows", "500"]
     proc = subprocess.Popen([PYTHON, "-m", "server.cli", "batch", *args], cwd=ROOT, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         _wait_for_progress(manifest, proc, 30)
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(stop)
         proc.wait(scaled(10))
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate()
+        err = proc.communicate()[1]
+    if stop == signal.SIGINT:  # Ctrl-C: a clean stop that says how to go on
+        assert proc.returncode == 130 and "run the same command again to resume" in err, err
     assert not dest.exists()
     saved = json.loads(manifest.read_text())["done"]
     finished = sum(stop - start for start, stop in saved)
