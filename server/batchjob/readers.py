@@ -1,8 +1,8 @@
 """Datasets read a row range at a time, never loaded whole.
 
-`.npy` is memory-mapped; `.npz` members stored uncompressed (np.savez) are memory-mapped at
-their offset inside the zip, compressed ones (np.savez_compressed) are read as a stream;
-Parquet is read by row groups and record batches; JSON lines one line at a time. Every reader
+`.npy` files and `.npz` members stored uncompressed (np.savez) are read with positioned reads
+at their offset (inside the zip for .npz), compressed members (np.savez_compressed) as a
+stream; Parquet one row group at a time; JSON lines one line at a time. Every reader
 takes `read(start, stop)` calls in increasing order (the job reads chunks in order), so the
 streaming ones only ever move forward, skipping what a resumed job already has.
 """
@@ -10,9 +10,9 @@ streaming ones only ever move forward, skipping what a resumed job already has.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -61,21 +61,54 @@ def open_dataset(path: Path) -> Reader:
         raise BatchError(f"'{path}': cannot read it as {kind}: {exc}") from None
 
 
+class _NpyFile:
+    """An uncompressed .npy array at `offset` in a file, read by positioned reads (os.pread):
+    unlike a memory map, pages read stay out of this process's resident memory."""
+
+    def __init__(self, path: Path, offset: int | None = None) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        with open(path, "rb") as handle:
+            handle.seek(offset or 0)
+            version = np.lib.format.read_magic(handle)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(handle)
+            self._data = handle.tell()
+        if dtype.hasobject:
+            raise ValueError("object arrays (pickled) are not supported")
+        if fortran and len(shape) > 1:
+            raise ValueError("Fortran-ordered arrays cannot be read by rows")
+        if not shape:
+            raise ValueError("a scalar array has no rows")
+        self.shape, self.dtype = tuple(shape), dtype
+        self._row_bytes = int(dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64)))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        want = (stop - start) * self._row_bytes
+        data = bytearray()
+        while len(data) < want:
+            piece = os.pread(self._fd, want - len(data), self._data + start * self._row_bytes + len(data))
+            if not piece:
+                raise BatchError(f"the file ends before row {stop}")
+            data += piece
+        return np.frombuffer(data, self.dtype).reshape((stop - start, *self.shape[1:]))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class NpyReader:
     kind = "npy"
 
     def __init__(self, path: Path) -> None:
-        self._array = np.load(path, mmap_mode="r", allow_pickle=False)
-        if self._array.ndim == 0:
-            raise ValueError("a scalar array has no rows")
+        self._array = _NpyFile(path)
         self.rows = int(self._array.shape[0])
         self.columns: tuple[str, ...] = (NPY_COLUMN,)
 
     def read(self, start: int, stop: int) -> dict[str, Any]:
-        return {NPY_COLUMN: np.array(self._array[start:stop])}
+        return {NPY_COLUMN: self._array.read(start, stop)}
 
     def close(self) -> None:
-        del self._array
+        self._array.close()
 
 
 class _NpyStream:
@@ -103,20 +136,13 @@ class _NpyStream:
         return np.frombuffer(data, self.dtype).reshape((stop - start, *self.shape[1:])).copy()
 
 
-def _stored_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
-    """An uncompressed .npz member as a read-only memory map at its offset in the zip."""
+def _stored_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """Where an uncompressed .npz member's bytes (its .npy header) start inside the zip."""
     with open(path, "rb") as handle:
         handle.seek(info.header_offset)
         local = handle.read(30)
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        handle.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(handle)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = reader(handle)
-        offset = handle.tell()
-    if dtype.hasobject:
-        raise ValueError(f"member '{info.filename}' holds Python objects (pickled), which are not supported")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape), order="F" if fortran else "C")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
 
 
 class NpzReader:
@@ -130,7 +156,7 @@ class NpzReader:
                 continue
             name = info.filename[:-4]
             if info.compress_type == zipfile.ZIP_STORED:
-                self._columns[name] = _stored_member(path, info)
+                self._columns[name] = _NpyFile(path, _stored_offset(path, info))
             else:
                 self._columns[name] = _NpyStream(self._zip.open(info))
         if not self._columns:
@@ -144,10 +170,13 @@ class NpzReader:
     def read(self, start: int, stop: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, col in self._columns.items():
-            out[name] = col.read(start, stop) if isinstance(col, _NpyStream) else np.array(col[start:stop])
+            out[name] = col.read(start, stop)
         return out
 
     def close(self) -> None:
+        for col in self._columns.values():
+            if isinstance(col, _NpyFile):
+                col.close()
         self._columns.clear()
         self._zip.close()
 
@@ -178,9 +207,13 @@ def _column_to_numpy(column: Any) -> np.ndarray:
 
 
 class ParquetReader:
+    """Reads one row group at a time (the unit Parquet decodes), only the model's columns.
+    pyarrow's iter_batches was measured holding every batch it had decoded (Arrow's allocation
+    grew with the file), reading row group by row group stays at one group's size."""
+
     kind = "parquet"
 
-    def __init__(self, path: Path, batch_rows: int = 65536) -> None:
+    def __init__(self, path: Path) -> None:
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -190,43 +223,36 @@ class ParquetReader:
         self.rows = int(meta.num_rows)
         self.columns = tuple(self._file.schema_arrow.names)
         self._starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-        self._batch_rows = batch_rows
         self._wanted: list[str] | None = None
-        self._batches: Iterator[Any] | None = None
-        self._buffer: list[Any] = []  # record batches covering [self._at, ...)
+        self._table: Any = None  # the rows [self._at, ...) of the row group read last
+        self._group = 0  # the next row group to read
         self._at = 0
 
     def select(self, columns: list[str]) -> None:
         """Read only these columns (the model's inputs)."""
         self._wanted = columns
 
-    def _restart(self, start: int) -> None:
-        group = int(np.searchsorted(self._starts, start, side="right")) - 1
-        groups = list(range(group, len(self._starts) - 1))
-        self._batches = self._file.iter_batches(batch_size=self._batch_rows, row_groups=groups,
-                                                columns=self._wanted, use_threads=False)
-        self._buffer, self._at = [], int(self._starts[group])
-
     def read(self, start: int, stop: int) -> dict[str, Any]:
         import pyarrow as pa
 
-        if self._batches is None or start < self._at:
-            self._restart(start)
-        assert self._batches is not None
-        buffered = sum(len(b) for b in self._buffer)
-        while self._at + buffered < stop:
-            batch = next(self._batches)
-            self._buffer.append(batch)
-            buffered += len(batch)
-        table = pa.Table.from_batches(self._buffer)
-        piece = table.slice(start - self._at, stop - start)
-        rest = table.slice(stop - self._at)
-        self._buffer, self._at = rest.to_batches(), stop
+        if self._table is None or start < self._at or start >= self._at + len(self._table):
+            self._group = int(np.searchsorted(self._starts, start, side="right")) - 1
+            self._table, self._at = None, int(self._starts[self._group])
+        pieces = []
+        while start < stop:
+            if self._table is None or start >= self._at + len(self._table):
+                if self._table is not None:
+                    self._at += len(self._table)
+                self._table = self._file.read_row_group(self._group, columns=self._wanted, use_threads=False)
+                self._group += 1
+            take = min(stop, self._at + len(self._table)) - start
+            pieces.append(self._table.slice(start - self._at, take))
+            start += take
+        piece = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
         return {name: _column_to_numpy(piece.column(name)) for name in piece.column_names}
 
     def close(self) -> None:
-        self._batches = None
-        self._buffer = []
+        self._table = None
 
 
 class JsonlReader:
