@@ -65,6 +65,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(root, "single", identity_config("single", [("INPUT0", "FP32", [3])]))
     # dims [1]: a column of plain scalars feeds it
     write_model(root, "scalar", identity_config("scalar", [("INPUT0", "INT64", [1])], max_batch_size=16))
+    write_model(root, "wide", identity_config("wide", [("INPUT0", "FP32", [64])], max_batch_size=1024))
     # slow, to interrupt a job part way
     write_model(root, "slow", identity_config("slow", [("INPUT0", "FP32", [4])], max_batch_size=100,
                                               execute_delay_ms=20))
@@ -281,6 +282,31 @@ def test_a_million_rows_match_per_row_inference(tmp_path: Path, server: ServerPr
     rows_out = per_row(server, "affine", inputs, sample, ["OUTPUT0", "OUTPUT1"])
     for name in ("OUTPUT0", "OUTPUT1"):
         np.testing.assert_array_equal(got[name][sample], rows_out[name])
+
+
+def test_a_large_npy_is_streamed_not_loaded(tmp_path: Path, repo: Path) -> None:
+    """256 MB of input scored with a peak resident size well under the file's size."""
+    source = tmp_path / "big.npy"
+    rows = 1_000_000
+    big = np.lib.format.open_memmap(source, mode="w+", dtype=np.float32, shape=(rows, 64))
+    for start in range(0, rows, 250_000):
+        big[start:start + 250_000] = np.arange(start, start + 250_000, dtype=np.float32)[:, None]
+    big.flush()
+    del big
+    # VmHWM, not ru_maxrss: the latter keeps the forking parent's (this test's) size across exec.
+    code = ("import re\nfrom server.cli import main\n"
+            f"rc = main(['batch', 'wide', {str(source)!r}, '--repository', {str(repo)!r}, '--quiet', "
+            "'--chunk-rows', '16384', '--batch-size', '1024'])\n"
+            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+            "print('peak', int(hwm) // 1024, 'rc', rc)")
+    done = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=scaled(120))
+    assert done.returncode == 0 and "rc 0" in done.stdout, done.stderr
+    peak_mb = int(done.stdout.split()[1])
+    assert peak_mb < 200, f"peak resident size {peak_mb} MB for a 256 MB input: {done.stderr}"
+    with np.load(tmp_path / "big.npy.wide.out.npz") as result:
+        out = result["OUTPUT0"]
+        np.testing.assert_array_equal(out[::997, 0], np.arange(0, rows, 997, dtype=np.float32))
+        np.testing.assert_array_equal(out[-1], np.full(64, rows - 1, dtype=np.float32))
 
 
 @pytest.mark.parametrize("mode", ["remote", "inprocess"])
