@@ -37,8 +37,9 @@ class InProcessScorer:
         loop = asyncio.get_running_loop()
         self._manager = RepositoryManager(settings)
         self._manager.bind_loop(loop)
+        # Loads on a loader thread; the registry's swap runs on this loop, and load_startup
+        # waits for it (registry._on_loop), so the model is in the registry when this returns.
         await loop.run_in_executor(None, self._manager.load_startup)
-        await asyncio.sleep(0)  # the registry's swap runs as a callback on this loop
         try:
             self._model = self._manager.get(model, version)
         except NereidError as exc:
