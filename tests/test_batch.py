@@ -265,6 +265,23 @@ def test_killed_job_resumes_to_the_same_result(tmp_path: Path, server: ServerPro
     np.testing.assert_array_equal(got, data["INPUT0"])
 
 
+def test_a_manifest_of_another_job_is_refused_until_restart(tmp_path: Path, repo: Path) -> None:
+    inputs = make_inputs(100)
+    source = write_dataset(tmp_path / "m.npz", inputs)
+    parts = tmp_path / "m.npz.affine.out.npz.parts"
+    parts.mkdir()
+    stale = {"format": 1, "input": str(source.resolve()), "input_bytes": 1, "input_mtime_ns": 1, "model": "affine",
+             "version": "", "chunk_rows": 65536, "rows": 100, "done": [[0, 100]]}
+    (parts / "manifest.json").write_text(json.dumps(stale))
+    refused = batch("affine", str(source), "--repository", str(repo))
+    assert refused.returncode == 1 and "input_bytes, input_mtime_ns" in refused.stderr and "--restart" in refused.stderr
+    done = batch("affine", str(source), "--repository", str(repo), "--restart")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(read_output(tmp_path / "m.npz.affine.out.npz", ["OUTPUT0"])["OUTPUT0"],
+                                  expected(inputs)["OUTPUT0"])
+    assert not parts.exists()
+
+
 def test_a_million_rows_match_per_row_inference(tmp_path: Path, server: ServerProcess) -> None:
     rows = 1_000_000
     inputs = make_inputs(rows, seed=11)

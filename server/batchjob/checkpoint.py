@@ -55,6 +55,7 @@ class Checkpoint:
                                  "rerun with --restart to discard it")
             for start, stop in saved["done"]:
                 self.done.update(range(start, stop, identity["chunk_rows"]))
+            self.done = {start for start in self.done if self.part(start).exists()}  # a part deleted: redo it
         parts.mkdir(parents=True, exist_ok=True)
 
     @property
