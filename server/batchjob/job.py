@@ -21,9 +21,10 @@ import numpy as np
 
 from server.batchjob.checkpoint import Checkpoint, fingerprint
 from server.batchjob.errors import BatchError
+from server.batchjob.parquet_reader import ParquetReader
 from server.batchjob.plan import InputPlan
 from server.batchjob.progress import Progress
-from server.batchjob.readers import ParquetReader, Reader, open_dataset
+from server.batchjob.readers import Reader, open_dataset
 from server.batchjob.target import Target
 from server.batchjob.writers import assemble, output_path, write_part
 
