@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from server import __version__, rollout_cli
+from server.batchjob.args import add_batch_parser
 from server.core.response_cache import ResponseCache, parse_cache_config
 from server.logs import FORMATS, LogState
 from server.logs import configure as configure_logging
@@ -334,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_flags(serve)
     _add_trace_flags(serve)
     _add_validate(sub)
+    add_batch_parser(sub)
     return parser
 
 
@@ -411,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(args)
     if args.command == "rollout":
         return rollout_cli.run(args)
+    if args.command == "batch":
+        from server.batchjob.job import run_batch
+
+        return run_batch(args)
     if args.command != "serve":
         parser.print_help()
         return 2
