@@ -34,7 +34,7 @@ from server.metrics.system import SystemMetrics
 from server.protocol.bls import BlsService
 from server.protocol.health import HealthReporter
 from server.protocol.ratelimit import RateLimiter, parse_rate
-from server.protocol.server import BindError, build_server, services_of
+from server.protocol.server import BindError, build_server, log_security, services_of
 from server.protocol.servicer import InferenceServicer
 from server.repository.manager import RepositoryManager
 from server.repository.poller import Poller
@@ -178,6 +178,7 @@ def grpc_listener(settings: Settings, servicer: InferenceServicer, health: Healt
         return None, 0
     if settings.workers > 1:
         pool = WorkerPool(settings, services_of(servicer, health))
+        log_security(settings)  # the frontends apply it; said once, here
         return pool, pool.port
     return build_server(settings, servicer, health)
 

@@ -27,7 +27,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
-from util import PYTHON, ROOT, ServerProcess, identity_config, scaled, write_model
+from util import PYTHON, ROOT, WORKERS_ENV, ServerProcess, identity_config, scaled, write_model
 
 WORKER_RE = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
 
@@ -353,3 +353,24 @@ def test_a_port_in_use_is_a_clear_error(identity_repo_slow) -> None:
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 1, run.stderr
     assert f"could not bind 127.0.0.1:{port}" in run.stderr and "in use" in run.stderr, run.stderr
+
+
+# Test modules that run again, whole, against servers started with --workers 2: the protocol,
+# statistics, lifecycle, health, streams (decoupled, sequences), shared memory, ensembles, TLS
+# and rollouts must behave the same whichever mode serves them. (Modules whose assertions are
+# about batching heuristics under a given timing, such as test_streaming.py, are not here:
+# with the gRPC work on other cores, requests reach the batcher at another pace.)
+CONFORMANCE = ("test_infer.py", "test_statistics.py", "test_lifecycle_explicit.py", "test_health.py",
+               "test_metadata.py", "test_decoupled.py", "test_sequence.py", "test_bad_inputs.py",
+               "test_shared_memory.py", "test_ensemble.py", "test_tls.py", "test_rollout.py",
+               "test_shutdown.py")
+
+
+def test_conformance_modules_pass_with_two_workers() -> None:
+    env = dict(os.environ, **{WORKERS_ENV: "2"})
+    run = subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          *(f"tests/{name}" for name in CONFORMANCE)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=scaled(900))
+    tail = "\n".join(run.stdout.splitlines()[-30:])
+    print(f"\n{WORKERS_ENV}=2: {run.stdout.splitlines()[-1] if run.stdout else run.stderr[-2000:]}")
+    assert run.returncode == 0, tail + run.stderr[-2000:]

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = ROOT / "model_repository"
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 
+# Set to N to start every ServerProcess with --workers N (tests/test_workers.py runs modules so).
+WORKERS_ENV = "NEREID_TEST_WORKERS"
 STARTED_RE = re.compile(r"Started GRPCInferenceService at 127\.0\.0\.1:(\d+)")
 METRICS_RE = re.compile(r"Started Metrics Service at [^ ]+:(\d+)")
 HTTP_RE = re.compile(r"Started HTTPService at [^ ]+:(\d+)")
@@ -223,6 +225,9 @@ class ServerProcess:
             # No lame duck (Triton's shutdown): it would add a second to every server's stop.
             # The tests of shutdown itself (test_shutdown.py, test_failover.py) set it.
             cmd += ["--lame-duck-secs", "0"]
+        workers = os.environ.get(WORKERS_ENV)
+        if workers and not any(arg.startswith("--workers") for arg in extra_args):
+            cmd += ["--workers", workers]  # run a test module against --workers N (test_workers.py)
         cmd += list(extra_args)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.cmd = cmd

@@ -87,11 +87,11 @@ def grpc_server(
     if port == 0:
         raise BindError(f"could not bind {target}")
     if announce:
-        _log_security(settings)
+        log_security(settings)
     return server, port
 
 
-def _log_security(settings: Settings) -> None:
+def log_security(settings: Settings) -> None:
     """Say how the listener is protected: TLS mode and which groups need which header
     (header names only; the values are secrets)."""
     log.info("gRPC transport: %s", tls.describe(settings))
