@@ -66,7 +66,8 @@ PERF_ANALYZER = ROOT / ".tools" / "bin" / "perf_analyzer"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
-KNOWN_TARGETS = ("echo", "nereid", "nereid-torch", "baseline", "nereid-nometrics", "nereid-histograms", "nereid-http",
+KNOWN_TARGETS = ("echo", "echo2", "nereid", "nereid-w2", "nereid-torch", "baseline", "nereid-nometrics",
+                 "nereid-histograms", "nereid-http",
                  *PAYLOAD_TARGETS)
 # Targets perf_analyzer drives over KServe v2 HTTP/REST (`-i http`) instead of gRPC.
 HTTP_TARGETS = ("nereid-http",)
@@ -74,7 +75,10 @@ HTTP_TARGETS = ("nereid-http",)
 TARGET_ARGS = {
     "nereid-nometrics": ["--allow-metrics", "false"],
     "nereid-histograms": ["--metrics-config", "histogram_latencies=true", "--metrics-config", "summary_latencies=true"],
+    "nereid-w2": ["--workers", "2"],  # two gRPC frontend processes (server/workers/)
 }
+# Ceilings: bare grpc.aio echo servers; echo2 is two of them on one port (SO_REUSEPORT).
+ECHO_TARGETS = ("echo", "echo2")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -98,6 +102,29 @@ def free_port() -> int:
 
 def pin(cmd: list[str], core: str, pinned: bool) -> list[str]:
     return ["taskset", "-c", core, *cmd] if pinned else cmd
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and every live descendant (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += times.get(current, 0.0)
+        todo += children.get(current, [])
+    return total
 
 
 def kill_group(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
@@ -177,9 +204,9 @@ class ServerError(RuntimeError):
 
 def server_command(target: str, args: argparse.Namespace, port: int, http_port: int = 0) -> list[str]:
     repo = Path(args.variant_repos.get(target, args.model_repository))
-    if target == "echo":
+    if target in ECHO_TARGETS:
         cmd = [sys.executable, str(ROOT / "scripts" / "bench_echo.py"), "--port", str(port),
-               "--model", args.model]
+               "--model", args.model, "--processes", "2" if target == "echo2" else "1"]
         config = repo / args.model / "config.pbtxt"
         if config.is_file():
             cmd += ["--config", str(config)]
@@ -266,6 +293,7 @@ class Row:
     mode: str = "unary"  # or "streaming"
     mean_batch: float | None = None  # items per execution during the run (ModelStatistics)
     batch_summary: str = ""  # most frequent batch sizes, e.g. "8×120, 7×30"
+    cpu_us: float | None = None  # server CPU (all its processes) per request over the whole run
 
 
 def ensure_perf_analyzer() -> Path:
@@ -317,7 +345,8 @@ def run_perf_analyzer(server: Server, args: argparse.Namespace, concurrency: int
     row = Row(server.name, pinning, concurrency, mode=mode)
     stem = f"pa-{server.name}-{pinning}-c{concurrency}" + ("-streaming" if mode == "streaming" else "")
     model = target_model(server.name, args)
-    counts_before = None if server.name == "echo" else read_batch_counts(server.url, model)
+    counts_before = None if server.name in ECHO_TARGETS else read_batch_counts(server.url, model)
+    cpu_before = tree_cpu_seconds(server.proc.pid)
     csv_path = outdir / f"{stem}.csv"
     log = outdir / f"{stem}.log"
     protocol = "http" if server.name in HTTP_TARGETS else "grpc"
@@ -367,6 +396,8 @@ def run_perf_analyzer(server: Server, args: argparse.Namespace, concurrency: int
             formed = counts_after.since(counts_before)
             row.mean_batch = formed.mean_batch
             row.batch_summary = formed.summary()
+            if formed.inference_count:  # every process of the server: owner, frontends, stubs
+                row.cpu_us = 1e6 * (tree_cpu_seconds(server.proc.pid) - cpu_before) / formed.inference_count
     batches = f", mean batch {row.mean_batch:.2f}" if row.mean_batch else ""
     print(f" {row.error or f'{row.infer_per_s:.0f} infer/s{batches}'}", file=sys.stderr)
     return row
@@ -606,6 +637,9 @@ def perf_table(rows: list[Row], ort_results: list[OrtResult] | None = None) -> s
     and, where the ONNX Runtime baseline measured that size, the run as a % of that ceiling."""
     ceiling = {(r.pinning, r.concurrency, r.mode): r.infer_per_s
                for r in rows if r.target == "echo" and r.infer_per_s}
+    ceiling2 = {(r.pinning, r.concurrency, r.mode): r.infer_per_s
+                for r in rows if r.target == "echo2" and r.infer_per_s}
+    with_cpu = any(r.cpu_us for r in rows)
     ort = {res.pinning: {o["batch"]: o["rows_per_s"] for o in res.rows if "rows_per_s" in o}
            for res in ort_results or []}
     with_mode = len({r.mode for r in rows}) > 1
@@ -613,6 +647,12 @@ def perf_table(rows: list[Row], ort_results: list[OrtResult] | None = None) -> s
     head = "| target |" + (" mode |" if with_mode else "") + " pinning | concurrency | infer/s | p50 ms | p99 ms " \
         "| % of echo |"
     rule = "|---|" + ("---|" if with_mode else "") + "---|---:|---:|---:|---:|---:|"
+    if ceiling2:
+        head += " % of echo2 |"
+        rule += "---:|"
+    if with_cpu:
+        head += " server CPU µs/req |"
+        rule += "---:|"
     if with_batches:
         head += " mean batch (top sizes) | ORT rows/s at that batch | % of ORT |"
         rule += "---|---:|---:|"
@@ -620,13 +660,19 @@ def perf_table(rows: list[Row], ort_results: list[OrtResult] | None = None) -> s
     for r in rows:
         lead = f"| {r.target} |" + (f" {r.mode} |" if with_mode else "") + f" {r.pinning} | {r.concurrency} |"
         if r.error:
-            out.append(f"{lead} error: {r.error.replace('|', '/')} | | | |" + (" | | |" if with_batches else ""))
+            out.append(f"{lead} error: {r.error.replace('|', '/')} | | | |" + (" |" if ceiling2 else "")
+                       + (" |" if with_cpu else "") + (" | | |" if with_batches else ""))
             continue
         echo = ceiling.get((r.pinning, r.concurrency, r.mode))
         pct = f"{100 * r.infer_per_s / echo:.0f} %" if echo and r.infer_per_s is not None else "—"
         p50 = None if r.p50_us is None else r.p50_us / 1000
         p99 = None if r.p99_us is None else r.p99_us / 1000
         line = f"{lead} {fmt(r.infer_per_s, '.0f')} | {fmt(p50, '.3f')} | {fmt(p99, '.3f')} | {pct} |"
+        if ceiling2:
+            echo2 = ceiling2.get((r.pinning, r.concurrency, r.mode))
+            line += f" {100 * r.infer_per_s / echo2:.0f} % |" if echo2 and r.infer_per_s is not None else " — |"
+        if with_cpu:
+            line += f" {fmt(r.cpu_us, '.0f')} |"
         if with_batches:
             batch = max(1, round(r.mean_batch)) if r.mean_batch else None
             rows_per_s = ort.get(r.pinning, {}).get(batch) if batch else None
@@ -761,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch_results.append(bench_torch(args, pinned, outdir))
             # echo first: the others are reported against it.
             pinned_rows: list[Row] = []
-            for target in sorted(args.target_list, key=lambda t: t != "echo"):
+            for target in sorted(args.target_list, key=lambda t: t not in ECHO_TARGETS):
                 pinned_rows.extend(bench_target(target, args, pinned, outdir, live))
             rows.extend(pinned_rows)
             if not args.no_ort:  # after the servers: also at the batch sizes that formed

@@ -136,10 +136,11 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.config
 
 
-async def serve(host: str, port: int, cfg: mc.ModelConfig) -> None:
+async def serve(host: str, port: int, cfg: mc.ModelConfig, reuse_port: bool = False) -> None:
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(cfg), server)
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -161,8 +162,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0, help="0: let the OS choose (default)")
     ap.add_argument("--model", default="mlp", help="model name to answer for (default mlp)")
     ap.add_argument("--config", help="a config.pbtxt to describe instead of the mlp-like default")
+    ap.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--processes", type=int, default=1,
+                    help="N > 1: N echo processes on one port with SO_REUSEPORT, the ceiling for "
+                    "`nereid serve --workers N` (needs --port; the others are children of this one)")
     args = ap.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, load_config(args.model, args.config)))
+    children = []
+    if args.processes > 1:
+        if not args.port:
+            raise SystemExit("bench_echo: --processes needs a --port")
+        import subprocess
+
+        one = ["--host", args.host, "--port", str(args.port), "--model", args.model, "--reuse-port",
+               *(["--config", args.config] if args.config else [])]
+        children = [subprocess.Popen([sys.executable, __file__, *one]) for _ in range(args.processes - 1)]
+    asyncio.run(serve(args.host, args.port, load_config(args.model, args.config),
+                      reuse_port=args.processes > 1 or args.reuse_port))
+    for child in children:
+        child.terminate()
+        child.wait(10)
     return 0
 
 
