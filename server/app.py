@@ -102,7 +102,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         log.info("models loaded; server %s", "ready" if ready else "NOT ready (see the errors above)")
         if poller is not None:
             polling = asyncio.create_task(_poll_forever(poller, settings.repository_poll_secs))
+        # Decisions other replicas sharing the repository took (docs/ROLLOUTS.md, "Replicas").
+        sharing = asyncio.create_task(manager.rollouts.watch(_ROLLOUT_WATCH_S))
         await stop_wait
+        sharing.cancel()
 
     servicer.begin_lame_duck()
     await health.all_not_serving()
@@ -153,6 +156,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     log.info("stopped")
 
 
+# How often each rollout's shared decision file is looked at (a stat per model with a rollout).
+_ROLLOUT_WATCH_S = 0.5
 # Once every request has been answered, how long the listener may take to flush the last
 # responses and statuses before the connections close.
 _CLOSE_GRACE_S = 1.0

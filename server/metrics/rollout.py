@@ -29,6 +29,9 @@ class RolloutCollector:
                                         "(its weight set to 0)", labels=labels)
         promotions = CounterMetricFamily("nereid_rollout_promotions", "Promotions of this version to 100%",
                                          labels=labels)
+        replica = CounterMetricFamily("nereid_rollout_replica_decisions", "Decisions another replica sharing "
+                                      "the repository took (rollback, abort, promote) applied here",
+                                      labels=["model", "version", "decision"])
         aborts = CounterMetricFamily("nereid_rollout_aborts", "Rollouts aborted by the operator", labels=["model"])
         compared = CounterMetricFamily("nereid_rollout_shadow_compared", "Shadow copies answered and compared "
                                        "with the serving version's outputs", labels=labels)
@@ -57,11 +60,13 @@ class RolloutCollector:
                         agreement.add_metric(values, stats.shadow_agreed / stats.shadow_compared)
                     shadow_latency.add_metric(values, stats.shadow_latency.cumulative(), stats.shadow_latency.total)
                     continue
+                for kind, count in sorted(stats.replica.items()):
+                    replica.add_metric([*values, kind], count)
                 share.add_metric(values, shares.get(version, 0.0))
                 requests.add_metric(values, stats.requests)
                 errors.add_metric(values, stats.errors)
                 latency.add_metric(values, stats.latency.cumulative(), stats.latency.total)
                 rollbacks.add_metric(values, stats.rollbacks)
                 promotions.add_metric(values, stats.promotions)
-        yield from (share, requests, errors, latency, rollbacks, promotions, aborts, compared, agreed,
+        yield from (share, requests, errors, latency, rollbacks, promotions, replica, aborts, compared, agreed,
                     shadow_errors, dropped, agreement, shadow_latency)

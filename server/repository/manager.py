@@ -158,7 +158,7 @@ class RepositoryManager(ModelRegistry):
                 self._on_loop(put)
 
             outcome = run_action(entry, source, self.settings, show_loading, steps=self)
-            rollout = prepare_rollout(name, source.snapshot.path)  # rollout.yaml, read beside the config
+            rollout = prepare_rollout(name, source.snapshot.path, self.rollouts.replica)  # beside the config
 
             def swap() -> None:
                 entry.versions = outcome.rows

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -26,13 +24,22 @@ import numpy as np
 
 from server.core.model import Model
 from server.core.state import ModelState
+from server.rollout.decisions import (
+    STATE_FILENAME,
+    Decision,
+    StateWatcher,
+    decisions_in,
+    new_replica_id,
+    read_state,
+    write_state,
+)
 from server.rollout.policy import POLICY_FILENAME, PolicyError, parse_policy
 from server.rollout.state import ModelRollout
 from server.types import InferenceRequest
 
 log = logging.getLogger("nereid.rollout")
 
-STATE_FILENAME = ".rollout-state.json"
+__all__ = ["STATE_FILENAME", "Prepared", "Rollouts", "lookup_in", "prepare"]
 
 Lookup = Callable[[str, int], "Model | None"]  # (model, version) -> its READY copy, or None
 
@@ -44,7 +51,7 @@ class Prepared:
         self.rollout, self.error, self.path = rollout, error, path
 
 
-def prepare(name: str, model_dir: Path) -> Prepared:
+def prepare(name: str, model_dir: Path, replica: str = "local") -> Prepared:
     """Read and check `<model_dir>/rollout.yaml` and the decisions saved for it (loader thread)."""
     path = model_dir / POLICY_FILENAME
     try:
@@ -61,13 +68,15 @@ def prepare(name: str, model_dir: Path) -> Prepared:
         return Prepared(error=f"{POLICY_FILENAME} ignored: {exc}")
     except Exception as exc:  # yaml.YAMLError and kin
         return Prepared(error=f"{POLICY_FILENAME} ignored: not valid YAML: {exc}")
-    rollout = ModelRollout(name, policy, hashlib.sha256(text).hexdigest())
-    try:
-        saved = json.loads((model_dir / STATE_FILENAME).read_text(encoding="utf-8"))
-        if isinstance(saved, dict) and rollout.restore(saved):
-            log.info("rollout of model '%s': restored saved decisions (weights %s)", name, rollout.weights)
-    except (OSError, ValueError):
-        pass
+    rollout = ModelRollout(name, policy, hashlib.sha256(text).hexdigest(), replica=replica)
+    saved = read_state(model_dir)
+    decisions = decisions_in(saved, rollout.digest)
+    if decisions is not None:
+        restored = bool(rollout.merge(decisions, count=False))
+    else:  # a file written before format 2 (or none)
+        restored = isinstance(saved, dict) and rollout.restore(saved)
+    if restored:
+        log.info("rollout of model '%s': restored saved decisions (weights %s)", name, rollout.weights)
     return Prepared(rollout, path=model_dir)
 
 
@@ -94,6 +103,8 @@ class Rollouts:
         self._paths: dict[str, Path] = {}
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._shadow_inflight: dict[str, int] = {}
+        self.replica = new_replica_id()  # this server in the shared decision log (decisions.py)
+        self._watcher = StateWatcher()
 
     # -- configuration (the registry's swap, on the event loop) --
 
@@ -121,23 +132,63 @@ class Rollouts:
         self.errors.pop(name, None)
 
     def _save(self, rollout: ModelRollout) -> None:
-        """Persist the decisions off the loop (a tiny file; a failure is logged, the decision stands)."""
+        """Merge the decisions into the shared file off the loop (a failure is logged, the decision stands)."""
         path = self._paths.get(rollout.name)
         if path is None:
             return
-        data = json.dumps(rollout.decisions(), indent=1)
+        mine = list(rollout.log.values())  # Decisions are frozen: the snapshot is safe to hand over
 
         def write() -> None:
-            target = path / STATE_FILENAME
-            temporary = path / f"{STATE_FILENAME}.{os.getpid()}.tmp"
             try:
-                temporary.write_text(data, encoding="utf-8")
-                os.replace(temporary, target)
+                write_state(path, rollout.digest, mine, rollout.summary)
             except OSError as exc:
                 log.warning("rollout of model '%s': could not save its decisions in %s: %s", rollout.name,
-                            target, exc.strerror or exc)
+                            path / STATE_FILENAME, exc.strerror or exc)
 
         threading.Thread(target=write, name="nereid-rollout-save", daemon=True).start()
+
+    # -- decisions of other replicas (the shared file, watched) --
+
+    async def watch(self, interval: float) -> None:
+        """Every `interval` seconds, stat each rollout's state file (on a thread) and apply what
+        other replicas decided. Runs until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            dirs = {n: self._paths[n] for n in self._models if n in self._paths}
+            try:
+                changed = await loop.run_in_executor(None, self._watcher.scan, dirs)
+            except Exception:
+                log.exception("rollout: looking at the shared decision files failed; trying again")
+                continue
+            for name, data in changed:
+                self.apply_saved(name, data)
+
+    def apply_saved(self, name: str, data: Any) -> list[Decision]:
+        """Apply the decisions a (re)read state file holds for the model's current policy; write
+        ours back when the file lacks some (a writer that raced without the lock)."""
+        rollout = self._models.get(name)
+        if rollout is None:
+            return []
+        decisions = decisions_in(data, rollout.digest)
+        new = rollout.merge(decisions or [])
+        for d in new:
+            if d.replica == self.replica:
+                continue
+            versions = ", ".join(map(str, d.versions)) or "none"
+            what = {"rollback": f"rollback of version {versions}", "abort": f"abort (version(s) {versions} to 0)",
+                    "promote": f"promotion of version {versions} {d.why}"}[d.kind]
+            overruled = d.kind == "promote" and d.versions[0] != rollout.stable
+            log.warning("rollout of model '%s': applied %s decided by another replica (%s)%s%s", name, what,
+                        d.replica, f": {d.why}" if d.kind == "rollback" else "",
+                        " -- overruled: a rollback or abort of that version it had not seen" if overruled else "",
+                        extra={"model": name})
+        if new:
+            log.info("rollout of model '%s': weights now %s, stable %d", name, rollout.weights, rollout.stable)
+        known = {d.id for d in decisions or ()}
+        if any(d not in known for d in rollout.log if not d.startswith("legacy/")):
+            self._save(rollout)
+        return new
 
     # -- queries --
 

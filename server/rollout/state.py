@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import InvalidInput
+from server.rollout.decisions import STOPS, Decision, replay
 from server.rollout.policy import Policy
 from server.rollout.window import Histogram, Window
 
@@ -36,6 +37,7 @@ class VersionStats:
     p99_checked: float = 0.0
     rollbacks: int = 0
     promotions: int = 0
+    replica: dict[str, int] = field(default_factory=dict)  # decisions of other replicas applied here, by kind
     shadow_compared: int = 0
     shadow_agreed: int = 0
     shadow_errors: int = 0
@@ -52,7 +54,8 @@ def key_point(key: str) -> float:
 class ModelRollout:
     """The live state of one model's policy: shares, stable version, notes, per-version stats."""
 
-    def __init__(self, name: str, policy: Policy, digest: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, name: str, policy: Policy, digest: str, clock: Callable[[], float] = time.monotonic,
+                 replica: str = "local", wall: Callable[[], float] = time.time) -> None:
         self.name = name
         self.policy = policy
         self.digest = digest  # of rollout.yaml's text: persisted decisions apply only to the same policy
@@ -62,6 +65,9 @@ class ModelRollout:
         self.notes: dict[int, str] = {}
         self.aborts = 0
         self.on_change: Callable[[ModelRollout], None] | None = None  # persists decisions (router.py)
+        self.replica, self.wall = replica, wall  # this server's id in decisions; their wall clock
+        self.log: dict[str, Decision] = {}  # every decision known under this policy (decisions.py)
+        self._seq = 0
         span = policy.rollback.window_s if policy.rollback else 30.0
         now = clock()
         self.stats = {v: VersionStats(Window(span), since=now)
@@ -119,12 +125,25 @@ class ModelRollout:
         if self.policy.promote_after_s and now - stats.since >= self.policy.promote_after_s:
             self.promote(version, f"automatically, after {self.policy.promote_after_s:g}s within its thresholds")
 
-    # -- decisions --
+    # -- decisions (a grow-only log, replayed: decisions.py) --
+
+    def _decide(self, kind: str, versions: list[int], why: str) -> Decision:
+        self._seq += 1
+        seen = tuple(sorted(d.id for d in self.log.values() if d.kind in STOPS)) if kind == "promote" else ()
+        decision = Decision(id=f"{self.replica}/{self._seq}", replica=self.replica, seq=self._seq, at=self.wall(),
+                            kind=kind, versions=tuple(versions), why=why, seen=seen)
+        self.log[decision.id] = decision
+        self._replay()
+        return decision
+
+    def _replay(self) -> list[Decision]:
+        state = replay(self.policy.weights, self.policy.stable, list(self.log.values()), self.replica)
+        self.weights, self.stable, self.notes = state.weights, state.stable, state.notes
+        return state.overruled
 
     def roll_back(self, version: int, why: str) -> None:
-        self.weights[version] = 0.0
+        self._decide("rollback", [version], why)
         self.stats[version].rollbacks += 1
-        self.notes[version] = f"rolled back: {why}"
         log.warning("rollout of model '%s': version %d rolled back (weight 0): %s", self.name, version, why,
                     extra={"model": self.name, "version": str(version)})
         self._changed()
@@ -139,12 +158,7 @@ class ModelRollout:
             version = canaries[0]
         if version not in self.weights:
             raise InvalidInput(f"model '{self.name}': version {version} has no entry in rollout.yaml 'weights'")
-        for other in self.weights:
-            self.weights[other] = 100.0 if other == version else 0.0
-            if other != version:
-                self.notes[other] = f"share moved to version {version}, promoted {how}"
-        self.stable = version
-        self.notes[version] = f"promoted {how}"
+        self._decide("promote", [version], how)
         self.stats[version].promotions += 1
         log.warning("rollout of model '%s': version %d promoted %s (100%%)", self.name, version, how,
                     extra={"model": self.name, "version": str(version)})
@@ -154,9 +168,7 @@ class ModelRollout:
     def abort(self) -> list[int]:
         """Every canary to weight 0: the stable version serves everything."""
         stopped = self.canaries()
-        for version in stopped:
-            self.weights[version] = 0.0
-            self.notes[version] = "aborted by the operator"
+        self._decide("abort", stopped, "by the operator")
         self.aborts += 1
         log.warning("rollout of model '%s': aborted, version(s) %s to weight 0", self.name,
                     ", ".join(map(str, stopped)) or "none", extra={"model": self.name})
@@ -167,6 +179,27 @@ class ModelRollout:
         if self.on_change is not None:
             self.on_change(self)
 
+    def merge(self, decisions: list[Decision], count: bool = True) -> list[Decision]:
+        """Add decisions read from the shared file (another replica's, or this one's from before a
+        restart); returns those that were new here. Never removes one: a stale file changes nothing."""
+        new = [d for d in decisions if d.id not in self.log]
+        if not new:
+            return []
+        for d in new:
+            self.log[d.id] = d
+            if count and d.replica != self.replica:
+                for v in d.versions:
+                    if v in self.stats:
+                        self.stats[v].replica[d.kind] = self.stats[v].replica.get(d.kind, 0) + 1
+        self._replay()
+        return sorted(new, key=lambda d: d.order)
+
+    def summary(self, decisions: list[Decision]) -> dict[str, Any]:
+        """The state these decisions lead to, as saved beside them (for people and older servers)."""
+        state = replay(self.policy.weights, self.policy.stable, decisions)
+        return {"stable": state.stable, "weights": {str(v): w for v, w in state.weights.items()},
+                "notes": {str(v): n for v, n in state.notes.items()}}
+
     # -- persisted decisions (router.py) --
 
     def decisions(self) -> dict[str, Any]:
@@ -175,7 +208,7 @@ class ModelRollout:
                 "notes": {str(v): n for v, n in self.notes.items()}}
 
     def restore(self, saved: dict[str, Any]) -> bool:
-        """Apply decisions saved for this same policy (same rollout.yaml text); False otherwise."""
+        """Apply decisions saved for this same policy by a server before format 2 (weights, no log)."""
         if saved.get("digest") != self.digest:
             return False
         try:
@@ -186,7 +219,15 @@ class ModelRollout:
             return False
         if set(weights) != set(self.weights) or stable not in weights:
             return False
-        self.weights, self.stable, self.notes = weights, stable, notes
+        # As decisions, so that later ones replay on top of them (a rollback is never lost).
+        legacy: list[Decision] = []
+        if stable != self.policy.stable:
+            legacy.append(Decision("legacy/1", "legacy", 1, 0.0, "promote", (stable,), "(saved)"))
+        for v, w in sorted(weights.items()):
+            if w <= 0 < self.policy.weights.get(v, 0) and v != stable:
+                why = notes.get(v, "").removeprefix("rolled back: ") or "(saved)"
+                legacy.append(Decision(f"legacy/{v + 1}", "legacy", v + 1, 1.0, "rollback", (v,), why))
+        self.merge(legacy, count=False)
         return True
 
     # -- what the index and the control RPC show --
@@ -226,6 +267,7 @@ class ModelRollout:
                 "window": {"requests": window.count, "errors": window.errors,
                            "error_rate": window.error_rate, "p99_ms": window.p99() * 1000.0},
                 "rollbacks": stats.rollbacks, "promotions": stats.promotions,
+                "replica_decisions": dict(stats.replica),
             }
             if version in self.policy.shadows:
                 row["shadow"] = {"compared": stats.shadow_compared, "agreed": stats.shadow_agreed,
@@ -234,4 +276,5 @@ class ModelRollout:
                                                if stats.shadow_compared else None)}
             rows.append(row)
         return {"model": self.name, "stable": self.stable, "aborts": self.aborts, "versions": rows,
+                "replica": self.replica, "decisions": len(self.log),
                 "sticky": {"parameter": self.policy.sticky_parameter, "metadata": self.policy.sticky_metadata}}
