@@ -103,3 +103,60 @@ def test_promote_and_abort() -> None:
     assert again.restore(saved) and again.weights == rollout.weights and again.stable == 3
     other = ModelRollout("m", parse_policy({"weights": {1: 80, 2: 10, 3: 10}}), "another digest")
     assert not other.restore(saved) and other.stable == 1
+
+
+def _replica(name: str, clock: Clock, policy: dict | None = None) -> ModelRollout:
+    return ModelRollout("m", parse_policy(policy or {"weights": {1: 90, 2: 10}}), "digest", clock,
+                        replica=name, wall=lambda: clock.now)
+
+
+def test_merge_is_a_union_and_a_stale_file_never_reverts_a_stop(tmp_path) -> None:
+    """Replicas share decisions through the file: a stale copy (written before the abort) merged
+    later changes nothing; the file keeps every replica's decisions, and both replicas agree."""
+    from server.rollout.decisions import decisions_in, read_state, write_state
+
+    clock = Clock()
+    a, b = _replica("A", clock), _replica("B", clock)
+    write_state(tmp_path, "digest", list(b.log.values()), b.summary)  # B's empty view: the stale file
+    stale = read_state(tmp_path)
+    clock.now += 1
+    assert a.abort() == [2]
+    write_state(tmp_path, "digest", list(a.log.values()), a.summary)
+    write_state(tmp_path, "digest", list(b.log.values()), b.summary)  # B writes its stale view again
+    assert [d.kind for d in decisions_in(read_state(tmp_path), "digest") or []] == ["abort"]  # still there
+    assert b.merge(decisions_in(read_state(tmp_path), "digest") or []) and b.weights == {1: 90, 2: 0.0}
+    assert "aborted by the operator (decided by replica A)" in b.notes[2]
+    assert b.stats[2].replica == {"abort": 1}
+    assert a.merge(decisions_in(stale, "digest") or []) == [] and a.weights[2] == 0.0  # stale: no change
+    assert read_state(tmp_path)["weights"] == {"1": 90.0, "2": 0.0}  # the summary older servers read
+
+
+def test_a_promotion_that_missed_a_rollback_is_overruled() -> None:
+    clock = Clock()
+    policy = {"weights": {1: 90, 2: 10}, "rollback": {"min_requests": 3}}
+    a, b = _replica("A", clock, policy), _replica("B", clock, policy)
+    for _ in range(3):
+        a.observe(2, 0.01, False)  # A sees the canary fail: rolled back
+    clock.now += 1
+    assert b.promote(2) == 2 and b.stable == 2  # B promotes, not knowing (later in time)
+    b.merge(list(a.log.values()))
+    a.merge(list(b.log.values()))
+    for replica in (a, b):  # the stop wins on both, whatever the order
+        assert replica.weights == {1: 90, 2: 0.0} and replica.stable == 1, replica.weights
+        assert "overruled by a rollback or abort it had not seen" in replica.notes[2]
+    clock.now += 1
+    assert b.promote(2) == 2  # promoted again, now knowing of the rollback: it holds
+    a.merge(list(b.log.values()))
+    assert a.stable == b.stable == 2 and a.weights == b.weights == {1: 0.0, 2: 100.0}
+
+
+def test_legacy_state_file_becomes_decisions() -> None:
+    old = _rollout({"weights": {1: 90, 2: 10}})
+    old.weights, old.notes = {1: 90.0, 2: 0.0}, {2: "rolled back: error rate 100.0%"}
+    saved = old.decisions()
+    again = _rollout({"weights": {1: 90, 2: 10, 3: 5}})
+    assert not again.restore(saved)  # other versions: not this policy's state
+    again = _rollout({"weights": {1: 90, 2: 10}})
+    assert again.restore(saved) and again.weights == {1: 90, 2: 0.0}
+    again.abort()  # a later decision replays on top: the rollback is not lost
+    assert again.weights == {1: 90, 2: 0.0}
