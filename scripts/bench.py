@@ -396,8 +396,8 @@ def run_perf_analyzer(server: Server, args: argparse.Namespace, concurrency: int
             formed = counts_after.since(counts_before)
             row.mean_batch = formed.mean_batch
             row.batch_summary = formed.summary()
-            if formed.inference_count:  # every process of the server: owner, frontends, stubs
-                row.cpu_us = 1e6 * (tree_cpu_seconds(server.proc.pid) - cpu_before) / formed.inference_count
+            if formed.requests:  # every process of the server: owner, frontends, stubs
+                row.cpu_us = 1e6 * (tree_cpu_seconds(server.proc.pid) - cpu_before) / formed.requests
     batches = f", mean batch {row.mean_batch:.2f}" if row.mean_batch else ""
     print(f" {row.error or f'{row.infer_per_s:.0f} infer/s{batches}'}", file=sys.stderr)
     return row

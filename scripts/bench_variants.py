@@ -87,12 +87,14 @@ class BatchCounts:
     inference_count: int = 0
     execution_count: int = 0
     executions: dict[int, int] = field(default_factory=dict)  # batch size -> executions
+    requests: int = 0  # requests answered successfully, cache hits included
 
     def since(self, before: BatchCounts) -> BatchCounts:
         sizes = {size: n - before.executions.get(size, 0) for size, n in self.executions.items()}
         return BatchCounts(self.inference_count - before.inference_count,
                            self.execution_count - before.execution_count,
-                           {size: n for size, n in sorted(sizes.items()) if n > 0})
+                           {size: n for size, n in sorted(sizes.items()) if n > 0},
+                           self.requests - before.requests)
 
     @property
     def mean_batch(self) -> float | None:
@@ -121,6 +123,7 @@ def read_batch_counts(url: str, model: str, timeout: float = 10.0) -> BatchCount
     for stats in response.model_stats:
         counts.inference_count += stats.inference_count
         counts.execution_count += stats.execution_count
+        counts.requests += stats.inference_stats.success.count
         for entry in stats.batch_stats:
             counts.executions[entry.batch_size] = counts.executions.get(entry.batch_size, 0) + \
                 entry.compute_infer.count
