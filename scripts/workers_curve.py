@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""The scaling curve of `nereid serve --workers N` (issue 12): infer/s for N = 1, 2, 4, 8.
+
+For each N it starts the server on the example repository with `--workers N` (N = 1: one
+process), drives model `mlp` (batch 1, unary) with perf_analyzer at one high concurrency
+(many connections: SO_REUSEPORT spreads connections, not calls), and, with `--echo`, the
+same against N bare grpc.aio echo processes on one port as the ceiling. Prints and writes a
+markdown table: infer/s, p50, N-worker / 1-worker, and whether it reaches 0.8 x N.
+
+Meant for the 16-core GPU machine (scripts/gpu_check runs it); it runs anywhere (here:
+`.venv/bin/python scripts/workers_curve.py --workers 1,2 --concurrency 64`). Unpinned: the
+client shares the machine's cores, so on few cores the client is part of the limit. Traffic
+goes to 127.0.0.1 only; every run is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTED = re.compile(r"Started GRPCInferenceService at 127\.0\.0\.1:(\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_nereid(workers: int, repo: str, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model-repository", repo, "--grpc-address", "127.0.0.1",
+           "--grpc-port", "0", "--allow-http", "false", "--metrics-port", "0", "--lame-duck-secs", "0",
+           "--workers", str(workers)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while True:
+        text = log.read_text(errors="replace")
+        if "models loaded; server" in text:
+            found = STARTED.search(text)
+            if found:
+                return proc, int(found.group(1))
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"nereid --workers {workers} did not start:\n{text[-3000:]}")
+        time.sleep(0.2)
+
+
+def start_echo(processes: int, model_config: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_echo.py"), "--port", str(port), "--model", "mlp",
+           "--processes", str(processes)]
+    if model_config.is_file():
+        cmd += ["--config", str(model_config)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    time.sleep(3 + 0.5 * processes)
+    if proc.poll() is not None:
+        raise RuntimeError(f"echo x{processes} did not start:\n{log.read_text(errors='replace')[-2000:]}")
+    return proc, port
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+
+def perf(pa: str, port: int, concurrency: int, logs: Path, tag: str) -> tuple[float | None, str]:
+    """(infer/s, 'infer/s | p50 ms' cells) from one perf_analyzer run; retried with a looser bound."""
+    for stability in (20, 50):
+        csv_path = logs / f"{tag}.csv"
+        cmd = [pa, "-i", "grpc", "-u", f"127.0.0.1:{port}", "-m", "mlp", "-b", "1",
+               f"--concurrency-range={concurrency}:{concurrency}", "--measurement-interval", "2000",
+               "--stability-percentage", str(stability), "--max-trials", "6", "--async", "-f", str(csv_path)]
+        with (logs / f"{tag}-s{stability}.log").open("w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=150).returncode
+        if rc == 0 and csv_path.exists():
+            row = list(csv.DictReader(csv_path.open()))[-1]
+            rate = float(row["Inferences/Second"])
+            cells = f"{rate:.0f} | {float(row['p50 latency']) / 1000:.2f}"
+            return rate, cells + (" (within 50 %)" if stability != 20 else "")
+    return None, "not stable within 50 % | "
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--perf-analyzer", default=str(ROOT / ".tools" / "bin" / "perf_analyzer"))
+    ap.add_argument("--workers", default="1,2,4,8")
+    ap.add_argument("--concurrency", type=int, default=256, help="in flight, all N (default 256)")
+    ap.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    ap.add_argument("--echo", action="store_true", help="also N echo processes on one port (the ceiling)")
+    ap.add_argument("--out", default="", help="append the markdown here")
+    ap.add_argument("--logs", default="/tmp/workers_curve_logs")
+    args = ap.parse_args()
+    logs = Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    counts = [int(n) for n in args.workers.split(",")]
+    config = Path(args.model_repository) / "mlp" / "config.pbtxt"
+    cpu = platform.processor() or platform.machine()
+    lines = [f"`scripts/workers_curve.py --workers {args.workers} --concurrency {args.concurrency}"
+             f"{' --echo' if args.echo else ''}` on {os.cpu_count()} cores ({cpu}), "
+             f"Python {platform.python_version()}, unpinned, model `mlp`, batch 1, unary, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             "| N | nereid infer/s | p50 ms | vs N=1 | target 0.8 x N | echo x N infer/s | p50 ms | nereid % of echo |",
+             "|---:|---:|---:|---:|---|---:|---:|---:|"]
+    base: float | None = None
+    for n in counts:
+        proc, port = start_nereid(n, args.model_repository, logs / f"nereid-w{n}.log")
+        try:
+            rate, cells = perf(args.perf_analyzer, port, args.concurrency, logs, f"nereid-w{n}")
+        finally:
+            stop(proc)
+        if n == 1:
+            base = rate
+        ratio = rate / base if rate and base else None
+        met = "—" if ratio is None or n == 1 else ("met" if ratio >= 0.8 * n else f"not met ({0.8 * n:.1f})")
+        echo_cells, of_echo = "— | —", "—"
+        if args.echo:
+            eproc, eport = start_echo(n, config, logs / f"echo-x{n}.log")
+            try:
+                erate, echo_cells = perf(args.perf_analyzer, eport, args.concurrency, logs, f"echo-x{n}")
+            finally:
+                stop(eproc)
+            if erate and rate:
+                of_echo = f"{100 * rate / erate:.0f} %"
+        line = f"| {n} | {cells} | {'—' if ratio is None else f'{ratio:.2f}x'} | {met} | {echo_cells} | {of_echo} |"
+        print(line, flush=True)
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
