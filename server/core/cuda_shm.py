@@ -57,7 +57,12 @@ class CudaRegion:
     _ptr: int = field(repr=False)
 
     def __post_init__(self) -> None:
-        weakref.finalize(self, _close, self._runtime, self._ptr, self.device_id, self.name)
+        self._closer = weakref.finalize(self, _close, self._runtime, self._ptr, self.device_id, self.name)
+
+    def close(self) -> None:
+        """Close the IPC mapping now (once; later calls do nothing). Only for a region no request
+        can hold yet: a failed registration."""
+        self._closer()
 
     def check(self, offset: int, byte_size: int) -> None:
         check_bounds(self.name, self.byte_size, offset, byte_size)
@@ -95,9 +100,11 @@ def open_region(runtime: CudaRuntime, name: str, raw_handle: bytes, device_id: i
     try:
         size = runtime.allocation_size(ptr)
     except (CudaError, OSError) as exc:
+        region.close()  # now, not when the exception's frames are collected: the handle may be reopened
         log.error("CUDA shared memory region '%s': %s", name, exc)
         raise InvalidInput(f"failed to register shared memory region '{name}': invalid args ({exc})") from None
     if byte_size > size:
+        region.close()
         raise InvalidInput(f"failed to register shared memory region '{name}': invalid args (byte_size "
                            f"{byte_size} exceeds the device allocation's {size} bytes)")
     return region
