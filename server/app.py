@@ -25,6 +25,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from server.core.cuda_runtime import CudaRuntime, probe
+from server.core.shm_registry import SharedMemoryRegistry
 from server.http.platforms import SageMakerRoutes, VertexAiRoutes
 from server.http.routes import HttpRoutes
 from server.http.transport import HttpServer
@@ -69,7 +71,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         tracer = Tracer(settings.trace_config)
     except ValueError as exc:
         raise SystemExit(f"nereid: --trace-config: {exc}") from None
-    servicer = InferenceServicer(manager, rate_limiter(settings), tracer)
+    servicer = InferenceServicer(manager, rate_limiter(settings), tracer, SharedMemoryRegistry(cuda=_probe_cuda()))
     server, port = grpc_listener(settings, servicer, health)
     metrics = start_metrics(settings, manager, servicer, server if isinstance(server, WorkerPool) else None)
     await health.set_server(False)
@@ -174,6 +176,17 @@ _QUIET_S = 1.0
 # after the drain, 3-6 of about 570 when closing right after it, 0-1 closing before it.
 # Clients sending directly lose the few calls grpcio holds at the close (CANCELLED).
 _REFUSE_S = 1.0
+
+
+def _probe_cuda() -> CudaRuntime | str:
+    """Whether CUDA shared memory can work here, decided once and logged once (its RPCs answer
+    UNIMPLEMENTED with the reason otherwise: docs/SHARED_MEMORY.md)."""
+    cuda = probe()
+    if isinstance(cuda, str):
+        log.info("CUDA shared memory unavailable: %s", cuda)
+    else:
+        log.info("CUDA shared memory available through %s", cuda.how)
+    return cuda
 
 
 def grpc_listener(settings: Settings, servicer: InferenceServicer, health: HealthReporter) -> tuple[Any, int]:

@@ -2,7 +2,8 @@
 tritonclient.http and tritonclient.utils.shared_memory: register, infer with inputs and outputs
 in regions, status, unregister, Triton's errors and JSON shapes; the registry is the one gRPC
 uses (a region registered over one transport is seen over the other). CUDA shared memory
-routes answer the gRPC RPCs' UNIMPLEMENTED error as 501."""
+routes answer the gRPC RPCs' UNIMPLEMENTED error as 501 where CUDA is not available (with the
+reason); tests/test_cuda_shm_gpu.py uses them on a GPU."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from test_http import raw
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
-from util import ServerProcess, identity_config, scaled, write_model
+from util import ServerProcess, cuda_unavailable_reason, identity_config, scaled, write_model
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,9 @@ def test_errors(c, server, shm_region) -> None:
     assert status == 200 and json.loads(body) == [{"name": "r", "key": key, "offset": 0, "byte_size": 16}]
 
 
+@pytest.mark.nogpu
 def test_cuda_shared_memory_routes_are_unimplemented(c, server) -> None:
+    reason = cuda_unavailable_reason()
     for method, path in (("GET", "/v2/cudasharedmemory/status"),
                          ("GET", "/v2/cudasharedmemory/region/g/status"),
                          ("POST", "/v2/cudasharedmemory/region/g/register"),
@@ -167,7 +170,7 @@ def test_cuda_shared_memory_routes_are_unimplemented(c, server) -> None:
         status, _, body = raw(server, method, path, b"{}" if method == "POST" else None)
         assert status == 501, (path, status, body)
         assert "CUDA shared memory is not supported" in json.loads(body)["error"]
-        assert "without CUDA IPC support" in json.loads(body)["error"]
+        assert f"on this machine: {reason};" in json.loads(body)["error"]
     # Through tritonclient.http: 501 (Triton's status for UNSUPPORTED) and the reason, per call.
     for call, args, rpc in ((c.get_cuda_shared_memory_status, (), "CudaSharedMemoryStatus"),
                             (c.unregister_cuda_shared_memory, (), "CudaSharedMemoryUnregister"),
@@ -176,4 +179,4 @@ def test_cuda_shared_memory_routes_are_unimplemented(c, server) -> None:
             call(*args)
         assert info.value.status() == "501", (rpc, info.value.status())
         assert info.value.message().startswith(f"{rpc}: CUDA shared memory is not supported"), info.value.message()
-        assert "without CUDA IPC support" in info.value.message()
+        assert f"on this machine: {reason};" in info.value.message()

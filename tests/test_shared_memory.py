@@ -20,7 +20,17 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor, serialized_byte_size
-from util import ServerProcess, client, expect_error, expect_rpc_error, identity_config, scaled, shm_key, write_model
+from util import (
+    ServerProcess,
+    client,
+    cuda_unavailable_reason,
+    expect_error,
+    expect_rpc_error,
+    identity_config,
+    scaled,
+    shm_key,
+    write_model,
+)
 
 SLOW_MS = 1500
 
@@ -326,16 +336,23 @@ def test_shrunk_object_is_refused_not_crashed(c, shm_region, server: ServerProce
     assert c.is_server_live()
 
 
-def test_cuda_shared_memory_is_unimplemented_with_a_reason(c) -> None:
+@pytest.mark.nogpu
+def test_cuda_shared_memory_is_unimplemented_with_a_reason(c, server: ServerProcess) -> None:
+    """Where CUDA cannot work (this machine: see the probe's reason), the three RPCs answer
+    UNIMPLEMENTED with that reason, decided once at startup and logged once."""
+    reason = cuda_unavailable_reason()
     for call, args in ((c.get_cuda_shared_memory_status, ()), (c.unregister_cuda_shared_memory, ()),
                        (c.register_cuda_shared_memory, ("g", base64.b64encode(b"handle"), 0, 64))):
         err = expect_error("UNIMPLEMENTED", call, *args)
         assert "CUDA shared memory is not supported" in err.message()
         assert "system shared memory" in err.message()
-        assert "without CUDA IPC support" in err.message()
+        assert f"on this machine: {reason};" in err.message(), (reason, err.message())
+    assert server.log.count(f"CUDA shared memory unavailable: {reason}") == 1, server.log
 
 
+@pytest.mark.nogpu
 def test_server_metadata_announces_system_shared_memory(c) -> None:
+    cuda_unavailable_reason()
     extensions = list(c.get_server_metadata().extensions)
     assert "system_shared_memory" in extensions and "cuda_shared_memory" not in extensions
 

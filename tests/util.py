@@ -477,3 +477,21 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None,
 def shm_key() -> str:
     """A fresh POSIX shared-memory key for a test region (conftest's `shm_region` uses it)."""
     return f"/nereid_test_{uuid.uuid4().hex[:12]}"
+
+
+_CUDA_PROBE: list[Any] = []
+
+
+def cuda_unavailable_reason() -> str:
+    """Why CUDA shared memory cannot work here, as the server decides it at startup
+    (server/core/cuda_runtime.py `probe`); a `nogpu` test skips where CUDA does work."""
+    import pytest
+
+    from server.core.cuda_runtime import probe
+
+    if not _CUDA_PROBE:
+        _CUDA_PROBE.append(probe())
+    reason = _CUDA_PROBE[0]
+    if not isinstance(reason, str):
+        pytest.skip(f"CUDA shared memory works on this machine ({reason.how})")
+    return reason

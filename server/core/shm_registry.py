@@ -28,7 +28,10 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 
-from server.errors import AlreadyExists, InvalidInput, RegionNotFound
+from server.core.cuda_runtime import CudaRuntime
+from server.core.cuda_shm import CudaRegion, check_cuda_args, open_region
+from server.core.shm_bounds import check_bounds
+from server.errors import AlreadyExists, InvalidInput, RegionNotFound, Unsupported
 
 SHM_DIR = "/dev/shm"
 _NAME_MAX = 255
@@ -64,13 +67,14 @@ class Region:
     def view(self, offset: int, byte_size: int) -> memoryview:
         """`byte_size` writable bytes at `offset` (relative to the region), bounds-checked
         with Triton's messages; the view keeps the mapping alive while it exists."""
-        if offset < 0 or offset >= self.byte_size:
-            raise InvalidInput(f"Invalid offset for shared memory region: '{self.name}'")
-        if byte_size < 0 or offset + byte_size > self.byte_size:
-            raise InvalidInput(f"Invalid offset + byte size for shared memory region: '{self.name}'")
-        self._check_backed()
+        self.check(offset, byte_size)
         begin = self._start + offset
         return memoryview(self._map)[begin:begin + byte_size]
+
+    def check(self, offset: int, byte_size: int) -> None:
+        """The bounds check of `view` (and that the object still backs the region), no view."""
+        check_bounds(self.name, self.byte_size, offset, byte_size)
+        self._check_backed()
 
     def _check_backed(self) -> None:
         """The object still holds the whole region (a shrunk object would SIGBUS on access)."""
@@ -85,13 +89,41 @@ class Region:
                 "re-register the region")
 
 
-class SharedMemoryRegistry:
-    """Registered system shared memory regions by name; every method is thread-safe."""
+AnyRegion = Region | CudaRegion
+SYSTEM, CUDA = "system", "cuda"
 
-    def __init__(self, shm_dir: str = SHM_DIR) -> None:
+
+def _kind(region: AnyRegion) -> str:
+    return CUDA if isinstance(region, CudaRegion) else SYSTEM
+
+
+class SharedMemoryRegistry:
+    """Registered shared memory regions by name, system and CUDA in one namespace (as Triton's
+    manager: a name is taken whatever its kind); every method is thread-safe.
+
+    `cuda` is the CUDA runtime that CUDA regions use, or the reason there is none (a string:
+    server/core/cuda_runtime.py `probe`); the default is that reason, so a registry built
+    without a probe never touches CUDA."""
+
+    def __init__(self, shm_dir: str = SHM_DIR, cuda: CudaRuntime | str = "CUDA was not probed") -> None:
         self._dir = shm_dir
-        self._regions: dict[str, Region] = {}
+        self._regions: dict[str, AnyRegion] = {}
         self._lock = threading.Lock()
+        self.cuda = cuda
+
+    @property
+    def cuda_available(self) -> bool:
+        return not isinstance(self.cuda, str)
+
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        """Open a client's cudaIpcMemHandle_t on `device_id` under `name` (Triton's semantics)."""
+        if isinstance(self.cuda, str):
+            raise Unsupported(f"CUDA shared memory is not available on this server: {self.cuda}")
+        check_cuda_args(name, raw_handle, device_id, byte_size)
+        with self._lock:
+            if name in self._regions:
+                raise AlreadyExists(f"shared memory region '{name}' already in manager")
+            self._regions[name] = open_region(self.cuda, name, raw_handle, device_id, byte_size)
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         """Map `byte_size` bytes of the object `key` from `offset` under `name` (Triton's semantics)."""
@@ -130,31 +162,41 @@ class SharedMemoryRegistry:
             raise
         return Region(name, key, offset, byte_size, fd, mapping, offset - aligned)
 
-    def get(self, name: str) -> Region:
+    def get(self, name: str) -> AnyRegion:
         """The region for a request; the caller's reference keeps it usable even if unregistered."""
         region = self._regions.get(name)
         if region is None:
             raise RegionNotFound(f"Unable to find shared memory region: '{name}'")
         return region
 
-    def status(self, name: str = "") -> list[Region]:
-        """Every region (empty name) or the one named; NOT_FOUND with Triton's message."""
+    def status(self, name: str = "", kind: str = SYSTEM) -> list[AnyRegion]:
+        """Every region of `kind` (empty name) or the one named; NOT_FOUND with Triton's messages
+        (also for a name registered as the other kind)."""
         with self._lock:
             if not name:
-                return list(self._regions.values())
+                return [r for r in self._regions.values() if _kind(r) == kind]
             region = self._regions.get(name)
         if region is None:
-            raise RegionNotFound(f"Unable to find system shared memory region: '{name}'")
+            raise RegionNotFound(f"Unable to find {'cuda' if kind == CUDA else 'system'} shared memory region: "
+                                 f"'{name}'")
+        if _kind(region) != kind:
+            other, this = ("CUDA", "system") if kind == SYSTEM else ("system", "CUDA")
+            raise RegionNotFound(f"The region named '{name}' is registered as {other} shared memory, "
+                                 f"not {this} shared memory")
         return [region]
 
-    def unregister(self, name: str = "") -> None:
-        """Forget one region (empty name: all). Unknown names are not an error, as in Triton.
-        Mappings are released once no in-flight request holds them."""
+    def unregister(self, name: str = "", kind: str = SYSTEM) -> None:
+        """Forget one region of `kind` (empty name: all of that kind). Unknown names, and names
+        of the other kind, are not an error, as in Triton. Mappings (and CUDA IPC handles) are
+        released once no in-flight request holds them."""
         with self._lock:
             if name:
-                self._regions.pop(name, None)
+                region = self._regions.get(name)
+                if region is not None and _kind(region) == kind:
+                    del self._regions[name]
             else:
-                self._regions.clear()
+                for key in [k for k, r in self._regions.items() if _kind(r) == kind]:
+                    del self._regions[key]
 
     def __len__(self) -> int:
         return len(self._regions)

@@ -200,12 +200,20 @@ class HttpRoutes:
         return Response(200, _EMPTY)
 
     async def cuda_shm(self, request: Request, name: str, version: str) -> Response:
-        """Every CUDA shared memory route: the gRPC RPCs' UNIMPLEMENTED error (501)."""
+        """Every CUDA shared memory route, over the gRPC RPCs (UNIMPLEMENTED, 501, with the reason
+        where CUDA is not available here)."""
         action = request.path.rsplit("/", 1)[-1]
-        rpc = {"status": self.servicer.CudaSharedMemoryStatus, "register": self.servicer.CudaSharedMemoryRegister,
-               "unregister": self.servicer.CudaSharedMemoryUnregister}[action]
-        await rpc(None, None)
-        return Response(200, _EMPTY)  # not reached while CUDA shared memory is unsupported
+        if action == "status":
+            answer = await self.servicer.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(name=name), None)
+            return _json(settings.cuda_status_json(answer))
+        if action == "unregister":
+            await self.servicer.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest(name=name), None)
+            return Response(200, _EMPTY)
+        if not self.servicer.shm.cuda_available:  # the reason before any complaint about the body
+            await self.servicer.CudaSharedMemoryRegister(pb.CudaSharedMemoryRegisterRequest(name=name), None)
+        message = settings.cuda_register_request(name, _body_json(request))
+        await self.servicer.CudaSharedMemoryRegister(message, None)
+        return Response(200, _EMPTY)
 
     # -- trace and log settings (GET reads, POST changes then reads) --
 

@@ -5,6 +5,7 @@ server/src/http_server.cc (`HandleSystemSharedMemory`, `HandleTrace`, `HandleLog
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from tritonclient.grpc import service_pb2 as pb
@@ -26,6 +27,31 @@ def register_request(name: str, doc: dict[str, Any]) -> pb.SystemSharedMemoryReg
         raise InvalidInput("Shared memory register request has no 'byte_size' field")
     return pb.SystemSharedMemoryRegisterRequest(name=name, key=key, offset=_uint(doc, "offset", 0),
                                                 byte_size=_uint(doc, "byte_size", 0))
+
+
+def cuda_register_request(name: str, doc: dict[str, Any]) -> pb.CudaSharedMemoryRegisterRequest:
+    """`{"raw_handle": {"b64": str}, "device_id": uint, "byte_size": uint}` (tritonclient.http's
+    register_cuda_shared_memory sends the handle's 64 bytes base64-encoded)."""
+    if not name:
+        raise InvalidInput("'region name' is necessary to register cuda shared memory region")
+    for key in ("raw_handle", "device_id", "byte_size"):
+        if key not in doc:
+            raise InvalidInput(f"Shared memory register request has no '{key}' field")
+    handle = doc["raw_handle"]
+    if not isinstance(handle, dict) or not isinstance(handle.get("b64"), str):
+        raise InvalidInput("Shared memory register request: 'raw_handle' must be {\"b64\": <base64 string>}")
+    try:
+        raw = base64.b64decode(handle["b64"], validate=True)
+    except ValueError:
+        raise InvalidInput("Shared memory register request: 'raw_handle' 'b64' is not valid base64") from None
+    return pb.CudaSharedMemoryRegisterRequest(name=name, raw_handle=raw, device_id=_uint(doc, "device_id", 0),
+                                              byte_size=_uint(doc, "byte_size", 0))
+
+
+def cuda_status_json(response: pb.CudaSharedMemoryStatusResponse) -> list[dict[str, Any]]:
+    """Triton's HTTP status answer for CUDA regions: a JSON array of {name, device_id, byte_size}."""
+    return [{"name": r.name, "device_id": r.device_id, "byte_size": r.byte_size}
+            for r in sorted(response.regions.values(), key=lambda r: r.name)]
 
 
 def _uint(doc: dict[str, Any], key: str, default: int) -> int:

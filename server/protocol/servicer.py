@@ -200,7 +200,8 @@ class InferenceServicer:
     # -- metadata --
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="nereid", version=__version__, extensions=EXTENSIONS)
+        extensions = EXTENSIONS + (("cuda_shared_memory",) if self.shm.cuda_available else ())
+        return pb.ServerMetadataResponse(name="nereid", version=__version__, extensions=extensions)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         model = self.manager.get(request.name, request.version)
@@ -469,14 +470,17 @@ class InferenceServicer:
                                            context: Any) -> pb.SystemSharedMemoryUnregisterResponse:
         return shm_rpc.unregister(self.shm, request)
 
-    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        raise shm_rpc.cuda_unsupported("CudaSharedMemoryRegister")
+    async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
+                                       context: Any) -> pb.CudaSharedMemoryRegisterResponse:
+        return await shm_rpc.cuda_register(self.shm, request)
 
-    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        raise shm_rpc.cuda_unsupported("CudaSharedMemoryStatus")
+    async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
+                                     context: Any) -> pb.CudaSharedMemoryStatusResponse:
+        return shm_rpc.cuda_status(self.shm, request)
 
-    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        raise shm_rpc.cuda_unsupported("CudaSharedMemoryUnregister")
+    async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
+                                         context: Any) -> pb.CudaSharedMemoryUnregisterResponse:
+        return shm_rpc.cuda_unregister(self.shm, request)
 
     # -- tracing --
 

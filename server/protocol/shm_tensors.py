@@ -6,7 +6,8 @@ An input or a requested output names a region with the tensor parameters
 (server/src/grpc/infer_handler.h `ParseSharedMemoryParams`). Inputs become numpy views of
 the region (no copy, read-only); outputs are written into the region after the model ran, and
 the response carries their name, datatype and shape with an empty raw_output_contents entry,
-as Triton sends them.
+as Triton sends them. A CUDA region (server/core/cuda_shm.py) gives inputs a host copy of its
+bytes and takes outputs by a host -> device copy.
 
 A request holds references to the regions it uses (its input views, its output slots), so an
 unregister while it is in flight cannot unmap memory under it (server/core/shm_registry.py).
@@ -20,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from server.core.shm_registry import Region, SharedMemoryRegistry
+from server.core.cuda_shm import CudaRegion
+from server.core.shm_registry import AnyRegion, SharedMemoryRegistry
 from server.core.signature import TensorInfo
 from server.errors import InvalidInput
 
@@ -31,7 +33,7 @@ REGION, BYTE_SIZE, OFFSET = "shared_memory_region", "shared_memory_byte_size", "
 class OutputSlot:
     """Where a requested output goes: `byte_size` bytes at `offset` in `region`."""
 
-    region: Region
+    region: AnyRegion
     offset: int
     byte_size: int
 
@@ -90,7 +92,7 @@ def output_slot(registry: SharedMemoryRegistry, where: tuple[str, int, int]) -> 
     """Resolve a requested output's region now (Triton checks it before running the model)."""
     region_name, offset, byte_size = where
     region = registry.get(region_name)
-    region.view(offset, byte_size)  # bounds check only
+    region.check(offset, byte_size)
     return OutputSlot(region, offset, byte_size)
 
 
@@ -112,6 +114,10 @@ def write_outputs(outputs: dict[str, np.ndarray], slots: dict[str, OutputSlot], 
         if size > slot.byte_size:
             raise InvalidInput(f"shared memory size specified with the request for output '{name}' "
                                f"({slot.byte_size} bytes) should be at least {size} bytes to hold the results")
+        if isinstance(slot.region, CudaRegion):  # host -> device (cudaMemcpy)
+            slot.region.write(slot.offset, data)
+            written.append(name)
+            continue
         view = slot.region.view(slot.offset, size)
         if isinstance(data, bytes):
             view[:] = data
