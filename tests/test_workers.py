@@ -136,6 +136,11 @@ def test_two_workers_serve_as_one_server(identity_repo_slow, server_factory) -> 
         assert c.get_model_metadata("ident").name == "ident"
     up = _worker_values(srv, "nereid_worker_up")
     assert up == {0: 1.0, 1: 1.0}
+    # Each frontend's own CPU and memory (the process_* families are the owner's).
+    cpu = _worker_values(srv, "nereid_worker_cpu_seconds_total")
+    rss = _worker_values(srv, "nereid_worker_resident_memory_bytes")
+    assert set(cpu) == set(rss) == {0, 1} and all(v > 0 for v in cpu.values())
+    assert all(10e6 < v < 2e9 for v in rss.values()), rss
     # Health and reflection answer through the frontends too.
     with grpc.insecure_channel(srv.url) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
@@ -215,6 +220,25 @@ def test_explicit_load_and_unload_reach_every_worker(identity_repo_slow, server_
     assert not _ready(a, "ident")
     a.close()
     b.close()
+
+
+def test_poll_mode_loads_a_new_version_once_for_the_whole_server(identity_repo_slow, server_factory) -> None:
+    """One poller, in the owner: a version dropped into the repository loads once, not once per
+    frontend, and every frontend serves it."""
+    srv = server_factory(identity_repo_slow, "--workers", "2", "--model-control-mode", "poll",
+                         "--repository-poll-secs", "0.2")
+    clients = _clients_on_each_worker(srv, 2, "ident")
+    (identity_repo_slow / "ident" / "2").mkdir()
+    srv.wait_for_log(re.compile(r"loaded model 'ident' version 2"), 30)
+    time.sleep(1.0)  # several more polls: none may load it again
+    assert len(re.findall(r"loaded model 'ident' version 2", srv.log)) == 1, srv.log
+    data = np.ones((1, 3), np.float32)
+    for c in clients.values():
+        deadline = time.monotonic() + scaled(10)
+        while c.infer("ident", _inputs(data)).get_response().model_version != "2":
+            assert time.monotonic() < deadline, "version 2 never answered"
+            time.sleep(0.05)
+        c.close()
 
 
 def test_a_killed_worker_is_restarted_and_the_others_keep_serving(identity_repo_slow, server_factory) -> None:
@@ -356,14 +380,16 @@ def test_a_port_in_use_is_a_clear_error(identity_repo_slow) -> None:
 
 
 # Test modules that run again, whole, against servers started with --workers 2: the protocol,
-# statistics, lifecycle, health, streams (decoupled, sequences), shared memory, ensembles, TLS
-# and rollouts must behave the same whichever mode serves them. (Modules whose assertions are
+# statistics, lifecycle (explicit and poll), health, streams (decoupled, sequences), shared
+# memory, ensembles, TLS, rollouts, shutdown, the cache, overload, hostile input, restricted
+# protocols and Python models must behave the same whichever mode serves them. (Modules whose assertions are
 # about batching heuristics under a given timing, such as test_streaming.py, are not here:
 # with the gRPC work on other cores, requests reach the batcher at another pace.)
 CONFORMANCE = ("test_infer.py", "test_statistics.py", "test_lifecycle_explicit.py", "test_health.py",
                "test_metadata.py", "test_decoupled.py", "test_sequence.py", "test_bad_inputs.py",
                "test_shared_memory.py", "test_ensemble.py", "test_tls.py", "test_rollout.py",
-               "test_shutdown.py")
+               "test_shutdown.py", "test_lifecycle_poll.py", "test_response_cache.py", "test_overload.py",
+               "test_hostile_requests.py", "test_restricted_protocols.py", "test_python_backend.py")
 
 
 def test_conformance_modules_pass_with_two_workers() -> None:

@@ -62,20 +62,28 @@ class NereidCollector:
             yield from _worker_families(s.workers())
 
 
-def _worker_families(rows: list[tuple[int, int, int, bool]]) -> Any:
-    """--workers N: per frontend process, calls forwarded, restarts and whether it is up."""
+def _worker_families(rows: list[tuple[int, int, int, bool, float, int]]) -> Any:
+    """--workers N: per frontend process, calls forwarded, restarts, whether it is up, its CPU and memory."""
     calls = CounterMetricFamily("nereid_worker_calls", "RPCs a frontend process forwarded (--workers)",
                                 labels=["worker"])
     restarts = CounterMetricFamily("nereid_worker_restarts", "Times a frontend process was restarted after it "
                                    "exited unexpectedly (--workers)", labels=["worker"])
     up = GaugeMetricFamily("nereid_worker_up", "1 while a frontend process runs (--workers)", labels=["worker"])
-    for index, count, restarted, running in rows:
+    cpu = CounterMetricFamily("nereid_worker_cpu_seconds", "User and system CPU time of a frontend process "
+                              "(--workers; process_cpu_seconds_total is the owner's)", labels=["worker"])
+    memory = GaugeMetricFamily("nereid_worker_resident_memory_bytes", "Resident memory of a frontend process "
+                               "(--workers)", labels=["worker"])
+    for index, count, restarted, running, seconds, rss in rows:
         calls.add_metric([str(index)], count)
         restarts.add_metric([str(index)], restarted)
         up.add_metric([str(index)], 1 if running else 0)
+        cpu.add_metric([str(index)], seconds)
+        memory.add_metric([str(index)], rss)
     yield calls
     yield restarts
     yield up
+    yield cpu
+    yield memory
 
 
 class MetricSources:
@@ -84,13 +92,13 @@ class MetricSources:
     def __init__(self, models: Callable[[], list[Model]], inflight: Callable[[], int],
                  rejections: Callable[[], dict[tuple[str, str], int]],
                  states: Callable[[], list[tuple[str, str, str]]], load_failures: Callable[[], dict[str, int]],
-                 workers: Callable[[], list[tuple[int, int, int, bool]]] | None = None) -> None:
+                 workers: Callable[[], list[tuple[int, int, int, bool, float, int]]] | None = None) -> None:
         self.models = models
         self.inflight = inflight
         self.rejections = rejections
         self.states = states
         self.load_failures = load_failures
-        self.workers = workers  # (index, calls, restarts, up) per frontend process, with --workers
+        self.workers = workers  # (index, calls, restarts, up, CPU s, RSS) per frontend process, with --workers
 
 
 class MetricsEndpoint:

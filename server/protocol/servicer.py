@@ -259,7 +259,8 @@ class InferenceServicer:
 
         async def read() -> tuple[pb.ModelInferRequest, Sequence[Any]]:
             body = await context.read()
-            if not isinstance(body, bytes):  # the client closed without sending a request
+            # bytes from grpcio; a memoryview for a large request forwarded by a --workers frontend
+            if not isinstance(body, (bytes, memoryview)):  # the client closed without sending a request
                 raise InvalidInput("ModelInfer: no request message was sent")
             if len(body) >= TRIM_AFTER_BYTES:  # memory.py: what grpcio's receive and send leave behind
                 await release_freed_memory()

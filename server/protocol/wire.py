@@ -58,7 +58,7 @@ def encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def parse_message(parse: Callable[[bytes], Any], body: bytes, what: str) -> Any:
+def parse_message(parse: Callable[[Any], Any], body: bytes | memoryview, what: str) -> Any:
     """`parse(body)` (a generated `FromString`) with protobuf's errors as a one-line InvalidInput."""
     try:
         return parse(body)
@@ -66,7 +66,7 @@ def parse_message(parse: Callable[[bytes], Any], body: bytes, what: str) -> Any:
         raise InvalidInput(f"malformed {what}: the body is not a valid protobuf message ({exc})") from None
 
 
-def split_infer_request(body: bytes) -> tuple[pb.ModelInferRequest, Sequence[bytes | memoryview]]:
+def split_infer_request(body: bytes | memoryview) -> tuple[pb.ModelInferRequest, Sequence[bytes | memoryview]]:
     """Parse a serialized ModelInferRequest; returns (message without the raw tensors, raw tensors).
 
     Small messages go through protobuf as a whole (its raw_input_contents are then returned).

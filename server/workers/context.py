@@ -21,7 +21,7 @@ _EOF = grpc.aio.EOF
 class ForwardedContext:
     """A grpc.aio-like servicer context for one forwarded call."""
 
-    def __init__(self, meta: tuple[Any, ...], messages: asyncio.Queue[Any] | None, first: bytes | None,
+    def __init__(self, meta: tuple[Any, ...], messages: asyncio.Queue[Any] | None, first: bytes | memoryview | None,
                  write: Callable[[bytes], None]) -> None:
         peer, metadata, auth, remaining = meta
         self._peer: str = peer

@@ -87,7 +87,9 @@ class FrontendLink:
         if self._calls.pop(call_id, None) is not None and cancel:
             self.send(link.CANCEL, call_id)
 
-    def _frame(self, kind: int, call_id: int, payload: bytes) -> None:
+    def _frame(self, kind: int, call_id: int, payload: bytes | memoryview) -> None:
+        if isinstance(payload, memoryview):  # a large answer: grpcio sends bytes only
+            payload = bytes(payload)
         if kind == link.REPLY:
             call = self._calls.pop(call_id, None)
             if call is not None:

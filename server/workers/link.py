@@ -8,8 +8,9 @@ measured the hand-off, and at batch 1 its cost is the sleep and wake-up of two p
 whatever carries the bytes. Both ends therefore write everything one event-loop pass
 produced with one system call (`LinkProtocol.send` queues, the next pass flushes), and
 read everything that arrived with one: under load many calls share each wake-up.
-Large payloads are read straight into a buffer of their own size (one copy), small ones
-are cut out of a shared receive buffer.
+Large payloads are read straight into a buffer of their own size and handed on as a
+memoryview of it (the socket's copy is the only one on this side); small ones are cut out of
+a shared receive buffer as bytes.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def call_payload(method: int, meta: Any) -> bytes:
     return CALL_HEAD.pack(method, len(packed)) + packed
 
 
-def split_call(payload: bytes) -> tuple[int, Any, bytes]:
-    """(method index, metadata, body) of a CALL or OPEN payload."""
+def split_call(payload: bytes | memoryview) -> tuple[int, Any, bytes | memoryview]:
+    """(method index, metadata, body) of a CALL or OPEN payload (a large body stays a view)."""
     method, size = CALL_HEAD.unpack_from(payload)
     start = CALL_HEAD.size
     meta = marshal.loads(payload[start:start + size])
@@ -73,7 +74,8 @@ def split_status(payload: bytes) -> tuple[int, str]:
     return code, payload[STATUS_HEAD.size:].decode("utf-8", "replace")
 
 
-FrameHandler = Callable[[int, int, bytes], None]
+# (kind, call id, payload): bytes, or a memoryview for payloads of _LARGE bytes and more.
+FrameHandler = Callable[[int, int, Any], None]
 
 
 class LinkProtocol(asyncio.BufferedProtocol):
@@ -127,7 +129,7 @@ class LinkProtocol(asyncio.BufferedProtocol):
             self._large_at += nbytes
             if self._large_at == len(self._large):
                 kind, call_id = self._large_head
-                payload = bytes(self._large)  # one more copy: the handlers take bytes
+                payload = memoryview(self._large)  # no copy: the request path reads buffers
                 self._large = None
                 self._on_frame(kind, call_id, payload)
             return
@@ -148,9 +150,9 @@ class LinkProtocol(asyncio.BufferedProtocol):
                 self._large_at, self._large_head = have, (kind, call_id)
                 pos = start + have
                 if have == size:
-                    payload = bytes(self._large)
+                    whole = memoryview(self._large)
                     self._large = None
-                    self._on_frame(kind, call_id, payload)
+                    self._on_frame(kind, call_id, whole)
                     continue
                 break
             if filled - start < size:

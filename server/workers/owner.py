@@ -51,7 +51,7 @@ class OwnerLink:
         """Tell the frontend to stop listening, letting its calls finish for up to `grace` seconds."""
         self.protocol.send(frame(link.STOP, 0, marshal.dumps(float(grace))))
 
-    def _frame(self, kind: int, call_id: int, payload: bytes) -> None:
+    def _frame(self, kind: int, call_id: int, payload: bytes | memoryview) -> None:
         if kind == link.CALL or kind == link.OPEN:
             method, meta, body = link.split_call(payload)
             self._calls[self.index] += 1
@@ -95,7 +95,7 @@ class OwnerLink:
         self.protocol.send(frame(link.STATUS, call_id, link.status_payload(code.value[0], details)))
 
     async def _run(self, call_id: int, handler: grpc.RpcMethodHandler, context: ForwardedContext,
-                   body: bytes) -> None:
+                   body: bytes | memoryview) -> None:
         """Run one call as grpcio would, then end it on the link with its reply or status."""
         reply: bytes | None = None
         try:

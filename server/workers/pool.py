@@ -129,10 +129,15 @@ class WorkerPool:
                 continue
             worker.restarts += 1
 
-    def snapshot(self) -> list[tuple[int, int, int, bool]]:
-        """(index, calls forwarded, restarts, running) per frontend, for the metrics endpoint's thread."""
-        return [(w.index, self.calls[w.index], w.restarts, w.process is not None and w.process.returncode is None)
-                for w in self._workers]
+    def snapshot(self) -> list[tuple[int, int, int, bool, float, int]]:
+        """(index, calls forwarded, restarts, running, CPU seconds, resident bytes) per frontend, for
+        the metrics endpoint's thread (the process_* families describe the owner only)."""
+        rows = []
+        for w in self._workers:
+            running = w.process is not None and w.process.returncode is None
+            cpu, rss = _usage(w.process.pid) if running and w.process is not None else (0.0, 0)
+            rows.append((w.index, self.calls[w.index], w.restarts, running, cpu, rss))
+        return rows
 
     async def stop(self, grace: float | None = None) -> None:
         """Close every frontend's listener, letting calls in progress finish for `grace` seconds."""
@@ -167,6 +172,20 @@ def _reserve(address: str, port: int) -> socket.socket:
         holder.close()
         raise WorkerStartError(f"could not bind {address}:{port}: {exc.strerror or exc}") from None
     return holder
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _usage(pid: int) -> tuple[float, int]:
+    """(user + system CPU seconds, resident bytes) of a process, from /proc; zeros if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[21]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0
 
 
 def usable_cores() -> int:
