@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 import grpc
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from util import ServerProcess, scaled
@@ -200,6 +201,14 @@ class HttpStub:
                 raise AssertionError(f"HTTP {status} without Triton's error body: {answer[:300]!r}") from None
             raise HttpRpcError(status, message)
         return answer_headers, answer
+
+    def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                        timeout: float | None = None) -> pb.ModelStatisticsResponse:
+        """`GET /v2/models[/NAME[/versions/V]]/stats`, parsed strictly into the gRPC message (a field
+        the HTTP answer names differently from the protobuf's fails the parse)."""
+        path = (_model_path(request.name, request.version) if request.name else "/v2/models") + "/stats"
+        _, answer = self.checked("GET", path, timeout=timeout)
+        return json_format.ParseDict(json.loads(answer), pb.ModelStatisticsResponse())
 
     def ModelInfer(self, request: pb.ModelInferRequest, timeout: float | None = None) -> pb.ModelInferResponse:
         body, headers = infer_body(request)
