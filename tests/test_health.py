@@ -1,4 +1,5 @@
-"""The standard grpc.health.v1 service (grpcio-health-checking's messages and stub)."""
+"""The standard grpc.health.v1 service (grpcio-health-checking's messages and stub), and the
+same answers on HTTP's health routes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from util import ServerProcess, expect_rpc_error, identity_config, scaled, write_model
+from util import ServerProcess, expect_rpc_error, http_request, identity_config, scaled, write_model
 from util import health_status as check
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -115,3 +116,21 @@ def test_live_and_ready_service_names(tmp_path, server_factory) -> None:
     assert check(srv, "live") == SERVING  # ... but alive
     del pending
     assert srv.wait(20) == 0
+
+
+# -- the same answers over HTTP/REST's health routes (Watch is a stream: gRPC only) --
+
+def test_http_health_routes_agree_with_check(identity_server: ServerProcess, onnx_server: ServerProcess,
+                                             failure_server: ServerProcess) -> None:
+    """SERVING is 200 and NOT_SERVING 400 on /v2/health/ready and /v2/models/NAME/ready, for the
+    same servers and models the Check tests use; an unknown model is not ready (400, as Triton)."""
+    cases = [(identity_server, ""), (identity_server, "id_FP32"), (onnx_server, "simple"),
+             (onnx_server, "add_sub_autocomplete"), (failure_server, "good"), (failure_server, "")]
+    cases += [(failure_server, name) for name in
+              ("broken_config", "missing_file", "no_version", "name_mismatch", "unknown_backend")]
+    for srv, service in cases:
+        path = f"/v2/models/{service}/ready" if service else "/v2/health/ready"
+        status = http_request(srv.http_port, "GET", path)[0]
+        assert status == (200 if check(srv, service) == SERVING else 400), (service, status)
+    assert http_request(identity_server.http_port, "GET", "/v2/models/no_such_model/ready")[0] == 400
+    assert http_request(failure_server.http_port, "GET", "/v2/health/live")[0] == 200

@@ -6,22 +6,22 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.grpc import service_pb2_grpc
+from transports import TRANSPORTS, open_stub
 from util import ServerProcess, client, expect_rpc_error, output_array, raw_request, scaled
 
 
-@pytest.fixture(scope="module")
-def simple_stub(onnx_server: ServerProcess):
-    channel = onnx_server.channel()
-    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    channel.close()
+# The raw-stub tests run over both transports (transports.py): gRPC, and the same requests and
+# checks over Triton's HTTP/REST protocol.
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def simple_stub(onnx_server: ServerProcess, request: pytest.FixtureRequest):
+    with open_stub(onnx_server, request.param) as stub:
+        yield stub
 
 
-@pytest.fixture(scope="module")
-def id_stub(identity_server: ServerProcess):
-    channel = identity_server.channel()
-    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    channel.close()
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def id_stub(identity_server: ServerProcess, request: pytest.FixtureRequest):
+    with open_stub(identity_server, request.param) as stub:
+        yield stub
 
 
 def simple_inputs(batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

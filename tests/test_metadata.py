@@ -3,9 +3,12 @@ through tritonclient.grpc against real servers."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import grpc
 import pytest
+from transports import HttpStub, http_status_of
 from tritonclient.grpc import model_config_pb2 as mc
 from util import ID_MAX_BATCH, IDENTITY_DATATYPES, MODEL_REPOSITORY, ServerProcess, client, expect_error
 
@@ -59,6 +62,29 @@ def test_per_model_rpc_errors(identity_server: ServerProcess, rpc: str, model: s
     err = expect_error(code, getattr(client(identity_server), rpc), model, version)
     for fragment in fragments:
         assert fragment in err.message(), f"{fragment!r} not in {err.message()!r}"
+
+
+# The same table over HTTP/REST (transports.py): the route of each RPC, the HTTP status Triton
+# gives the code, and the gRPC message word for word in `{"error": ...}`. Model readiness is the
+# exception Triton makes: an unknown model or version is just "not ready" (400, no body).
+HTTP_ROUTE = {"is_model_ready": "/ready", "get_model_metadata": "", "get_model_config": "/config",
+              "get_inference_statistics": "/stats"}
+
+
+@pytest.mark.parametrize("rpc,model,version,code,fragments", MODEL_RPC_ERRORS,
+                         ids=[f"{r[0]}-{r[1]}-{r[2] or 'latest'}" for r in MODEL_RPC_ERRORS])
+def test_per_model_rpc_errors_over_http(identity_server: ServerProcess, rpc: str, model: str, version: str,
+                                        code: str, fragments: tuple[str, ...]) -> None:
+    grpc_message = expect_error(code, getattr(client(identity_server), rpc), model, version).message()
+    path = "/v2/models/" + model + (f"/versions/{version}" if version else "") + HTTP_ROUTE[rpc]
+    status, _, body = HttpStub(identity_server).request("GET", path)
+    if rpc == "is_model_ready" and code == "NOT_FOUND":
+        assert (status, body) == (400, b"")
+        return
+    assert status == http_status_of(getattr(grpc.StatusCode, code)), body
+    assert json.loads(body) == {"error": grpc_message}
+    for fragment in fragments:
+        assert fragment in grpc_message
 
 
 def test_model_ready_versions_follow_the_version_policy(identity_server: ServerProcess) -> None:

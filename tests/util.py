@@ -380,11 +380,17 @@ def expect_error(code: str, fn, *args, **kwargs):
 
 
 def expect_rpc_error(code: grpc.StatusCode, fn, *args, **kwargs) -> grpc.RpcError:
-    """Call a raw stub method, which must fail with `code`."""
+    """Call a raw stub method (gRPC, or its HTTP twin in transports.py), which must fail with `code`."""
     import pytest
 
     with pytest.raises(grpc.RpcError) as info:
         fn(*args, **kwargs)
+    http_status = getattr(info.value, "http_status", None)
+    if http_status is not None:  # transports.HttpStub: the HTTP status Triton uses for `code`
+        from transports import http_status_of
+
+        assert http_status == http_status_of(code), f"HTTP {http_status} for {code}: {info.value.details()}"
+        return info.value
     assert info.value.code() == code, f"{info.value.code()}: {info.value.details()}"
     return info.value
 
