@@ -20,6 +20,7 @@ with the inputs, typed contents for FP16/BF16, non-UTF-8 typed BYTES) raises
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 from collections.abc import Callable, Iterator
@@ -209,6 +210,27 @@ class HttpStub:
         path = (_model_path(request.name, request.version) if request.name else "/v2/models") + "/stats"
         _, answer = self.checked("GET", path, timeout=timeout)
         return json_format.ParseDict(json.loads(answer), pb.ModelStatisticsResponse())
+
+    def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                            timeout: float | None = None) -> pb.RepositoryModelLoadResponse:
+        """`POST /v2/repository/models/NAME/load`: parameters as JSON, file contents as base64."""
+        parameters = {key: base64.b64encode(v).decode() if isinstance(v := _param(value), bytes) else v
+                      for key, value in request.parameters.items()}
+        self._repository(request.repository_name, request.model_name, "load", parameters, timeout)
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                              timeout: float | None = None) -> pb.RepositoryModelUnloadResponse:
+        self._repository(request.repository_name, request.model_name, "unload", _params(request.parameters), timeout)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _repository(self, repository: str, model: str, action: str, parameters: dict[str, Any],
+                    timeout: float | None) -> None:
+        if repository:
+            raise NotExpressible("Triton's HTTP repository routes name no repository")
+        body = json.dumps({"parameters": parameters}).encode()
+        self.checked("POST", f"/v2/repository/models/{quote(model, safe='')}/{action}", body,
+                     {"Content-Type": "application/json"}, timeout)
 
     def ModelInfer(self, request: pb.ModelInferRequest, timeout: float | None = None) -> pb.ModelInferResponse:
         body, headers = infer_body(request)

@@ -369,13 +369,21 @@ def health_status(srv: ServerProcess, service: str) -> int:
 
 
 def expect_error(code: str, fn, *args, **kwargs):
-    """Call `fn`, which must raise tritonclient's InferenceServerException with gRPC status `code`."""
+    """Call `fn`, which must raise tritonclient's InferenceServerException with gRPC status `code`
+    (from tritonclient.grpc), or with the HTTP status Triton gives that code (tritonclient.http)."""
     import pytest
     from tritonclient.utils import InferenceServerException
 
     with pytest.raises(InferenceServerException) as info:
         fn(*args, **kwargs)
-    assert info.value.status() == f"StatusCode.{code}", f"{info.value.status()}: {info.value.message()}"
+    status = info.value.status()
+    if status is not None and status.isdigit():  # tritonclient.http: the HTTP status Triton uses for `code`
+        from transports import http_status_of
+
+        expected = str(http_status_of(getattr(grpc.StatusCode, code)))
+        assert status == expected, f"HTTP {status} for {code}: {info.value.message()}"
+        return info.value
+    assert status == f"StatusCode.{code}", f"{status}: {info.value.message()}"
     return info.value
 
 
