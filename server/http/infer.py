@@ -104,6 +104,11 @@ def parse_infer_request(body: bytes, header_length: int | None, model_name: str,
                 size = value
             else:
                 _set_param(tensor.parameters[key], key, value)
+        if REGION in tensor.parameters and (size is not None or "data" in item):
+            # gRPC's "unexpected 'content'" check, worded with HTTP's field names: left to the
+            # codec, the data would be blamed on raw_input_contents, which HTTP clients never see.
+            field = _BINARY_SIZE if size is not None else "data"
+            raise InvalidInput(f"unexpected '{field}' provided when using shared memory for input tensor '{name}'")
         if size is not None:
             if "data" in item:
                 raise InvalidInput(f"input '{name}' has both '{_BINARY_SIZE}' and 'data'")
