@@ -135,6 +135,10 @@ def test_queue_time_counts_when_requests_wait(stats_server: ServerProcess, trans
     """Eight concurrent requests on one instance: all but the first wait in the queue."""
     data = np.ones((1, 2), np.float32)
     if transport == "http":
+        # Threads, each with its own client: tritonclient.http's `async_infer` goes through its
+        # connection pool (`concurrency`, 1 by default), so on one client the requests leave one at
+        # a time and never queue; the server serves concurrent connections concurrently (measured
+        # in docs/HTTP.md, Conformance).
         def one(_: int) -> np.ndarray:
             c = httpclient.InferenceServerClient(stats_server.http_url, network_timeout=scaled(30))
             inp = httpclient.InferInput("INPUT0", [1, 2], "FP32")
