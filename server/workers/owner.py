@@ -64,8 +64,9 @@ class OwnerLink:
                 messages = self._streams[call_id] = asyncio.Queue()
             write = self._writer(call_id, handler.response_serializer)
             context = ForwardedContext(meta, messages, body if kind == link.CALL else None, write)
-            self._tasks[call_id] = asyncio.get_running_loop().create_task(
+            task = self._tasks[call_id] = asyncio.get_running_loop().create_task(
                 self._run(call_id, handler, context, body))
+            task.add_done_callback(lambda _, call_id=call_id, context=context: self._ended(call_id, context))
         elif kind == link.MESSAGE:
             queue = self._streams.get(call_id)
             if queue is not None:
@@ -134,6 +135,14 @@ class OwnerLink:
             self.protocol.send(frame(link.REPLY, call_id, reply))
         else:
             self._status(call_id, context.code or grpc.StatusCode.OK, context.details)
+
+    def _ended(self, call_id: int, context: ForwardedContext) -> None:
+        """A task cancelled before its first step never enters `_run` (its CALL and CANCEL came
+        in one read, or the link closed): forget it here, or its entries and body stay forever."""
+        if not context.finished:
+            self._tasks.pop(call_id, None)
+            self._streams.pop(call_id, None)
+            context.finish()
 
     def _lost(self, exc: Exception | None) -> None:
         for task in list(self._tasks.values()):
