@@ -10,6 +10,7 @@ connections already).
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import marshal
@@ -64,9 +65,9 @@ class OwnerLink:
                 messages = self._streams[call_id] = asyncio.Queue()
             write = self._writer(call_id, handler.response_serializer)
             context = ForwardedContext(meta, messages, body if kind == link.CALL else None, write)
-            task = self._tasks[call_id] = asyncio.get_running_loop().create_task(
+            started = self._tasks[call_id] = asyncio.get_running_loop().create_task(
                 self._run(call_id, handler, context, body))
-            task.add_done_callback(lambda _, call_id=call_id, context=context: self._ended(call_id, context))
+            started.add_done_callback(functools.partial(self._ended, call_id, context))
         elif kind == link.MESSAGE:
             queue = self._streams.get(call_id)
             if queue is not None:
@@ -136,7 +137,7 @@ class OwnerLink:
         else:
             self._status(call_id, context.code or grpc.StatusCode.OK, context.details)
 
-    def _ended(self, call_id: int, context: ForwardedContext) -> None:
+    def _ended(self, call_id: int, context: ForwardedContext, _task: object) -> None:
         """A task cancelled before its first step never enters `_run` (its CALL and CANCEL came
         in one read, or the link closed): forget it here, or its entries and body stay forever."""
         if not context.finished:
