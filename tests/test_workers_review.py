@@ -140,3 +140,21 @@ def test_binary_metadata_and_many_headers_reach_the_owner_intact(identity_repo_s
     channel.close()
     assert isinstance(c, grpcclient.InferenceServerClient) and c.is_server_live()
     c.close()
+
+
+def test_a_hung_frontend_is_replaced(identity_repo_slow, server_factory) -> None:
+    """A frontend that stops answering (SIGSTOP here: alive, but its clients wait forever) is
+    killed and restarted, as one that exits is."""
+    srv = server_factory(identity_repo_slow, "--workers", "2")
+    pids = _worker_pids(srv)
+    os.kill(pids[0], signal.SIGSTOP)
+    deadline = time.monotonic() + scaled(30)
+    while _worker_pids(srv).get(0) == pids[0] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        assert _worker_pids(srv)[0] != pids[0], "the hung frontend was not replaced"
+        assert "did not answer" in srv.log
+        assert not _alive(pids[0]), "the hung frontend was not killed"
+    finally:
+        if _alive(pids[0]):
+            os.kill(pids[0], signal.SIGKILL)

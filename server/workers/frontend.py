@@ -103,6 +103,8 @@ class FrontendLink:
             call = self._calls.pop(call_id, None)
             if call is not None:
                 call.resolve(link.split_status(payload))
+        elif kind == link.PING:
+            self.send(link.PONG, 0)
         elif kind == link.STOP and not self.stopped.done():
             self.stopped.set_result(marshal.loads(payload))
 

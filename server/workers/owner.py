@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import marshal
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -47,6 +48,10 @@ class OwnerLink:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._streams: dict[int, asyncio.Queue[Any]] = {}
         self.protocol = LinkProtocol(self._frame, self._lost)
+        self.answered = time.monotonic()  # when the frontend last answered a PING (or started)
+
+    def ping(self) -> None:
+        self.protocol.send(frame(link.PING, 0))
 
     def stop(self, grace: float) -> None:
         """Tell the frontend to stop listening, letting its calls finish for up to `grace` seconds."""
@@ -80,8 +85,11 @@ class OwnerLink:
             task = self._tasks.get(call_id)
             if task is not None:
                 task.cancel()
+        elif kind == link.PONG:
+            self.answered = time.monotonic()
         elif kind == link.READY:
             index, pid = marshal.loads(payload)
+            self.answered = time.monotonic()
             self._on_ready(index, pid)
         else:
             log.error("worker %d sent an unknown frame kind %d; ignored", self.index, kind)
