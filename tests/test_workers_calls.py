@@ -91,7 +91,7 @@ def test_frames_for_unknown_or_ended_calls_are_ignored_and_leave_nothing() -> No
         forward = FrontendLink(secure=False)
         for kind, payload in ((link.REPLY, b"r"), (link.SEND, b"s"), (link.STATUS, link.status_payload(0, ""))):
             forward._frame(kind, 12345, payload)
-        assert forward._calls == {}
+            assert forward._calls == {}, kind
         assert not forward.stopped.done()
         forward._frame(link.STOP, 0, marshal.dumps(1.0))
         assert forward.stopped.result() == 1.0

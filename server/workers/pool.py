@@ -119,6 +119,7 @@ class WorkerPool:
             raise WorkerStartError(f"worker {worker.index} exited with code {exited.result()} before it served "
                                    "(see its error above)")
         exited.cancel()
+        worker.process.kill()  # else a frontend hung in its start holds its slot for good (its watcher waits on it)
         raise WorkerStartError(f"worker {worker.index} did not start within {_START_TIMEOUT_S:.0f}s")
 
     def _ready(self, index: int, pid: int) -> None:
