@@ -73,10 +73,11 @@ class FrontendLink:
     def start(self, kind: int, method: int, context: Any, body: bytes, streaming: bool) -> tuple[int, _Call]:
         call_id = self._next
         self._next += 1
-        call = self._calls[call_id] = _Call(self._loop, streaming)
-        if self.protocol.closed:
+        call = _Call(self._loop, streaming)
+        if self.protocol.closed:  # never answered by a frame: not kept in _calls
             call.resolve((grpc.StatusCode.UNAVAILABLE.value[0], OWNER_GONE))
         else:
+            self._calls[call_id] = call
             self.protocol.send(frame(kind, call_id, link.call_payload(method, self.meta(context)), body))
         return call_id, call
 
@@ -102,6 +103,8 @@ class FrontendLink:
             call = self._calls.pop(call_id, None)
             if call is not None:
                 call.resolve(link.split_status(payload))
+        elif kind == link.PING:
+            self.send(link.PONG, 0)
         elif kind == link.STOP and not self.stopped.done():
             self.stopped.set_result(marshal.loads(payload))
 

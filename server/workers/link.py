@@ -35,11 +35,13 @@ MESSAGE = 3  # one request message of a stream
 HALF_CLOSE = 4  # the client sent its last message
 CANCEL = 5  # the client went away or its deadline passed
 READY = 6  # control (call id 0): the frontend is listening; payload: marshal((index, pid))
+PONG = 7  # control (call id 0): the answer to a PING (the frontend's event loop turns)
 # Owner -> frontend.
 REPLY = 10  # the unary response; ends the call with OK
 SEND = 11  # one response message of a stream
 STATUS = 12  # ends the call: code (u16; 0 = OK) and details (UTF-8)
 STOP = 13  # control (call id 0): stop serving; payload: marshal(grace seconds)
+PING = 14  # control (call id 0): answer with PONG (a hung frontend is replaced: pool.py)
 
 _LARGE = 256 * 1024  # payloads at least this large get a buffer of their own
 _BUFFER = 512 * 1024

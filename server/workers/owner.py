@@ -10,9 +10,11 @@ connections already).
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import marshal
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -46,6 +48,10 @@ class OwnerLink:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._streams: dict[int, asyncio.Queue[Any]] = {}
         self.protocol = LinkProtocol(self._frame, self._lost)
+        self.answered = time.monotonic()  # when the frontend last answered a PING (or started)
+
+    def ping(self) -> None:
+        self.protocol.send(frame(link.PING, 0))
 
     def stop(self, grace: float) -> None:
         """Tell the frontend to stop listening, letting its calls finish for up to `grace` seconds."""
@@ -64,8 +70,9 @@ class OwnerLink:
                 messages = self._streams[call_id] = asyncio.Queue()
             write = self._writer(call_id, handler.response_serializer)
             context = ForwardedContext(meta, messages, body if kind == link.CALL else None, write)
-            self._tasks[call_id] = asyncio.get_running_loop().create_task(
+            started = self._tasks[call_id] = asyncio.get_running_loop().create_task(
                 self._run(call_id, handler, context, body))
+            started.add_done_callback(functools.partial(self._ended, call_id, context))
         elif kind == link.MESSAGE:
             queue = self._streams.get(call_id)
             if queue is not None:
@@ -78,8 +85,11 @@ class OwnerLink:
             task = self._tasks.get(call_id)
             if task is not None:
                 task.cancel()
+        elif kind == link.PONG:
+            self.answered = time.monotonic()
         elif kind == link.READY:
             index, pid = marshal.loads(payload)
+            self.answered = time.monotonic()
             self._on_ready(index, pid)
         else:
             log.error("worker %d sent an unknown frame kind %d; ignored", self.index, kind)
@@ -134,6 +144,14 @@ class OwnerLink:
             self.protocol.send(frame(link.REPLY, call_id, reply))
         else:
             self._status(call_id, context.code or grpc.StatusCode.OK, context.details)
+
+    def _ended(self, call_id: int, context: ForwardedContext, _task: object) -> None:
+        """A task cancelled before its first step never enters `_run` (its CALL and CANCEL came
+        in one read, or the link closed): forget it here, or its entries and body stay forever."""
+        if not context.finished:
+            self._tasks.pop(call_id, None)
+            self._streams.pop(call_id, None)
+            context.finish()
 
     def _lost(self, exc: Exception | None) -> None:
         for task in list(self._tasks.values()):

@@ -32,6 +32,10 @@ log = logging.getLogger("nereid.workers")
 _STABLE_S = 10.0
 _BACKOFF_MAX_S = 5.0
 _START_TIMEOUT_S = 60.0
+# A serving frontend is pinged this often; one that has not answered for _HUNG_S (stopped,
+# deadlocked, stuck in a C call) holds its clients forever: it is killed and restarted.
+_PING_S = 1.0
+_HUNG_S = 10.0
 
 
 class WorkerStartError(OSError):
@@ -61,6 +65,7 @@ class WorkerPool:
         self._holder = _reserve(settings.grpc_address, settings.grpc_port)
         self.port: int = self._holder.getsockname()[1]
         self.calls = [0] * settings.workers  # RPCs forwarded by each frontend (metrics)
+        self._pinger: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start every frontend and wait until each listens; a failure stops the others."""
@@ -71,6 +76,23 @@ class WorkerPool:
             raise
         for worker in self._workers:
             worker.watcher = asyncio.get_running_loop().create_task(self._watch(worker))
+        self._pinger = asyncio.get_running_loop().create_task(self._ping())
+
+    async def _ping(self) -> None:
+        """Kill a frontend whose event loop no longer turns; its watcher restarts it."""
+        while not self._stopping:
+            await asyncio.sleep(_PING_S)
+            now = time.monotonic()
+            for worker in self._workers:
+                process, link = worker.process, worker.link
+                if process is None or link is None or process.returncode is not None or link.protocol.closed:
+                    continue
+                if worker.ready is not None and worker.ready.done() and now - link.answered > _HUNG_S:
+                    log.error("worker %d (pid %d) did not answer for %.0fs: killed, to be restarted",
+                              worker.index, process.pid, now - link.answered)
+                    process.kill()
+                    continue
+                link.ping()
 
     async def _start(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
@@ -97,6 +119,7 @@ class WorkerPool:
             raise WorkerStartError(f"worker {worker.index} exited with code {exited.result()} before it served "
                                    "(see its error above)")
         exited.cancel()
+        worker.process.kill()  # else a frontend hung in its start holds its slot for good (its watcher waits on it)
         raise WorkerStartError(f"worker {worker.index} did not start within {_START_TIMEOUT_S:.0f}s")
 
     def _ready(self, index: int, pid: int) -> None:
@@ -143,6 +166,8 @@ class WorkerPool:
         """Close every frontend's listener, letting calls in progress finish for `grace` seconds."""
         self._stopping = True
         grace = 0.0 if grace is None else grace
+        if self._pinger is not None:
+            self._pinger.cancel()
         for worker in self._workers:
             if worker.watcher is not None:
                 worker.watcher.cancel()
