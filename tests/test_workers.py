@@ -335,6 +335,45 @@ def test_sigterm_under_load_drains_every_worker(identity_repo_slow, server_facto
     probe.close()
 
 
+def test_a_stuck_owner_makes_a_frontend_refuse_beyond_the_inflight_cap(identity_repo_slow, server_factory) -> None:
+    """The owner refuses only the calls it has read: while it is stopped (SIGSTOP) a frontend
+    holds at most --max-inflight-requests calls and answers the rest RESOURCE_EXHAUSTED at once,
+    so a stuck owner cannot make it buffer without bound; once the owner runs again the held
+    calls are answered."""
+    srv = server_factory(identity_repo_slow, "--workers", "2", "--max-inflight-requests", "4")
+    c = _client(srv)
+    data = np.ones((1, 2), np.float32)
+    assert _try(c, "ident", data) == "OK"
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        code = _try(c, "ident", data)
+        with lock:
+            outcomes.append(code)
+
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=send) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + scaled(10)
+        while time.monotonic() < deadline:
+            with lock:
+                if len(outcomes) >= 8:
+                    break
+            time.sleep(0.05)
+        with lock:
+            refused = list(outcomes)
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+    for thread in threads:
+        thread.join(scaled(30))
+    assert refused.count("StatusCode.RESOURCE_EXHAUSTED") == 8, refused
+    assert sorted(outcomes) == ["OK"] * 4 + ["StatusCode.RESOURCE_EXHAUSTED"] * 8, outcomes
+    c.close()
+
+
 def test_frontends_exit_when_the_owner_dies(identity_repo_slow, server_factory) -> None:
     srv = server_factory(identity_repo_slow, "--workers", "2")
     pids = _worker_pids(srv)

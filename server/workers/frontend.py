@@ -57,9 +57,12 @@ class _Call:
 class FrontendLink:
     """The frontend's end of the link: call ids, pending calls, and the STOP order."""
 
-    def __init__(self, secure: bool) -> None:
+    def __init__(self, secure: bool, limit: int = 0) -> None:
         self._loop = asyncio.get_running_loop()
         self._calls: dict[int, _Call] = {}
+        # --max-inflight-requests, applied here too: the owner refuses only what it has read, so a
+        # stuck owner would otherwise let this process buffer calls without bound.
+        self._limit = limit
         self._next = 1
         self._secure = secure
         self.stopped: asyncio.Future[float | None] = self._loop.create_future()  # grace, or None if lost
@@ -76,6 +79,10 @@ class FrontendLink:
         call = _Call(self._loop, streaming)
         if self.protocol.closed:  # never answered by a frame: not kept in _calls
             call.resolve((grpc.StatusCode.UNAVAILABLE.value[0], OWNER_GONE))
+        elif self._limit and len(self._calls) >= self._limit:
+            call.resolve((grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                          f"server is at its limit of {self._limit} requests in flight through this frontend "
+                          "(--max-inflight-requests; the model process is not keeping up); retry later"))
         else:
             self._calls[call_id] = call
             self.protocol.send(frame(kind, call_id, link.call_payload(method, self.meta(context)), body))
@@ -183,7 +190,7 @@ async def serve(settings: Any, link_fd: int, index: int) -> int:
     from server.protocol.server import grpc_server  # the same listener a single process builds
 
     loop = asyncio.get_running_loop()
-    forward = FrontendLink(secure=settings.grpc_use_ssl)
+    forward = FrontendLink(secure=settings.grpc_use_ssl, limit=settings.max_inflight_requests)
     sock = socket.socket(fileno=link_fd)
     await loop.connect_accepted_socket(lambda: forward.protocol, sock)
     services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
