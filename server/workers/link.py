@@ -130,13 +130,18 @@ class LinkProtocol(asyncio.BufferedProtocol):
         if self._large is not None:
             self._large_at += nbytes
             if self._large_at == len(self._large):
-                kind, call_id = self._large_head
-                payload = memoryview(self._large)  # no copy: the request path reads buffers
-                self._large = None
-                self._on_frame(kind, call_id, payload)
+                self._deliver_large()
             return
         self._filled += nbytes
         self._parse()
+
+    def _deliver_large(self) -> None:
+        """Hand on the completed large payload as a view of its buffer (no copy: the request
+        path reads buffers)."""
+        large, self._large = self._large, None
+        if large is not None:
+            kind, call_id = self._large_head
+            self._on_frame(kind, call_id, memoryview(large))
 
     def _parse(self) -> None:
         buffer, view, filled = self._buffer, self._view, self._filled
@@ -152,9 +157,7 @@ class LinkProtocol(asyncio.BufferedProtocol):
                 self._large_at, self._large_head = have, (kind, call_id)
                 pos = start + have
                 if have == size:
-                    whole = memoryview(self._large)
-                    self._large = None
-                    self._on_frame(kind, call_id, whole)
+                    self._deliver_large()
                     continue
                 break
             if filled - start < size:

@@ -110,13 +110,10 @@ class OwnerLink:
         reply: bytes | None = None
         try:
             parse = handler.request_deserializer
-            if handler.unary_unary is not None:
-                response = await handler.unary_unary(body if parse is None else parse(body), context)
-                if context.code is None or context.code is grpc.StatusCode.OK:
-                    serializer = handler.response_serializer
-                    reply = response if serializer is None else serializer(response)
-            elif handler.stream_unary is not None:
-                response = await handler.stream_unary(_messages(context), context)
+            if handler.unary_unary is not None or handler.stream_unary is not None:
+                response = await (handler.unary_unary(body if parse is None else parse(body), context)
+                                  if handler.unary_unary is not None
+                                  else handler.stream_unary(_messages(context), context))
                 if context.code is None or context.code is grpc.StatusCode.OK:
                     serializer = handler.response_serializer
                     reply = response if serializer is None else serializer(response)
