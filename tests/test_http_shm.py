@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from test_http import raw
-from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
+from tritonclient.utils import InferenceServerException
 from util import ServerProcess, cuda_unavailable_reason, identity_config, scaled, write_model
 
 
@@ -25,7 +25,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = tmp_path_factory.mktemp("http_shm_repo")
     write_model(repo, "pair", identity_config(
         "pair", [("INPUT0", "FP32", [4]), ("INPUT1", "INT32", [4])], max_batch_size=4))
-    write_model(repo, "strings", identity_config("strings", [("INPUT0", "BYTES", [-1])]))
     srv = ServerProcess([repo])
     yield srv
     srv.stop()
@@ -95,23 +94,6 @@ def test_mixed_shm_and_json_and_binary(c, shm_region) -> None:
     assert result.get_output("OUTPUT0") == {"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 4]}  # no data
     np.testing.assert_array_equal(shm.get_contents_as_numpy(handle_out, np.float32, [1, 4]), a)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), b)
-
-
-def test_bytes_tensor_through_shared_memory(c, shm_region) -> None:
-    data = np.array([b"alpha", b"", b"gamma"], dtype=np.object_)
-    serialized = serialize_byte_tensor(data)
-    size = serialized_byte_size(serialized)
-    handle_in, key_in = shm_region(size)
-    handle_out, key_out = shm_region(64)
-    shm.set_shared_memory_region(handle_in, [serialized])
-    c.register_system_shared_memory("s_in", key_in, size)
-    c.register_system_shared_memory("s_out", key_out, 64)
-    inp = httpclient.InferInput("INPUT0", [3], "BYTES")
-    inp.set_shared_memory("s_in", size)
-    out = httpclient.InferRequestedOutput("OUTPUT0")
-    out.set_shared_memory("s_out", 64)
-    c.infer("strings", [inp], outputs=[out])
-    assert list(shm.get_contents_as_numpy(handle_out, np.object_, [3])) == list(data)
 
 
 def test_one_registry_for_grpc_and_http(c, server, shm_region) -> None:
