@@ -21,7 +21,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -136,13 +136,16 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.config
 
 
-async def serve(host: str, port: int, cfg: mc.ModelConfig, reuse_port: bool = False) -> None:
+async def serve(host: str, port: int, cfg: mc.ModelConfig, reuse_port: bool = False,
+                servicer: EchoServicer | None = None, on_stop: Callable[[], None] | None = None) -> None:
+    """Serve `servicer` (an EchoServicer for `cfg` by default) until SIGINT/SIGTERM, then run
+    `on_stop` (scripts/probe_connections.py writes its per-peer counts there)."""
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(cfg), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer or EchoServicer(cfg), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise SystemExit(f"bench_echo: cannot bind {host}:{port}")
@@ -153,6 +156,8 @@ async def serve(host: str, port: int, cfg: mc.ModelConfig, reuse_port: bool = Fa
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if on_stop is not None:
+        on_stop()
     await server.stop(grace=0.5)
 
 

@@ -57,9 +57,8 @@ ALL_LOADS = ("pa-unary", "pa-streaming", "client-one", "client-pool", "client-po
 def run_worker(port: int, stats_path: str) -> int:
     """One echo process: bench_echo's servicer with SO_REUSEPORT and per-peer request counts."""
     import grpc
-    from bench_echo import MAX_MESSAGE, EchoServicer, default_config
+    from bench_echo import EchoServicer, default_config, serve
     from tritonclient.grpc import service_pb2 as pb
-    from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
     counts: Counter[str] = Counter()
 
@@ -77,27 +76,11 @@ def run_worker(port: int, stats_path: str) -> int:
                 counts[peer] += 1
                 yield pb.ModelStreamInferResponse(infer_response=self.echo(request))
 
-    async def serve() -> None:
-        server = grpc.aio.server(options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.so_reuseport", 1),
-        ])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(CountingEcho(default_config("mlp")), server)
-        bound = server.add_insecure_port(f"{HOST}:{port}")
-        if bound == 0:
-            raise SystemExit(f"probe worker: cannot bind {HOST}:{port}")
-        await server.start()
-        print(f"port: {bound}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+    def write_counts() -> None:
         Path(stats_path).write_text(json.dumps({"pid": os.getpid(), "peers": dict(counts)}))
-        await server.stop(grace=0.2)
 
-    asyncio.run(serve())
+    cfg = default_config("mlp")
+    asyncio.run(serve(HOST, port, cfg, reuse_port=True, servicer=CountingEcho(cfg), on_stop=write_counts))
     return 0
 
 
