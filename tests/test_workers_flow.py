@@ -14,13 +14,16 @@ a burst that came and went between two samples still counts.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -28,6 +31,10 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from util import ServerProcess, proc_status_mb, raw_request, scaled, write_model
+
+from server.workers import link
+from server.workers.link import LinkProtocol, frame
+from server.workers.owner import OwnerLink
 
 WORKER_RE = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
 HEADER = "import os, time\nimport numpy as np\nimport triton_python_backend_utils as pb_utils\n\n"
@@ -227,3 +234,87 @@ def test_a_client_stream_the_owner_does_not_read_is_held_back_in_the_client(flow
     channel.close()
     assert not reader.is_alive() and errors == [], errors
     assert answers == list(range(count))
+
+
+# -- the owner's end of the credit, over a real socket pair (no server) --
+
+_META = ("ipv4:127.0.0.1:1", (), None, None)
+
+
+async def _owner_pair(handlers: list[grpc.RpcMethodHandler | None]) -> tuple[Any, LinkProtocol, list[Any]]:
+    """An OwnerLink on one end of a socket pair and a frame collector on the other."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    owner = OwnerLink(0, handlers, lambda i, p: None, lambda i: None, [0])
+    await loop.connect_accepted_socket(lambda: owner.protocol, ours)
+    got: list[Any] = []
+    peer = LinkProtocol(lambda k, c, p: got.append((k, c, bytes(p))), lambda exc: None)
+    await loop.connect_accepted_socket(lambda: peer, theirs)
+    return owner, peer, got
+
+
+async def _settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.1)
+
+
+def test_the_owner_sends_a_window_of_responses_then_waits_for_credit() -> None:
+    async def many(request: bytes, context: Any) -> Any:
+        for i in range(200):
+            yield b"%09d" % i  # 9 bytes each
+
+    async def run() -> None:
+        owner, peer, got = await _owner_pair([grpc.unary_stream_rpc_method_handler(many)])
+        peer.send(frame(link.CALL, 1, link.call_payload(0, _META), b"x"))
+        await _settle()
+        sends = [p for k, _, p in got if k == link.SEND]
+        assert len(sends) == link.WINDOW_MESSAGES  # the frontend took none: the stream waits
+        peer.send(frame(link.CREDIT_SENDS, 1, link.CREDIT_HEAD.pack(32, 32 * 9)))
+        await _settle()
+        assert sum(k == link.SEND for k, _, _ in got) == link.WINDOW_MESSAGES + 32
+        peer.send(frame(link.CREDIT_SENDS, 1, link.CREDIT_HEAD.pack(10_000, 10_000 * 9)))
+        await _settle()
+        sends = [p for k, _, p in got if k == link.SEND]
+        assert sends == [b"%09d" % i for i in range(200)] and got[-1][0] == link.STATUS
+        assert owner._windows == {} and owner._tasks == {}
+        assert peer.transport is not None
+        peer.transport.close()
+
+    asyncio.run(run())
+
+
+def test_the_owner_credits_a_client_stream_as_its_handler_reads_not_as_it_arrives() -> None:
+    permits: asyncio.Queue[int] = asyncio.Queue()
+
+    async def reader(requests: Any, context: Any) -> Any:
+        taken = 0
+        while True:
+            taken += await permits.get()
+            while taken > 0:
+                if (await context.read()) is grpc.aio.EOF:
+                    yield b"done"
+                    return
+                taken -= 1
+
+    async def run() -> None:
+        owner, peer, got = await _owner_pair([grpc.stream_stream_rpc_method_handler(reader)])
+        parts: list[Any] = frame(link.OPEN, 1, link.call_payload(0, _META))
+        for _ in range(100):
+            parts += frame(link.MESSAGE, 1, b"m" * 10)
+        peer.send(parts)
+        await _settle()
+        assert got == []  # arrived, none read: no credit
+        permits.put_nowait(40)
+        await _settle()
+        credits = [link.CREDIT_HEAD.unpack(p) for k, _, p in got if k == link.CREDIT_MESSAGES]
+        assert credits == [(link.WINDOW_MESSAGES // 2, 10 * link.WINDOW_MESSAGES // 2)]
+        peer.send(frame(link.HALF_CLOSE, 1))
+        permits.put_nowait(1000)
+        await _settle()
+        assert sum(link.CREDIT_HEAD.unpack(p)[0] for k, _, p in got if k == link.CREDIT_MESSAGES) == 96
+        assert [k for k, _, _ in got][-2:] == [link.SEND, link.STATUS]
+        assert peer.transport is not None
+        peer.transport.close()
+
+    asyncio.run(run())
