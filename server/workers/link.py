@@ -17,9 +17,11 @@ owner's SEND frames, the frontend's MESSAGE frames). The producer may have at mo
 `WINDOW_MESSAGES` messages or `WINDOW_BYTES` bytes sent and not yet consumed (`Window`);
 the receiver counts what its consumer took (grpc accepted the response; the handler read
 the request) and returns it in one CREDIT frame per half window (`Credit`). So a client
-that does not read stops the owner's stream loop, and a model that does not read stops the
-frontend reading the client's stream (HTTP/2 flow control then holds the client), as grpc
-does in one process. Unary calls carry no credit.
+that does not read stops the owner's stream loop, and a handler that does not read (or an
+owner that is stuck) stops the frontend reading the client's stream (HTTP/2 flow control
+then holds the client), as grpc does in one process. Unary calls carry no credit. The link
+as a whole is then bounded by the calls in flight (`--max-inflight-requests` per frontend)
+times a window, so the transport's own pause_writing is not used.
 """
 
 from __future__ import annotations
