@@ -63,7 +63,7 @@ def test_a_call_cancelled_in_the_same_read_as_it_arrived_leaves_nothing() -> Non
             parts += frame(link.CANCEL, call_id)
         peer.send(parts)  # one write: the owner reads them in one go
         await _settle()
-        assert owner._tasks == {} and owner._streams == {}
+        assert owner._tasks == {} and owner._streams == {} and owner._windows == {}
         assert peer.transport is not None
         peer.transport.close()
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 
+from server.workers.link import Credit
+
 _EOF = grpc.aio.EOF
 
 
@@ -22,7 +24,7 @@ class ForwardedContext:
     """A grpc.aio-like servicer context for one forwarded call."""
 
     def __init__(self, meta: tuple[Any, ...], messages: asyncio.Queue[Any] | None, first: bytes | memoryview | None,
-                 write: Callable[[bytes], None]) -> None:
+                 write: Callable[[Any], Awaitable[None]], credit: Credit | None = None) -> None:
         peer, metadata, auth, remaining = meta
         self._peer: str = peer
         self._metadata: tuple[tuple[str, Any], ...] = metadata
@@ -30,7 +32,8 @@ class ForwardedContext:
         self._deadline = None if remaining is None else time.monotonic() + remaining
         self._messages = messages  # client-streaming calls: bodies, then _EOF
         self._first = first  # the one body of a unary or stream-unary call
-        self._write = write
+        self._write = write  # sends a response and waits for credit when the window is full
+        self._credit = credit  # client-streaming calls: returns the frontend credit for what read() took
         self._callbacks: list[Callable[[Any], None]] = []
         self.code: grpc.StatusCode | None = None
         self.details = ""
@@ -45,7 +48,10 @@ class ForwardedContext:
             return body
         if self._messages is None:
             return _EOF
-        return await self._messages.get()
+        body = await self._messages.get()
+        if body is not _EOF:
+            self._credit.took(len(body))  # type: ignore[union-attr]
+        return body
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
         self.code, self.details = code, details
@@ -73,8 +79,9 @@ class ForwardedContext:
         self._callbacks.append(callback)
 
     async def write(self, message: bytes) -> None:
-        """A response message of a server-streaming handler that writes through its context."""
-        self._write(message)
+        """A response message of a server-streaming handler that writes through its context;
+        waits, as grpcio's does, while the receiving end has not taken enough of the earlier ones."""
+        await self._write(message)
 
     def set_trailing_metadata(self, metadata: Any) -> None:
         pass  # not forwarded: no handler of ours sets any

@@ -40,11 +40,12 @@ _EOF = grpc.aio.EOF
 
 
 class _Call:
-    __slots__ = ("future", "queue")
+    __slots__ = ("future", "queue", "window")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, streaming: bool) -> None:
         self.future: asyncio.Future[Any] | None = None if streaming else loop.create_future()
         self.queue: asyncio.Queue[Any] | None = asyncio.Queue() if streaming else None
+        self.window: link.Window | None = None  # a client stream's MESSAGE frames (set by _pump)
 
     def resolve(self, item: Any) -> None:
         if self.future is not None:
@@ -106,6 +107,10 @@ class FrontendLink:
             call = self._calls.get(call_id)
             if call is not None:
                 call.resolve(payload)
+        elif kind == link.CREDIT_MESSAGES:
+            call = self._calls.get(call_id)
+            if call is not None and call.window is not None:
+                call.window.credit(payload)
         elif kind == link.STATUS:
             call = self._calls.pop(call_id, None)
             if call is not None:
@@ -149,16 +154,19 @@ def _handler(number: int, method: Method, forward: FrontendLink) -> grpc.RpcMeth
     async def streaming(request: Any, context: Any) -> AsyncIterator[bytes]:
         if method.client_streaming:
             call_id, call = forward.start(link.OPEN, number, context, b"", streaming=True)
-            pump = asyncio.ensure_future(_pump(request, call_id, forward))
+            call.window = link.Window()
+            pump = asyncio.ensure_future(_pump(request, call_id, call.window, forward))
         else:
             call_id, call = forward.start(link.CALL, number, context, request, streaming=True)
             pump = None
+        credit = link.Credit(forward.protocol.send, link.CREDIT_SENDS, call_id)
         finished = False
         try:
             while True:
                 item = await call.queue.get()  # type: ignore[union-attr]
                 if isinstance(item, bytes):
-                    yield item
+                    yield item  # returns once grpc took it (HTTP/2 flow control): only then credit it
+                    credit.took(len(item))
                     continue
                 finished = True
                 code, details = item
@@ -176,11 +184,15 @@ def _handler(number: int, method: Method, forward: FrontendLink) -> grpc.RpcMeth
     return grpc.unary_stream_rpc_method_handler(streaming)
 
 
-async def _pump(requests: AsyncIterator[bytes], call_id: int, forward: FrontendLink) -> None:
-    """Forward a client stream's messages as they arrive, then its end."""
+async def _pump(requests: AsyncIterator[bytes], call_id: int, window: link.Window, forward: FrontendLink) -> None:
+    """Forward a client stream's messages as they arrive, then its end. While the owner's
+    handler has not read enough of them (the window is full) it stops reading the client's
+    stream, so grpc stops granting the client HTTP/2 window, as in one process."""
     try:
         async for body in requests:
             forward.send(link.MESSAGE, call_id, body)
+            if window.sent(len(body)):
+                await window.room()
     except Exception:  # the client's stream broke: the call's own status says so
         pass
     forward.send(link.HALF_CLOSE, call_id)

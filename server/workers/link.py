@@ -11,6 +11,17 @@ read everything that arrived with one: under load many calls share each wake-up.
 Large payloads are read straight into a buffer of their own size and handed on as a
 memoryview of it (the socket's copy is the only one on this side); small ones are cut out of
 a shared receive buffer as bytes.
+
+Flow control: a streamed call's messages are credited per call in both directions (the
+owner's SEND frames, the frontend's MESSAGE frames). The producer may have at most
+`WINDOW_MESSAGES` messages or `WINDOW_BYTES` bytes sent and not yet consumed (`Window`);
+the receiver counts what its consumer took (grpc accepted the response; the handler read
+the request) and returns it in one CREDIT frame per half window (`Credit`). So a client
+that does not read stops the owner's stream loop, and a handler that does not read (or an
+owner that is stuck) stops the frontend reading the client's stream (HTTP/2 flow control
+then holds the client), as grpc does in one process. Unary calls carry no credit. The link
+as a whole is then bounded by the calls in flight (`--max-inflight-requests` per frontend)
+times a window, so the transport's own pause_writing is not used.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from typing import Any
 log = logging.getLogger("nereid.workers")
 
 HEADER = struct.Struct("<IBQ")
+CREDIT_HEAD = struct.Struct("<II")  # messages, bytes
 CALL_HEAD = struct.Struct("<HI")  # method index, metadata length
 STATUS_HEAD = struct.Struct("<H")  # status code
 
@@ -36,12 +48,18 @@ HALF_CLOSE = 4  # the client sent its last message
 CANCEL = 5  # the client went away or its deadline passed
 READY = 6  # control (call id 0): the frontend is listening; payload: marshal((index, pid))
 PONG = 7  # control (call id 0): the answer to a PING (the frontend's event loop turns)
+CREDIT_SENDS = 8  # CREDIT_HEAD: SEND frames of this call that grpc accepted since the last one
 # Owner -> frontend.
 REPLY = 10  # the unary response; ends the call with OK
 SEND = 11  # one response message of a stream
 STATUS = 12  # ends the call: code (u16; 0 = OK) and details (UTF-8)
 STOP = 13  # control (call id 0): stop serving; payload: marshal(grace seconds)
 PING = 14  # control (call id 0): answer with PONG (a hung frontend is replaced: pool.py)
+CREDIT_MESSAGES = 15  # CREDIT_HEAD: MESSAGE frames of this call its handler read since the last one
+
+# Per call and direction: what a producer may have sent that its receiver's consumer has not taken.
+WINDOW_MESSAGES = 64
+WINDOW_BYTES = 4 * 1024 * 1024
 
 _LARGE = 256 * 1024  # payloads at least this large get a buffer of their own
 _BUFFER = 512 * 1024
@@ -74,6 +92,61 @@ def status_payload(code: int, details: str) -> bytes:
 def split_status(payload: bytes) -> tuple[int, str]:
     (code,) = STATUS_HEAD.unpack_from(payload)
     return code, payload[STATUS_HEAD.size:].decode("utf-8", "replace")
+
+
+class Window:
+    """The producer's side of one call's flow: messages and bytes sent and not yet credited."""
+
+    __slots__ = ("messages", "size", "_waiter")
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.size = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def sent(self, size: int) -> bool:
+        """Count one message sent; True if the window is now full (await `room()` before the next)."""
+        self.messages += 1
+        self.size += size
+        return self.messages >= WINDOW_MESSAGES or self.size >= WINDOW_BYTES
+
+    async def room(self) -> None:
+        """Wait until the receiver has credited enough to send again (cancelled with the call)."""
+        while self.messages >= WINDOW_MESSAGES or self.size >= WINDOW_BYTES:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def credit(self, payload: bytes | memoryview) -> None:
+        """A CREDIT frame arrived: what the receiver's consumer took."""
+        messages, size = CREDIT_HEAD.unpack_from(payload)
+        self.messages -= messages
+        self.size -= size
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Credit:
+    """The receiver's side of one call's flow: what the consumer took, returned every half window."""
+
+    __slots__ = ("_send", "_kind", "_call_id", "_messages", "_size")
+
+    def __init__(self, send: Callable[[list[bytes | memoryview]], None], kind: int, call_id: int) -> None:
+        self._send = send
+        self._kind = kind
+        self._call_id = call_id
+        self._messages = 0
+        self._size = 0
+
+    def took(self, size: int) -> None:
+        self._messages += 1
+        self._size += size
+        if self._messages >= WINDOW_MESSAGES // 2 or self._size >= WINDOW_BYTES // 2:
+            self._send(frame(self._kind, self._call_id, CREDIT_HEAD.pack(self._messages, self._size)))
+            self._messages = self._size = 0
 
 
 # (kind, call id, payload): bytes, or a memoryview for payloads of _LARGE bytes and more.

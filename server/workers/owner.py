@@ -15,7 +15,7 @@ import inspect
 import logging
 import marshal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -47,6 +47,7 @@ class OwnerLink:
         self._on_lost = on_lost
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._streams: dict[int, asyncio.Queue[Any]] = {}
+        self._windows: dict[int, link.Window] = {}  # server-streaming calls: their SEND frames' credit
         self.protocol = LinkProtocol(self._frame, self._lost)
         self.answered = time.monotonic()  # when the frontend last answered a PING (or started)
 
@@ -66,13 +67,20 @@ class OwnerLink:
                 self._status(call_id, grpc.StatusCode.UNIMPLEMENTED, "method not found")
                 return
             messages: asyncio.Queue[Any] | None = None
+            credit: link.Credit | None = None
             if kind == link.OPEN:
                 messages = self._streams[call_id] = asyncio.Queue()
-            write = self._writer(call_id, handler.response_serializer)
-            context = ForwardedContext(meta, messages, body if kind == link.CALL else None, write)
+                credit = link.Credit(self.protocol.send, link.CREDIT_MESSAGES, call_id)
+            streaming = handler.unary_stream is not None or handler.stream_stream is not None
+            write = self._writer(call_id, handler) if streaming else _no_stream
+            context = ForwardedContext(meta, messages, body if kind == link.CALL else None, write, credit)
             started = self._tasks[call_id] = asyncio.get_running_loop().create_task(
-                self._run(call_id, handler, context, body))
+                self._run(call_id, handler, context, body, write))
             started.add_done_callback(functools.partial(self._ended, call_id, context))
+        elif kind == link.CREDIT_SENDS:
+            window = self._windows.get(call_id)
+            if window is not None:
+                window.credit(payload)
         elif kind == link.MESSAGE:
             queue = self._streams.get(call_id)
             if queue is not None:
@@ -94,10 +102,18 @@ class OwnerLink:
         else:
             log.error("worker %d sent an unknown frame kind %d; ignored", self.index, kind)
 
-    def _writer(self, call_id: int, serializer: Any) -> Callable[[Any], None]:
-        def write(message: Any) -> None:
+    def _writer(self, call_id: int, handler: grpc.RpcMethodHandler) -> Callable[[Any], Awaitable[None]]:
+        """How a server-streaming call sends a response: a SEND frame, then wait for the
+        frontend's credit if the window is full (as grpcio's write waits for the client)."""
+        serializer = handler.response_serializer
+        window = self._windows[call_id] = link.Window()
+        send = self.protocol.send
+
+        async def write(message: Any) -> None:
             body = message if serializer is None else serializer(message)
-            self.protocol.send(frame(link.SEND, call_id, body))
+            send(frame(link.SEND, call_id, body))
+            if window.sent(len(body)):
+                await window.room()
 
         return write
 
@@ -105,7 +121,7 @@ class OwnerLink:
         self.protocol.send(frame(link.STATUS, call_id, link.status_payload(code.value[0], details)))
 
     async def _run(self, call_id: int, handler: grpc.RpcMethodHandler, context: ForwardedContext,
-                   body: bytes | memoryview) -> None:
+                   body: bytes | memoryview, write: Callable[[Any], Awaitable[None]]) -> None:
         """Run one call as grpcio would, then end it on the link with its reply or status."""
         reply: bytes | None = None
         try:
@@ -121,9 +137,8 @@ class OwnerLink:
                 stream = handler.unary_stream(body if parse is None else parse(body), context) \
                     if handler.unary_stream is not None else handler.stream_stream(_messages(context), context)
                 if inspect.isasyncgen(stream):
-                    write = self._writer(call_id, handler.response_serializer)
                     async for item in stream:
-                        write(item)
+                        await write(item)
                 else:  # a handler that writes through its context
                     await stream
         except grpc.aio.AbortError:
@@ -136,6 +151,7 @@ class OwnerLink:
         finally:
             self._tasks.pop(call_id, None)
             self._streams.pop(call_id, None)
+            self._windows.pop(call_id, None)
             context.finish()
         if reply is not None:
             self.protocol.send(frame(link.REPLY, call_id, reply))
@@ -148,12 +164,17 @@ class OwnerLink:
         if not context.finished:
             self._tasks.pop(call_id, None)
             self._streams.pop(call_id, None)
+            self._windows.pop(call_id, None)
             context.finish()
 
     def _lost(self, exc: Exception | None) -> None:
         for task in list(self._tasks.values()):
             task.cancel()
         self._on_lost(self.index)
+
+
+async def _no_stream(message: Any) -> None:
+    raise RuntimeError("context.write() on a call whose method does not stream its responses")
 
 
 async def _messages(context: ForwardedContext) -> AsyncIterator[Any]:
