@@ -33,7 +33,7 @@ STARTED = re.compile(r"Started GRPCInferenceService at 127\.0\.0\.1:(\d+)")
 
 
 def start(workers: int, repo: str) -> tuple[subprocess.Popen[str], int]:
-    cmd = [str(ROOT / ".venv" / "bin" / "nereid"), "serve", "--model-repository", repo, "--grpc-address",
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model-repository", repo, "--grpc-address",
            "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", "--lame-duck-secs", "0",
            "--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
