@@ -58,6 +58,30 @@ class TritonPythonModel:
                                             + CALLS, np.float32))]) for _ in requests]
 '''
 
+# A model with no helper.py of its own: `import helper` in execute must not find another model's.
+NO_HELPER = PY_HEADER + '''
+class TritonPythonModel:
+    def execute(self, requests):
+        try:
+            import helper
+            found = float(helper.VALUE)
+        except ImportError:
+            found = -1.0
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", np.full(4, found, np.float32))])
+                for _ in requests]
+'''
+
+# Says which thread called its execute.
+THREADS = PY_HEADER + '''
+import threading
+
+class TritonPythonModel:
+    def execute(self, requests):
+        name = threading.current_thread().name.encode()
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", pb_utils.get_input_tensor_by_name(
+            r, "INPUT0").as_numpy()), pb_utils.Tensor("THREAD", np.array([name], dtype=np.object_))]) for r in requests]
+'''
+
 # Logs from initialize, execute and finalize (pb_utils.Logger reaches the server's log).
 LOGS = PY_HEADER + '''
 class TritonPythonModel:
@@ -119,8 +143,8 @@ def inproc_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_model(repo, name, _config(name, IN_PROCESS), files={
             "1/model.py": SAME_NAMES.encode(), "1/helper.py": f"VALUE = {value}\n".encode(),
             "1/consts.py": f"VALUE = {value + 4}\n".encode()})
+    write_model(repo, "no_helper", _config("no_helper", IN_PROCESS), files={"1/model.py": NO_HELPER.encode()})
     write_model(repo, "inproc_bls", _config("inproc_bls", IN_PROCESS), files={"1/model.py": BLS.encode()})
-    write_model(repo, "inproc_sender", _config("inproc_sender", IN_PROCESS), files={"1/model.py": SENDER.encode()})
     write_model(repo, "inproc_decoupled", _config("inproc_decoupled", IN_PROCESS +
                 'model_transaction_policy { decoupled: true }\n'), files={"1/model.py": ADD_SUB.encode()})
     write_model(repo, "inproc_bad_value", _config("inproc_bad_value", IN_PROCESS.replace('"true"', '"maybe"')),
@@ -241,14 +265,30 @@ def test_models_with_the_same_file_names_do_not_share_modules(inproc_server: Ser
     a2 = c.infer("same_a", [_fp32("INPUT0", x)]).as_numpy("OUTPUT0")[0]
     # helper.VALUE * 100 + consts.VALUE * 10 + calls so far (a module global of each model's own)
     assert (a1, b1, a2) == (100 + 50 + 1, 200 + 60 + 1, 100 + 50 + 2)
+    # The helper modules were imported for their models only: none is left behind for others.
+    assert c.infer("no_helper", [_fp32("INPUT0", x)]).as_numpy("OUTPUT0").tolist() == [-1.0] * 4
 
 
-def test_response_sender_and_async_execute(inproc_server: ServerProcess) -> None:
-    c = client(inproc_server)
-    x = np.arange(4, dtype=np.float32)
-    for _ in range(3):  # later calls may run on the event loop: the coroutine still runs
-        result = c.infer("inproc_sender", [_fp32("INPUT0", x)])
-        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x + 1)
+def test_cheap_model_runs_on_the_event_loop_and_async_execute_still_works(tmp_path: Path) -> None:
+    """Measured cheap, an in-process model runs inline on the event loop as other in-process
+    backends do (a generous --inline-compute-us makes sure it counts as cheap here); an
+    `async def execute` still runs there, on a loop of its own."""
+    write_model(tmp_path, "inproc_threads", _config("inproc_threads", IN_PROCESS).replace(
+        "output [ ", 'output [ { name: "THREAD" data_type: TYPE_STRING dims: [ 1 ] }, '),
+        files={"1/model.py": THREADS.encode()})
+    write_model(tmp_path, "inproc_sender", _config("inproc_sender", IN_PROCESS), files={"1/model.py": SENDER.encode()})
+    server = ServerProcess([tmp_path], ["--inline-compute-us", "1000000"])
+    try:
+        c = client(server)
+        x = np.arange(4, dtype=np.float32)
+        threads = [c.infer("inproc_threads", [_fp32("INPUT0", x)]).as_numpy("THREAD")[0].decode() for _ in range(4)]
+        assert threads[0].startswith("instance-")  # not measured yet: the instance's worker thread
+        assert not threads[-1].startswith("instance-"), threads  # measured cheap: on the event loop
+        for _ in range(4):
+            result = c.infer("inproc_sender", [_fp32("INPUT0", x)])
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x + 1)
+    finally:
+        server.stop()
 
 
 def test_business_logic_scripting_is_refused_by_name(inproc_server: ServerProcess) -> None:
