@@ -22,7 +22,7 @@ if _PB_UTILS not in sys.path:
 import triton_python_backend_utils as pb_utils  # noqa: E402 - needs the path above
 
 # Frames of these files are ours, not the model's, when saying where an exception came from.
-_OURS = ("python_stub.py", "python_calls.py", "python_inproc.py")
+_OURS = ("python_stub.py", "python_calls.py", "python_inproc.py", "python_modules.py")
 
 
 def describe(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from test_python_backend import ADD_SUB, PROBE, PROBE_CONFIG, PY_HEADER
+from test_python_backend import ADD_SUB, BROKEN_INIT, PROBE, PROBE_CONFIG, PY_HEADER
 from util import ServerProcess, client, expect_error, scaled, write_model
 
 IN_PROCESS = 'parameters { key: "nereid_in_process" value: { string_value: "true" } }\n'
@@ -147,6 +147,8 @@ def inproc_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(repo, "inproc_bls", _config("inproc_bls", IN_PROCESS), files={"1/model.py": BLS.encode()})
     write_model(repo, "inproc_decoupled", _config("inproc_decoupled", IN_PROCESS +
                 'model_transaction_policy { decoupled: true }\n'), files={"1/model.py": ADD_SUB.encode()})
+    write_model(repo, "inproc_broken_init", _config("inproc_broken_init", IN_PROCESS),
+                files={"1/model.py": BROKEN_INIT.encode()})
     write_model(repo, "inproc_bad_value", _config("inproc_bad_value", IN_PROCESS.replace('"true"', '"maybe"')),
                 files={"1/model.py": ADD_SUB.encode()})
     return repo
@@ -297,13 +299,16 @@ def test_business_logic_scripting_is_refused_by_name(inproc_server: ServerProces
            [_fp32("INPUT0", np.zeros(4, np.float32))], inproc_server)
 
 
-def test_unsupported_configs_are_refused_at_load(inproc_server: ServerProcess) -> None:
+def test_unsupported_configs_and_failing_initialize_are_refused_at_load(inproc_server: ServerProcess) -> None:
     rows = {r.name: r for r in client(inproc_server).get_model_repository_index().models}
     assert rows["inproc_decoupled"].state == "UNAVAILABLE"
     assert ("the decoupled transaction policy (model_transaction_policy { decoupled: true }) is not supported "
             "with nereid_in_process; remove the parameter") in rows["inproc_decoupled"].reason
     assert rows["inproc_bad_value"].state == "UNAVAILABLE"
     assert 'nereid_in_process must be "true" or "false", got "maybe"' in rows["inproc_bad_value"].reason
+    assert rows["inproc_broken_init"].state == "UNAVAILABLE"  # as in a stub: the exception and where
+    assert re.search(r"failed to initialize: RuntimeError: cannot find my weights \(model.py:\d+ in initialize\)",
+                     rows["inproc_broken_init"].reason), rows["inproc_broken_init"].reason
     assert rows["inproc_probe"].state == "READY"
 
 
