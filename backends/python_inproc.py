@@ -116,7 +116,7 @@ class InProcessPythonBackend(Backend, ModelCalls):
                 except BaseException:
                     forget(self._module)
                     raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise BackendError(f"Python model {spec.model_file} failed to initialize: {describe(exc)}") from exc
         finally:
             current_model.reset(token)
@@ -152,6 +152,8 @@ class InProcessPythonBackend(Backend, ModelCalls):
             responses = self._run(built, states)
         except ExecuteFailed as exc:
             raise BackendError(f"python model {self.model_name} raised {exc}") from None
+        except SystemExit as exc:  # in a stub it ends the stub; here it must not end the server
+            raise BackendError(f"python model {self.model_name} raised SystemExit({exc.code}) in execute") from None
         finally:
             current_model.reset(token)
         return [self._outcome(response, names) for response, names in zip(responses, wanted, strict=True)]

@@ -71,12 +71,14 @@ class TritonPythonModel:
                 for _ in requests]
 '''
 
-# Says which thread called its execute.
+# Says which thread called its execute; a first element of -9 calls sys.exit(3).
 THREADS = PY_HEADER + '''
-import threading
+import sys, threading
 
 class TritonPythonModel:
     def execute(self, requests):
+        if pb_utils.get_input_tensor_by_name(requests[0], "INPUT0").as_numpy()[0] == -9:
+            sys.exit(3)
         name = threading.current_thread().name.encode()
         return [pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", pb_utils.get_input_tensor_by_name(
             r, "INPUT0").as_numpy()), pb_utils.Tensor("THREAD", np.array([name], dtype=np.object_))]) for r in requests]
@@ -286,6 +288,9 @@ def test_cheap_model_runs_on_the_event_loop_and_async_execute_still_works(tmp_pa
         threads = [c.infer("inproc_threads", [_fp32("INPUT0", x)]).as_numpy("THREAD")[0].decode() for _ in range(4)]
         assert threads[0].startswith("instance-")  # not measured yet: the instance's worker thread
         assert not threads[-1].startswith("instance-"), threads  # measured cheap: on the event loop
+        # sys.exit() there fails the request; it must not stop the server's event loop.
+        _fails("INTERNAL", r"raised SystemExit\(3\)", "inproc_threads", [_fp32("INPUT0", np.full(4, -9, np.float32))],
+               server)
         for _ in range(4):
             result = c.infer("inproc_sender", [_fp32("INPUT0", x)])
             np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x + 1)
