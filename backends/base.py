@@ -145,6 +145,13 @@ class Backend(abc.ABC):
     supports_decoupled: ClassVar[bool] = False
 
     @classmethod
+    def variant(cls, spec: ModelSpec) -> type[Backend]:
+        """The class that serves this version: `cls`, unless a config parameter picks another mode
+        of the same backend (the Python backend's `nereid_in_process`). The core asks once, at load,
+        before anything else about the class. Raise BackendError if the config cannot be served."""
+        return cls
+
+    @classmethod
     def describe(cls, model_file: Path) -> Signature | None:
         """Read the model file's I/O for auto-complete; None if the format cannot say."""
         return None

@@ -54,7 +54,7 @@ from backends.base import (
     Signature,
 )
 from backends.python_bls import ANSWER, REQUEST_KINDS, BlsRouter
-from backends.python_config import config_signature, triton_config_json
+from backends.python_config import config_signature, initialize_args, request_parameters, triton_config_json
 from backends.python_decoupled import STATUS_OF_CODE, ResponseRouter, response_channel
 from backends.python_events import StubEvents
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
@@ -66,8 +66,6 @@ RESTART_INTERVAL_S = 10.0
 STOP_TIMEOUT_S = 10.0
 WARMUP_FINAL_TIMEOUT_S = 300.0  # a decoupled model's warmup request waits this long for its final flag
 _ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding the `backends` package
-# Request parameters Triton takes for itself: the model sees them as correlation_id() and flags().
-_SEQUENCE_KEYS = ("sequence_id", "sequence_start", "sequence_end")
 _FD_SETSIZE = 1024  # select() takes descriptors below this
 
 def _exit_status(proc: subprocess.Popen[bytes]) -> str:
@@ -230,6 +228,15 @@ class PythonBackend(Backend):
     supports_decoupled = True
 
     @classmethod
+    def variant(cls, spec: ModelSpec) -> type[Backend]:
+        """`nereid_in_process: true` runs the model inside the server (backends/python_inproc.py)."""
+        if spec.parameters.get("nereid_in_process") is None:
+            return cls
+        from backends.python_inproc import InProcessPythonBackend, wants_in_process
+
+        return InProcessPythonBackend if wants_in_process(spec) else cls
+
+    @classmethod
     def describe(cls, model_file: Path) -> Signature | None:
         """Run the model's `auto_complete_config` (in a throwaway stub) on the config on disk; a model
         without one keeps the config's inputs and outputs as they are (a model may have no inputs)."""
@@ -264,15 +271,7 @@ class PythonBackend(Backend):
             "decoupled": decoupled,
             "model_file": str(spec.model_file),
             "model_name": spec.name,
-            "args": {
-                "model_config": config_json,
-                "model_instance_kind": "GPU" if device.kind == "GPU" else "CPU",
-                "model_instance_name": self._label,
-                "model_instance_device_id": str(device.device_id),
-                "model_repository": str(spec.model_dir),
-                "model_version": str(spec.version),
-                "model_name": spec.name,
-            },
+            "args": initialize_args(spec, device, config_json),
         }
         self._stub: Stub | None = None
         self._pending: Stub | None = None  # the stub running submitted requests
@@ -346,16 +345,7 @@ class PythonBackend(Backend):
         for r in requests:
             count = len(r.inputs)
             requested = list(r.requested_outputs) if r.requested_outputs else self._outputs
-            correlation_id, flags = 0, 0
-            if r.parameters:
-                given = dict(r.parameters)
-                if any(key in given for key in _SEQUENCE_KEYS):
-                    correlation_id = given.pop("sequence_id", 0)
-                    first, last = given.pop("sequence_start", False), given.pop("sequence_end", False)
-                    flags = (1 if first else 0) | (2 if last else 0)  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
-                parameters = json.dumps(given, default=str)
-            else:
-                parameters = "{}"
+            parameters, correlation_id, flags = request_parameters(r.parameters)
             wire.append((r.id, parameters, requested, metas[start:start + count], correlation_id, flags))
             start += count
         stub.cancel_probes = [r.cancelled for r in requests]

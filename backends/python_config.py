@@ -13,8 +13,11 @@ from typing import Any
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from backends.base import Signature, TensorSpec
+from backends.base import Device, ModelSpec, Signature, TensorSpec
 from backends.datatypes import config_to_protocol
+
+# Request parameters Triton takes for itself: the model sees them as correlation_id() and flags().
+_SEQUENCE_KEYS = ("sequence_id", "sequence_start", "sequence_end")
 
 # int64 fields that protobuf's JSON writes as strings; Triton's model_config JSON has numbers.
 _INT64_KEYS = frozenset({
@@ -56,3 +59,31 @@ def config_signature(config: dict[str, Any]) -> Signature:
         )
 
     return Signature(specs(config.get("input", [])), specs(config.get("output", [])), max_batch_size=mbs)
+
+
+def initialize_args(spec: ModelSpec, device: Device, config_json: str) -> dict[str, str]:
+    """The `args` dict `initialize(args)` receives, as Triton builds it (every value a string);
+    `config_json` is `triton_config_json(spec.config_json)`."""
+    return {
+        "model_config": config_json,
+        "model_instance_kind": "GPU" if device.kind == "GPU" else "CPU",
+        "model_instance_name": spec.instance_name or spec.name,
+        "model_instance_device_id": str(device.device_id),
+        "model_repository": str(spec.model_dir),
+        "model_version": str(spec.version),
+        "model_name": spec.name,
+    }
+
+
+def request_parameters(parameters: Any) -> tuple[str, Any, int]:
+    """A request's parameters as the model reads them: (`parameters()` JSON text, `correlation_id()`,
+    `flags()`); the sequence batcher's keys become the correlation id and the sequence flags."""
+    if not parameters:
+        return "{}", 0, 0
+    given = dict(parameters)
+    correlation_id, flags = 0, 0
+    if any(key in given for key in _SEQUENCE_KEYS):
+        correlation_id = given.pop("sequence_id", 0)
+        first, last = given.pop("sequence_start", False), given.pop("sequence_end", False)
+        flags = (1 if first else 0) | (2 if last else 0)  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
+    return json.dumps(given, default=str), correlation_id, flags

@@ -3,14 +3,17 @@
 Calls go to the server over the stub's events socket (backends/python_events.py serves the other
 end): log lines without waiting, metric operations with an answer, so `Metric.value()` is the
 server's value and a refused operation raises `TritonModelException` where the model made it, as
-in Triton. Outside a stub (a model imported by a unit test) log lines go to stderr and metrics
-are kept in this process.
+in Triton. Outside a stub, metrics are kept in this process (the server's own registry when
+the model runs in the server, `nereid_in_process`) and log lines go to the server's log (in the
+server) or to stderr (a model imported by a unit test).
 """
 
 from __future__ import annotations
 
 import collections
+import contextvars
 import itertools
+import logging
 import os
 import sys
 import threading
@@ -86,6 +89,12 @@ def _release(handle: int, *held: Any) -> None:
 
 _events: _Events | None = None
 
+# The model whose code runs now, in the server's own process (backends/python_inproc.py sets it
+# around initialize, execute and finalize): its Logger lines go to the server's log naming it,
+# as a stub's lines do (python_events.py). Unset in a stub and in a unit test.
+current_model: contextvars.ContextVar[str | None] = contextvars.ContextVar("nereid_python_model", default=None)
+_LOG_LEVELS = {0: logging.INFO, 1: logging.WARNING, 2: logging.ERROR, 3: logging.DEBUG}
+
 
 def connect(channel: Channel) -> None:
     """Called once by the stub with its events channel."""
@@ -147,6 +156,11 @@ class Logger:
         frame = sys._getframe(depth)
         where = f"({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
         if _events is None:
+            model = current_model.get()
+            if model is not None:
+                logging.getLogger("nereid.python").log(_LOG_LEVELS.get(level, logging.INFO), "model '%s' %s: %s",
+                                                       model, where, message, extra={"model": model})
+                return
             print(f"{'IWEV'[level] if 0 <= level < 4 else 'I'} {where} {message}", file=sys.stderr)
             return
         _events.post(("log", int(level), str(message), where))

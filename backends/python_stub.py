@@ -30,19 +30,9 @@ from typing import Any
 from backends import python_observe
 from backends.python_async import BackgroundLoop
 from backends.python_bls_stub import BlsClient
+from backends.python_calls import ExecuteFailed, ModelCalls, describe, pb_utils
 from backends.python_ipc import Arena, Channel, ChannelClosed, layout, read, write
 from backends.python_responses import IS_CANCELLED, InferenceResponseSender, ResponseHub
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "pb_utils"))
-
-import triton_python_backend_utils as pb_utils  # noqa: E402 - needs the path above
-
-
-def _describe(exc: BaseException) -> str:
-    """`ValueError: bad shape (model.py:27 in execute)`: what and where, on one line."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.endswith("python_stub.py")]
-    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def _load_module(model_file: str) -> Any:
@@ -70,7 +60,7 @@ def _load_module(model_file: str) -> Any:
     return module
 
 
-class Stub:
+class Stub(ModelCalls):
     def __init__(self, channel: Channel, init: dict[str, Any], responses: Channel | None = None) -> None:
         self.channel = channel
         # Response senders; `responses` is the response channel of a decoupled model.
@@ -135,7 +125,7 @@ class Stub:
         self._executing = True
         try:
             responses = self._run(requests, states)
-        except _Failed as exc:
+        except ExecuteFailed as exc:
             return ("fail", str(exc)), None
         finally:
             self._executing = False
@@ -157,7 +147,7 @@ class Stub:
         try:
             plan, needed = layout(tensors_out)
         except Exception as exc:
-            return ("fail", f"cannot send the outputs: {_describe(exc)}"), None
+            return ("fail", f"cannot send the outputs: {describe(exc)}"), None
         fd = self.outputs.ensure(needed)
         metas = write(self.outputs, plan)
         start = 0
@@ -178,65 +168,6 @@ class Stub:
         if fd is not None:
             os.close(fd)
         return bool(result[1])
-
-    def _run(self, requests: list[Any], states: list[Any]) -> list[Any]:
-        """The model's responses, one per request. A request answered through its response sender
-        (default mode) gets what the sender sent; what was sent before `execute` raised stands.
-        A request the model released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE runs again (flags
-        cleared, as Triton re-enqueues it) in a later `execute` until it is answered; that needs
-        `iterative_sequence`, as in Triton."""
-        responses: list[Any] = [None] * len(requests)
-        pending = list(range(len(requests)))
-        while pending:
-            batch = [requests[i] for i in pending]
-            batch_states = [states[i] for i in pending]
-            try:
-                answers = self.model.execute(batch)
-                if not isinstance(answers, (list, tuple)) and asyncio.iscoroutine(answers):
-                    answers = self._run_async(answers)  # an `async def execute`
-            except Exception as exc:
-                traceback.print_exc()
-                if not any(state.sent for state in batch_states):
-                    raise _Failed(_describe(exc)) from exc
-                answers = [state.response if state.sent else _failed(exc) for state in batch_states]
-            if answers is None or isinstance(answers, (list, tuple)) and (
-                    any(state.sent for state in batch_states) or any(r is None for r in answers)):
-                answers = self._sent_responses(batch, batch_states, answers)
-            if not isinstance(answers, (list, tuple)) or len(answers) != len(batch):
-                got = len(answers) if isinstance(answers, (list, tuple)) else type(answers).__name__
-                raise _Failed(f"execute() must return one InferenceResponse per request ({len(batch)}), got {got}")
-            again = []
-            for i, request, answer in zip(pending, batch, answers, strict=True):
-                if request.release_flags() != pb_utils.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:
-                    responses[i] = answer
-                elif not self.iterative:
-                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                        "Request is released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, but model "
-                        f"'{self.model_name}' does not set sequence_batching {{ iterative_sequence: true }}, "
-                        "which rescheduling needs"))
-                else:
-                    request.set_release_flags(pb_utils.TRITONSERVER_REQUEST_RELEASE_ALL)
-                    request._flags = 0
-                    again.append(i)
-            pending = again
-        return responses
-
-    @staticmethod
-    def _sent_responses(requests: list[Any], states: list[Any], returned: Any) -> list[Any]:
-        """Default mode with response senders: a request `execute` returned None for is answered
-        by what its sender sends (waiting for the final flag, which may come from another thread)."""
-        if returned is not None and len(returned) != len(requests):
-            return list(returned)  # reported as a count mismatch by the caller
-        out = []
-        for i, (request, state) in enumerate(zip(requests, states, strict=True)):
-            response = None if returned is None else returned[i]
-            if state.closed or response is None and getattr(request, "_sender_used", False):
-                state.done.wait()
-                response = state.response
-            out.append(response if response is not None else _failed(ValueError(
-                "execute() returned None for a request of a model that is not decoupled, and sent it no "
-                "response through its response sender")))
-        return out
 
     def execute_decoupled(self, wire_requests: list[Any], keys: list[int]) -> tuple[Any, int | None]:
         """A decoupled model: responses go out through the senders (the response channel) as the
@@ -268,7 +199,7 @@ class Stub:
                     "must return None.")
         except Exception as exc:
             traceback.print_exc()
-            message = exc.message() if isinstance(exc, pb_utils.TritonModelException) else _describe(exc)
+            message = exc.message() if isinstance(exc, pb_utils.TritonModelException) else describe(exc)
             self.hub.fail_open(states, message, pb_utils.TritonError.INTERNAL)
             return ("fail", message), None
         return ("done", 0, [("decoupled",)] * len(requests), time.perf_counter_ns() - started), None
@@ -279,36 +210,9 @@ class Stub:
         client would wait for a final flag that never comes)."""
         def failed(exc: BaseException) -> None:
             traceback.print_exception(exc)
-            message = exc.message() if isinstance(exc, pb_utils.TritonModelException) else _describe(exc)
+            message = exc.message() if isinstance(exc, pb_utils.TritonModelException) else describe(exc)
             self.hub.fail_open(states, message, pb_utils.TritonError.INTERNAL)
         return failed
-
-    def _run_async(self, coroutine: Any) -> Any:
-        """Run an `async def execute` to completion on the stub's event loop (as Triton does);
-        tasks it started and left behind are cancelled, and BLS answers nobody awaits dropped."""
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-        loop = self._loop
-        try:
-            return loop.run_until_complete(coroutine)
-        finally:
-            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for task in left:
-                task.cancel()
-            if left:  # their BLS calls are abandoned as they end (python_bls_stub.py)
-                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-
-    @staticmethod
-    def _response(response: Any, wanted: set[str]) -> list[tuple[str, Any]] | tuple[str, str, int]:
-        if not isinstance(response, pb_utils.InferenceResponse):
-            return ("err", f"execute() returned {type(response).__name__} instead of an InferenceResponse",
-                    pb_utils.TritonError.INTERNAL)
-        if response.has_error():
-            error = response.error()
-            code = error.code() if hasattr(error, "code") else pb_utils.TritonError.INTERNAL
-            message = error.message() if hasattr(error, "message") else str(error)
-            return ("err", message, code)
-        return [(t.name(), t.as_numpy()) for t in response.output_tensors() if t.name() in wanted]
 
     def finalize(self) -> None:
         self.bls.phase = "finalize"
@@ -320,14 +224,6 @@ class Stub:
             except Exception:
                 traceback.print_exc()
         self.channel.send(("stopped",))
-
-
-def _failed(exc: BaseException) -> Any:
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(_describe(exc)))
-
-
-class _Failed(Exception):
-    """The model's `execute` failed as a whole (it raised, or answered the wrong number)."""
 
 
 def _autocomplete(channel: Channel, init: dict[str, Any]) -> None:
@@ -372,7 +268,7 @@ def main() -> int:
         stub.initialize(init["args"])
     except Exception as exc:
         traceback.print_exc()
-        channel.send(("fatal", _describe(exc)))
+        channel.send(("fatal", describe(exc)))
         _await_stop(channel)
         return 1
     channel.send(("ready", os.getpid()))

@@ -131,7 +131,7 @@ class Model:
         """Create every instance; on any failure release what was made and raise BackendError."""
         pool = self._pool
         try:
-            cls = backend_class(self.config.backend)
+            cls = backend_class(self.config.backend).variant(self.spec)
             try:
                 self.timeout_s = execution_timeout_s(self.config, self._limits.execution_timeout_s)
                 threshold = failure_threshold(self.config, self._limits.failure_threshold)
