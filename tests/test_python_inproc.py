@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from test_python_backend import ADD_SUB, BROKEN_INIT, PROBE, PROBE_CONFIG, PY_HEADER
+from test_python_backend import ADD_SUB, BROKEN_INIT, PROBE, PROBE_CONFIG, PY_HEADER, _fp32
 from util import ServerProcess, client, expect_error, scaled, write_model
 
 IN_PROCESS = 'parameters { key: "nereid_in_process" value: { string_value: "true" } }\n'
@@ -161,12 +161,6 @@ def inproc_server(inproc_repo: Path):
     server = ServerProcess([inproc_repo])
     yield server
     server.stop()
-
-
-def _fp32(name: str, arr: np.ndarray) -> grpcclient.InferInput:
-    inp = grpcclient.InferInput(name, list(arr.shape), "FP32")
-    inp.set_data_from_numpy(arr)
-    return inp
 
 
 def _fails(code: str, pattern: str, model: str, inputs: list[grpcclient.InferInput], srv: ServerProcess) -> None:

@@ -18,7 +18,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -28,13 +27,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from test_workers_calls import _pair
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from util import ServerProcess, proc_status_mb, raw_request, scaled, write_model
 
 from server.workers import link
-from server.workers.link import LinkProtocol, frame
-from server.workers.owner import OwnerLink
+from server.workers.link import frame
 
 WORKER_RE = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
 HEADER = "import os, time\nimport numpy as np\nimport triton_python_backend_utils as pb_utils\n\n"
@@ -241,18 +240,6 @@ def test_a_client_stream_the_owner_does_not_read_is_held_back_in_the_client(flow
 _META = ("ipv4:127.0.0.1:1", (), None, None)
 
 
-async def _owner_pair(handlers: list[grpc.RpcMethodHandler | None]) -> tuple[Any, LinkProtocol, list[Any]]:
-    """An OwnerLink on one end of a socket pair and a frame collector on the other."""
-    loop = asyncio.get_running_loop()
-    ours, theirs = socket.socketpair()
-    owner = OwnerLink(0, handlers, lambda i, p: None, lambda i: None, [0])
-    await loop.connect_accepted_socket(lambda: owner.protocol, ours)
-    got: list[Any] = []
-    peer = LinkProtocol(lambda k, c, p: got.append((k, c, bytes(p))), lambda exc: None)
-    await loop.connect_accepted_socket(lambda: peer, theirs)
-    return owner, peer, got
-
-
 async def _settle() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
@@ -265,7 +252,7 @@ def test_the_owner_sends_a_window_of_responses_then_waits_for_credit() -> None:
             yield b"%09d" % i  # 9 bytes each
 
     async def run() -> None:
-        owner, peer, got = await _owner_pair([grpc.unary_stream_rpc_method_handler(many)])
+        owner, peer, got = await _pair([grpc.unary_stream_rpc_method_handler(many)])
         peer.send(frame(link.CALL, 1, link.call_payload(0, _META), b"x"))
         await _settle()
         sends = [p for k, _, p in got if k == link.SEND]
@@ -298,7 +285,7 @@ def test_the_owner_credits_a_client_stream_as_its_handler_reads_not_as_it_arrive
                 taken -= 1
 
     async def run() -> None:
-        owner, peer, got = await _owner_pair([grpc.stream_stream_rpc_method_handler(reader)])
+        owner, peer, got = await _pair([grpc.stream_stream_rpc_method_handler(reader)])
         parts: list[Any] = frame(link.OPEN, 1, link.call_payload(0, _META))
         for _ in range(100):
             parts += frame(link.MESSAGE, 1, b"m" * 10)
