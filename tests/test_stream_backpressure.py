@@ -140,7 +140,11 @@ def _open(stub: service_pb2_grpc.GRPCInferenceServiceStub, request: pb.ModelInfe
 def _warm(stub: service_pb2_grpc.GRPCInferenceServiceStub, repo: Path, model: str) -> None:
     warm = list(stub.ModelStreamInfer(iter([_burst(model, 1, 8)])))
     assert len(warm) == 1 and warm[0].error_message == "", warm
-    (repo / model / "sent-1").unlink()
+    marker, deadline = repo / model / "sent-1", time.monotonic() + scaled(10)
+    while not marker.exists():  # written just after the final flag went out
+        assert time.monotonic() < deadline, "the warmup request never finished"
+        time.sleep(0.02)
+    marker.unlink()
 
 
 def test_an_unread_decoupled_stream_holds_the_model_back(server) -> None:
@@ -263,3 +267,29 @@ def test_a_stream_of_requests_whose_answers_are_not_read_stops_being_read(server
         assert sorted(answers) == list(range(count))
     finally:
         channel.close()
+
+
+def test_a_client_that_gives_up_while_the_model_waits_frees_the_instance(server) -> None:
+    """The model waits for a client that does not read; the client cancels: the wait ends at
+    once (what the model sends after is dropped), and the one instance serves the next client."""
+    srv, repo, _ = server
+    size = MB
+    channel = _channel(srv)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    _warm(stub, repo, "burst1")
+    done = threading.Event()
+    try:
+        responses = _open(stub, _burst("burst1", 300, size), done)
+        time.sleep(1.0)
+        assert not (repo / "burst1" / "sent-300").exists(), "the model was not held back"
+        responses.cancel()  # type: ignore[attr-defined]
+    finally:
+        done.set()
+        channel.close()
+    other = _channel(srv)
+    try:
+        _read_burst(service_pb2_grpc.GRPCInferenceServiceStub(other).ModelStreamInfer(
+            iter([_burst("burst1", 5, size)]), timeout=scaled(20)), 5, size)
+    finally:
+        other.close()
+    assert (repo / "burst1" / "sent-300").exists()
