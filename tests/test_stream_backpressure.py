@@ -293,3 +293,38 @@ def test_a_client_that_gives_up_while_the_model_waits_frees_the_instance(server)
     finally:
         other.close()
     assert (repo / "burst1" / "sent-300").exists()
+
+
+def test_sigterm_answers_more_than_a_window_of_requests_a_stream_has_sent(tmp_path, server_factory) -> None:
+    """SIGTERM while a stream's 150 requests run in one batch: their answers (more than a
+    window) all reach the client, then the stream ends UNAVAILABLE and the server exits 0. The
+    writer keeps draining while it waits for the requests (waiting for them first, it would
+    stall on answers waiting for room)."""
+    count = 150
+    write_model(tmp_path, "batched", identity_config("batched", [("IN", "INT32", [1])], max_batch_size=256,
+                                                     execute_delay_ms=1000) + "dynamic_batching { }\n")
+    srv = server_factory(tmp_path, "--model-queue-limit", "0", "--exit-timeout-secs", "30")
+    channel = _channel(srv)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    done = threading.Event()
+
+    def requests() -> Iterator[pb.ModelInferRequest]:
+        for i in range(count):
+            yield raw_request("batched", [("IN", "INT32", np.array([[i]], np.int32))], request_id=str(i))
+        done.wait(scaled(60))  # the stream stays open: the server ends it
+
+    answers: list[int] = []
+    try:
+        responses = stub.ModelStreamInfer(requests(), timeout=scaled(60))
+        time.sleep(0.5)  # all read, the batch runs
+        srv.terminate()
+        with pytest.raises(grpc.RpcError) as ended:
+            for response in responses:
+                assert response.error_message == "", response.error_message
+                answers.append(int(np.frombuffer(response.infer_response.raw_output_contents[0], np.int32)[0]))
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+        assert sorted(answers) == list(range(count))
+        assert srv.wait(30) == 0
+    finally:
+        done.set()
+        channel.close()
