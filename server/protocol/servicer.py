@@ -353,7 +353,8 @@ class InferenceServicer:
         window = StreamWindow(responses)
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task[None]] = set()
-        ending = [False, True]  # [the server is stopping: answer what was read, then end; still reading]
+        ending = False  # the server is stopping: answer the requests read, then end the stream
+        reading = True  # read_all has not reached its end yet
 
         async def run_one(body: bytes) -> None:
             response: bytes | None = None
@@ -408,6 +409,7 @@ class InferenceServicer:
             await window.put(response)
 
         async def read_all() -> None:
+            nonlocal reading
             try:
                 async for body in requests:
                     self.inflight += 1
@@ -417,7 +419,7 @@ class InferenceServicer:
                     del body
                     await window.room()  # a full window: leave the client's next request to HTTP/2
             finally:  # answer what was read, even when reading failed
-                ending[1] = False
+                reading = False
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
                 responses.put_nowait(None)
@@ -425,7 +427,7 @@ class InferenceServicer:
         def done(task: asyncio.Task[None]) -> None:
             tasks.discard(task)
             self._leave()
-            if ending[0] and not tasks:
+            if ending and not tasks:
                 responses.put_nowait(None)  # stopping: the last request read has answered
 
         reader = loop.create_task(read_all())
@@ -439,16 +441,16 @@ class InferenceServicer:
                 if response is None:
                     break
                 if response is _END:
-                    if not ending[0]:
-                        ending[0] = True
-                        if ending[1]:
+                    if not ending:
+                        ending = True
+                        if reading:
                             reader.cancel()  # no more reads; requests already read still answer
                         if not tasks:
                             responses.put_nowait(None)  # after what is queued
                     continue
                 window.taken(response)
                 yield response
-            if ending[0]:
+            if ending:
                 handlers.finish_with(context, (grpc.StatusCode.UNAVAILABLE, STREAM_CLOSED))
                 return
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
