@@ -144,9 +144,10 @@ def test_a_stream_nobody_reads_does_not_fill_the_frontend(flow_server) -> None:
         done.wait(scaled(120))  # keep the stream open until every response is read
 
     responses = stub.ModelStreamInfer(requests())
-    deadline = time.monotonic() + scaled(60)
-    while not marker.exists():
-        assert time.monotonic() < deadline, "the model never sent its responses"
+    # The owner holds the model back too (test_stream_backpressure.py): it may not finish
+    # sending until the client reads, so wait a while rather than for the marker.
+    deadline = time.monotonic() + 4.0
+    while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(scaled(2))  # the owner encodes and forwards what the link lets it
     held = _peaks(pids)

@@ -12,13 +12,26 @@ the backend sends the final response, even if the model failed or its process di
 request failed before that (queue full, model unavailable, bad input), its error is the
 final response. Cancelling (the client went away) tells the backend, which tells the model
 (`is_cancelled()`), and stops waiting.
+
+Back-pressure: a request holds at most `WINDOW_RESPONSES` responses (and about
+`WINDOW_BYTES` of tensors) sent but not yet taken by its consumer (the stream writing to
+the client). A backend thread that sends past that waits in `send` until the consumer takes
+one, the request is cancelled, or the stream ends, so a client that does not read holds
+back the model instead of filling the server's memory. For the Python backend the thread
+that waits is the instance's response reader: that instance's model then waits in
+`response_sender.send` (the stub's socket is full), as Triton's python_backend waits when
+its message queue is full; other requests on the same instance wait with it, other
+instances do not. Nothing waits on the event loop's own thread (an ensemble sends from
+there), and the final response never waits (it is one more at most, and the paths that
+close requests when a stub died must not stall).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import numpy as np
@@ -32,21 +45,51 @@ from server.types import InferenceRequest
 # One response as the protocol layer gets it: (outputs or None, error or None, final).
 Response = tuple[dict[str, np.ndarray] | None, NereidError | None, bool]
 
+# Responses of one request sent and not yet taken before the sender waits: enough that a
+# reader keeping up never makes the model wait (the consumer takes each within microseconds
+# and grpc's HTTP/2 window holds a few more), small enough that 64 typical responses (tokens,
+# small tensors) cost little; the byte bound keeps large responses to a few.
+WINDOW_RESPONSES = 64
+WINDOW_BYTES = 8 << 20
+_RECHECK_S = 1.0  # a waiting sender looks this often whether the event loop closed under it
+
+
+def _nbytes(outcome: Any) -> int:
+    if isinstance(outcome, dict):
+        return sum(getattr(value, "nbytes", 0) for value in outcome.values())
+    return 0
+
 
 class ResponseStream:
-    """One request's responses, from the backend's threads to the event loop."""
+    """One request's responses, from the backend's threads to the event loop, at most a
+    window of them held (module docstring)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.queue: asyncio.Queue[tuple[Any, bool, int]] = asyncio.Queue()
+        self._loop_thread = threading.get_ident()  # made on the loop: `send` never waits there
+        self.queue: asyncio.Queue[tuple[Any, bool, int, int]] = asyncio.Queue()
         self.attached = False  # the backend took the request: it will send the final response
         self._cancel: Callable[[], None] | None = None
+        self._space = threading.Condition(threading.Lock())
+        self._held = 0  # responses sent, not yet taken by the consumer
+        self._held_bytes = 0
+        self._closed = False  # cancelled or ended: nothing waits, and what comes is dropped
 
     # -- the backend's side (any thread) --
 
     def send(self, outcome: Any, final: bool) -> None:
+        size = _nbytes(outcome)
+        with self._space:
+            while (not final and not self._closed
+                   and (self._held >= WINDOW_RESPONSES or (self._held and self._held_bytes + size > WINDOW_BYTES))
+                   and threading.get_ident() != self._loop_thread and not self._loop.is_closed()):
+                self._space.wait(_RECHECK_S)
+            if self._closed:
+                return
+            self._held += 1
+            self._held_bytes += size
         try:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, (outcome, final, time.perf_counter_ns()))
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, (outcome, final, time.perf_counter_ns(), size))
         except RuntimeError:  # the loop has closed (shutdown): nobody is listening
             pass
 
@@ -56,13 +99,27 @@ class ResponseStream:
 
     # -- the event loop's side --
 
+    def taken(self, size: int) -> None:
+        """The consumer took one response off the queue: a waiting sender may go on."""
+        with self._space:
+            self._held -= 1
+            self._held_bytes -= size
+            self._space.notify()
+
+    def close(self) -> None:
+        """Nobody will take more: release every waiting sender, drop what comes later."""
+        with self._space:
+            self._closed = True
+            self._space.notify_all()
+
     def cancel(self) -> None:
+        self.close()
         callback, self._cancel = self._cancel, None
         if callback is not None:
             callback()
 
 
-async def stream_responses(model: Model, request: InferenceRequest) -> AsyncIterator[Response]:
+async def stream_responses(model: Model, request: InferenceRequest) -> AsyncGenerator[Response, None]:
     """Run `request` on a decoupled model and yield its responses as the model sends them; the
     last one yielded is final (its outputs may be None: the final flag alone)."""
     loop = asyncio.get_running_loop()
@@ -78,7 +135,7 @@ async def stream_responses(model: Model, request: InferenceRequest) -> AsyncIter
             return
         # It never reached the backend (queue full, model unavailable, bad input): its error closes it.
         stream.queue.put_nowait((error or InternalError(f"model {model.label} took no request"), True,
-                                 time.perf_counter_ns()))
+                                 time.perf_counter_ns(), -1))  # not counted in the window
 
     task.add_done_callback(executed)
     finished = False
@@ -86,7 +143,9 @@ async def stream_responses(model: Model, request: InferenceRequest) -> AsyncIter
     index, previous = 0, time.perf_counter_ns()
     try:
         while not finished:
-            outcome, finished, sent = await stream.queue.get()
+            outcome, finished, sent, size = await stream.queue.get()
+            if size >= 0:
+                stream.taken(size)
             response = _response(model, request, outcome, finished)
             handed = time.perf_counter_ns()
             kind = "empty_response" if outcome is None else "fail" if response[1] is not None else "success"
@@ -98,6 +157,7 @@ async def stream_responses(model: Model, request: InferenceRequest) -> AsyncIter
             model.stats.record_response(index, "cancel", time.perf_counter_ns() - previous, 0)
             stream.cancel()
             task.cancel()
+        stream.close()
 
 
 def _response(model: Model, request: InferenceRequest, outcome: Any, final: bool) -> Response:

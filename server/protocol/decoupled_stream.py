@@ -8,11 +8,16 @@ What goes on the wire follows Triton's server (src/grpc/stream_infer_handler.cc)
   parameter `triton_enable_empty_final_response: true`; otherwise nothing is written;
 - an error the model sends becomes a response with `error_message` (and the request's id,
   model name and version), and the stream stays open.
+
+`emit` is awaited: it returns once the stream's window has room (servicer.py), so a client
+that does not read stops this loop, which stops taking the model's responses, which holds
+the model back (server/core/decoupled.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 from tritonclient.grpc import service_pb2 as pb
@@ -40,19 +45,23 @@ FINAL_FALSE = _final_parameter(False)
 
 
 async def stream_decoupled(model: Model, request: Any, decoded: InferenceRequest,
-                           emit: Callable[[bytes], None]) -> None:
-    """Run `decoded` on a decoupled model, writing each response with `emit` as it comes."""
+                           emit: Callable[[bytes], Awaitable[None]]) -> None:
+    """Run `decoded` on a decoupled model, writing each response with `emit` as it comes and
+    waiting for it (back-pressure). Cancelled while waiting, the request is cancelled at once
+    (`aclosing`: the responses' generator ends here, not whenever it is collected)."""
     empty_final = decoded.parameters.get(EMPTY_FINAL_KEY) is True
-    async for outputs, error, final in stream_responses(model, decoded):
-        if error is not None:
-            _, message = handlers.failure("ModelStreamInfer", error)
-            emit(error_response(request, message, final))
-        elif outputs is not None:
-            parts = encode_infer_response(model, request.id, outputs)
-            parts.append(FINAL_TRUE if final else FINAL_FALSE)
-            emit(b"".join(wrap_stream_response(parts)))
-        elif empty_final:
-            emit(pb.ModelStreamInferResponse(infer_response=_metadata(request, final)).SerializeToString())
+    async with aclosing(stream_responses(model, decoded)) as responses:
+        async for outputs, error, final in responses:
+            if error is not None:
+                _, message = handlers.failure("ModelStreamInfer", error)
+                await emit(error_response(request, message, final))
+            elif outputs is not None:
+                parts = encode_infer_response(model, request.id, outputs)
+                parts.append(FINAL_TRUE if final else FINAL_FALSE)
+                await emit(b"".join(wrap_stream_response(parts)))
+            elif empty_final:
+                await emit(pb.ModelStreamInferResponse(
+                    infer_response=_metadata(request, final)).SerializeToString())
 
 
 def _metadata(request: Any, final: bool) -> pb.ModelInferResponse:

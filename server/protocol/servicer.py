@@ -37,6 +37,7 @@ from server.protocol.ratelimit import RateLimiter
 from server.protocol.rollout_rpc import sticky_key
 from server.protocol.shm_tensors import write_outputs
 from server.protocol.statistics import model_statistics
+from server.protocol.stream_window import StreamWindow
 from server.protocol.wire import split_infer_request, wrap_stream_response
 from server.repository.manager import RepositoryManager
 from server.repository.registry import parse_version
@@ -345,10 +346,15 @@ class InferenceServicer:
         """Bidirectional stream: every request runs concurrently (so they batch together) and
         its response is written when ready, carrying the request id. A failed request answers
         with `error_message` and the stream stays open. At shutdown the stream ends with
-        UNAVAILABLE once the requests it already sent are answered."""
+        UNAVAILABLE once the requests it already sent are answered.
+        Responses not yet handed to grpc are bounded (stream_window.py): their producers wait,
+        and the client's requests are not read while the window is full."""
         responses: asyncio.Queue[Any] = asyncio.Queue()
+        window = StreamWindow(responses)
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task[None]] = set()
+        ending = False  # the server is stopping: answer the requests read, then end the stream
+        reading = True  # read_all has not reached its end yet
 
         async def run_one(body: bytes) -> None:
             response: bytes | None = None
@@ -376,7 +382,7 @@ class InferenceServicer:
                         if decoded.shm_outputs:
                             raise Unsupported("shared memory outputs are not supported for decoupled models; "
                                               "request the outputs without shared memory parameters")
-                        await stream_decoupled(model, request, decoded, responses.put_nowait)
+                        await stream_decoupled(model, request, decoded, window.put)
                         if trace is not None:
                             self.tracer.finish(trace)
                         return
@@ -400,9 +406,10 @@ class InferenceServicer:
                 self._rejected("", status[0])
             if response is None:
                 response = pb.ModelStreamInferResponse(error_message=status[1] if status else "").SerializeToString()
-            responses.put_nowait(response)
+            await window.put(response)
 
         async def read_all() -> None:
+            nonlocal reading
             try:
                 async for body in requests:
                     self.inflight += 1
@@ -410,7 +417,9 @@ class InferenceServicer:
                     tasks.add(task)
                     task.add_done_callback(done)
                     del body
+                    await window.room()  # a full window: leave the client's next request to HTTP/2
             finally:  # answer what was read, even when reading failed
+                reading = False
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
                 responses.put_nowait(None)
@@ -418,30 +427,30 @@ class InferenceServicer:
         def done(task: asyncio.Task[None]) -> None:
             tasks.discard(task)
             self._leave()
+            if ending and not tasks:
+                responses.put_nowait(None)  # stopping: the last request read has answered
 
         reader = loop.create_task(read_all())
         self._streams.add(responses)
         if self.closing and self._arrived():
             responses.put_nowait(_END)
-        closing = False
         try:
+            # The writer only drains: every producer waits on it (the window), so it waits on none.
             while True:
                 response = await responses.get()
                 if response is None:
                     break
                 if response is _END:
-                    closing = True
-                    reader.cancel()  # no more reads; requests already read still answer
-                    if not tasks:
-                        break
-                    await asyncio.wait(list(tasks))
-                    while not responses.empty():
-                        item = responses.get_nowait()
-                        if isinstance(item, bytes):
-                            yield item
-                    break
+                    if not ending:
+                        ending = True
+                        if reading:
+                            reader.cancel()  # no more reads; requests already read still answer
+                        if not tasks:
+                            responses.put_nowait(None)  # after what is queued
+                    continue
+                window.taken(response)
                 yield response
-            if closing:
+            if ending:
                 handlers.finish_with(context, (grpc.StatusCode.UNAVAILABLE, STREAM_CLOSED))
                 return
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
