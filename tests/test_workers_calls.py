@@ -150,3 +150,28 @@ def test_unary_calls_that_end_at_once_or_wait_both_answer_and_keep_their_context
         peer.transport.close()
 
     asyncio.run(run())
+
+
+def test_a_handler_sees_the_calls_peer_metadata_auth_and_time_left() -> None:
+    """The metadata travels marshalled and is decoded when a handler asks (context.py): what it
+    reads is what the frontend sent, and the seconds left count from the call's arrival."""
+    meta = ("ipv4:10.0.0.7:5151", (("traceparent", "00-ab-cd-01"), ("k-bin", b"\x00\xff")),
+            {"x509_common_name": [b"client"]}, 30.0)
+    seen: list[Any] = []
+
+    async def look(request: bytes, context: Any) -> bytes:
+        seen.extend([context.peer(), context.invocation_metadata(), context.auth_context(), context.time_remaining()])
+        return b""
+
+    async def run() -> None:
+        owner, peer, got = await _pair([grpc.unary_unary_rpc_method_handler(look)])
+        peer.send(frame(link.CALL, 1, link.call_payload(0, meta), b"x")
+                  + frame(link.CALL, 2, link.call_payload(0, ("unix:", (), None, None)), b"x"))
+        await _settle()
+        assert [(k, c) for k, c, _ in got] == [(link.REPLY, 1), (link.REPLY, 2)]
+        assert seen[:3] == list(meta[:3]) and 29.0 < seen[3] <= 30.0, seen
+        assert seen[4:] == ["unix:", (), {}, None]
+        assert peer.transport is not None
+        peer.transport.close()
+
+    asyncio.run(run())

@@ -77,12 +77,12 @@ def call_payload(method: int, meta: Any) -> bytes:
     return CALL_HEAD.pack(method, len(packed)) + packed
 
 
-def split_call(payload: bytes | memoryview) -> tuple[int, Any, bytes | memoryview]:
-    """(method index, metadata, body) of a CALL or OPEN payload (a large body stays a view)."""
+def split_call(payload: bytes | memoryview) -> tuple[int, bytes, bytes | memoryview]:
+    """(method index, metadata still marshalled, body) of a CALL or OPEN payload (a large body
+    stays a view). The metadata is decoded when a handler asks for it (context.py): most never do."""
     method, size = CALL_HEAD.unpack_from(payload)
     start = CALL_HEAD.size
-    meta = marshal.loads(payload[start:start + size])
-    return method, meta, payload[start + size:]
+    return method, bytes(payload[start:start + size]), payload[start + size:]
 
 
 def status_payload(code: int, details: str) -> bytes:
