@@ -214,10 +214,10 @@ class LinkProtocol(asyncio.BufferedProtocol):
             else:
                 self._filled += nbytes
                 self._parse()
-        finally:
+        finally:  # even if a frame's handler failed: nothing queued may wait for a flush never scheduled
             self._reading = False
-        if self._pending:
-            self._flush()
+            if self._pending:
+                self._flush()
 
     def _deliver_large(self) -> None:
         """Hand on the completed large payload as a view of its buffer (no copy: the request
