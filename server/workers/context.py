@@ -9,6 +9,7 @@ handlers run unchanged in both modes and there is one request path, not two.
 from __future__ import annotations
 
 import asyncio
+import marshal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,13 +24,16 @@ _EOF = grpc.aio.EOF
 class ForwardedContext:
     """A grpc.aio-like servicer context for one forwarded call."""
 
-    def __init__(self, meta: tuple[Any, ...], messages: asyncio.Queue[Any] | None, first: bytes | memoryview | None,
+    __slots__ = ("_meta", "_fields", "_arrived", "_messages", "_first", "_write", "_credit", "_callbacks", "code",
+                 "details", "finished")
+
+    def __init__(self, meta: bytes, messages: asyncio.Queue[Any] | None, first: bytes | memoryview | None,
                  write: Callable[[Any], Awaitable[None]], credit: Credit | None = None) -> None:
-        peer, metadata, auth, remaining = meta
-        self._peer: str = peer
-        self._metadata: tuple[tuple[str, Any], ...] = metadata
-        self._auth: dict[str, list[bytes]] = auth or {}
-        self._deadline = None if remaining is None else time.monotonic() + remaining
+        # marshal((peer, metadata, auth, seconds left)), decoded on first use: a plain inference
+        # never asks (only tracing, rate limits and rollout keys read it), and it is per call.
+        self._meta = meta
+        self._fields: tuple[Any, ...] | None = None
+        self._arrived = time.monotonic()  # the seconds left were measured as the frontend sent the call
         self._messages = messages  # client-streaming calls: bodies, then _EOF
         self._first = first  # the one body of a unary or stream-unary call
         self._write = write  # sends a response and waits for credit when the window is full
@@ -64,16 +68,22 @@ class ForwardedContext:
         self.details = details
 
     def invocation_metadata(self) -> tuple[tuple[str, Any], ...]:
-        return self._metadata
+        return self._decoded()[1]  # type: ignore[no-any-return]
 
     def peer(self) -> str:
-        return self._peer
+        return self._decoded()[0]  # type: ignore[no-any-return]
 
     def auth_context(self) -> dict[str, list[bytes]]:
-        return self._auth
+        return self._decoded()[2] or {}
 
     def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        remaining = self._decoded()[3]
+        return None if remaining is None else max(0.0, self._arrived + remaining - time.monotonic())
+
+    def _decoded(self) -> tuple[Any, ...]:
+        if self._fields is None:
+            self._fields = marshal.loads(self._meta)
+        return self._fields
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         self._callbacks.append(callback)

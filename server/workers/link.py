@@ -77,12 +77,12 @@ def call_payload(method: int, meta: Any) -> bytes:
     return CALL_HEAD.pack(method, len(packed)) + packed
 
 
-def split_call(payload: bytes | memoryview) -> tuple[int, Any, bytes | memoryview]:
-    """(method index, metadata, body) of a CALL or OPEN payload (a large body stays a view)."""
+def split_call(payload: bytes | memoryview) -> tuple[int, bytes, bytes | memoryview]:
+    """(method index, metadata still marshalled, body) of a CALL or OPEN payload (a large body
+    stays a view). The metadata is decoded when a handler asks for it (context.py): most never do."""
     method, size = CALL_HEAD.unpack_from(payload)
     start = CALL_HEAD.size
-    meta = marshal.loads(payload[start:start + size])
-    return method, meta, payload[start + size:]
+    return method, bytes(payload[start:start + size]), payload[start + size:]
 
 
 def status_payload(code: int, details: str) -> bytes:
@@ -167,22 +167,27 @@ class LinkProtocol(asyncio.BufferedProtocol):
         self._large_at = 0
         self._large_head: tuple[int, int] = (0, 0)  # its (kind, call id)
         self._pending: list[bytes | memoryview] = []
+        self._reading = False  # in buffer_updated: what its frames send goes out as it returns
         self._loop = asyncio.get_running_loop()
         self.closed = False
 
     # -- writing --
 
     def send(self, parts: list[bytes | memoryview]) -> None:
-        """Queue a frame; everything queued in one event-loop pass goes out in one write."""
+        """Queue a frame; everything queued in one event-loop pass goes out in one write.
+
+        Frames sent while a read is handled (the replies of calls that ended at once, as most
+        unary calls do: owner.py) go out when the read's frames have all been handled, without
+        waiting for the next pass: one write per read, and one loop pass less."""
         if self.closed:
             return
-        if not self._pending:
+        if not self._pending and not self._reading:
             self._loop.call_soon(self._flush)
         self._pending += parts
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        if self.transport is not None and not self.transport.is_closing():
+        if pending and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(pending)
 
     # -- reading --
@@ -200,13 +205,19 @@ class LinkProtocol(asyncio.BufferedProtocol):
         return self._view[self._filled:]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._large is not None:
-            self._large_at += nbytes
-            if self._large_at == len(self._large):
-                self._deliver_large()
-            return
-        self._filled += nbytes
-        self._parse()
+        self._reading = True
+        try:
+            if self._large is not None:
+                self._large_at += nbytes
+                if self._large_at == len(self._large):
+                    self._deliver_large()
+            else:
+                self._filled += nbytes
+                self._parse()
+        finally:  # even if a frame's handler failed: nothing queued may wait for a flush never scheduled
+            self._reading = False
+            if self._pending:
+                self._flush()
 
     def _deliver_large(self) -> None:
         """Hand on the completed large payload as a view of its buffer (no copy: the request

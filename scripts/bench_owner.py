@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""The --workers owner's CPU per forwarded ModelInfer call, without gRPC or perf_analyzer.
+
+Why: the owner's cost per request bounds `nereid serve --workers N` (docs/ARCHITECTURE.md),
+and perf_analyzer runs on this shared machine measure it to ±10 %. This runs the owner's real
+path in one process — `OwnerLink` over a socket pair, the servicer's handlers, model `mlp`
+batch 1 loaded from `model_repository/` — and a forked client that keeps `--inflight` CALL
+frames in flight (a new one per answer), and prints the owner process's CPU (user + system,
+all its threads) per call. `--inflight 1` is a lightly loaded owner (one call per wake-up),
+32 a busy one (many calls per read). `--echo` replaces ModelInfer with a handler that returns
+its request: the link's own cost. Measures the tree it runs from:
+`cd <tree> && .venv/bin/python scripts/bench_owner.py --inflight 1,4,32`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from tritonclient.grpc import service_pb2 as pb  # noqa: E402
+
+from server.app import rate_limiter  # noqa: E402
+from server.cli import build_parser, settings_from_args  # noqa: E402
+from server.core.shm_registry import SharedMemoryRegistry  # noqa: E402
+from server.protocol.health import HealthReporter  # noqa: E402
+from server.protocol.server import services_of  # noqa: E402
+from server.protocol.servicer import InferenceServicer  # noqa: E402
+from server.repository.manager import RepositoryManager  # noqa: E402
+from server.tracing.otel import Tracer  # noqa: E402
+from server.workers import link  # noqa: E402
+from server.workers.methods import method_table  # noqa: E402
+from server.workers.owner import OwnerLink, handler_table  # noqa: E402
+
+METHOD = next(i for i, m in enumerate(method_table()) if m.name == "ModelInfer")
+# What a frontend forwards for a perf_analyzer call: peer, metadata, no TLS, no deadline.
+META = ("ipv4:127.0.0.1:45678", (("user-agent", "grpc-c++/1.67.0 grpc-c/44.0.0 (linux; chttp2)"),), None, None)
+
+
+def request_body() -> bytes:
+    request = pb.ModelInferRequest(model_name="mlp")
+    tensor = request.inputs.add(name="INPUT0", datatype="FP32")
+    tensor.shape.extend([1, 64])
+    request.outputs.add(name="OUTPUT0")
+    request.raw_input_contents.append(np.random.default_rng(0).random((1, 64), np.float32).tobytes())
+    return request.SerializeToString()  # type: ignore[no-any-return]
+
+
+def client(sock: socket.socket, payload: bytes, calls: int, inflight: int) -> None:
+    """The forked frontend stand-in: `inflight` calls out, one more per REPLY, until `calls`."""
+    def call(call_id: int) -> bytes:
+        return link.HEADER.pack(len(payload), link.CALL, call_id) + payload
+
+    sent = min(inflight, calls)
+    sock.sendall(b"".join(call(i + 1) for i in range(sent)))
+    got, buffer = 0, bytearray()
+    while got < calls:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        buffer += data
+        pos, more = 0, []
+        while len(buffer) - pos >= link.HEADER.size:
+            size, kind, _ = link.HEADER.unpack_from(buffer, pos)
+            if len(buffer) - pos - link.HEADER.size < size:
+                break
+            if kind != link.REPLY:
+                print(f"unexpected frame kind {kind}: {bytes(buffer[pos:pos + 200])!r}", file=sys.stderr)
+                os._exit(1)
+            pos += link.HEADER.size + size
+            got += 1
+            if sent < calls:
+                sent += 1
+                more.append(call(sent))
+        del buffer[:pos]
+        if more:
+            sock.sendall(b"".join(more))
+    sock.close()
+    os._exit(0)
+
+
+async def measure(handlers: list[Any], payload: bytes, calls: int, inflight: int) -> tuple[float, float, float]:
+    """(owner CPU µs per call, of which system, calls/s) for one run."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        client(theirs, payload, calls, inflight)
+    theirs.close()
+    done: asyncio.Future[None] = loop.create_future()
+    owner = OwnerLink(0, handlers, lambda i, p: None, lambda i: done.done() or done.set_result(None), [0])
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    await loop.connect_accepted_socket(lambda: owner.protocol, ours)
+    await done
+    after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
+    os.waitpid(pid, 0)
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return 1e6 * (user + system) / calls, 1e6 * system / calls, calls / wall
+
+
+async def main(args: argparse.Namespace) -> None:
+    settings = settings_from_args(build_parser().parse_args(
+        ["serve", "--model-repository", str(ROOT / "model_repository"), "--model-control-mode", "explicit",
+         "--load-model", "mlp", "--allow-http", "false"]))
+    loop = asyncio.get_running_loop()
+    manager = RepositoryManager(settings)
+    manager.bind_loop(loop)
+    health = HealthReporter()
+    health.bind_loop(loop)
+    servicer = InferenceServicer(manager, rate_limiter(settings), Tracer(settings.trace_config), SharedMemoryRegistry())
+    await loop.run_in_executor(None, manager.load_startup)
+    gc.collect()
+    gc.freeze()  # as app.serve does once loaded
+    servicer.loaded = True
+    handlers = handler_table(services_of(servicer, health))
+    if args.echo:
+        import grpc
+
+        async def echo(requests: Any, context: Any) -> Any:
+            return await context.read()
+
+        handlers[METHOD] = grpc.stream_unary_rpc_method_handler(echo)
+    payload = link.call_payload(METHOD, META) + request_body()
+    for inflight in (int(n) for n in args.inflight.split(",")):
+        await measure(handlers, payload, 2000, inflight)  # warm-up: the inline-cost estimate, caches
+        for _ in range(args.repeat):
+            cpu, system, rate = await measure(handlers, payload, args.calls, inflight)
+            print(f"{'echo' if args.echo else 'mlp'} inflight {inflight:3d}: owner {cpu:6.1f} us CPU per call "
+                  f"(system {system:4.1f}), {rate:6.0f} calls/s, load {os.getloadavg()[0]:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inflight", default="1,4,32", help="calls in flight, comma-separated (default 1,4,32)")
+    ap.add_argument("--calls", type=int, default=20000, help="calls per measurement (default 20000)")
+    ap.add_argument("--repeat", type=int, default=1, help="measurements per inflight value (default 1)")
+    ap.add_argument("--echo", action="store_true", help="an echo handler instead of ModelInfer (the link alone)")
+    ap.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                    help="the owner's event loop (the server's default is uvloop when installed)")
+    arguments = ap.parse_args()
+    if arguments.event_loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(main(arguments))
