@@ -27,10 +27,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from test_stream_backpressure import _channel, _peaks, _read_burst
 from test_workers_calls import _pair
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
-from util import ServerProcess, proc_status_mb, raw_request, scaled, write_model
+from util import ServerProcess, raw_request, scaled, write_model
 
 from server.workers import link
 from server.workers.link import frame
@@ -112,16 +113,6 @@ def _pids(srv: ServerProcess) -> list[int]:
     return [srv.proc.pid, *frontends.values()]
 
 
-def _channel(srv: ServerProcess) -> grpc.Channel:
-    return grpc.insecure_channel(srv.url, options=[
-        ("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 * MB),
-        ("grpc.max_send_message_length", 64 * MB)])
-
-
-def _peaks(pids: list[int]) -> list[float]:
-    return [proc_status_mb(pid, "VmHWM") for pid in pids]
-
-
 def test_a_stream_nobody_reads_does_not_fill_the_frontend(flow_server) -> None:
     """A decoupled model sends 400 responses of 1 MB to a client that does not read: the
     frontends hold a few window's worth, not 400 MB; then the client reads all, in order."""
@@ -155,20 +146,7 @@ def test_a_stream_nobody_reads_does_not_fill_the_frontend(flow_server) -> None:
     print(f"peak RSS growth while unread, MB: owner {growth[0]:.0f}, frontends {growth[1]:.0f} {growth[2]:.0f}")
     assert max(growth[1:]) < 100, f"a frontend held the unread responses: {growth} MB (owner, frontends)"
     try:
-        got = 0
-        for response in responses:
-            assert response.error_message == "", response.error_message
-            out = response.infer_response
-            if not out.raw_output_contents:
-                continue  # the final flag
-            idx = np.frombuffer(out.raw_output_contents[1], np.uint32)[0]
-            assert idx == got, f"response {idx} arrived as number {got}"
-            body = out.raw_output_contents[0]
-            assert len(body) == size and body[0] == got % 251 and body[-1] == (got + size - 1) % 251
-            got += 1
-            if got == count:
-                break
-        assert got == count
+        _read_burst(responses, count, size)
     finally:
         done.set()
         channel.close()
