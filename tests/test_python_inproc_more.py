@@ -125,3 +125,59 @@ class TritonPythonModel:
         assert [float(o["OUTPUT0"][0]) for o in outcomes] == [0.0, 1.0, 0.0]  # type: ignore[index]
     finally:
         backend.close()
+
+
+# Makes a family in a module global from an `async def execute` (run on a thread of its own), or,
+# with FAIL set, in initialize before raising.
+ASYNC_HOLDER = more_tests.HEADER + '''
+FAIL = {fail}
+HELD = []
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        if FAIL:
+            HELD.append(pb_utils.MetricFamily("nereid_unit_failed", "made before failing", pb_utils.MetricFamily.GAUGE))
+            raise RuntimeError("no weights")
+
+    async def execute(self, requests):
+        family = pb_utils.MetricFamily("nereid_unit_async", "made in async execute", pb_utils.MetricFamily.GAUGE)
+        HELD.append((family, family.Metric(labels={{"k": "v"}})))
+        HELD[-1][1].set(2)
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+            "OUTPUT0", np.zeros(1, np.float32))]) for r in requests]
+'''
+
+
+def test_metrics_of_async_execute_and_of_a_failed_initialize_are_the_instances(tmp_path: Path) -> None:
+    """The backend on its own, in this process's registry: what an `async def execute` made
+    leaves at close, what a failing initialize made leaves at once."""
+    from backends.base import BackendError, Device, ModelSpec, Request, TensorSpec
+    from backends.custom_metrics import REGISTRY
+    from backends.python import PythonBackend
+
+    def spec_for(name: str, fail: bool) -> ModelSpec:
+        write_model(tmp_path, name, "", files={"1/model.py": ASYNC_HOLDER.format(fail=fail).encode()})
+        model_dir = tmp_path / name
+        return ModelSpec(name=name, version=1, model_dir=model_dir, version_dir=model_dir / "1",
+                         model_file=model_dir / "1" / "model.py", max_batch_size=0,
+                         inputs=(TensorSpec("INPUT0", "FP32", (1,)),), outputs=(TensorSpec("OUTPUT0", "FP32", (1,)),),
+                         parameters={"nereid_in_process": "true"}, config_json=f'{{"name": "{name}"}}',
+                         instance_name="unit")
+
+    def families() -> set[str]:
+        return {f.name for f in REGISTRY.snapshot()}
+
+    spec = spec_for("async_holder", False)
+    backend = PythonBackend.variant(spec)()
+    backend.load(spec, Device("CPU", 0))
+    try:
+        backend.execute_requests([Request({"INPUT0": np.zeros(1, np.float32)})])
+        assert "nereid_unit_async" in families()
+    finally:
+        backend.close()
+    assert "nereid_unit_async" not in families()
+    spec = spec_for("failed_holder", True)
+    with pytest.raises(BackendError, match="no weights"):
+        PythonBackend.variant(spec)().load(spec, Device("CPU", 0))
+    assert "nereid_unit_failed" not in families()
