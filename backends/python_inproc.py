@@ -18,9 +18,11 @@ business logic scripting (`InferenceRequest.exec` and friends raise when called)
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import contextvars
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from backends.base import (
@@ -37,7 +39,7 @@ from backends.python_calls import ExecuteFailed, ModelCalls, describe, pb_utils
 from backends.python_config import initialize_args, request_parameters, triton_config_json
 from backends.python_decoupled import STATUS_OF_CODE
 from backends.python_modules import forget, import_model, model_imports
-from backends.python_observe import current_model
+from backends.python_observe import current_model, metric_owner, release_owned
 from backends.python_responses import InferenceResponseSender, ResponseHub
 
 log = logging.getLogger("nereid.python")
@@ -100,12 +102,12 @@ class InProcessPythonBackend(Backend, ModelCalls):
         self._loop = None
         self._async: concurrent.futures.ThreadPoolExecutor | None = None  # where `async def execute` runs
         self.model: Any = None
+        self._metrics: set[int] = set()  # handles of the MetricFamily / Metric objects it made
         config_json = triton_config_json(spec.config_json)
         config = json.loads(config_json)
         self.iterative = bool(config.get("sequence_batching", {}).get("iterative_sequence", False))
-        token = current_model.set(spec.name)
         try:
-            with model_imports(spec.model_file.parent):
+            with self._as_model(), model_imports(spec.model_file.parent):
                 self._module = import_model(spec.model_file)
                 try:
                     self.model = self._module.TritonPythonModel()
@@ -117,8 +119,17 @@ class InProcessPythonBackend(Backend, ModelCalls):
                     forget(self._module)
                     raise
         except (Exception, SystemExit) as exc:
+            release_owned(self._metrics)  # what its import or initialize made before failing
             raise BackendError(f"Python model {spec.model_file} failed to initialize: {describe(exc)}") from exc
+
+    @contextlib.contextmanager
+    def _as_model(self) -> Iterator[None]:
+        """While the model's code runs: its Logger lines name it, its metrics are its own."""
+        token, owner = current_model.set(self.model_name), metric_owner.set(self._metrics)
+        try:
+            yield
         finally:
+            metric_owner.reset(owner)
             current_model.reset(token)
 
     def execute(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -147,15 +158,13 @@ class InProcessPythonBackend(Backend, ModelCalls):
             built.append(request)
             wanted.append(names)
             states.append(state)
-        token = current_model.set(self.model_name)
         try:
-            responses = self._run(built, states)
+            with self._as_model():
+                responses = self._run(built, states)
         except ExecuteFailed as exc:
             raise BackendError(f"python model {self.model_name} raised {exc}") from None
         except SystemExit as exc:  # in a stub it ends the stub; here it must not end the server
             raise BackendError(f"python model {self.model_name} raised SystemExit({exc.code}) in execute") from None
-        finally:
-            current_model.reset(token)
         return [self._outcome(response, names) for response, names in zip(responses, wanted, strict=True)]
 
     def _outcome(self, response: Any, wanted: set[str]) -> Outcome:
@@ -171,15 +180,15 @@ class InProcessPythonBackend(Backend, ModelCalls):
         model, self.model = getattr(self, "model", None), None
         if model is None:
             return
-        token = current_model.set(self.model_name)
         try:
             if hasattr(model, "finalize"):
-                try:
-                    model.finalize()
-                except Exception:
-                    log.exception("python model instance %s: finalize() failed", self._label)
+                with self._as_model():
+                    try:
+                        model.finalize()
+                    except Exception:
+                        log.exception("python model instance %s: finalize() failed", self._label)
         finally:
-            current_model.reset(token)
+            release_owned(self._metrics)  # as a stub's exit: even what a module global still holds
             forget(self._module)
             if self._async is not None:
                 self._async.shutdown(wait=False)
@@ -189,4 +198,5 @@ class InProcessPythonBackend(Backend, ModelCalls):
         this instance's caller may be the server's event loop, where another loop cannot run."""
         if self._async is None:
             self._async = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"python-async-{self._label}")
-        return self._async.submit(ModelCalls._run_async, self, coroutine).result()
+        context = contextvars.copy_context()  # its Logger lines and metrics are still this model's
+        return self._async.submit(context.run, ModelCalls._run_async, self, coroutine).result()

@@ -76,18 +76,44 @@ class _Events:
 def _release(handle: int, *held: Any) -> None:
     """A MetricFamily (`held`: name) or Metric (name, labels) object is gone (from `__del__`)."""
     if _events is None:  # no stub: the metrics are kept in this process
-        from backends.custom_metrics import REGISTRY
-
-        if len(held) == 1:
-            REGISTRY.release_family(held[0])
-        else:
-            REGISTRY.release_metric(held[0], held[1])
+        kept = _held.pop(handle, None)
+        if kept is None:  # released already, with the model instance that made it (release_owned)
+            return
+        if kept[0] is not None:
+            kept[0].discard(handle)
+        _registry_release(held)
         return
     _released.append(handle)
     _events.released()
 
 
+def _registry_release(held: tuple[Any, ...]) -> None:
+    from backends.custom_metrics import REGISTRY
+
+    if len(held) == 1:
+        REGISTRY.release_family(held[0])
+    else:
+        REGISTRY.release_metric(held[0], held[1])
+
+
 _events: _Events | None = None
+
+# No stub (the model runs in the server, `nereid_in_process`): each live MetricFamily / Metric
+# handle of this process, with the handles set of the model instance that made it (`metric_owner`,
+# set around its initialize, execute and finalize). Unloading the instance releases what it still
+# holds (release_owned) as a stub's exit does, even objects a reference cycle (a module global)
+# would keep until the garbage collector ran; their later `__del__` then does nothing.
+_held: dict[int, tuple[set[int] | None, tuple[Any, ...]]] = {}
+metric_owner: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar("nereid_metric_owner", default=None)
+
+
+def release_owned(owned: set[int]) -> None:
+    """Release every metric handle a model instance in this process still holds (at its unload)."""
+    for handle in list(owned):
+        kept = _held.pop(handle, None)
+        if kept is not None:
+            _registry_release(kept[1])
+    owned.clear()
 
 # The model whose code runs now, in the server's own process (backends/python_inproc.py sets it
 # around initialize, execute and finalize): its Logger lines go to the server's log naming it,
@@ -118,6 +144,11 @@ def _call(message: Any) -> Any:
         result = handler(*message[2:] if message[0] in ("family", "metric") else message[1:])
     except MetricError as exc:
         raise _exception(str(exc)) from None
+    if message[0] in ("family", "metric"):  # ("family", handle, name, ...) / ("metric", handle, name, labels, ...)
+        owner = metric_owner.get()
+        _held[message[1]] = (owner, (message[2],) if message[0] == "family" else (message[2], message[3]))
+        if owner is not None:
+            owner.add(message[1])
     return 0.0 if result is None else result
 
 
