@@ -23,12 +23,15 @@ import asyncio
 from collections import deque
 from typing import Any
 
-# 64 responses: a client that reads keeps the queue near empty (the writer takes each as soon
-# as grpc accepts the previous one), so the bound costs a reader nothing, and batches of up to
-# 64 requests answered at once still go out without waiting. 8 MiB keeps large responses (a
-# decoupled model's 1 MB tensors) to a few per stream.
-MESSAGES = 64
-BYTES = 8 << 20
+from server.core.decoupled import WINDOW_BYTES, WINDOW_RESPONSES
+
+# The same bound as one decoupled request's untaken responses (server/core/decoupled.py): a
+# client that reads keeps the queue near empty (the writer takes each as soon as grpc accepts
+# the previous one), so it costs a reader nothing, and a batch of up to 64 requests answered
+# at once still goes out without waiting; the byte bound keeps large responses (a decoupled
+# model's 1 MB tensors) to a few per stream.
+MESSAGES = WINDOW_RESPONSES
+BYTES = WINDOW_BYTES
 
 
 class StreamWindow:
