@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -246,19 +247,28 @@ def test_requested_outputs_are_passed_to_the_model(py_server: ServerProcess) -> 
     assert result.as_numpy("PID") is None
 
 
-def test_execute_requests_gives_each_request_its_outcome(py_repo: Path) -> None:
-    """The backend on its own (no server): one pb_utils request per Request, one outcome each."""
-    from backends.base import BackendError, BackendStatusError, Device, ModelSpec, Request, TensorSpec
+def probe_spec(model_dir: Path, parameters: dict[str, str] | None = None) -> Any:
+    """The ModelSpec of a PROBE model (PROBE_CONFIG) at `model_dir`, for tests of the backend on
+    its own (no server)."""
+    from backends.base import ModelSpec, TensorSpec
 
-    model_dir = py_repo / "py_probe"
-    spec = ModelSpec(
-        name="py_probe", version=1, model_dir=model_dir, version_dir=model_dir / "1",
+    name = model_dir.name
+    return ModelSpec(
+        name=name, version=1, model_dir=model_dir, version_dir=model_dir / "1",
         model_file=model_dir / "1" / "model.py", max_batch_size=16,
         inputs=(TensorSpec("INPUT0", "FP32", (-1,)),),
         outputs=(TensorSpec("OUTPUT0", "FP32", (-1,)), TensorSpec("PID", "INT64", (1,)),
                  TensorSpec("META", "BYTES", (1,))),
-        config_json='{"name": "py_probe", "max_batch_size": 16}', instance_name="unit",
+        parameters=parameters or {},
+        config_json=f'{{"name": "{name}", "max_batch_size": 16}}', instance_name="unit",
     )
+
+
+def test_execute_requests_gives_each_request_its_outcome(py_repo: Path) -> None:
+    """The backend on its own (no server): one pb_utils request per Request, one outcome each."""
+    from backends.base import BackendError, BackendStatusError, Device, Request
+
+    spec = probe_spec(py_repo / "py_probe")
     from backends.python import PythonBackend
 
     backend = PythonBackend()

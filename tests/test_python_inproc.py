@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from test_python_backend import ADD_SUB, BROKEN_INIT, PROBE, PROBE_CONFIG, PY_HEADER, _fp32
+from test_python_backend import ADD_SUB, BROKEN_INIT, PROBE, PROBE_CONFIG, PY_HEADER, _fp32, probe_spec
 from util import ServerProcess, client, expect_error, scaled, write_model
 
 IN_PROCESS = 'parameters { key: "nereid_in_process" value: { string_value: "true" } }\n'
@@ -330,19 +330,10 @@ def test_logger_and_finalize_on_unload(tmp_path: Path) -> None:
 
 def test_backend_gives_each_request_of_one_call_its_outcome(inproc_repo: Path) -> None:
     """The backend on its own: one execute_requests call with several requests, mixed outcomes."""
-    from backends.base import BackendError, BackendStatusError, Device, ModelSpec, Request, TensorSpec
+    from backends.base import BackendError, BackendStatusError, Device, Request
     from backends.python import PythonBackend
 
-    model_dir = inproc_repo / "inproc_probe"
-    spec = ModelSpec(
-        name="inproc_probe", version=1, model_dir=model_dir, version_dir=model_dir / "1",
-        model_file=model_dir / "1" / "model.py", max_batch_size=16,
-        inputs=(TensorSpec("INPUT0", "FP32", (-1,)),),
-        outputs=(TensorSpec("OUTPUT0", "FP32", (-1,)), TensorSpec("PID", "INT64", (1,)),
-                 TensorSpec("META", "BYTES", (1,))),
-        parameters={"nereid_in_process": "true"},
-        config_json='{"name": "inproc_probe", "max_batch_size": 16}', instance_name="unit",
-    )
+    spec = probe_spec(inproc_repo / "inproc_probe", {"nereid_in_process": "true"})
     cls = PythonBackend.variant(spec)
     assert cls is not PythonBackend and not cls.out_of_process
     backend = cls()

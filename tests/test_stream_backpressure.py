@@ -128,6 +128,42 @@ def _read_burst(responses: Iterator[pb.ModelStreamInferResponse], count: int, si
     raise AssertionError(f"the stream ended after {got} of {count} responses")
 
 
+def _read_burst_on_new_channel(srv: ServerProcess, model: str, count: int, size: int, timeout: float) -> None:
+    """Another client (a channel of its own) asks `model` for a burst and reads all of it."""
+    channel = _channel(srv)
+    try:
+        _read_burst(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            iter([_burst(model, count, size)]), timeout=timeout), count, size)
+    finally:
+        channel.close()
+
+
+class _Numbered:
+    """`count` requests of `size` bytes to `model`, each carrying its number in its first 8
+    bytes; `sent` says how many the client's stream has taken so far."""
+
+    def __init__(self, model: str, count: int, size: int) -> None:
+        self.model, self.count, self.size = model, count, size
+        self.sent = 0
+
+    def __iter__(self) -> Iterator[pb.ModelInferRequest]:
+        data = np.zeros(self.size, np.uint8)
+        for i in range(self.count):
+            data[:8] = np.frombuffer(np.uint64(i).tobytes(), np.uint8)
+            self.sent = i + 1
+            yield raw_request(self.model, [("IN", "UINT8", data)], request_id=str(i))
+
+    def until_stalled(self, limit_s: float) -> int:
+        """Wait until the client has sent nothing for 1 s (or `limit_s` passed); how many it sent."""
+        last, still = -1, time.monotonic()
+        deadline = still + limit_s
+        while time.monotonic() - still < 1.0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if self.sent != last:
+                last, still = self.sent, time.monotonic()
+        return last
+
+
 def _open(stub: service_pb2_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest,
           done: threading.Event) -> Iterator[pb.ModelStreamInferResponse]:
     """A stream that sends `request` and stays open (not half-closed) until `done`."""
@@ -170,12 +206,7 @@ def test_an_unread_decoupled_stream_holds_the_model_back(server) -> None:
         assert not marker.exists(), "the model sent every response to a client that reads none"
         assert max(growth) < BOUND_MB, f"the server held the unread responses: {growth} MB"
         # The stalled instance is one of two: another client is served by the other one.
-        other = _channel(srv)
-        try:
-            _read_burst(service_pb2_grpc.GRPCInferenceServiceStub(other).ModelStreamInfer(
-                iter([_burst("burst", 50, size)]), timeout=scaled(30)), 50, size)
-        finally:
-            other.close()
+        _read_burst_on_new_channel(srv, "burst", 50, size, scaled(30))
         _read_burst(responses, count, size)
     finally:
         done.set()
@@ -198,15 +229,11 @@ def test_a_slow_reader_stalls_its_instance_until_it_reads(server) -> None:
     second: list[Exception | None] = []
 
     def other() -> None:
-        other_channel = _channel(srv)
         try:
-            _read_burst(service_pb2_grpc.GRPCInferenceServiceStub(other_channel).ModelStreamInfer(
-                iter([_burst("burst1", 5, size)]), timeout=scaled(60)), 5, size)
+            _read_burst_on_new_channel(srv, "burst1", 5, size, scaled(60))
             second.append(None)
         except Exception as exc:
             second.append(exc)
-        finally:
-            other_channel.close()
 
     try:
         responses = _open(stub, _burst("burst1", 100, size), done)
@@ -235,23 +262,11 @@ def test_a_stream_of_requests_whose_answers_are_not_read_stops_being_read(server
     warm = list(stub.ModelStreamInfer(iter([raw_request("echo", [("IN", "UINT8", np.zeros(16, np.uint8))])])))
     assert len(warm) == 1 and warm[0].error_message == "", warm
     before = _reset_peaks(pids)
-    sent = [0]
-
-    def requests() -> Iterator[pb.ModelInferRequest]:
-        data = np.zeros(size, np.uint8)
-        for i in range(count):
-            data[:8] = np.frombuffer(np.uint64(i).tobytes(), np.uint8)
-            sent[0] = i + 1
-            yield raw_request("echo", [("IN", "UINT8", data)], request_id=str(i))
+    requests = _Numbered("echo", count, size)
 
     try:
-        responses = stub.ModelStreamInfer(requests(), timeout=scaled(180))
-        last, still = -1, time.monotonic()
-        deadline = still + 6.0  # the client stops sending (stalls 1 s), or sends everything
-        while time.monotonic() - still < 1.0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            if sent[0] != last:
-                last, still = sent[0], time.monotonic()
+        responses = stub.ModelStreamInfer(iter(requests), timeout=scaled(180))
+        last = requests.until_stalled(6.0)  # the client stops sending, or sends everything
         held = _peaks(pids)
         growth = [round(after - first) for after, first in zip(held, before, strict=True)]
         print(f"sent while nothing was read: {last} of {count}; peak RSS growth, MB (owner first): {growth}")
@@ -286,12 +301,7 @@ def test_a_client_that_gives_up_while_the_model_waits_frees_the_instance(server)
     finally:
         done.set()
         channel.close()
-    other = _channel(srv)
-    try:
-        _read_burst(service_pb2_grpc.GRPCInferenceServiceStub(other).ModelStreamInfer(
-            iter([_burst("burst1", 5, size)]), timeout=scaled(20)), 5, size)
-    finally:
-        other.close()
+    _read_burst_on_new_channel(srv, "burst1", 5, size, scaled(20))
     assert (repo / "burst1" / "sent-300").exists()
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from test_stream_backpressure import _channel, _peaks, _read_burst
+from test_stream_backpressure import _channel, _Numbered, _peaks, _read_burst
 from test_workers_calls import _pair
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
@@ -169,21 +169,14 @@ def test_a_client_stream_the_owner_does_not_read_is_held_back_in_the_client(flow
     warm = list(stub.ModelStreamInfer(iter([raw_request("slow", [("IN", "UINT8", np.zeros(16, np.uint8))])])))
     assert len(warm) == 1 and warm[0].error_message == "", warm
     before = _peaks(pids)
-    sent = [0]
-
-    def requests() -> Iterator[pb.ModelInferRequest]:
-        data = np.zeros(size, np.uint8)
-        for i in range(count):
-            data[:8] = np.frombuffer(np.uint64(i).tobytes(), np.uint8)
-            sent[0] = i + 1
-            yield raw_request("slow", [("IN", "UINT8", data)], request_id=str(i))
+    requests = _Numbered("slow", count, size)
 
     answers: list[int] = []
     errors: list[str] = []
 
     def read() -> None:
         try:
-            for response in stub.ModelStreamInfer(requests(), timeout=scaled(180)):
+            for response in stub.ModelStreamInfer(iter(requests), timeout=scaled(180)):
                 if response.error_message:
                     errors.append(response.error_message)
                 else:
@@ -195,12 +188,7 @@ def test_a_client_stream_the_owner_does_not_read_is_held_back_in_the_client(flow
     reader = threading.Thread(target=read, daemon=True)
     try:
         reader.start()
-        last, still = -1, time.monotonic()
-        deadline = still + 4.0  # the client stops sending (stalls 1 s), or sends everything
-        while time.monotonic() - still < 1.0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            if sent[0] != last:
-                last, still = sent[0], time.monotonic()
+        last = requests.until_stalled(4.0)  # the client stops sending, or sends everything
         held = _peaks(pids[1:])
     finally:
         os.kill(srv.proc.pid, signal.SIGCONT)
