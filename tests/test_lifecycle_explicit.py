@@ -14,15 +14,13 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2
 from lifecycle_util import add_model_bytes, index_of, infer_fp32, states, wait_until
-from transports import TRANSPORTS, open_stub
+from transports import TRANSPORTS, open_stub, transport_client
 from tritonclient.grpc import service_pb2
 from util import (
     ServerProcess,
@@ -66,13 +64,6 @@ def transport(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def loader(server: ServerProcess, transport: str) -> Any:
-    """The client whose load_model / unload_model go over `transport` (both have the same API)."""
-    if transport == "http":
-        return httpclient.InferenceServerClient(server.http_url, network_timeout=scaled(60))
-    return client(server)
-
-
 @pytest.fixture(scope="module")
 def explicit_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("explicit")
@@ -108,7 +99,7 @@ def test_startup_loads_only_load_model(explicit_server: ServerProcess) -> None:
 
 
 def test_load_then_unload(explicit_server: ServerProcess, transport: str) -> None:
-    c, lc = client(explicit_server), loader(explicit_server, transport)
+    c, lc = client(explicit_server), transport_client(explicit_server, transport)
     lc.load_model("b")  # synchronous: ready when it returns
     assert states(c, "b") == {"2": "READY"}
     assert infer_fp32(c, "b", _x()).get_response().model_version == "2"
@@ -131,7 +122,7 @@ def test_load_then_unload(explicit_server: ServerProcess, transport: str) -> Non
 
 
 def test_load_with_config_override(explicit_server: ServerProcess, transport: str) -> None:
-    c, lc = client(explicit_server), loader(explicit_server, transport)
+    c, lc = client(explicit_server), transport_client(explicit_server, transport)
     lc.load_model("c", config=_config_json("c", outputs=("OVERRIDDEN",)))
     np.testing.assert_array_equal(infer_fp32(c, "c", _x()).as_numpy("OVERRIDDEN"), _x())
     assert [o.name for o in c.get_model_config("c").config.output] == ["OVERRIDDEN"]
@@ -142,7 +133,7 @@ def test_load_with_config_override(explicit_server: ServerProcess, transport: st
 def test_load_with_file_overrides(explicit_server: ServerProcess, explicit_repo: Path, transport: str) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    c, lc = client(explicit_server), loader(explicit_server, transport)
+    c, lc = client(explicit_server), transport_client(explicit_server, transport)
     config = _config_json("fresh", backend="onnxruntime")
     lc.load_model("fresh", config=config, files={"file:7/model.onnx": add_model_bytes(7.0)})
     assert states(c, "fresh") == {"7": "READY"}
@@ -163,7 +154,7 @@ def test_load_with_file_overrides(explicit_server: ServerProcess, explicit_repo:
 
 
 def test_file_override_needs_config(explicit_server: ServerProcess, transport: str) -> None:
-    err = expect_error("INVALID_ARGUMENT", loader(explicit_server, transport).load_model, "c",
+    err = expect_error("INVALID_ARGUMENT", transport_client(explicit_server, transport).load_model, "c",
                        files={"file:1/model.onnx": b"x"})
     assert "'config'" in err.message()
 
@@ -172,7 +163,7 @@ def test_file_override_needs_config(explicit_server: ServerProcess, transport: s
                                  "file:1//x", "file:./1/x"])
 def test_file_override_paths_cannot_escape(explicit_server: ServerProcess, tmp_path: Path, key: str,
                                            transport: str) -> None:
-    c = loader(explicit_server, transport)
+    c = transport_client(explicit_server, transport)
     err = expect_error("INVALID_ARGUMENT", c.load_model, "c", config=_config_json("c"), files={key: b"x"})
     assert key in err.message()
     assert not Path("/tmp/abs.onnx").exists()
@@ -189,12 +180,12 @@ def test_model_names_cannot_escape(explicit_server: ServerProcess, name: str, tr
 
 
 def test_symlink_out_of_repository_is_refused(explicit_server: ServerProcess, transport: str) -> None:
-    err = expect_error("INVALID_ARGUMENT", loader(explicit_server, transport).load_model, "escape")
+    err = expect_error("INVALID_ARGUMENT", transport_client(explicit_server, transport).load_model, "escape")
     assert "outside the model repository" in err.message()
 
 
 def test_unknown_model(explicit_server: ServerProcess, transport: str) -> None:
-    c = loader(explicit_server, transport)
+    c = transport_client(explicit_server, transport)
     err = expect_error("INVALID_ARGUMENT", c.load_model, "no_such_model")
     assert "failed to load 'no_such_model', failed to poll from model repository" in err.message()
     err = expect_error("INVALID_ARGUMENT", c.unload_model, "no_such_model")
@@ -202,7 +193,7 @@ def test_unknown_model(explicit_server: ServerProcess, transport: str) -> None:
 
 
 def test_failed_load_reports_and_previous_keeps_serving(explicit_server: ServerProcess, transport: str) -> None:
-    c, lc = client(explicit_server), loader(explicit_server, transport)
+    c, lc = client(explicit_server), transport_client(explicit_server, transport)
     err = expect_error("INVALID_ARGUMENT", lc.load_model, "broken")
     assert "load failed for model 'broken'" in err.message() and "nope" in err.message()
     assert index_of(c, "broken")[0][1] == "UNAVAILABLE"
@@ -215,7 +206,7 @@ def test_failed_load_reports_and_previous_keeps_serving(explicit_server: ServerP
 
 
 def test_unload_dependents_and_raw_parameters(explicit_server: ServerProcess, transport: str) -> None:
-    c, lc = client(explicit_server), loader(explicit_server, transport)
+    c, lc = client(explicit_server), transport_client(explicit_server, transport)
     lc.load_model("c")
     lc.unload_model("c", unload_dependents=True)
     assert index_of(c, "c") == [("1", "UNAVAILABLE", "unloaded")]
@@ -264,7 +255,7 @@ def test_loading_never_blocks_inference_on_other_models(explicit_server: ServerP
 
 
 def test_load_unload_refused_outside_explicit_mode(identity_server: ServerProcess, transport: str) -> None:
-    c = loader(identity_server, transport)
+    c = transport_client(identity_server, transport)
     message = "explicit model load / unload is not allowed if polling is enabled"
     assert message in expect_error("UNAVAILABLE", c.load_model, "id_FP32").message()
     assert message in expect_error("UNAVAILABLE", c.unload_model, "id_FP32").message()

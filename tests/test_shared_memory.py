@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
-from transports import TRANSPORTS, open_stub
+from transports import TRANSPORTS, open_stub, transport_client
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import serialize_byte_tensor, serialized_byte_size
 from util import (
@@ -58,13 +58,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 @pytest.fixture(params=TRANSPORTS)
 def transport(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-def transport_client(server: ServerProcess, transport: str) -> Any:
-    """tritonclient.grpc's or tritonclient.http's client (one shared-memory and infer API)."""
-    if transport == "http":
-        return httpclient.InferenceServerClient(server.http_url, network_timeout=scaled(60))
-    return client(server)
 
 
 def lib(cl: Any) -> Any:

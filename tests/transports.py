@@ -29,10 +29,11 @@ from typing import Any
 from urllib.parse import quote
 
 import grpc
+import tritonclient.http as httpclient
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
-from util import ServerProcess, scaled
+from util import ServerProcess, client, scaled
 
 TRANSPORTS = ("grpc", "http")
 
@@ -238,6 +239,14 @@ class HttpStub:
             "POST", _model_path(request.model_name, request.model_version) + "/infer", body, headers, timeout)
         length = answer_headers.get("inference-header-content-length")
         return infer_response(answer, int(length) if length is not None else None)
+
+
+def transport_client(server: ServerProcess, transport: str) -> Any:
+    """tritonclient.grpc's or tritonclient.http's client on `server` (one API for load/unload,
+    shared memory and infer)."""
+    if transport == "http":
+        return httpclient.InferenceServerClient(server.http_url, network_timeout=scaled(60))
+    return client(server)
 
 
 @contextmanager
