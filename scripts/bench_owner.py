@@ -8,7 +8,9 @@ batch 1 loaded from `model_repository/` — and a forked client that keeps `--in
 frames in flight (a new one per answer), and prints the owner process's CPU (user + system,
 all its threads) per call. `--inflight 1` is a lightly loaded owner (one call per wake-up),
 32 a busy one (many calls per read). `--echo` replaces ModelInfer with a handler that returns
-its request: the link's own cost. Measures the tree it runs from:
+its request: the link's own cost. `--streams S` sends the calls as messages of S open
+ModelStreamInfer streams instead (the frontend stand-in returns the SEND credit as a frontend
+does): the owner's cost per streamed request. Measures the tree it runs from:
 `cd <tree> && .venv/bin/python scripts/bench_owner.py --inflight 1,4,32`.
 """
 
@@ -44,6 +46,7 @@ from server.workers.methods import method_table  # noqa: E402
 from server.workers.owner import OwnerLink, handler_table  # noqa: E402
 
 METHOD = next(i for i, m in enumerate(method_table()) if m.name == "ModelInfer")
+STREAM = next(i for i, m in enumerate(method_table()) if m.name == "ModelStreamInfer")
 # What a frontend forwards for a perf_analyzer call: peer, metadata, no TLS, no deadline.
 META = ("ipv4:127.0.0.1:45678", (("user-agent", "grpc-c++/1.67.0 grpc-c/44.0.0 (linux; chttp2)"),), None, None)
 
@@ -57,11 +60,23 @@ def request_body() -> bytes:
     return request.SerializeToString()  # type: ignore[no-any-return]
 
 
-def client(sock: socket.socket, payload: bytes, calls: int, inflight: int) -> None:
-    """The forked frontend stand-in: `inflight` calls out, one more per REPLY, until `calls`."""
+def client(sock: socket.socket, payload: bytes, calls: int, inflight: int, streams: int) -> None:
+    """The forked frontend stand-in: `inflight` calls out, one more per answer, until `calls`.
+    With `streams`, each call is a MESSAGE on one of the open streams (round robin) and every
+    SEND is credited back in one CREDIT frame per 32, as a frontend does once grpc took it."""
+    body = link.split_call(payload)[2]
+    credits = [0] * (streams + 1)
+    credited = []
+
     def call(call_id: int) -> bytes:
+        if streams:
+            stream = 1 + call_id % streams
+            return link.HEADER.pack(len(body), link.MESSAGE, stream) + bytes(body)
         return link.HEADER.pack(len(payload), link.CALL, call_id) + payload
 
+    if streams:
+        head = link.call_payload(STREAM, META)
+        sock.sendall(b"".join(link.HEADER.pack(len(head), link.OPEN, i + 1) + head for i in range(streams)))
     sent = min(inflight, calls)
     sock.sendall(b"".join(call(i + 1) for i in range(sent)))
     got, buffer = 0, bytearray()
@@ -72,34 +87,46 @@ def client(sock: socket.socket, payload: bytes, calls: int, inflight: int) -> No
         buffer += data
         pos, more = 0, []
         while len(buffer) - pos >= link.HEADER.size:
-            size, kind, _ = link.HEADER.unpack_from(buffer, pos)
+            size, kind, call_id = link.HEADER.unpack_from(buffer, pos)
             if len(buffer) - pos - link.HEADER.size < size:
                 break
-            if kind != link.REPLY:
+            if kind == link.CREDIT_MESSAGES:
+                pos += link.HEADER.size + size
+                continue
+            # a streamed answer must be an infer_response (field 2), not an error_message (field 1)
+            if kind != (link.SEND if streams else link.REPLY) or (streams and buffer[pos + link.HEADER.size] != 0x12):
                 print(f"unexpected frame kind {kind}: {bytes(buffer[pos:pos + 200])!r}", file=sys.stderr)
                 os._exit(1)
+            if streams:
+                credits[call_id] += 1
+                if credits[call_id] == 32:
+                    credited.append(link.HEADER.pack(link.CREDIT_HEAD.size, link.CREDIT_SENDS, call_id)
+                                    + link.CREDIT_HEAD.pack(32, 32 * size))
+                    credits[call_id] = 0
             pos += link.HEADER.size + size
             got += 1
             if sent < calls:
                 sent += 1
                 more.append(call(sent))
         del buffer[:pos]
-        if more:
-            sock.sendall(b"".join(more))
+        if more or credited:
+            sock.sendall(b"".join(credited + more))
+            credited.clear()
     sock.close()
     os._exit(0)
 
 
-async def measure(handlers: list[Any], payload: bytes, calls: int, inflight: int) -> tuple[float, float, float]:
+async def measure(handlers: list[Any], payload: bytes, calls: int, inflight: int,
+                  streams: int = 0) -> tuple[float, float, float]:
     """(owner CPU µs per call, of which system, calls/s) for one run."""
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:
         ours.close()
-        client(theirs, payload, calls, inflight)
+        client(theirs, payload, calls, inflight, streams)
     theirs.close()
-    done: asyncio.Future[None] = loop.create_future()
+    done: asyncio.Future[None] = loop.create_future()  # the client closes its end when it has all
     owner = OwnerLink(0, handlers, lambda i, p: None, lambda i: done.done() or done.set_result(None), [0])
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     await loop.connect_accepted_socket(lambda: owner.protocol, ours)
@@ -134,10 +161,11 @@ async def main(args: argparse.Namespace) -> None:
         handlers[METHOD] = grpc.stream_unary_rpc_method_handler(echo)
     payload = link.call_payload(METHOD, META) + request_body()
     for inflight in (int(n) for n in args.inflight.split(",")):
-        await measure(handlers, payload, 2000, inflight)  # warm-up: the inline-cost estimate, caches
+        await measure(handlers, payload, 2000, inflight, args.streams)  # warm-up: inline-cost estimate, caches
         for _ in range(args.repeat):
-            cpu, system, rate = await measure(handlers, payload, args.calls, inflight)
-            print(f"{'echo' if args.echo else 'mlp'} inflight {inflight:3d}: owner {cpu:6.1f} us CPU per call "
+            cpu, system, rate = await measure(handlers, payload, args.calls, inflight, args.streams)
+            what = "echo" if args.echo else f"mlp streamed on {args.streams}" if args.streams else "mlp"
+            print(f"{what} inflight {inflight:3d}: owner {cpu:6.1f} us CPU per call "
                   f"(system {system:4.1f}), {rate:6.0f} calls/s, load {os.getloadavg()[0]:.2f}", flush=True)
 
 
@@ -146,6 +174,8 @@ if __name__ == "__main__":
     ap.add_argument("--inflight", default="1,4,32", help="calls in flight, comma-separated (default 1,4,32)")
     ap.add_argument("--calls", type=int, default=20000, help="calls per measurement (default 20000)")
     ap.add_argument("--repeat", type=int, default=1, help="measurements per inflight value (default 1)")
+    ap.add_argument("--streams", type=int, default=0,
+                    help="send the calls as messages of this many open ModelStreamInfer streams (default 0: unary)")
     ap.add_argument("--echo", action="store_true", help="an echo handler instead of ModelInfer (the link alone)")
     ap.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                     help="the owner's event loop (the server's default is uvloop when installed)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from server.aio import Mailbox
 from server.protocol.stream_window import StreamWindow
 
 
@@ -15,7 +16,7 @@ async def _settle() -> None:
 
 def test_puts_wait_for_the_writer_in_order_and_room_waits_for_a_free_place() -> None:
     async def run() -> None:
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        queue: Mailbox[bytes] = Mailbox()
         window = StreamWindow(queue, messages=2, nbytes=100)
         await window.put(b"a")
         await window.put(b"b")
@@ -38,7 +39,7 @@ def test_puts_wait_for_the_writer_in_order_and_room_waits_for_a_free_place() -> 
 
 def test_the_byte_bound_lets_one_large_response_in_at_a_time() -> None:
     async def run() -> None:
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        queue: Mailbox[bytes] = Mailbox()
         window = StreamWindow(queue, messages=64, nbytes=100)
         await window.put(b"x" * 500)  # larger than the bound: alone, it goes in
         second = asyncio.ensure_future(window.put(b"y" * 10))
@@ -53,7 +54,7 @@ def test_the_byte_bound_lets_one_large_response_in_at_a_time() -> None:
 
 def test_a_waiter_that_leaves_does_not_hold_up_the_others() -> None:
     async def run() -> None:
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        queue: Mailbox[bytes] = Mailbox()
         window = StreamWindow(queue, messages=1, nbytes=100)
         await window.put(b"a")
         gone = asyncio.ensure_future(window.put(b"gone"))

@@ -24,7 +24,7 @@ import grpc
 from google.protobuf import message_factory
 from tritonclient.grpc import service_pb2 as pb
 
-from server import __version__, logs
+from server import __version__, aio, logs
 from server.core.model import Model
 from server.core.shm_registry import SharedMemoryRegistry
 from server.core.state import ModelState
@@ -77,7 +77,7 @@ class InferenceServicer:
         self.inflight = 0  # requests received and not yet answered (every RPC, each stream request)
         self._idle: asyncio.Event | None = None
         self.last_call = 0.0  # monotonic time of the latest call (kept up to date only while closing)
-        self._streams: set[asyncio.Queue[Any]] = set()
+        self._streams: set[aio.Mailbox[Any]] = set()
 
     # -- shutdown --
 
@@ -349,7 +349,7 @@ class InferenceServicer:
         UNAVAILABLE once the requests it already sent are answered.
         Responses not yet handed to grpc are bounded (stream_window.py): their producers wait,
         and the client's requests are not read while the window is full."""
-        responses: asyncio.Queue[Any] = asyncio.Queue()
+        responses: aio.Mailbox[Any] = aio.Mailbox()
         window = StreamWindow(responses)
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task[None]] = set()
@@ -413,9 +413,11 @@ class InferenceServicer:
             try:
                 async for body in requests:
                     self.inflight += 1
-                    task = loop.create_task(run_one(body))
-                    tasks.add(task)
-                    task.add_done_callback(done)
+                    # Its first step runs now (aio.start): an inline model answers in it, with no
+                    # Task; one that waits (batching, a busy instance) goes on in a Task.
+                    task = aio.start(run_one(body), loop, done)
+                    if task is not None:
+                        tasks.add(task)
                     del body
                     await window.room()  # a full window: leave the client's next request to HTTP/2
             finally:  # answer what was read, even when reading failed
@@ -424,8 +426,9 @@ class InferenceServicer:
                     await asyncio.gather(*tasks, return_exceptions=True)
                 responses.put_nowait(None)
 
-        def done(task: asyncio.Task[None]) -> None:
-            tasks.discard(task)
+        def done(task: asyncio.Task[None] | None) -> None:
+            if task is not None:
+                tasks.discard(task)
             self._leave()
             if ending and not tasks:
                 responses.put_nowait(None)  # stopping: the last request read has answered

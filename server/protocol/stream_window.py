@@ -23,6 +23,7 @@ import asyncio
 from collections import deque
 from typing import Any
 
+from server.aio import Mailbox
 from server.core.decoupled import WINDOW_BYTES, WINDOW_RESPONSES
 
 # The same bound as one decoupled request's untaken responses (server/core/decoupled.py): a
@@ -37,7 +38,7 @@ BYTES = WINDOW_BYTES
 class StreamWindow:
     """Puts into `queue` (the writer's) bounded by what the writer has not taken yet."""
 
-    def __init__(self, queue: asyncio.Queue[Any], messages: int = MESSAGES, nbytes: int = BYTES) -> None:
+    def __init__(self, queue: Mailbox[Any], messages: int = MESSAGES, nbytes: int = BYTES) -> None:
         self.queue = queue
         self._messages = messages
         self._bytes = nbytes

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from server.aio import Mailbox
 from server.workers.link import Credit
 
 _EOF = grpc.aio.EOF
@@ -27,7 +28,7 @@ class ForwardedContext:
     __slots__ = ("_meta", "_fields", "_arrived", "_messages", "_first", "_write", "_credit", "_callbacks", "code",
                  "details", "finished")
 
-    def __init__(self, meta: bytes, messages: asyncio.Queue[Any] | None, first: bytes | memoryview | None,
+    def __init__(self, meta: bytes, messages: Mailbox[Any] | None, first: bytes | memoryview | None,
                  write: Callable[[Any], Awaitable[None]], credit: Credit | None = None) -> None:
         # marshal((peer, metadata, auth, seconds left)), decoded on first use: a plain inference
         # never asks (only tracing, rate limits and rollout keys read it), and it is per call.

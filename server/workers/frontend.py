@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from server.aio import Mailbox
 from server.workers import link
 from server.workers.link import LinkProtocol, frame
 from server.workers.methods import Method, method_table
@@ -44,7 +45,7 @@ class _Call:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, streaming: bool) -> None:
         self.future: asyncio.Future[Any] | None = None if streaming else loop.create_future()
-        self.queue: asyncio.Queue[Any] | None = asyncio.Queue() if streaming else None
+        self.queue: Mailbox[Any] | None = Mailbox() if streaming else None
         self.window: link.Window | None = None  # a client stream's MESSAGE frames (set by _pump)
 
     def resolve(self, item: Any) -> None:

@@ -10,18 +10,18 @@ connections already).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import inspect
 import logging
 import marshal
 import time
-import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
 
+from server import aio
+from server.aio import Mailbox
 from server.workers import link
 from server.workers.context import ForwardedContext
 from server.workers.link import LinkProtocol, frame
@@ -48,7 +48,7 @@ class OwnerLink:
         self._on_ready = on_ready
         self._on_lost = on_lost
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._streams: dict[int, asyncio.Queue[Any]] = {}
+        self._streams: dict[int, Mailbox[Any]] = {}
         self._windows: dict[int, link.Window] = {}  # server-streaming calls: their SEND frames' credit
         self.protocol = LinkProtocol(self._frame, self._lost)
         self._loop = asyncio.get_running_loop()
@@ -69,10 +69,10 @@ class OwnerLink:
             if handler is None:
                 self._status(call_id, grpc.StatusCode.UNIMPLEMENTED, "method not found")
                 return
-            messages: asyncio.Queue[Any] | None = None
+            messages: Mailbox[Any] | None = None
             credit: link.Credit | None = None
             if kind == link.OPEN:
-                messages = self._streams[call_id] = asyncio.Queue()
+                messages = self._streams[call_id] = Mailbox()
                 credit = link.Credit(self.protocol.send, link.CREDIT_MESSAGES, call_id)
             streaming = handler.unary_stream is not None or handler.stream_stream is not None
             write = self._writer(call_id, handler) if streaming else _no_stream
@@ -107,24 +107,19 @@ class OwnerLink:
         else:
             log.error("worker %d sent an unknown frame kind %d; ignored", self.index, kind)
 
-    def _task(self, call_id: int, context: ForwardedContext, run: Coroutine[Any, Any, None],
-              ctx: contextvars.Context | None = None) -> None:
-        started = self._tasks[call_id] = self._loop.create_task(run, context=ctx)
+    def _task(self, call_id: int, context: ForwardedContext, run: Coroutine[Any, Any, None]) -> None:
+        started = self._tasks[call_id] = self._loop.create_task(run)
         started.add_done_callback(functools.partial(self._ended, call_id, context))
 
     def _eager(self, call_id: int, context: ForwardedContext, run: Coroutine[Any, Any, None]) -> None:
-        """Run a unary-response call's first step now, as Python 3.12's eager tasks do: most
-        calls (an inference run inline, a metadata query) end in it, and then cost no Task, no
-        done callback and no extra event-loop pass. A call that waits continues in a Task
-        (`_continued`), cancellable as any other; it runs in a context of its own either way."""
-        ctx = contextvars.copy_context()
-        try:
-            waiting = ctx.run(run.send, None)
-        except StopIteration:
-            return
-        rest = _continued(run, waiting)
-        next(rest)
-        self._task(call_id, context, rest, ctx)  # type: ignore[arg-type]
+        """Run a unary-response call's first step now (server/aio.py `start`): most calls (an
+        inference run inline, a metadata query) end in it, and then cost no Task, no done
+        callback and no extra event-loop pass. A call that waits continues in a Task,
+        cancellable as any other."""
+        task = aio.start(run, self._loop)
+        if task is not None:
+            self._tasks[call_id] = task
+            task.add_done_callback(functools.partial(self._ended, call_id, context))
 
     def _writer(self, call_id: int, handler: grpc.RpcMethodHandler) -> Callable[[Any], Awaitable[None]]:
         """How a server-streaming call sends a response: a SEND frame, then wait for the
@@ -195,34 +190,6 @@ class OwnerLink:
         for task in list(self._tasks.values()):
             task.cancel()
         self._on_lost(self.index)
-
-
-@types.coroutine
-def _continued(run: Coroutine[Any, Any, None], waiting: Any) -> Generator[Any, Any, None]:
-    """The rest of a coroutine whose first step ran outside a Task (`OwnerLink._eager`), as a
-    Task's coroutine: it hands the Task what `run` waits on, and passes on what the Task sends
-    or throws (its cancellation). Advanced to its first `yield` before the Task takes it, so a
-    cancellation arriving before the Task's first step still reaches `run` (thrown into an
-    unstarted generator it would not)."""
-    try:
-        yield  # primed past here
-    except BaseException as exc:  # cancelled before the Task's first step
-        step: Callable[[Any], Any] | None = run.throw
-        value: Any = exc
-    else:
-        step, value = None, None
-    while True:
-        if step is not None:
-            try:
-                waiting = step(value)
-            except StopIteration:
-                return
-        try:
-            value = yield waiting
-        except BaseException as exc:
-            step, value = run.throw, exc
-        else:
-            step = run.send
 
 
 async def _no_stream(message: Any) -> None:
