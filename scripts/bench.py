@@ -66,8 +66,8 @@ PERF_ANALYZER = ROOT / ".tools" / "bin" / "perf_analyzer"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
-KNOWN_TARGETS = ("echo", "echo2", "nereid", "nereid-w2", "nereid-torch", "baseline", "nereid-nometrics",
-                 "nereid-histograms", "nereid-http",
+KNOWN_TARGETS = ("echo", "echo2", "nereid", "nereid-w2", "nereid-w2-hash", "nereid-torch", "baseline",
+                 "nereid-nometrics", "nereid-histograms", "nereid-http",
                  *PAYLOAD_TARGETS)
 # Targets perf_analyzer drives over KServe v2 HTTP/REST (`-i http`) instead of gRPC.
 HTTP_TARGETS = ("nereid-http",)
@@ -76,6 +76,8 @@ TARGET_ARGS = {
     "nereid-nometrics": ["--allow-metrics", "false"],
     "nereid-histograms": ["--metrics-config", "histogram_latencies=true", "--metrics-config", "summary_latencies=true"],
     "nereid-w2": ["--workers", "2"],  # two gRPC frontend processes (server/workers/)
+    # the same, connections spread by the kernel's hash instead of in turn (server/workers/balance.py)
+    "nereid-w2-hash": ["--workers", "2", "--connection-balance", "hash"],
 }
 # Ceilings: bare grpc.aio echo servers; echo2 is two of them on one port (SO_REUSEPORT).
 ECHO_TARGETS = ("echo", "echo2")

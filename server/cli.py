@@ -318,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gRPC frontend processes sharing the port, all forwarding to the one process that "
                        "owns the models; auto = the usable cores; 1 serves everything in one process "
                        "(default 1; docs/ARCHITECTURE.md)")
+    serve.add_argument("--connection-balance", choices=("round-robin", "hash"), default="round-robin",
+                       help="with --workers: spread new connections over the frontends in turn (an eBPF "
+                       "program on the port; where the kernel refuses it, its hash) or by the kernel's hash "
+                       "of addresses and ports (default round-robin)")
     serve.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                        help="event loop: uvloop is faster; auto uses it when installed (default auto)")
     serve.add_argument("--backend-config", action="append", default=[],
@@ -378,6 +382,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         trace_config=trace_config,
         inline_compute_us=args.inline_compute_us,
         workers=args.workers,
+        connection_balance=args.connection_balance,
         event_loop=args.event_loop,
         backend_config=backend_config,
         model_control_mode=args.model_control_mode,

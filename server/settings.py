@@ -87,6 +87,9 @@ class Settings:
     # 1 serves gRPC in this process. serve_argv is the command line they are started with.
     workers: int = 1
     serve_argv: tuple[str, ...] = ()
+    # --connection-balance: how new connections are spread over the frontends (workers/balance.py):
+    # "round-robin" (an eBPF reuseport program; the kernel's hash where bpf() is not allowed) or "hash".
+    connection_balance: str = "round-robin"
     # Overload and faults (server/core/faults.py, docs/SECURITY.md): queued requests per model where
     # the config sets no max_queue_size (0: unbounded, as Triton), requests in flight in the whole
     # server (0: no cap), an execution timeout (0: none; a model's `execution_timeout_ms` parameter

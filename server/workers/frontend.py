@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from server.aio import Mailbox
-from server.workers import link
+from server.workers import balance, link
 from server.workers.link import LinkProtocol, frame
 from server.workers.methods import Method, method_table
 
@@ -199,7 +199,7 @@ async def _pump(requests: AsyncIterator[bytes], call_id: int, window: link.Windo
     forward.send(link.HALF_CLOSE, call_id)
 
 
-async def serve(settings: Any, link_fd: int, index: int) -> int:
+async def serve(settings: Any, link_fd: int, index: int, balance_fd: int | None = None) -> int:
     from server.protocol.server import grpc_server  # the same listener a single process builds
 
     loop = asyncio.get_running_loop()
@@ -211,6 +211,13 @@ async def serve(settings: Any, link_fd: int, index: int) -> int:
         services.setdefault(method.service, {})[method.name] = _handler(number, method, forward)
     server, _ = grpc_server(settings, services, reuse_port=True, announce=False)
     await server.start()
+    if balance_fd is not None:  # before READY: no client can connect to the port before all attached
+        try:
+            balance.attach(balance_fd, settings.grpc_port)
+        except OSError as exc:
+            log.warning("worker %d: new connections reach it by the kernel's hash, not in turn: %s", index, exc)
+        finally:
+            os.close(balance_fd)
     gc.collect()
     gc.freeze()
     forward.send(link.READY, 0, marshal.dumps((index, os.getpid())))
@@ -228,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link-fd", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument("--balance-fd", type=int, default=None)
     parser.add_argument("serve_argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         else:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return asyncio.run(serve(settings, args.link_fd, args.index))
+    return asyncio.run(serve(settings, args.link_fd, args.index, args.balance_fd))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from server.settings import Settings
+from server.workers import balance
 from server.workers.owner import OwnerLink, handler_table
 
 log = logging.getLogger("nereid.workers")
@@ -66,6 +67,21 @@ class WorkerPool:
         self.port: int = self._holder.getsockname()[1]
         self.calls = [0] * settings.workers  # RPCs forwarded by each frontend (metrics)
         self._pinger: asyncio.Task[None] | None = None
+        self._balance_fd = self._load_balance(settings)
+
+    @staticmethod
+    def _load_balance(settings: Settings) -> int | None:
+        """The round-robin program each frontend attaches to its listener (balance.py), or None."""
+        if settings.connection_balance != "round-robin" or settings.workers < 2:
+            return None
+        try:
+            fd = balance.load(settings.workers)
+        except (balance.BalanceUnavailable, OSError) as exc:
+            log.warning("connections are spread over the %d frontends by the kernel's hash, not in turn: "
+                        "the eBPF program could not be loaded (%s)", settings.workers, exc)
+            return None
+        log.info("new connections go to the %d frontends in turn (eBPF reuseport program)", settings.workers)
+        return fd
 
     async def start(self) -> None:
         """Start every frontend and wait until each listens; a failure stops the others."""
@@ -100,9 +116,13 @@ class WorkerPool:
         worker.ready = loop.create_future()
         try:
             command = [sys.executable, "-m", "server.workers.frontend", "--link-fd", str(theirs.fileno()),
-                       "--index", str(worker.index), "--grpc-port", str(self.port), "--",
-                       *self.settings.serve_argv]
-            worker.process = await asyncio.create_subprocess_exec(*command, pass_fds=(theirs.fileno(),))
+                       "--index", str(worker.index), "--grpc-port", str(self.port)]
+            passed = [theirs.fileno()]
+            if self._balance_fd is not None:
+                command += ["--balance-fd", str(self._balance_fd)]
+                passed.append(self._balance_fd)
+            command += ["--", *self.settings.serve_argv]
+            worker.process = await asyncio.create_subprocess_exec(*command, pass_fds=passed)
         finally:
             theirs.close()
         worker.started_at = time.monotonic()
@@ -183,6 +203,9 @@ class WorkerPool:
             if pending:
                 await asyncio.wait(pending, timeout=2.0)
         self._holder.close()
+        if self._balance_fd is not None:
+            os.close(self._balance_fd)
+            self._balance_fd = None
 
 
 def _reserve(address: str, port: int) -> socket.socket:

@@ -1,0 +1,108 @@
+"""`--connection-balance round-robin` (server/workers/balance.py): new connections go to the
+frontends in turn, by an eBPF program on the port's reuseport group, instead of by the
+kernel's hash of addresses and ports (which put all 3 of perf_analyzer's connections on one
+of two frontends in one measured run).
+
+The program is checked on its own first (listeners in this process, exact counts), then in
+the server: N connections opened one after another reach each frontend N / frontends times,
+also after a frontend was killed and restarted (the program belongs to the group, which the
+new listener joins, and each frontend attaches it again as it starts). The hash gives an exact
+split only by chance (8 + 8 of 16: one time in five), so these counts fail without it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+from test_workers import _client, _inputs, _worker_pids, _worker_values
+from util import identity_config, scaled, write_model
+
+from server.workers import balance
+
+
+def _spread(listeners: int, connections: int) -> list[int]:
+    prog = balance.load(listeners)
+    socks: list[socket.socket] = []
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(listeners):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", socks[0].getsockname()[1] if socks else 0))
+            s.listen(64)
+            socks.append(s)
+        port = socks[0].getsockname()[1]
+        assert balance.attach(prog, port) == listeners
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
+        counts = [0] * listeners
+        deadline = time.monotonic() + scaled(5)
+        while sum(counts) < connections and time.monotonic() < deadline:
+            ready, _, _ = select.select(socks, [], [], 0.2)
+            for s in ready:
+                s.accept()[0].close()
+                counts[socks.index(s)] += 1
+        return counts
+    finally:
+        os.close(prog)
+        for s in socks + clients:
+            s.close()
+
+
+def test_the_program_hands_connections_to_the_listeners_in_turn() -> None:
+    assert _spread(3, 12) == [4, 4, 4]
+    assert sorted(_spread(2, 13)) == [6, 7]
+
+
+def test_attach_refuses_a_port_this_process_does_not_listen_on() -> None:
+    prog = balance.load(2)
+    try:
+        with pytest.raises(balance.BalanceUnavailable, match="no listening socket"):
+            balance.attach(prog, 1)
+    finally:
+        os.close(prog)
+
+
+@pytest.fixture
+def ident_repo(tmp_path):
+    repo = tmp_path / "repo"
+    write_model(repo, "ident", identity_config("ident", [("INPUT0", "FP32", [-1])], max_batch_size=8))
+    return repo
+
+
+def _one_call_per_connection(srv, connections: int) -> dict[int, int]:
+    """Open `connections` clients one after another, one infer each; the calls each frontend forwarded."""
+    before = _worker_values(srv, "nereid_worker_calls_total")
+    data = np.ones((1, 3), np.float32)
+    for _ in range(connections):
+        c = _client(srv)
+        c.infer("ident", _inputs(data))
+        c.close()
+    after = _worker_values(srv, "nereid_worker_calls_total")
+    return {w: int(after[w] - before.get(w, 0)) for w in after}
+
+
+def test_connections_reach_the_frontends_in_turn_also_after_a_restart(ident_repo, server_factory) -> None:
+    srv = server_factory(ident_repo, "--workers", "2")
+    assert "new connections go to the 2 frontends in turn" in srv.log, srv.log
+    assert "by the kernel's hash" not in srv.log
+    assert _one_call_per_connection(srv, 16) == {0: 8, 1: 8}
+    pid = _worker_pids(srv)[1]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + scaled(20)
+    while (_worker_pids(srv).get(1) == pid or _worker_values(srv, "nereid_worker_up").get(1) != 1.0) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _worker_pids(srv)[1] != pid, srv.log
+    assert _one_call_per_connection(srv, 16) == {0: 8, 1: 8}
+
+
+def test_hash_balance_is_the_kernels_own(ident_repo, server_factory) -> None:
+    srv = server_factory(ident_repo, "--workers", "2", "--connection-balance", "hash")
+    assert "in turn" not in srv.log and "by the kernel's hash" not in srv.log
+    assert sum(_one_call_per_connection(srv, 4).values()) == 4
