@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,6 +32,8 @@ from bench import tree_cpu_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTED = re.compile(r"Started GRPCInferenceService at 127\.0\.0\.1:(\d+)")
+METRICS = re.compile(r"Started Metrics Service at [^:]+:(\d+)")
+WORKER_CALLS = re.compile(r'^nereid_worker_calls_total\{worker="(\d+)"\} ([0-9.e+]+)$', re.M)
 
 
 def free_port() -> int:
@@ -39,10 +42,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_nereid(workers: int, repo: str, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_nereid(workers: int, repo: str, log: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model-repository", repo, "--grpc-address", "127.0.0.1",
            "--grpc-port", "0", "--allow-http", "false", "--metrics-port", "0", "--lame-duck-secs", "0",
-           "--workers", str(workers)]
+           "--workers", str(workers), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 180
     while True:
@@ -67,6 +70,24 @@ def start_echo(processes: int, model_config: Path, log: Path) -> tuple[subproces
     if proc.poll() is not None:
         raise RuntimeError(f"echo x{processes} did not start:\n{log.read_text(errors='replace')[-2000:]}")
     return proc, port
+
+
+def worker_calls(log: Path) -> dict[int, float]:
+    """Calls each frontend has forwarded so far (`nereid_worker_calls_total`; empty for N = 1)."""
+    found = METRICS.search(log.read_text(errors="replace"))
+    if not found:
+        return {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {int(w): float(v) for w, v in WORKER_CALLS.findall(text)}
+
+
+def busiest_share(before: dict[int, float], after: dict[int, float]) -> str:
+    """The busiest frontend's share of the run's calls, against an even 1/N ('—' for one process)."""
+    moved = [after[w] - before.get(w, 0.0) for w in after]
+    if len(moved) < 2 or not sum(moved):
+        return "—"
+    return f"{100 * max(moved) / sum(moved):.0f} % (even {100 / len(moved):.0f} %)"
 
 
 def own_cpu_seconds(pid: int) -> float:
@@ -112,6 +133,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=256, help="in flight, all N (default 256)")
     ap.add_argument("--model-repository", default=str(ROOT / "model_repository"))
     ap.add_argument("--echo", action="store_true", help="also N echo processes on one port (the ceiling)")
+    ap.add_argument("--nereid-arg", action="append", default=[],
+                    help="an extra flag for every nereid server, e.g. --nereid-arg=--connection-balance=hash")
     ap.add_argument("--out", default="", help="append the markdown here")
     ap.add_argument("--logs", default="/tmp/workers_curve_logs")
     args = ap.parse_args()
@@ -120,24 +143,29 @@ def main() -> int:
     counts = [int(n) for n in args.workers.split(",")]
     config = Path(args.model_repository) / "mlp" / "config.pbtxt"
     cpu = platform.processor() or platform.machine()
+    extra = "".join(" --nereid-arg=" + a for a in args.nereid_arg)
     lines = [f"`scripts/workers_curve.py --workers {args.workers} --concurrency {args.concurrency}"
-             f"{' --echo' if args.echo else ''}` on {os.cpu_count()} cores ({cpu}), "
+             f"{' --echo' if args.echo else ''}{extra}` on {os.cpu_count()} cores ({cpu}), "
              f"Python {platform.python_version()}, unpinned, model `mlp`, batch 1, unary, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| N | nereid infer/s | p50 ms | vs N=1 | target 0.8 x N | owner cores | all server cores "
-             "| echo x N infer/s | p50 ms | nereid % of echo |",
-             "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| busiest frontend's calls | echo x N infer/s | p50 ms | nereid % of echo |",
+             "|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---:|"]
     base: float | None = None
     for n in counts:
-        proc, port = start_nereid(n, args.model_repository, logs / f"nereid-w{n}.log")
+        log = logs / f"nereid-w{n}.log"
+        proc, port = start_nereid(n, args.model_repository, log, args.nereid_arg)
         try:
             # The owner runs every request's decode, checks, scheduling and encode: if it nears one
-            # core while the frontends have room, it is what bounds the curve.
+            # core while the frontends have room, it is what bounds the curve. The busiest
+            # frontend bounds it too: connections, not calls, are spread (workers/balance.py).
+            calls0 = worker_calls(log)
             owner0, all0, wall0 = own_cpu_seconds(proc.pid), tree_cpu_seconds(proc.pid), time.monotonic()
             rate, cells = perf(args.perf_analyzer, port, args.concurrency, logs, f"nereid-w{n}")
             wall = time.monotonic() - wall0
             owner_cores = (own_cpu_seconds(proc.pid) - owner0) / wall
-            cores = f"{owner_cores:.2f} | {(tree_cpu_seconds(proc.pid) - all0) / wall:.2f}"
+            cores = f"{owner_cores:.2f} | {(tree_cpu_seconds(proc.pid) - all0) / wall:.2f} " \
+                    f"| {busiest_share(calls0, worker_calls(log))}"
         finally:
             stop(proc)
         if n == 1:

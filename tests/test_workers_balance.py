@@ -16,12 +16,13 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import time
 
 import numpy as np
 import pytest
 from test_workers import _client, _inputs, _worker_pids, _worker_values
-from util import identity_config, scaled, write_model
+from util import PYTHON, ROOT, ServerProcess, identity_config, scaled, write_model
 
 from server.workers import balance
 
@@ -106,3 +107,26 @@ def test_hash_balance_is_the_kernels_own(ident_repo, server_factory) -> None:
     srv = server_factory(ident_repo, "--workers", "2", "--connection-balance", "hash")
     assert "in turn" not in srv.log and "by the kernel's hash" not in srv.log
     assert sum(_one_call_per_connection(srv, 4).values()) == 4
+
+
+# Containers usually run without CAP_BPF (ours drop every capability): the same as here.
+WITHOUT_BPF = ["setpriv", "--inh-caps=-all", "--bounding-set=-bpf,-sys_admin", "--"]
+
+
+def test_without_bpf_the_load_is_refused_clearly() -> None:
+    code = "from server.workers import balance\ntry:\n    balance.load(2)\nexcept balance.BalanceUnavailable as e:\n" \
+           "    print('refused', e)\n"
+    out = subprocess.run([*WITHOUT_BPF, PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=scaled(30))
+    assert out.stdout.strip() == "refused [Errno 1] bpf(): Operation not permitted", out
+
+
+def test_without_bpf_the_server_says_so_and_serves_by_the_hash(ident_repo) -> None:
+    srv = ServerProcess([ident_repo], ["--workers", "2"], prefix=WITHOUT_BPF)
+    try:
+        assert "connections are spread over the 2 frontends by the kernel's hash, not in turn: the eBPF " \
+               "program could not be loaded ([Errno 1] bpf(): Operation not permitted)" in srv.log, srv.log
+        assert "in turn (eBPF" not in srv.log
+        assert sum(_one_call_per_connection(srv, 4).values()) == 4
+    finally:
+        srv.stop()

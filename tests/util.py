@@ -212,8 +212,10 @@ def _flag(args: Sequence[str], name: str) -> str | None:
 class ServerProcess:
     """A real Nereid server in a subprocess. Use `stop()` (or the fixtures) to end it."""
 
-    def __init__(self, repos: Sequence[Path], extra_args: Sequence[str] = (), startup_timeout: float = 60.0):
-        cmd = [PYTHON, "-m", "server.cli", "serve"]
+    def __init__(self, repos: Sequence[Path], extra_args: Sequence[str] = (), startup_timeout: float = 60.0,
+                 prefix: Sequence[str] = ()):
+        # `prefix`: a command the server runs under (e.g. setpriv with fewer capabilities)
+        cmd = [*prefix, PYTHON, "-m", "server.cli", "serve"]
         for repo in repos:
             cmd += ["--model-repository", str(repo)]
         cmd += ["--grpc-address", "127.0.0.1", "--grpc-port", "0"]
