@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_stream_backpressure import (
     BOUND_MB,
@@ -37,7 +38,7 @@ from test_stream_backpressure import (
     _warm,
 )
 from tritonclient.grpc import service_pb2_grpc
-from util import ServerProcess, identity_config, scaled, write_model
+from util import ServerProcess, identity_config, raw_request, scaled, write_model
 
 
 def _ensemble_config(name: str, step_model: str) -> str:
@@ -65,6 +66,12 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+TARGET = "burst1"
+
+
+def size_of(i, size):
+    return size
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -76,7 +83,7 @@ class TritonPythonModel:
             count = pb_utils.get_input_tensor_by_name(request, "COUNT")
             size = pb_utils.get_input_tensor_by_name(request, "SIZE")
             take = int(pb_utils.get_input_tensor_by_name(request, "TAKE").as_numpy()[0])
-            call = pb_utils.InferenceRequest(model_name="burst1", inputs=[count, size],
+            call = pb_utils.InferenceRequest(model_name=TARGET, inputs=[count, size],
                                              requested_output_names=["OUT", "IDX"])
             responses = call.exec(decoupled=True)
             got = 0
@@ -89,7 +96,8 @@ class TritonPythonModel:
                     continue  # the final flag alone
                 out = out.as_numpy()
                 idx = int(pb_utils.get_output_tensor_by_name(response, "IDX").as_numpy()[0])
-                if idx != got or len(out) != size or out[0] != got % 251 or out[-1] != (got + size - 1) % 251:
+                n = size_of(got, size)
+                if idx != got or len(out) != n or out[0] != got % 251 or out[-1] != (got + n - 1) % 251:
                     raise pb_utils.TritonModelException(f"response {idx} arrived as number {got}")
                 got += 1
                 if got == abs(take):
@@ -113,6 +121,13 @@ output [ { name: "N" data_type: TYPE_INT32 dims: [ 1 ] } ]
 instance_group [ { kind: KIND_CPU count: 1 } ]
 """
 
+# A callee like BURST whose even responses are 8 bytes and odd ones SIZE, and its caller: a
+# caller that took a small answer and waits, while the server holds a large one for lack of
+# credit, must say what it took without being asked (else both wait for ever).
+VARIED = BURST.replace("base[i % 251:i % 251 + size]", "base[i % 251:i % 251 + (size if i % 2 else 8)]")
+VARIED_CALLER = CALLER.replace('TARGET = "burst1"', 'TARGET = "varied"').replace(
+    "    return size\n", "    return size if i % 2 else 8\n")
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path, list[int]]]:
@@ -123,6 +138,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
     write_model(repo, "ens", _ensemble_config("ens", "burst"))
     write_model(repo, "ens1", _ensemble_config("ens1", "burst1"))
     write_model(repo, "caller", CALLER_CONFIG, files={"1/model.py": CALLER.encode()})
+    write_model(repo, "varied", _burst_config("varied", 1), files={"1/model.py": VARIED.encode()})
+    write_model(repo, "varied_caller", CALLER_CONFIG.replace('"caller"', '"varied_caller"'),
+                files={"1/model.py": VARIED_CALLER.encode()})
     srv = ServerProcess([repo], ["--model-queue-limit", "0"])
     yield srv, repo, [srv.proc.pid]
     srv.stop()
@@ -188,3 +206,93 @@ def test_a_client_that_gives_up_on_a_held_ensemble_frees_its_step_instance(serve
     assert (repo / "burst1" / "sent-300").exists()
     (repo / "burst1" / "sent-300").unlink()
     (repo / "burst1" / "sent-5").unlink()
+
+
+def _shmem_mb() -> float:
+    """The machine's shared memory in MB: BLS answers travel in memfds, held wherever they wait."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no Shmem in /proc/meminfo")
+
+
+def _call_caller(srv: ServerProcess, count: int, size: int, take: int, result: list[object],
+                 caller: str = "caller") -> None:
+    """Ask `caller` (unary) for a BLS stream of `count` x `size` bytes; appends N or the error."""
+    channel = _channel(srv)
+    try:
+        request = raw_request(caller, [("COUNT", "INT32", np.array([count], np.int32)),
+                                         ("SIZE", "INT32", np.array([size], np.int32)),
+                                         ("TAKE", "INT32", np.array([take], np.int32))])
+        answer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=scaled(120))
+        result.append(int(np.frombuffer(answer.raw_output_contents[0], np.int32)[0]))
+    except Exception as exc:
+        result.append(exc)
+    finally:
+        channel.close()
+
+
+def test_a_bls_caller_that_does_not_iterate_holds_the_callee_back(server) -> None:
+    """A Python model calls `burst1` with exec(decoupled=True) for 400 x 1 MB and takes 2: the
+    callee is held back (it has not sent all 400), neither the server nor the shared memory
+    in flight grows by 400 MB; once the caller iterates, it gets all 400 in order."""
+    srv, repo, pids = server
+    count, size = 400, MB
+    channel = _channel(srv)
+    _warm(service_pb2_grpc.GRPCInferenceServiceStub(channel), repo, "burst1")
+    channel.close()
+    go = repo / "caller" / "go"
+    go.unlink(missing_ok=True)
+    result: list[object] = []
+    warm = threading.Thread(target=_call_caller, args=(srv, 2, 8, 0, result))
+    warm.start()
+    warm.join(scaled(30))
+    assert result == [2], result
+    assert _wait_marker(repo / "burst1" / "sent-2", scaled(10))
+    (repo / "burst1" / "sent-2").unlink()
+    result.clear()
+    before, shmem = _reset_peaks(pids), _shmem_mb()
+    thread = threading.Thread(target=_call_caller, args=(srv, count, size, 2, result), daemon=True)
+    try:
+        thread.start()
+        marker = repo / "burst1" / f"sent-{count}"
+        _wait_marker(marker, 4.0)  # without back-pressure the callee sends all 400 in about 1 s
+        growth = [round(after - first) for after, first in zip(_peaks(pids), before, strict=True)]
+        shm_growth = round(_shmem_mb() - shmem)
+        print(f"BLS: peak RSS growth while not iterated, MB: {growth}; shared memory growth, MB: {shm_growth}")
+        assert not marker.exists(), "the callee sent every response to a caller that iterates none"
+        assert max(growth) < BOUND_MB, f"the server held the caller's answers: {growth} MB"
+        assert shm_growth < BOUND_MB, f"the caller's answers wait in {shm_growth} MB of shared memory"
+    finally:
+        go.touch()
+        thread.join(scaled(60))
+    assert result == [count], result
+    go.unlink()
+    assert _wait_marker(marker, scaled(10))
+    marker.unlink()
+
+
+def test_a_bls_caller_that_lets_go_of_its_iterator_releases_the_callee(server) -> None:
+    """The caller takes 2 of 300 responses and drops its iterator: the callee's wait ends (the
+    rest is dropped) and its one instance serves the next client."""
+    srv, repo, _ = server
+    result: list[object] = []
+    _call_caller(srv, 300, MB, -2, result)
+    assert result == [2], result
+    _read_burst_on_new_channel(srv, "burst1", 5, MB, scaled(20))
+    assert _wait_marker(repo / "burst1" / "sent-300", scaled(10))
+    (repo / "burst1" / "sent-300").unlink()
+    (repo / "burst1" / "sent-5").unlink()
+
+
+def test_a_bls_caller_waiting_for_a_large_answer_returns_credit_first(server) -> None:
+    """Answers of 8 bytes and 9 MiB in turn: the server holds each 9 MiB answer until the
+    caller took the small one before it (the window is 8 MiB); the caller, about to wait,
+    says so, and all 6 arrive in order."""
+    srv, repo, _ = server
+    result: list[object] = []
+    _call_caller(srv, 6, 9 * MB, 0, result, "varied_caller")
+    assert result == [6], result
+    assert _wait_marker(repo / "varied" / "sent-6", scaled(10))
+    (repo / "varied" / "sent-6").unlink()
