@@ -37,6 +37,7 @@ from test_stream_backpressure import (
     _reset_peaks,
     _warm,
 )
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from util import ServerProcess, identity_config, raw_request, scaled, write_model
 
@@ -236,7 +237,8 @@ def _call_caller(srv: ServerProcess, count: int, size: int, take: int, result: l
 def test_a_bls_caller_that_does_not_iterate_holds_the_callee_back(server) -> None:
     """A Python model calls `burst1` with exec(decoupled=True) for 400 x 1 MB and takes 2: the
     callee is held back (it has not sent all 400), neither the server nor the shared memory
-    in flight grows by 400 MB; once the caller iterates, it gets all 400 in order."""
+    in flight grows by 400 MB, the server answers meanwhile; once the caller iterates, it gets
+    all 400 in order."""
     srv, repo, pids = server
     count, size = 400, MB
     channel = _channel(srv)
@@ -264,6 +266,12 @@ def test_a_bls_caller_that_does_not_iterate_holds_the_callee_back(server) -> Non
         assert not marker.exists(), "the callee sent every response to a caller that iterates none"
         assert max(growth) < BOUND_MB, f"the server held the caller's answers: {growth} MB"
         assert shm_growth < BOUND_MB, f"the caller's answers wait in {shm_growth} MB of shared memory"
+        # The answers waiting are a window, not a full socket the server's loop blocks on (it did).
+        channel = _channel(srv)
+        try:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=scaled(2))
+        finally:
+            channel.close()
     finally:
         go.touch()
         thread.join(scaled(60))
