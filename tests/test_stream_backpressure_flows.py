@@ -129,6 +129,46 @@ VARIED = BURST.replace("base[i % 251:i % 251 + size]", "base[i % 251:i % 251 + (
 VARIED_CALLER = CALLER.replace('TARGET = "burst1"', 'TARGET = "varied"').replace(
     "    return size\n", "    return size if i % 2 else 8\n")
 
+# A decoupled callee that sends nothing until its request is cancelled (or 30 s passed), then
+# writes `saw-cancel` (or `saw-timeout`) in its folder; and a caller that lets go of the
+# iterator at once.
+WAITER = '''import os
+import time
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.folder = args["model_repository"]
+
+    def execute(self, requests):
+        for request in requests:
+            deadline = time.monotonic() + 30
+            while not request.is_cancelled() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            seen = "cancel" if request.is_cancelled() else "timeout"
+            with open(os.path.join(self.folder, f"saw-{seen}"), "w") as f:
+                f.write(seen)
+            request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+'''
+
+DROPPER = '''import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        answers = []
+        for request in requests:
+            inputs = [pb_utils.get_input_tensor_by_name(request, name) for name in ("COUNT", "SIZE")]
+            responses = pb_utils.InferenceRequest(model_name="waiter", inputs=inputs,
+                                                  requested_output_names=["OUT", "IDX"]).exec(decoupled=True)
+            del responses
+            answers.append(pb_utils.InferenceResponse([pb_utils.Tensor("N", np.array([0], np.int32))]))
+        return answers
+'''
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path, list[int]]]:
@@ -140,6 +180,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
     write_model(repo, "ens1", _ensemble_config("ens1", "burst1"))
     write_model(repo, "caller", CALLER_CONFIG, files={"1/model.py": CALLER.encode()})
     write_model(repo, "varied", _burst_config("varied", 1), files={"1/model.py": VARIED.encode()})
+    write_model(repo, "waiter", _burst_config("waiter", 1), files={"1/model.py": WAITER.encode()})
+    write_model(repo, "dropper", CALLER_CONFIG.replace('"caller"', '"dropper"'), files={"1/model.py": DROPPER.encode()})
     write_model(repo, "varied_caller", CALLER_CONFIG.replace('"caller"', '"varied_caller"'),
                 files={"1/model.py": VARIED_CALLER.encode()})
     srv = ServerProcess([repo], ["--model-queue-limit", "0"])
@@ -304,3 +346,14 @@ def test_a_bls_caller_waiting_for_a_large_answer_returns_credit_first(server) ->
     assert result == [6], result
     assert _wait_marker(repo / "varied" / "sent-6", scaled(10))
     (repo / "varied" / "sent-6").unlink()
+
+
+def test_a_bls_caller_that_lets_go_before_any_answer_cancels_the_callee(server) -> None:
+    """The caller drops its iterator at once while the callee has sent nothing: the callee's
+    request is cancelled then (it sees is_cancelled()), not when it next sends."""
+    srv, repo, _ = server
+    result: list[object] = []
+    _call_caller(srv, 1, 8, 0, result, "dropper")
+    assert result == [0], result
+    assert _wait_marker(repo / "waiter" / "saw-cancel", scaled(10)), \
+        f"the callee was not cancelled: {sorted(p.name for p in (repo / 'waiter').iterdir())}"

@@ -168,7 +168,7 @@ class BlsService:
         goes back as an answer as it comes, the last one final, each once the caller's window
         has room for it (module docstring); the final flag sent alone is an empty final
         answer, as Triton's response iterator yields it."""
-        credit = _Credit(self.loop)
+        credit = _Credit(self.loop, asyncio.current_task())
         if flow is not None:
             flow.listen(credit.told)
         async with contextlib.aclosing(stream_responses(model, request)) as responses:
@@ -238,8 +238,9 @@ class _Credit:
     """One decoupled call's answers sent to the caller's stub and not yet taken by the caller
     (on the event loop; the stub's reports arrive through `told`, from any thread)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any] | None) -> None:
         self._loop = loop
+        self._task = task  # the call's: cancelled when the caller lets go (the callee may send nothing for long)
         self._sizes: deque[int] = deque()
         self._bytes = 0
         self.dropped = False
@@ -255,6 +256,8 @@ class _Credit:
     def _update(self, count: int) -> None:
         if count < 0:
             self.dropped = True
+            if self._task is not None:
+                self._task.cancel()  # at its next wait: closing the stream cancels the callee's request
         for _ in range(min(max(count, 0), len(self._sizes))):
             self._bytes -= self._sizes.popleft()
         waiter, self._waiter = self._waiter, None
