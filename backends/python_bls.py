@@ -76,6 +76,7 @@ class BlsCall:
     parameters: dict[str, Any] = field(default_factory=dict)
     decoupled: bool = False  # the caller takes a stream of responses (exec(decoupled=True))
     flow: CallFlow | None = None  # a decoupled call's credit from the caller's stub
+    answer_fd: int = -1  # the socket its answers go on (the server waits for room there, not in `send`)
 
 
 class CallFlow:
@@ -253,7 +254,7 @@ class BlsRouter:
             model_name=spec["model_name"], model_version=spec["model_version"], inputs=inputs,
             requested_outputs=tuple(spec["requested"]) or None, request_id=spec["request_id"],
             correlation_id=spec["correlation_id"], flags=spec["flags"], timeout_us=spec["timeout"],
-            parameters=spec["parameters"], decoupled=spec["decoupled"],
+            parameters=spec["parameters"], decoupled=spec["decoupled"], answer_fd=self.channel.sock.fileno(),
         )
         if flows:
             call.flow = CallFlow()

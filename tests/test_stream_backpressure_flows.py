@@ -131,7 +131,7 @@ VARIED_CALLER = CALLER.replace('TARGET = "burst1"', 'TARGET = "varied"').replace
 
 # A decoupled callee that sends nothing until its request is cancelled (or 30 s passed), then
 # writes `saw-cancel` (or `saw-timeout`) in its folder; and a caller that lets go of the
-# iterator at once.
+# iterator once the callee runs.
 WAITER = '''import os
 import time
 import triton_python_backend_utils as pb_utils
@@ -143,6 +143,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
+            with open(os.path.join(self.folder, "started"), "w") as f:
+                f.write("started")
             deadline = time.monotonic() + 30
             while not request.is_cancelled() and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -153,19 +155,62 @@ class TritonPythonModel:
         return None
 '''
 
-DROPPER = '''import numpy as np
+DROPPER = '''import os
+import time
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        self.started = os.path.join(os.path.dirname(args["model_repository"]), "waiter", "started")
+
     def execute(self, requests):
         answers = []
         for request in requests:
             inputs = [pb_utils.get_input_tensor_by_name(request, name) for name in ("COUNT", "SIZE")]
             responses = pb_utils.InferenceRequest(model_name="waiter", inputs=inputs,
                                                   requested_output_names=["OUT", "IDX"]).exec(decoupled=True)
+            deadline = time.monotonic() + 10
+            while not os.path.exists(self.started) and time.monotonic() < deadline:
+                time.sleep(0.01)  # the callee runs (dropped before, its request would just not start)
             del responses
             answers.append(pb_utils.InferenceResponse([pb_utils.Tensor("N", np.array([0], np.int32))]))
+        return answers
+'''
+
+# Starts TAKE calls to `many` (COUNT x SIZE each) with exec(decoupled=True), iterates none of
+# them until a file `go` appears in its folder, then takes every response of each; answers N,
+# the responses taken.
+FANOUT = '''import os
+import time
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.folder = args["model_repository"]
+
+    def execute(self, requests):
+        answers = []
+        for request in requests:
+            inputs = [pb_utils.get_input_tensor_by_name(request, name) for name in ("COUNT", "SIZE")]
+            calls = int(pb_utils.get_input_tensor_by_name(request, "TAKE").as_numpy()[0])
+            iterators = [pb_utils.InferenceRequest(model_name="many", inputs=inputs,
+                                                   requested_output_names=["OUT", "IDX"]).exec(decoupled=True)
+                         for _ in range(calls)]
+            go = os.path.join(self.folder, "go")
+            deadline = time.monotonic() + 120
+            while not os.path.exists(go) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            got = 0
+            for responses in iterators:
+                for response in responses:
+                    if response.has_error():
+                        raise pb_utils.TritonModelException(response.error().message())
+                    got += len(response.output_tensors()) > 0
+            answers.append(pb_utils.InferenceResponse([pb_utils.Tensor("N", np.array([got], np.int32))]))
         return answers
 '''
 
@@ -181,6 +226,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
     write_model(repo, "caller", CALLER_CONFIG, files={"1/model.py": CALLER.encode()})
     write_model(repo, "varied", _burst_config("varied", 1), files={"1/model.py": VARIED.encode()})
     write_model(repo, "waiter", _burst_config("waiter", 1), files={"1/model.py": WAITER.encode()})
+    write_model(repo, "many", _burst_config("many", 8), files={"1/model.py": BURST.encode()})
+    write_model(repo, "fanout", CALLER_CONFIG.replace('"caller"', '"fanout"'), files={"1/model.py": FANOUT.encode()})
     write_model(repo, "dropper", CALLER_CONFIG.replace('"caller"', '"dropper"'), files={"1/model.py": DROPPER.encode()})
     write_model(repo, "varied_caller", CALLER_CONFIG.replace('"caller"', '"varied_caller"'),
                 files={"1/model.py": VARIED_CALLER.encode()})
@@ -355,5 +402,33 @@ def test_a_bls_caller_that_lets_go_before_any_answer_cancels_the_callee(server) 
     result: list[object] = []
     _call_caller(srv, 1, 8, 0, result, "dropper")
     assert result == [0], result
+    assert (repo / "waiter" / "started").exists()
     assert _wait_marker(repo / "waiter" / "saw-cancel", scaled(10)), \
         f"the callee was not cancelled: {sorted(p.name for p in (repo / 'waiter').iterdir())}"
+
+
+def test_many_bls_streams_a_caller_does_not_iterate_do_not_block_the_server(server) -> None:
+    """One caller starts 8 decoupled calls of 600 small responses and iterates none: their
+    windows together (8 x 64 answers) are more than the caller's socket holds. The server
+    keeps answering meanwhile (it waits for the socket instead of blocking on it), the
+    callees are held back, and once the caller iterates it gets all 4,800."""
+    srv, repo, _ = server
+    calls, count, size = 8, 600, 1024
+    go = repo / "fanout" / "go"
+    go.unlink(missing_ok=True)
+    result: list[object] = []
+    thread = threading.Thread(target=_call_caller, args=(srv, count, size, calls, result, "fanout"), daemon=True)
+    try:
+        thread.start()
+        time.sleep(4.0)  # the callees send their first windows, the caller reads nothing
+        channel = _channel(srv)
+        try:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=scaled(2))
+        finally:
+            channel.close()
+        assert not (repo / "many" / f"sent-{count}").exists(), "a callee sent everything to a caller that reads none"
+    finally:
+        go.touch()
+        thread.join(scaled(60))
+    assert result == [calls * count], result
+    go.unlink()

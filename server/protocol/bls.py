@@ -16,6 +16,12 @@ sender blocks: a caller that does not iterate holds the callee back rather than 
 shared memory. The caller letting go of its iterator (or its stub going away) cancels
 the callee's request.
 
+Answers are written to the caller's socket from the event loop, which must never block on
+it: a default-mode stub reads that socket only while one of its callers waits (or between
+requests), so several calls' windows can fill it. Before each inference answer the loop
+checks that the socket has room (poll) and otherwise waits for it, asynchronously; the
+answers wait here meanwhile, bounded by the windows.
+
 Failures come back to the model as a response with an error (Triton's messages and
 codes); the model-management calls (`is_model_ready`, `load_model`, `unload_model`)
 answer a value or an error the stub raises as `TritonModelException`.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -53,6 +60,7 @@ _TRITON_CODE = {
 }
 _INTERNAL = 1
 _FLAG_START, _FLAG_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END
+_ROOM_POLL_MAX_S = 0.02  # how often an answer waiting for room in a full socket looks again, at most
 
 
 def failure(exc: BaseException) -> Failure:
@@ -153,17 +161,29 @@ class BlsService:
             respond(None, (f"Model {name} - Error when running inference: {exc}", _INTERNAL), True)
             return
         if model.config.model_transaction_policy.decoupled:
-            await self._stream(model, request, respond, call.flow)
+            await self._stream(model, request, respond, call.flow, call.answer_fd)
             return
         try:
             outputs = await model.infer(request)
         except Exception as exc:
+            await self._room(call.answer_fd)
             respond(None, failure(exc), True)
             return
+        await self._room(call.answer_fd)
         respond(outputs, None, True)
 
+    @staticmethod
+    async def _room(fd: int) -> None:
+        """Wait until the caller's socket `fd` takes an answer without blocking the loop. Polled
+        (1 ms, doubling to 20 ms) rather than watched: a watched fd is made non-blocking (uvloop),
+        and the instance's thread reads this socket blocking meanwhile."""
+        pause = 0.001
+        while fd >= 0 and not _writable(fd):
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _ROOM_POLL_MAX_S)
+
     async def _stream(self, model: Model, request: InferenceRequest, respond: Respond,
-                      flow: CallFlow | None) -> None:
+                      flow: CallFlow | None, fd: int) -> None:
         """A decoupled target (the caller asked for `decoupled=True`): every response it sends
         goes back as an answer as it comes, the last one final, each once the caller's window
         has room for it (module docstring); the final flag sent alone is an empty final
@@ -177,6 +197,7 @@ class BlsService:
                 if not final:
                     size = sum(getattr(a, "nbytes", 0) for a in (outputs or {}).values())
                     await credit.room(size)
+                await self._room(fd)
                 if credit.dropped:
                     return  # the caller let go: closing the stream cancels the callee's request
                 if error is not None:
@@ -232,6 +253,14 @@ class BlsService:
             return entry.latest_ready is not None
         model = entry.versions.get(parse_version(version, name))
         return model is not None and model.state is ModelState.READY
+
+
+def _writable(fd: int) -> bool:
+    """Whether socket `fd` takes a small message now (a Unix socket polls writable while at
+    most a quarter of its send buffer is in use), or is broken (the send then fails at once)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 class _Credit:
