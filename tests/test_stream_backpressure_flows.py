@@ -11,7 +11,12 @@
   stub (the stub returns credit as the caller takes them), so neither the caller's stub (one
   shared-memory file per answer) nor the server holds them all, and the callee is held back;
   once the caller iterates, all arrive in order. A caller that lets go of its iterator
-  releases the callee.
+  releases the callee (cancels its request, even before it sent anything). A large answer
+  held for credit does not deadlock a caller that took a small one. Several un-iterated
+  calls of one caller, more than its socket holds, do not block the server's event loop.
+
+Shared memory is read machine-wide (/proc/meminfo Shmem), so other processes add noise;
+the bound leaves room for it.
 """
 
 from __future__ import annotations
