@@ -211,6 +211,7 @@ class Stub:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        self.bls.close()  # its decoupled BLS calls: nobody will take their answers
         if self.router is not None:
             self.router.close()
         self.channel.close()

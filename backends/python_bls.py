@@ -17,6 +17,17 @@ response channel instead (python_decoupled.py reads them), so its threads can ca
 Model-management calls (`is_model_ready`, `load_model`, `unload_model`) are
 `("bls_ctl", id, op, args)`, answered the same way.
 
+A decoupled call's answers are bounded by credit: the server sends at most a window of them
+(64, or 8 MiB of tensors) that the caller has not taken yet, then stops taking the callee's
+responses (whose own window then blocks the callee's sender, as an unread gRPC stream
+does) until the stub says the caller took some: `("bls_took", id, count)`, sent by the stub
+after every `TOOK_EVERY` answers or `TOOK_BYTES` taken, and whenever the caller is about to
+wait with nothing left to take (so the server is never left waiting for credit the caller
+owes). A caller that lets go of the iterator sends `("bls_drop", id)`: the server stops the
+call (the callee sees the request cancelled) and drops the rest. A stub that goes away drops
+all of its calls (`BlsRouter.close`). So a caller that does not iterate stalls the callee's
+instance (and what waits behind it there) until it iterates, lets go, or its `execute` ends.
+
 Models that never use BLS pay nothing: no message, no thread, no descriptor.
 Only stdlib and numpy here (the stub imports it); backends never import `server`.
 """
@@ -26,6 +37,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,8 +49,12 @@ from backends.python_ipc import Arena, Channel, TensorMeta, layout, read, write
 log = logging.getLogger("nereid.python.bls")
 
 # Message kinds from the stub that belong to BLS (python.py hands them to the router).
-REQUEST_KINDS = frozenset({"bls", "bls_ctl"})
+REQUEST_KINDS = frozenset({"bls", "bls_ctl", "bls_took", "bls_drop"})
 ANSWER = "bls_r"
+# A decoupled call's credit: the stub reports taken answers at least this often (well inside
+# the server's window of 64 answers / 8 MiB, so a caller that keeps up never makes it wait).
+TOOK_EVERY = 16
+TOOK_BYTES = 2 << 20
 INTERNAL = 1  # pb_utils.TritonError.INTERNAL
 
 # (message, pb_utils.TritonError code) of a failed call
@@ -59,6 +75,45 @@ class BlsCall:
     timeout_us: int = 0
     parameters: dict[str, Any] = field(default_factory=dict)
     decoupled: bool = False  # the caller takes a stream of responses (exec(decoupled=True))
+    flow: CallFlow | None = None  # a decoupled call's credit from the caller's stub
+    answer_fd: int = -1  # the socket its answers go on (the server waits for room there, not in `send`)
+
+
+class CallFlow:
+    """What the caller's stub says about one decoupled call as it goes: how many answers the
+    caller took, or that it let go. Told from the thread that reads the stub's socket; passed
+    on to the host's `listen` callback (count taken, or -1: dropped), kept until it listens."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listener: Callable[[int], None] | None = None
+        self._took = 0
+        self._dropped = False
+
+    def listen(self, listener: Callable[[int], None]) -> None:
+        with self._lock:
+            self._listener = listener
+            took, dropped = self._took, self._dropped
+        if took:
+            listener(took)
+        if dropped:
+            listener(-1)
+
+    def took(self, count: int) -> None:
+        with self._lock:
+            listener = self._listener
+            if listener is None:
+                self._took += count
+                return
+        listener(count)
+
+    def drop(self) -> None:
+        with self._lock:
+            listener = self._listener
+            if listener is None:
+                self._dropped = True
+                return
+        listener(-1)
 
 
 # respond(outputs, failure, final): one answer to a call; exactly one of outputs/failure is set.
@@ -156,13 +211,28 @@ class BlsRouter:
     def __init__(self, channel: Channel, label: str) -> None:
         self.channel = channel
         self.label = label
+        self._flows: dict[int, CallFlow] = {}  # decoupled calls not answered to the end yet
+        self._lock = threading.Lock()
+        self._closed = False
 
     def handle(self, message: tuple[Any, ...], fd: int | None) -> None:
         """Take one BLS message from the stub; never blocks (the host answers later)."""
         kind, call_id = message[0], message[1]
+        if kind == "bls_took" or kind == "bls_drop":
+            with self._lock:
+                flow = self._flows.get(call_id) if kind == "bls_took" else self._flows.pop(call_id, None)
+            if flow is not None and kind == "bls_took":
+                flow.took(message[2])
+            elif flow is not None:
+                flow.drop()
+            return
         host = _HOST
+        flows = kind == "bls" and bool(message[2].get("decoupled"))
 
         def respond(outputs: dict[str, np.ndarray] | None, failure: Failure | None, final: bool = True) -> None:
+            if final and flows:
+                with self._lock:
+                    self._flows.pop(call_id, None)
             send_answer(self.channel, call_id, outputs, failure, final)
 
         if kind == "bls_ctl":
@@ -184,6 +254,21 @@ class BlsRouter:
             model_name=spec["model_name"], model_version=spec["model_version"], inputs=inputs,
             requested_outputs=tuple(spec["requested"]) or None, request_id=spec["request_id"],
             correlation_id=spec["correlation_id"], flags=spec["flags"], timeout_us=spec["timeout"],
-            parameters=spec["parameters"], decoupled=spec["decoupled"],
+            parameters=spec["parameters"], decoupled=spec["decoupled"], answer_fd=self.channel.sock.fileno(),
         )
+        if flows:
+            call.flow = CallFlow()
+            with self._lock:
+                if self._closed:
+                    call.flow.drop()
+                else:
+                    self._flows[call_id] = call.flow
         host.infer(call, respond)
+
+    def close(self) -> None:
+        """The stub went away: its decoupled calls stop (nobody will take their answers)."""
+        with self._lock:
+            self._closed = True
+            flows, self._flows = list(self._flows.values()), {}
+        for flow in flows:
+            flow.drop()

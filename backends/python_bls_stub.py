@@ -13,16 +13,24 @@ target (a decoupled target's last one may be empty: the final flag alone), and
 `async_exec(...)` an awaitable resolving, once the first response is in, to the response or
 such an iterator. BLS inference is only for `execute` (and what it starts); failures of the
 called model come back as a response whose `has_error()` is true, not an exception.
+
+A decoupled call's answers come on credit (backends/python_bls.py): the iterator tells the
+server what the caller took (`bls_took`, every few answers and before it waits with
+nothing left), and that the caller let go of it (`bls_drop`). A `__del__` may run in the
+middle of a send on its own thread, so it sends only if no send is under way; otherwise the
+drop waits for the next message this stub sends (at the latest, the answer to `execute`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
+import threading
 from typing import Any
 
-from backends.python_bls import pack_tensors, unpack_tensors
+from backends.python_bls import TOOK_BYTES, TOOK_EVERY, pack_tensors, unpack_tensors
 from backends.python_bls_mailbox import Answer, Mailbox
 from backends.python_ipc import Channel
 
@@ -35,6 +43,9 @@ class BlsClient:
         self.pb = pb_utils
         self.phase = "initialize"  # "initialize" | "execute" | "finalize"
         self.mailbox = Mailbox(channel, listened)
+        self._credit: dict[int, list[int]] = {}  # decoupled call -> [answers, bytes] taken, not yet reported
+        self._credit_lock = threading.Lock()
+        self._drops: collections.deque[int] = collections.deque()  # let go of, not yet reported
 
     # -- inference --
 
@@ -57,7 +68,7 @@ class BlsClient:
         task = loop.create_task(self._answer_async(call_id, decoupled))
         # Cancelled (its execute ended without awaiting it) or done: later answers are dropped.
         task.add_done_callback(lambda t: None if decoupled and not t.cancelled() and t.exception() is None
-                               else self.mailbox.abandon(call_id))
+                               else self.drop(call_id) if decoupled else self.mailbox.abandon(call_id))
         return task
 
     async def _answer_async(self, call_id: int, decoupled: bool) -> Any:
@@ -125,9 +136,56 @@ class BlsClient:
             raise self.pb.TritonModelException(result[1])
         return dict(unpack_tensors(result[1], fd, size))
 
+    # -- a decoupled call's credit --
+
+    def took(self, call_id: int, size: int, final: bool) -> None:
+        """The caller took an answer of `size` bytes; tell the server every few of them."""
+        with self._credit_lock:
+            if final:
+                self._credit.pop(call_id, None)
+                return
+            credit = self._credit.setdefault(call_id, [0, 0])
+            credit[0] += 1
+            credit[1] += size
+            due = credit[0] >= TOOK_EVERY or credit[1] >= TOOK_BYTES
+        if due:
+            self.report(call_id)
+
+    def report(self, call_id: int) -> None:
+        """Tell the server what the caller took of `call_id` and has not reported yet."""
+        with self._credit_lock:
+            credit = self._credit.pop(call_id, None)
+        self.flush()
+        if credit:
+            try:
+                self.channel.send(("bls_took", call_id, credit[0]))
+            except OSError:  # the server is gone: the answer the caller waits for says so
+                pass
+
+    def drop(self, call_id: int) -> None:
+        """The caller let go of a decoupled call: the server stops it. Safe in a `__del__`."""
+        self.mailbox.abandon(call_id)
+        self._credit.pop(call_id, None)
+        try:
+            if not self.channel.try_send(("bls_drop", call_id)):
+                self._drops.append(call_id)  # a send is under way (maybe under us): sent with the next
+        except OSError:
+            pass
+
+    def flush(self) -> None:
+        """Send the drops a `__del__` could not send (before any other message of this stub)."""
+        drops = self._drops
+        while drops:
+            try:
+                self.channel.send(("bls_drop", drops.popleft()))
+            except (OSError, IndexError):
+                return
+
     # -- the socket --
 
     def _send(self, message: Any, fd: int | None = None) -> int:
+        if self._drops:
+            self.flush()
         call_id = self.mailbox.open()
         try:
             self.channel.send(message(call_id), fd)
@@ -156,7 +214,13 @@ class ResponseIterator:
         if answer[0]:
             self._finished = True
         self._index = len(self._responses)
+        self._client.took(self._id, answer[3], answer[0])
         return response
+
+    def _before_waiting(self) -> None:
+        """Nothing to take: whatever was taken goes back as credit now (the server may be waiting)."""
+        if not self._client.mailbox.has(self._id):
+            self._client.report(self._id)
 
     def __iter__(self) -> ResponseIterator:
         if self._finished and self._index >= len(self._responses):
@@ -169,6 +233,7 @@ class ResponseIterator:
             return self._responses[self._index - 1]
         if self._finished:
             raise StopIteration
+        self._before_waiting()
         return self._add(self._client.mailbox.wait(self._id))
 
     def __aiter__(self) -> ResponseIterator:
@@ -180,11 +245,12 @@ class ResponseIterator:
             return self._responses[self._index - 1]
         if self._finished:
             raise StopAsyncIteration
+        self._before_waiting()
         return self._add(await self._client.mailbox.wait_async(self._id))
 
     def __del__(self) -> None:
-        if not self._finished:  # dropped half read: the rest of its answers are dropped on arrival
+        if not self._finished:  # dropped half read: the server stops the call, the rest is dropped
             try:
-                self._client.mailbox.abandon(self._id)
+                self._client.drop(self._id)
             except Exception:
                 pass

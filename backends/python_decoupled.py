@@ -125,6 +125,7 @@ class ResponseRouter:
                 sink.send(as_outcome(payload), final)
             except Exception:
                 log.exception("python model instance %s: delivering a response failed", self._label)
+        self.bls.close()  # its decoupled BLS calls: nobody will take their answers
         reason = f"python model instance {self._label}: the Python stub process {self._exit_status()} " \
                  "before the request's final response"
         with self._lock:

@@ -80,6 +80,19 @@ class Channel:
         finally:
             lock.release()
 
+    def try_send(self, message: Any) -> bool:
+        """Send `message` only if no send is under way (False, and nothing sent, if one is): for
+        code that may run in the middle of another send on the same thread (a `__del__`)."""
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        lock = self._send_lock
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            self.sock.sendall(len(payload).to_bytes(_HEADER, "little") + payload)
+        finally:
+            lock.release()
+        return True
+
     def buffered(self) -> bool:
         """Whether a whole message has already been read off the socket (`recv` will not block)."""
         have = self._hi - self._lo

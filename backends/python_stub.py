@@ -103,9 +103,11 @@ class Stub(ModelCalls):
             if fd is not None:
                 self.inputs.attach(fd, arena_size)
             if len(message) > 3:  # a decoupled model: the server's keys for its requests
-                self.channel.send(*self.execute_decoupled(requests, message[3]))
+                result = self.execute_decoupled(requests, message[3])
             else:
-                self.channel.send(*self.execute(requests))
+                result = self.execute(requests)
+            self.bls.flush()  # BLS iterators let go of during execute that could not say so then
+            self.channel.send(*result)
 
     def execute(self, wire_requests: list[Any]) -> tuple[Any, int | None]:
         started = time.perf_counter_ns()  # the server decides how to wait from this: count our I/O too

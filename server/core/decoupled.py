@@ -21,9 +21,10 @@ back the model instead of filling the server's memory. For the Python backend th
 that waits is the instance's response reader: that instance's model then waits in
 `response_sender.send` (the stub's socket is full), as Triton's python_backend waits when
 its message queue is full; other requests on the same instance wait with it, other
-instances do not. Nothing waits on the event loop's own thread (an ensemble sends from
-there), and the final response never waits (it is one more at most, and the paths that
-close requests when a stub died must not stall).
+instances do not. Nothing waits on the event loop's own thread in `send`, and the final response never waits
+(it is one more at most, and the paths that close requests when a stub died must not stall).
+A sender on the event loop (a decoupled ensemble, ensemble_stream.py) awaits `put` instead,
+which waits for the same room without blocking the loop.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class ResponseStream:
         self._held = 0  # responses sent, not yet taken by the consumer
         self._held_bytes = 0
         self._closed = False  # cancelled or ended: nothing waits, and what comes is dropped
+        self._waiters: list[asyncio.Future[None]] = []  # `room` waiters on the loop, woken by taken/close
 
     # -- the backend's side (any thread) --
 
@@ -99,18 +101,50 @@ class ResponseStream:
 
     # -- the event loop's side --
 
+    async def put(self, outcome: Any, final: bool) -> None:
+        """`send` from the event loop: a response that does not fit waits (asynchronously) for
+        the consumer to take one, as `send` waits on a backend's thread."""
+        if not final:
+            await self.room(_nbytes(outcome))
+        self.send(outcome, final)
+
+    def full(self, size: int = 0) -> bool:
+        """Whether a response of `size` bytes would wait now."""
+        held = self._held
+        return not self._closed and (held >= WINDOW_RESPONSES or (held > 0 and self._held_bytes + size > WINDOW_BYTES))
+
+    async def room(self, size: int = 0) -> None:
+        """Wait until a response of `size` bytes fits (or the stream was closed)."""
+        while self.full(size) and not self._loop.is_closed():
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:  # cancelled while waiting
+                    self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     def taken(self, size: int) -> None:
         """The consumer took one response off the queue: a waiting sender may go on."""
         with self._space:
             self._held -= 1
             self._held_bytes -= size
             self._space.notify()
+        if self._waiters:
+            self._wake()
 
     def close(self) -> None:
         """Nobody will take more: release every waiting sender, drop what comes later."""
         with self._space:
             self._closed = True
             self._space.notify_all()
+        self._wake()
 
     def cancel(self) -> None:
         self.close()

@@ -17,6 +17,20 @@ order, so the iteration bookkeeping needs no locks. A tensor's iteration is drop
 every step (and the response) that reads it has taken it. The ensemble's responses go to
 the request's `sink` (decoupled.py ResponseStream), as a decoupled backend's do.
 
+Back-pressure: the ensemble's responses wait for room in its `sink` (`ResponseStream.put`,
+the window of 64 responses / 8 MiB not yet taken that a decoupled model's sender gets),
+asynchronously, so a client that does not read stops this loop rather than filling memory.
+While it waits, the steps hold their responses too: a step task waits (`_open`) before
+passing on a response that is not final, so it stops taking its step model's responses,
+whose own window then fills and blocks that model's sender thread (decoupled.py), as a
+client that does not read a plain decoupled model does. What is held is then at most the
+ensemble's window, one window per decoupled step request in flight, and the responses
+already passed on and not yet used (at most what the step tasks took in one pass of the loop
+before it waited); `max_inflight_requests` bounds how many step requests a fan-out has in
+flight. Final step events never wait (they end a step request, which may be what a
+`max_inflight_requests` wait in `_launch` is waiting for). Cancelling the request (the
+client went away) closes the sink, which releases the loop, and cancels the step tasks.
+
 Errors: the first step error (an error response of a decoupled step, a failed request of
 another) ends the request: the step requests still in flight are cancelled (a decoupled
 Python step sees `is_cancelled()`), and the error, named after the ensemble and the step, is
@@ -106,6 +120,9 @@ class _Flow:
         self.inflight = 0
         self.durations = [0, 0, 0]
         self.sent_first = 0
+        # Set unless this loop waits for room in the sink: the step tasks pass on responses only then.
+        self.open = asyncio.Event()
+        self.open.set()
 
     def add(self, tensor: str, value: np.ndarray | None) -> tuple[str, int]:
         iteration = self.iterations.get(tensor, 0)
@@ -135,7 +152,7 @@ class _Flow:
                 responses = self._responses(updated)
                 for i, response in enumerate(responses):
                     last = self.inflight == 0 and i == len(responses) - 1
-                    self.sink.send(self.ensemble.classified(response, self.request), last)
+                    await self._send(self.ensemble.classified(response, self.request), last)
                 if self.inflight == 0:
                     if not responses:
                         self.sink.send(None, True)  # the final flag alone
@@ -153,6 +170,18 @@ class _Flow:
                 task.cancel()
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _send(self, outcome: dict[str, np.ndarray], final: bool) -> None:
+        """One ensemble response to the sink, waiting for room there; the steps wait meanwhile."""
+        put = getattr(self.sink, "put", None)
+        if put is None:  # a sink without a window
+            self.sink.send(outcome, final)
+            return
+        self.open.clear()
+        try:
+            await put(outcome, final)
+        finally:
+            self.open.set()
 
     async def _launch(self, updated: list[tuple[str, int]]) -> None:
         """Send a request to every step whose inputs of one iteration are all there now."""
@@ -200,6 +229,8 @@ class _Flow:
             timing = sub.trace
             if model.decoupled:
                 async for outputs, error, final in stream_responses(model, sub):
+                    if not final:
+                        await self.open.wait()  # the ensemble's own responses wait for room
                     put((step, outputs, error, final, timing if final else None))
                     if final:
                         return

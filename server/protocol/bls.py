@@ -8,6 +8,20 @@ the target's statistics and bounded by its queue policy like any other request, 
 never touches the network, the servicer's counters or its rate limits. It is a
 transport like the gRPC one: the same request type, the same error tree.
 
+A decoupled target's answers (`exec(decoupled=True)`) wait for credit: at most a window
+(the 64 responses / 8 MiB of server/core/decoupled.py) sent to the caller's stub and not
+yet taken by the caller (the stub reports what it took, backends/python_bls.py). Beyond
+that this stops taking the callee's responses, so the callee's own window fills and its
+sender blocks: a caller that does not iterate holds the callee back rather than filling
+shared memory. The caller letting go of its iterator (or its stub going away) cancels
+the callee's request.
+
+Answers are written to the caller's socket from the event loop, which must never block on
+it: a default-mode stub reads that socket only while one of its callers waits (or between
+requests), so several calls' windows can fill it. Before each inference answer the loop
+checks that the socket has room (poll) and otherwise waits for it, asynchronously; the
+answers wait here meanwhile, bounded by the windows.
+
 Failures come back to the model as a response with an error (Triton's messages and
 codes); the model-management calls (`is_model_ready`, `load_model`, `unload_model`)
 answer a value or an error the stub raises as `TritonModelException`.
@@ -16,15 +30,18 @@ answer a value or an error the stub raises as `TritonModelException`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import select
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from backends.datatypes import protocol_of_numpy
-from backends.python_bls import BlsCall, Failure, Respond, set_host
-from server.core.decoupled import stream_responses
+from backends.python_bls import BlsCall, CallFlow, Failure, Respond, set_host
+from server.core.decoupled import WINDOW_BYTES, WINDOW_RESPONSES, stream_responses
 from server.core.model import Model
 from server.core.state import ModelState
 from server.errors import ErrorCode, InvalidInput, ModelNotFound, ModelUnavailable, NereidError
@@ -43,6 +60,7 @@ _TRITON_CODE = {
 }
 _INTERNAL = 1
 _FLAG_START, _FLAG_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END
+_ROOM_POLL_MAX_S = 0.02  # how often an answer waiting for room in a full socket looks again, at most
 
 
 def failure(exc: BaseException) -> Failure:
@@ -143,25 +161,51 @@ class BlsService:
             respond(None, (f"Model {name} - Error when running inference: {exc}", _INTERNAL), True)
             return
         if model.config.model_transaction_policy.decoupled:
-            await self._stream(model, request, respond)
+            await self._stream(model, request, respond, call.flow, call.answer_fd)
             return
         try:
             outputs = await model.infer(request)
         except Exception as exc:
+            await self._room(call.answer_fd)
             respond(None, failure(exc), True)
             return
+        await self._room(call.answer_fd)
         respond(outputs, None, True)
 
     @staticmethod
-    async def _stream(model: Model, request: InferenceRequest, respond: Respond) -> None:
+    async def _room(fd: int) -> None:
+        """Wait until the caller's socket `fd` takes an answer without blocking the loop. Polled
+        (1 ms, doubling to 20 ms) rather than watched: a watched fd is made non-blocking (uvloop),
+        and the instance's thread reads this socket blocking meanwhile."""
+        pause = 0.001
+        while fd >= 0 and not _writable(fd):
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _ROOM_POLL_MAX_S)
+
+    async def _stream(self, model: Model, request: InferenceRequest, respond: Respond,
+                      flow: CallFlow | None, fd: int) -> None:
         """A decoupled target (the caller asked for `decoupled=True`): every response it sends
-        goes back as an answer as it comes, the last one final; the final flag sent alone is
-        an empty final answer, as Triton's response iterator yields it."""
-        async for outputs, error, final in stream_responses(model, request):
-            if error is not None:
-                respond(None, failure(error), final)
-            else:
-                respond(outputs or {}, None, final)
+        goes back as an answer as it comes, the last one final, each once the caller's window
+        has room for it (module docstring); the final flag sent alone is an empty final
+        answer, as Triton's response iterator yields it."""
+        credit = _Credit(self.loop, asyncio.current_task())
+        if flow is not None:
+            flow.listen(credit.told)
+        async with contextlib.aclosing(stream_responses(model, request)) as responses:
+            async for outputs, error, final in responses:
+                size = 0
+                if not final:
+                    size = sum(getattr(a, "nbytes", 0) for a in (outputs or {}).values())
+                    await credit.room(size)
+                await self._room(fd)
+                if credit.dropped:
+                    return  # the caller let go: closing the stream cancels the callee's request
+                if error is not None:
+                    respond(None, failure(error), final)
+                else:
+                    respond(outputs or {}, None, final)
+                if not final:
+                    credit.sent(size)
 
     def _target(self, call: BlsCall) -> Model:
         name = call.model_name
@@ -209,3 +253,53 @@ class BlsService:
             return entry.latest_ready is not None
         model = entry.versions.get(parse_version(version, name))
         return model is not None and model.state is ModelState.READY
+
+
+def _writable(fd: int) -> bool:
+    """Whether socket `fd` takes a small message now (a Unix socket polls writable while at
+    most a quarter of its send buffer is in use), or is broken (the send then fails at once)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
+class _Credit:
+    """One decoupled call's answers sent to the caller's stub and not yet taken by the caller
+    (on the event loop; the stub's reports arrive through `told`, from any thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any] | None) -> None:
+        self._loop = loop
+        self._task = task  # the call's: cancelled when the caller lets go (the callee may send nothing for long)
+        self._sizes: deque[int] = deque()
+        self._bytes = 0
+        self.dropped = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def told(self, count: int) -> None:
+        """The stub took `count` answers (-1: the caller let go of the call)."""
+        try:
+            self._loop.call_soon_threadsafe(self._update, count)
+        except RuntimeError:  # the loop has closed: nothing waits any more
+            pass
+
+    def _update(self, count: int) -> None:
+        if count < 0:
+            self.dropped = True
+            if self._task is not None:
+                self._task.cancel()  # at its next wait: closing the stream cancels the callee's request
+        for _ in range(min(max(count, 0), len(self._sizes))):
+            self._bytes -= self._sizes.popleft()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def sent(self, size: int) -> None:
+        self._sizes.append(size)
+        self._bytes += size
+
+    async def room(self, size: int) -> None:
+        """Wait until an answer of `size` bytes fits in the caller's window, or the caller let go."""
+        while not self.dropped and (len(self._sizes) >= WINDOW_RESPONSES
+                                    or (self._sizes and self._bytes + size > WINDOW_BYTES)):
+            self._waiter = self._loop.create_future()
+            await self._waiter
