@@ -67,13 +67,15 @@ EXIT_TIMEOUT = 10  # --exit-timeout-secs given to the server
 class Server:
     """The Nereid server under test: a subprocess on 127.0.0.1, stderr kept in a log file."""
 
-    def __init__(self, repo: Path, control: str, log_path: Path, startup_timeout: float) -> None:
+    def __init__(self, repo: Path, control: str, log_path: Path, startup_timeout: float,
+                 extra: tuple[str, ...] = ()) -> None:
         cmd = [PYTHON, "-m", "server.cli", "serve", "--model-repository", str(repo),
                "--grpc-address", "127.0.0.1", "--grpc-port", "0",
                "--metrics-address", "127.0.0.1", "--metrics-port", "0",
                "--http-address", "127.0.0.1", "--http-port", "0",
                "--model-control-mode", control, "--exit-timeout-secs", str(EXIT_TIMEOUT)]
         cmd += ["--repository-poll-secs", "0.5"] if control == "poll" else ["--load-model", "*"]
+        cmd += extra
         self.cmd = cmd
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -225,6 +227,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=None,
                         help="seconds of traffic before the RSS baseline is taken (default: 15%% of --duration, "
                              "at least 1 s and at most 10 s)")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="an extra server flag, e.g. --server-arg=--workers=2 (repeatable)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary repository and server log")
     args = parser.parse_args(argv)
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, repo: Path, log_path: Path) -> dict[str, Any]:
     problems: list[str] = []
     started = time.monotonic()
-    server = Server(repo, args.control, log_path, startup_timeout=120)
+    server = Server(repo, args.control, log_path, startup_timeout=120, extra=tuple(args.server_arg))
     _servers.append(server)
     startup_s = time.monotonic() - started
     stubs_start = children(server.proc.pid)
