@@ -19,7 +19,7 @@ back to its hash for that connection.
 Loading needs the bpf() system call, which containers often forbid (CAP_BPF or
 CAP_SYS_ADMIN, or `kernel.unprivileged_bpf_disabled` = 0): then the server logs why and
 connections are spread by the hash, as before. Only balance changes; nothing else depends
-on it. The program is hand-assembled (14 instructions) so that no compiler or BPF library
+on it. The program is hand-assembled (15 instructions) so that no compiler or BPF library
 is needed at run time.
 """
 
@@ -50,16 +50,19 @@ def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> 
 
 
 def program(map_fd: int, frontends: int) -> bytes:
-    """`return atomic_fetch_add(&counter, 1) % frontends` (0 if the map lookup fails)."""
+    """`counter += 1 (atomically); return counter % frontends` (0 if the map lookup fails).
+    Not a fetch-and-add (kernel 5.12+), so that kernels back to 4.6 (SO_ATTACH_REUSEPORT_EBPF)
+    load it."""
     return b"".join([
         _insn(0x62, dst=10, off=-4, imm=0),  # *(u32 *)(r10 - 4) = 0: the key
         _insn(0x18, dst=1, src=1, imm=map_fd), _insn(0x00),  # r1 = the map (ld_imm64, pseudo map fd)
         _insn(0xBF, dst=2, src=10),  # r2 = r10
         _insn(0x07, dst=2, imm=-4),  # r2 += -4: &key
         _insn(0x85, imm=1),  # r0 = bpf_map_lookup_elem(r1, r2)
-        _insn(0x15, dst=0, off=5, imm=0),  # if r0 == 0 goto the last two
+        _insn(0x15, dst=0, off=6, imm=0),  # if r0 == 0 goto the last two
         _insn(0xB7, dst=1, imm=1),  # r1 = 1
-        _insn(0xDB, dst=0, src=1, off=0, imm=0x01),  # r1 = atomic_fetch_add((u64 *)r0, r1)
+        _insn(0xDB, dst=0, src=1, off=0, imm=0),  # lock *(u64 *)r0 += r1 (XADD: any kernel since 4.6)
+        _insn(0x79, dst=1, src=0, off=0),  # r1 = *(u64 *)r0 (a racing SYN may read the same: harmless)
         _insn(0x97, dst=1, imm=frontends),  # r1 %= frontends
         _insn(0xBF, dst=0, src=1),  # r0 = r1
         _insn(0x95),  # return r0: the index of the listening socket
