@@ -52,7 +52,7 @@ def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> 
 def program(map_fd: int, frontends: int) -> bytes:
     """`counter += 1 (atomically); return counter % frontends` (0 if the map lookup fails).
     Not a fetch-and-add (kernel 5.12+), so that kernels back to 4.6 (SO_ATTACH_REUSEPORT_EBPF)
-    load it."""
+    should load it; tried on 6.18 only."""
     return b"".join([
         _insn(0x62, dst=10, off=-4, imm=0),  # *(u32 *)(r10 - 4) = 0: the key
         _insn(0x18, dst=1, src=1, imm=map_fd), _insn(0x00),  # r1 = the map (ld_imm64, pseudo map fd)
