@@ -18,12 +18,13 @@ Model-management calls (`is_model_ready`, `load_model`, `unload_model`) are
 `("bls_ctl", id, op, args)`, answered the same way.
 
 A decoupled call's answers are bounded by credit: the server sends at most a window of them
-(64, or 8 MiB of tensors) that the caller has not taken yet, then stops taking the callee's
-responses (whose own window then blocks the callee's sender, as an unread gRPC stream
-does) until the stub says the caller took some: `("bls_took", id, count)`, sent by the stub
-after every `TOOK_EVERY` answers or `TOOK_BYTES` taken, and whenever the caller is about to
-wait with nothing left to take (so the server is never left waiting for credit the caller
-owes). A caller that lets go of the iterator sends `("bls_drop", id)`: the server stops the
+(64, or 8 MiB of tensors plus the answer that crossed it) that the caller has not taken
+yet, then stops taking the callee's responses (whose own window then blocks the callee's
+sender, as an unread gRPC stream does) until the stub says the caller took some:
+`("bls_took", id, count)`, sent by the stub after every `TOOK_EVERY` answers or `TOOK_BYTES`
+taken. Both are well inside the window, so a caller that took everything never owes the
+server enough credit to make it wait, and need not report before it waits (a message per
+answer to a caller that keeps up). A caller that lets go of the iterator sends `("bls_drop", id)`: the server stops the
 call (the callee sees the request cancelled) and drops the rest. A stub that goes away drops
 all of its calls (`BlsRouter.close`). So a caller that does not iterate stalls the callee's
 instance (and what waits behind it there) until it iterates, lets go, or its `execute` ends.

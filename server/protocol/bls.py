@@ -193,10 +193,8 @@ class BlsService:
             flow.listen(credit.told)
         async with contextlib.aclosing(stream_responses(model, request)) as responses:
             async for outputs, error, final in responses:
-                size = 0
                 if not final:
-                    size = sum(getattr(a, "nbytes", 0) for a in (outputs or {}).values())
-                    await credit.room(size)
+                    await credit.room()
                 await self._room(fd)
                 if credit.dropped:
                     return  # the caller let go: closing the stream cancels the callee's request
@@ -205,7 +203,7 @@ class BlsService:
                 else:
                     respond(outputs or {}, None, final)
                 if not final:
-                    credit.sent(size)
+                    credit.sent(sum(getattr(a, "nbytes", 0) for a in (outputs or {}).values()))
 
     def _target(self, call: BlsCall) -> Model:
         name = call.model_name
@@ -297,9 +295,13 @@ class _Credit:
         self._sizes.append(size)
         self._bytes += size
 
-    async def room(self, size: int) -> None:
-        """Wait until an answer of `size` bytes fits in the caller's window, or the caller let go."""
-        while not self.dropped and (len(self._sizes) >= WINDOW_RESPONSES
-                                    or (self._sizes and self._bytes + size > WINDOW_BYTES)):
+    async def room(self) -> None:
+        """Wait until the caller's window has room for one more answer, or the caller let go.
+        The window is full at 64 answers or 8 MiB, counting only what was sent (one answer
+        may take it past 8 MiB): the stub reports every 16 answers or 2 MiB taken, so once
+        the caller took everything, what it has not reported never fills the window, and it
+        need not report before it waits (which cost a message per answer to a caller that
+        keeps up)."""
+        while not self.dropped and (len(self._sizes) >= WINDOW_RESPONSES or self._bytes >= WINDOW_BYTES):
             self._waiter = self._loop.create_future()
             await self._waiter
