@@ -17,8 +17,8 @@ called model come back as a response whose `has_error()` is true, not an excepti
 A decoupled call's answers come on credit (backends/python_bls.py): the iterator tells the
 server what the caller took (`bls_took`, every `TOOK_EVERY` answers or `TOOK_BYTES`), and
 that the caller let go of it (`bls_drop`). A `__del__` may run in the middle of a send on
-its own thread, so it sends only if no send is under way; otherwise the drop waits for the
-next message this stub sends (at the latest, the answer to `execute`).
+its own thread, so it sends only if no send is under way; otherwise a short-lived thread
+sends the drop once that send ends.
 """
 
 from __future__ import annotations
@@ -168,7 +168,10 @@ class BlsClient:
         self._credit.pop(call_id, None)
         try:
             if not self.channel.try_send(("bls_drop", call_id)):
-                self._drops.append(call_id)  # a send is under way (maybe under us): sent with the next
+                # A send is under way (maybe under us, in this thread): a thread of its own
+                # sends the drop once it ends, and the stub's next message flushes it otherwise.
+                self._drops.append(call_id)
+                threading.Thread(target=self.flush, name="nereid-bls-drop", daemon=True).start()
         except OSError:
             pass
 
