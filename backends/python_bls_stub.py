@@ -172,7 +172,7 @@ class BlsClient:
                 # sends the drop once it ends, and the stub's next message flushes it otherwise.
                 self._drops.append(call_id)
                 threading.Thread(target=self.flush, name="nereid-bls-drop", daemon=True).start()
-        except OSError:
+        except (OSError, RuntimeError):  # the server is gone, or this process is exiting
             pass
 
     def flush(self) -> None:
