@@ -18,12 +18,13 @@ Model-management calls (`is_model_ready`, `load_model`, `unload_model`) are
 `("bls_ctl", id, op, args)`, answered the same way.
 
 A decoupled call's answers are bounded by credit: the server sends at most a window of them
-(64, or 8 MiB of tensors) that the caller has not taken yet, then stops taking the callee's
-responses (whose own window then blocks the callee's sender, as an unread gRPC stream
-does) until the stub says the caller took some: `("bls_took", id, count)`, sent by the stub
-after every `TOOK_EVERY` answers or `TOOK_BYTES` taken, and whenever the caller is about to
-wait with nothing left to take (so the server is never left waiting for credit the caller
-owes). A caller that lets go of the iterator sends `("bls_drop", id)`: the server stops the
+(64, or 8 MiB of tensors plus the answer that crossed it) that the caller has not taken
+yet, then stops taking the callee's responses (whose own window then blocks the callee's
+sender, as an unread gRPC stream does) until the stub says the caller took some:
+`("bls_took", id, count)`, sent by the stub after every `TOOK_EVERY` answers or `TOOK_BYTES`
+taken. Both are well inside the window, so a caller that took everything never owes the
+server enough credit to make it wait, and need not report before it waits (a message per
+answer to a caller that keeps up). A caller that lets go of the iterator sends `("bls_drop", id)`: the server stops the
 call (the callee sees the request cancelled) and drops the rest. A stub that goes away drops
 all of its calls (`BlsRouter.close`). So a caller that does not iterate stalls the callee's
 instance (and what waits behind it there) until it iterates, lets go, or its `execute` ends.
@@ -37,6 +38,8 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import select
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,7 +79,39 @@ class BlsCall:
     parameters: dict[str, Any] = field(default_factory=dict)
     decoupled: bool = False  # the caller takes a stream of responses (exec(decoupled=True))
     flow: CallFlow | None = None  # a decoupled call's credit from the caller's stub
-    answer_fd: int = -1  # the socket its answers go on (the server waits for room there, not in `send`)
+    answer_room: AnswerRoom | None = None  # the socket its answers go on (the server waits for room there)
+
+
+class AnswerRoom:
+    """Whether the stub's socket takes one more answer now without blocking the sender (the
+    server's event loop, which must never block on a stub that is not reading).
+
+    Polled, but not for every answer: a Unix socket polls writable while at most a quarter
+    of its send buffer is in use, so once it did, the next `allowance` answers (a few KB
+    each at most: tensors travel in shared memory) fit without looking again. A caller that
+    keeps up thus costs one poll per `allowance` answers. Closed with the stub: nothing waits
+    for room in a socket that is gone (its descriptor may already name another file)."""
+
+    MESSAGE_BYTES = 4096  # what one answer may take of the send buffer, at most (its error text included)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._fd = sock.fileno()
+        sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.allowance = max(1, min(32, sndbuf * 3 // 4 // self.MESSAGE_BYTES))
+        self._left = 0
+        self.closed = False
+
+    def ready(self) -> bool:
+        """Whether one answer may be sent now (counted as sent if so)."""
+        if self._left > 0 or self.closed:
+            self._left -= 1
+            return True
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        if not poller.poll(0):  # a broken socket polls too (the send then fails at once)
+            return False
+        self._left = self.allowance - 1
+        return True
 
 
 class CallFlow:
@@ -214,6 +249,7 @@ class BlsRouter:
         self._flows: dict[int, CallFlow] = {}  # decoupled calls not answered to the end yet
         self._lock = threading.Lock()
         self._closed = False
+        self.room = AnswerRoom(channel.sock)  # the server's answers wait for room there
 
     def handle(self, message: tuple[Any, ...], fd: int | None) -> None:
         """Take one BLS message from the stub; never blocks (the host answers later)."""
@@ -254,7 +290,7 @@ class BlsRouter:
             model_name=spec["model_name"], model_version=spec["model_version"], inputs=inputs,
             requested_outputs=tuple(spec["requested"]) or None, request_id=spec["request_id"],
             correlation_id=spec["correlation_id"], flags=spec["flags"], timeout_us=spec["timeout"],
-            parameters=spec["parameters"], decoupled=spec["decoupled"], answer_fd=self.channel.sock.fileno(),
+            parameters=spec["parameters"], decoupled=spec["decoupled"], answer_room=self.room,
         )
         if flows:
             call.flow = CallFlow()
@@ -269,6 +305,7 @@ class BlsRouter:
         """The stub went away: its decoupled calls stop (nobody will take their answers)."""
         with self._lock:
             self._closed = True
+            self.room.closed = True
             flows, self._flows = list(self._flows.values()), {}
         for flow in flows:
             flow.drop()

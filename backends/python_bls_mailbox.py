@@ -86,12 +86,6 @@ class Mailbox:
                 if fd is not None:
                     os.close(fd)
 
-    def has(self, call_id: int) -> bool:
-        """Whether an answer to `call_id` is here (taking it would not wait)."""
-        with self._cond:
-            call = self._calls.get(call_id)
-            return call is not None and bool(call.answers)
-
     def wait(self, call_id: int) -> Answer:
         """Block until the next answer to `call_id` (any thread)."""
         with self._cond:

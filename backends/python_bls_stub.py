@@ -15,10 +15,10 @@ such an iterator. BLS inference is only for `execute` (and what it starts); fail
 called model come back as a response whose `has_error()` is true, not an exception.
 
 A decoupled call's answers come on credit (backends/python_bls.py): the iterator tells the
-server what the caller took (`bls_took`, every few answers and before it waits with
-nothing left), and that the caller let go of it (`bls_drop`). A `__del__` may run in the
-middle of a send on its own thread, so it sends only if no send is under way; otherwise the
-drop waits for the next message this stub sends (at the latest, the answer to `execute`).
+server what the caller took (`bls_took`, every `TOOK_EVERY` answers or `TOOK_BYTES`), and
+that the caller let go of it (`bls_drop`). A `__del__` may run in the middle of a send on
+its own thread, so it sends only if no send is under way; otherwise a short-lived thread
+sends the drop once that send ends.
 """
 
 from __future__ import annotations
@@ -168,8 +168,11 @@ class BlsClient:
         self._credit.pop(call_id, None)
         try:
             if not self.channel.try_send(("bls_drop", call_id)):
-                self._drops.append(call_id)  # a send is under way (maybe under us): sent with the next
-        except OSError:
+                # A send is under way (maybe under us, in this thread): a thread of its own
+                # sends the drop once it ends, and the stub's next message flushes it otherwise.
+                self._drops.append(call_id)
+                threading.Thread(target=self.flush, name="nereid-bls-drop", daemon=True).start()
+        except (OSError, RuntimeError):  # the server is gone, or this process is exiting
             pass
 
     def flush(self) -> None:
@@ -217,11 +220,6 @@ class ResponseIterator:
         self._client.took(self._id, answer[3], answer[0])
         return response
 
-    def _before_waiting(self) -> None:
-        """Nothing to take: whatever was taken goes back as credit now (the server may be waiting)."""
-        if not self._client.mailbox.has(self._id):
-            self._client.report(self._id)
-
     def __iter__(self) -> ResponseIterator:
         if self._finished and self._index >= len(self._responses):
             self._index = 0
@@ -233,7 +231,6 @@ class ResponseIterator:
             return self._responses[self._index - 1]
         if self._finished:
             raise StopIteration
-        self._before_waiting()
         return self._add(self._client.mailbox.wait(self._id))
 
     def __aiter__(self) -> ResponseIterator:
@@ -245,7 +242,6 @@ class ResponseIterator:
             return self._responses[self._index - 1]
         if self._finished:
             raise StopAsyncIteration
-        self._before_waiting()
         return self._add(await self._client.mailbox.wait_async(self._id))
 
     def __del__(self) -> None:

@@ -11,8 +11,8 @@
   stub (the stub returns credit as the caller takes them), so neither the caller's stub (one
   shared-memory file per answer) nor the server holds them all, and the callee is held back;
   once the caller iterates, all arrive in order. A caller that lets go of its iterator
-  releases the callee (cancels its request, even before it sent anything). A large answer
-  held for credit does not deadlock a caller that took a small one. Several un-iterated
+  releases the callee (cancels its request, even before it sent anything). Large answers
+  after small ones do not deadlock on credit. Several un-iterated
   calls of one caller, more than its socket holds, do not block the server's event loop.
 
 Shared memory is read machine-wide (/proc/meminfo Shmem), so other processes add noise;
@@ -389,9 +389,10 @@ def test_a_bls_caller_that_lets_go_of_its_iterator_releases_the_callee(server) -
 
 
 def test_a_bls_caller_waiting_for_a_large_answer_returns_credit_first(server) -> None:
-    """Answers of 8 bytes and 9 MiB in turn: the server holds each 9 MiB answer until the
-    caller took the small one before it (the window is 8 MiB); the caller, about to wait,
-    says so, and all 6 arrive in order."""
+    """Answers of 8 bytes and 9 MiB in turn (the window is 8 MiB): each 9 MiB answer fills
+    the window, and the caller's credit, reported every 16 answers or 2 MiB taken, always
+    opens it again (a window that counted the next answer's size would wait for the small
+    answer's credit, which the caller reports only with 15 more); all 6 arrive in order."""
     srv, repo, _ = server
     result: list[object] = []
     _call_caller(srv, 6, 9 * MB, 0, result, "varied_caller")

@@ -19,8 +19,9 @@ the callee's request.
 Answers are written to the caller's socket from the event loop, which must never block on
 it: a default-mode stub reads that socket only while one of its callers waits (or between
 requests), so several calls' windows can fill it. Before each inference answer the loop
-checks that the socket has room (poll) and otherwise waits for it, asynchronously; the
-answers wait here meanwhile, bounded by the windows.
+checks that the socket has room (a poll every few dozen answers: AnswerRoom,
+backends/python_bls.py) and otherwise waits for it, asynchronously; the answers wait here
+meanwhile, bounded by the windows. The wait ends when the stub goes away.
 
 Failures come back to the model as a response with an error (Triton's messages and
 codes); the model-management calls (`is_model_ready`, `load_model`, `unload_model`)
@@ -32,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import select
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from backends.datatypes import protocol_of_numpy
-from backends.python_bls import BlsCall, CallFlow, Failure, Respond, set_host
+from backends.python_bls import AnswerRoom, BlsCall, CallFlow, Failure, Respond, set_host
 from server.core.decoupled import WINDOW_BYTES, WINDOW_RESPONSES, stream_responses
 from server.core.model import Model
 from server.core.state import ModelState
@@ -161,29 +161,32 @@ class BlsService:
             respond(None, (f"Model {name} - Error when running inference: {exc}", _INTERNAL), True)
             return
         if model.config.model_transaction_policy.decoupled:
-            await self._stream(model, request, respond, call.flow, call.answer_fd)
+            await self._stream(model, request, respond, call.flow, call.answer_room)
             return
         try:
             outputs = await model.infer(request)
         except Exception as exc:
-            await self._room(call.answer_fd)
+            await self._room(call.answer_room)
             respond(None, failure(exc), True)
             return
-        await self._room(call.answer_fd)
+        await self._room(call.answer_room)
         respond(outputs, None, True)
 
     @staticmethod
-    async def _room(fd: int) -> None:
-        """Wait until the caller's socket `fd` takes an answer without blocking the loop. Polled
-        (1 ms, doubling to 20 ms) rather than watched: a watched fd is made non-blocking (uvloop),
-        and the instance's thread reads this socket blocking meanwhile."""
+    async def _room(room: AnswerRoom | None) -> None:
+        """Wait until the caller's socket takes an answer without blocking the loop (usually
+        at once, without a system call: AnswerRoom). Polled (1 ms, doubling to 20 ms) rather
+        than watched: a watched fd is made non-blocking (uvloop), and the instance's thread
+        reads this socket blocking meanwhile."""
+        if room is None or room.ready():
+            return
         pause = 0.001
-        while fd >= 0 and not _writable(fd):
+        while not room.ready():
             await asyncio.sleep(pause)
             pause = min(pause * 2, _ROOM_POLL_MAX_S)
 
     async def _stream(self, model: Model, request: InferenceRequest, respond: Respond,
-                      flow: CallFlow | None, fd: int) -> None:
+                      flow: CallFlow | None, room: AnswerRoom | None) -> None:
         """A decoupled target (the caller asked for `decoupled=True`): every response it sends
         goes back as an answer as it comes, the last one final, each once the caller's window
         has room for it (module docstring); the final flag sent alone is an empty final
@@ -193,11 +196,9 @@ class BlsService:
             flow.listen(credit.told)
         async with contextlib.aclosing(stream_responses(model, request)) as responses:
             async for outputs, error, final in responses:
-                size = 0
                 if not final:
-                    size = sum(getattr(a, "nbytes", 0) for a in (outputs or {}).values())
-                    await credit.room(size)
-                await self._room(fd)
+                    await credit.room()
+                await self._room(room)
                 if credit.dropped:
                     return  # the caller let go: closing the stream cancels the callee's request
                 if error is not None:
@@ -205,7 +206,7 @@ class BlsService:
                 else:
                     respond(outputs or {}, None, final)
                 if not final:
-                    credit.sent(size)
+                    credit.sent(sum(getattr(a, "nbytes", 0) for a in (outputs or {}).values()))
 
     def _target(self, call: BlsCall) -> Model:
         name = call.model_name
@@ -255,14 +256,6 @@ class BlsService:
         return model is not None and model.state is ModelState.READY
 
 
-def _writable(fd: int) -> bool:
-    """Whether socket `fd` takes a small message now (a Unix socket polls writable while at
-    most a quarter of its send buffer is in use), or is broken (the send then fails at once)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return bool(poller.poll(0))
-
-
 class _Credit:
     """One decoupled call's answers sent to the caller's stub and not yet taken by the caller
     (on the event loop; the stub's reports arrive through `told`, from any thread)."""
@@ -297,9 +290,13 @@ class _Credit:
         self._sizes.append(size)
         self._bytes += size
 
-    async def room(self, size: int) -> None:
-        """Wait until an answer of `size` bytes fits in the caller's window, or the caller let go."""
-        while not self.dropped and (len(self._sizes) >= WINDOW_RESPONSES
-                                    or (self._sizes and self._bytes + size > WINDOW_BYTES)):
+    async def room(self) -> None:
+        """Wait until the caller's window has room for one more answer, or the caller let go.
+        The window is full at 64 answers or 8 MiB, counting only what was sent (one answer
+        may take it past 8 MiB): the stub reports every 16 answers or 2 MiB taken, so once
+        the caller took everything, what it has not reported never fills the window, and it
+        need not report before it waits (which cost a message per answer to a caller that
+        keeps up)."""
+        while not self.dropped and (len(self._sizes) >= WINDOW_RESPONSES or self._bytes >= WINDOW_BYTES):
             self._waiter = self._loop.create_future()
             await self._waiter
