@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from server import exit_guard
 from server.core.cuda_runtime import CudaRuntime, probe
 from server.core.shm_registry import SharedMemoryRegistry
 from server.http.platforms import SageMakerRoutes, VertexAiRoutes
@@ -344,7 +345,9 @@ def run(settings: Settings) -> int:
         print(f"nereid: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        exit_guard.arm(130)
         return 130
+    exit_guard.arm(0)  # a model still busy in execute must not keep the stopped server alive
     return 0
 
 
