@@ -284,25 +284,31 @@ def test_a_stream_of_requests_whose_answers_are_not_read_stops_being_read(server
         channel.close()
 
 
-def test_a_client_that_gives_up_while_the_model_waits_frees_the_instance(server) -> None:
-    """The model waits for a client that does not read; the client cancels: the wait ends at
-    once (what the model sends after is dropped), and the one instance serves the next client."""
-    srv, repo, _ = server
-    size = MB
+def give_up_on_a_held_stream(srv: ServerProcess, repo: Path, model: str) -> None:
+    """Ask `model` for 300 x 1 MB and read none: the one-instance decoupled `burst1` (the model
+    itself, or an ensemble's step) must be held back; cancel: its wait ends at once (what it
+    sends after is dropped), and it serves the next client (5 answers read on a new channel)."""
     channel = _channel(srv)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     _warm(stub, repo, "burst1")
     done = threading.Event()
     try:
-        responses = _open(stub, _burst("burst1", 300, size), done)
+        responses = _open(stub, _burst(model, 300, MB), done)
         time.sleep(1.0)
-        assert not (repo / "burst1" / "sent-300").exists(), "the model was not held back"
+        assert not (repo / "burst1" / "sent-300").exists(), f"{model}: burst1 was not held back"
         responses.cancel()  # type: ignore[attr-defined]
     finally:
         done.set()
         channel.close()
-    _read_burst_on_new_channel(srv, "burst1", 5, size, scaled(20))
+    _read_burst_on_new_channel(srv, "burst1", 5, MB, scaled(20))
     assert (repo / "burst1" / "sent-300").exists()
+
+
+def test_a_client_that_gives_up_while_the_model_waits_frees_the_instance(server) -> None:
+    """The model waits for a client that does not read; the client cancels: the wait ends at
+    once (what the model sends after is dropped), and the one instance serves the next client."""
+    srv, repo, _ = server
+    give_up_on_a_held_stream(srv, repo, "burst1")
 
 
 def test_sigterm_answers_more_than_a_window_of_requests_a_stream_has_sent(tmp_path, server_factory) -> None:

@@ -41,6 +41,7 @@ from test_stream_backpressure import (
     _read_burst_on_new_channel,
     _reset_peaks,
     _warm,
+    give_up_on_a_held_stream,
 )
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
@@ -284,21 +285,7 @@ def test_a_client_that_gives_up_on_a_held_ensemble_frees_its_step_instance(serve
     """The ensemble's one-instance decoupled step waits for a client that does not read; the
     client cancels: the step's wait ends (the rest is dropped), and the instance serves the next."""
     srv, repo, _ = server
-    size = MB
-    channel = _channel(srv)
-    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    _warm(stub, repo, "burst1")
-    done = threading.Event()
-    try:
-        responses = _open(stub, _burst("ens1", 300, size), done)
-        time.sleep(1.0)
-        assert not (repo / "burst1" / "sent-300").exists(), "the step model was not held back"
-        responses.cancel()  # type: ignore[attr-defined]
-    finally:
-        done.set()
-        channel.close()
-    _read_burst_on_new_channel(srv, "burst1", 5, size, scaled(20))
-    assert (repo / "burst1" / "sent-300").exists()
+    give_up_on_a_held_stream(srv, repo, "ens1")
     (repo / "burst1" / "sent-300").unlink()
     (repo / "burst1" / "sent-5").unlink()
 
