@@ -41,6 +41,7 @@ error; their results would be dropped anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
@@ -228,12 +229,15 @@ class _Flow:
             model, sub = self.ensemble.step_request(step, values, self.request)
             timing = sub.trace
             if model.decoupled:
-                async for outputs, error, final in stream_responses(model, sub):
-                    if not final:
-                        await self.open.wait()  # the ensemble's own responses wait for room
-                    put((step, outputs, error, final, timing if final else None))
-                    if final:
-                        return
+                # aclosing: a cancel while waiting for room below closes the step's stream (and
+                # cancels its request) at once, not when the generator is garbage-collected
+                async with contextlib.aclosing(stream_responses(model, sub)) as responses:
+                    async for outputs, error, final in responses:
+                        if not final:
+                            await self.open.wait()  # the ensemble's own responses wait for room
+                        put((step, outputs, error, final, timing if final else None))
+                        if final:
+                            return
                 put((step, None, InternalError(f"model {model.label} ended its responses without the final flag"),
                      True, timing))
             else:
