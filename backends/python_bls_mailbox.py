@@ -47,6 +47,13 @@ class _Call:
         self.loop: asyncio.AbstractEventLoop | None = None
 
 
+def _close_fds(call: _Call) -> None:
+    """Close the shared-memory descriptors of the answers a call still holds."""
+    for _, _, fd, _ in call.answers:
+        if fd is not None:
+            os.close(fd)
+
+
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -67,24 +74,42 @@ class Mailbox:
         self._closed = ""  # why nothing more can come
         self._watching: asyncio.AbstractEventLoop | None = None  # a loop with a reader on the socket
         self._rewatch: asyncio.AbstractEventLoop | None = None  # a loop to watch again once a thread stops reading
+        # Calls abandoned while the lock was taken (maybe by the abandoning thread itself: a
+        # `__del__` run by the garbage collector inside one of our locked sections); reaped by
+        # the next locked operation. deque.append needs no lock.
+        self._later: collections.deque[int] = collections.deque()
 
     # -- calls --
 
     def open(self) -> int:
         """A new call's id, registered before its message is sent (its answer may come at once)."""
         with self._cond:
+            if self._later:
+                self._reap()
             call_id = next(self._ids)
             self._calls[call_id] = _Call()
         return call_id
 
     def abandon(self, call_id: int) -> None:
-        """Nobody waits for this call any more: drop what came and what will come."""
-        with self._cond:
+        """Nobody waits for this call any more: drop what came and what will come. Never waits
+        for the lock (it may run in a `__del__` while this very thread holds it): if the lock is
+        taken, the next locked operation drops the call."""
+        if not self._cond.acquire(blocking=False):
+            self._later.append(call_id)
+            return
+        try:
             call = self._calls.pop(call_id, None)
+        finally:
+            self._cond.release()
         if call is not None:
-            for _, _, fd, _ in call.answers:
-                if fd is not None:
-                    os.close(fd)
+            _close_fds(call)
+
+    def _reap(self) -> None:
+        """(holding the lock) Drop the calls abandoned while the lock was taken."""
+        while self._later:
+            call = self._calls.pop(self._later.popleft(), None)
+            if call is not None:
+                _close_fds(call)
 
     def wait(self, call_id: int) -> Answer:
         """Block until the next answer to `call_id` (any thread)."""
@@ -158,6 +183,8 @@ class Mailbox:
 
     def _deliver(self, message: Any, fd: int | None) -> None:
         """(holding the lock)"""
+        if self._later:
+            self._reap()
         if message[0] != ANSWER:
             self._others.append((message, fd))
             return
