@@ -158,6 +158,7 @@ class BlsService:
             model = self._target(call)
             request = bls_request(model, call)
         except NereidError as exc:  # refused before running: Triton's wording, INTERNAL as Triton
+            await self._room(call.answer_room)
             respond(None, (f"Model {name} - Error when running inference: {exc}", _INTERNAL), True)
             return
         if model.config.model_transaction_policy.decoupled:
