@@ -53,6 +53,9 @@ from soak_tally import Tally  # noqa: E402
 from soak_traffic import start_workers  # noqa: E402
 
 ROOT = SCRIPTS.parent
+sys.path.insert(0, str(ROOT))
+from server.exit_guard import children  # noqa: E402  (the server's children: Python stubs, frontends)
+
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 MAX_DURATION = 3600.0  # hard cap on --duration: a soak is bounded, whatever is asked
 MAX_RATE = 1000.0
@@ -162,22 +165,6 @@ def proc_status_kb(pid: int, field: str) -> int | None:
     except (OSError, ValueError):
         return None
     return None
-
-
-def children(pid: int) -> list[int]:
-    """Child processes of `pid` (the Python-backend stubs), whichever of its threads started them."""
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
-                found += [int(p) for p in f.read().split()]
-        except OSError:
-            continue
-    return found
 
 
 def children_rss_kb(pid: int) -> int:

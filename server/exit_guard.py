@@ -47,19 +47,19 @@ def _fire(code: int, grace: float) -> None:
 
 
 def children(pid: int | None = None) -> list[int]:
-    """The processes whose parent is `pid` (this one by default), from /proc."""
+    """The child processes of `pid` (this one by default), whichever of its threads started them."""
     parent = os.getpid() if pid is None else pid
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{parent}/task")
+    except OSError:
+        return found
+    for tid in tasks:
         try:
-            with open(f"/proc/{name}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{parent}/task/{tid}/children", encoding="ascii") as listing:
+                found += [int(child) for child in listing.read().split()]
         except OSError:
-            continue  # gone meanwhile
-        if int(fields[1]) == parent:
-            found.append(int(name))
+            continue  # that thread ended meanwhile
     return found
 
 

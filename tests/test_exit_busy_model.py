@@ -8,12 +8,12 @@ Python stub must not outlive the server either.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from test_workers import _alive
 from util import ServerProcess, scaled
 
 from server.exit_guard import children
@@ -39,18 +39,6 @@ def _sleepy_repo(root):
         'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
     (model / "1" / "model.py").write_text(SLEEPY)
     return root
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_sigterm_with_a_model_stuck_in_execute_still_exits(tmp_path) -> None:
