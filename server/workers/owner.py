@@ -108,8 +108,12 @@ class OwnerLink:
             log.error("worker %d sent an unknown frame kind %d; ignored", self.index, kind)
 
     def _task(self, call_id: int, context: ForwardedContext, run: Coroutine[Any, Any, None]) -> None:
-        started = self._tasks[call_id] = self._loop.create_task(run)
-        started.add_done_callback(functools.partial(self._ended, call_id, context))
+        self._track(call_id, context, self._loop.create_task(run))
+
+    def _track(self, call_id: int, context: ForwardedContext, task: asyncio.Task[Any]) -> None:
+        """Keep the call's task (CANCEL and a lost link cancel it); forget it when it ends."""
+        self._tasks[call_id] = task
+        task.add_done_callback(functools.partial(self._ended, call_id, context))
 
     def _eager(self, call_id: int, context: ForwardedContext, run: Coroutine[Any, Any, None]) -> None:
         """Run a unary-response call's first step now (server/aio.py `start`): most calls (an
@@ -118,8 +122,7 @@ class OwnerLink:
         cancellable as any other."""
         task = aio.start(run, self._loop)
         if task is not None:
-            self._tasks[call_id] = task
-            task.add_done_callback(functools.partial(self._ended, call_id, context))
+            self._track(call_id, context, task)
 
     def _writer(self, call_id: int, handler: grpc.RpcMethodHandler) -> Callable[[Any], Awaitable[None]]:
         """How a server-streaming call sends a response: a SEND frame, then wait for the
