@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from test_stream_backpressure import _channel, _Numbered, _peaks, _read_burst
+from test_stream_backpressure import BURST, MB, _burst_config, _channel, _Numbered, _peaks, _read_burst
 from test_workers_calls import _pair
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
@@ -38,38 +38,6 @@ from server.workers.link import frame
 
 WORKER_RE = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
 HEADER = "import os, time\nimport numpy as np\nimport triton_python_backend_utils as pb_utils\n\n"
-
-# COUNT responses of SIZE bytes each (byte j of response i is (i + j) % 251), sent from execute,
-# then the final flag; then a file named `sent` in the model's directory says it is done.
-BURST = HEADER + '''
-class TritonPythonModel:
-    def initialize(self, args):
-        self.marker = os.path.join(args["model_repository"], "sent")
-
-    def execute(self, requests):
-        for request in requests:
-            count = int(pb_utils.get_input_tensor_by_name(request, "COUNT").as_numpy()[0])
-            size = int(pb_utils.get_input_tensor_by_name(request, "SIZE").as_numpy()[0])
-            sender = request.get_response_sender()
-            base = (np.arange(size + 251) % 251).astype(np.uint8)
-            for i in range(count):
-                sender.send(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("OUT", base[i % 251:i % 251 + size]),
-                    pb_utils.Tensor("IDX", np.array([i], np.uint32))]))
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            with open(self.marker, "w") as f:
-                f.write(str(count))
-        return None
-'''
-
-BURST_CONFIG = """name: "burst"
-backend: "python"
-max_batch_size: 0
-model_transaction_policy { decoupled: true }
-input [ { name: "COUNT" data_type: TYPE_INT32 dims: [ 1 ] }, { name: "SIZE" data_type: TYPE_INT32 dims: [ 1 ] } ]
-output [ { name: "OUT" data_type: TYPE_UINT8 dims: [ -1 ] }, { name: "IDX" data_type: TYPE_UINT32 dims: [ 1 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
 
 # Takes DELAY_S per request; answers with the first 8 bytes of IN (which carry the request's number).
 SLOW = HEADER + '''
@@ -91,13 +59,12 @@ output [ { name: "OUT" data_type: TYPE_UINT8 dims: [ -1 ] } ]
 instance_group [ { kind: KIND_CPU count: 1 } ]
 """
 
-MB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def flow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path]]:
     repo = tmp_path_factory.mktemp("flow")
-    write_model(repo, "burst", BURST_CONFIG, files={"1/model.py": BURST.encode()})
+    write_model(repo, "burst", _burst_config("burst", 1), files={"1/model.py": BURST.encode()})
     write_model(repo, "slow", SLOW_CONFIG, files={"1/model.py": SLOW.encode()})
     # No queue limit: the owner reads a client stream as fast as it can (as one process does)
     # and the stopped-owner test resumes it with 1,500 requests to queue.
@@ -117,15 +84,15 @@ def test_a_stream_nobody_reads_does_not_fill_the_frontend(flow_server) -> None:
     """A decoupled model sends 400 responses of 1 MB to a client that does not read: the
     frontends hold a few window's worth, not 400 MB; then the client reads all, in order."""
     srv, repo = flow_server
-    marker = repo / "burst" / "sent"
     count, size = 400, MB
+    marker = repo / "burst" / f"sent-{count}"  # the model writes it once it sent them all
     pids = _pids(srv)
     channel = _channel(srv)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     warm = list(stub.ModelStreamInfer(iter([raw_request("burst", [("COUNT", "INT32", np.array([1], np.int32)),
                                                                    ("SIZE", "INT32", np.array([8], np.int32))])])))
     assert len(warm) == 1 and warm[0].error_message == "", warm
-    marker.unlink()
+    (repo / "burst" / "sent-1").unlink()
     before = _peaks(pids)  # the model and the path are warm: later growth is the unread stream
     done = threading.Event()
 
