@@ -158,8 +158,7 @@ class BlsService:
             model = self._target(call)
             request = bls_request(model, call)
         except NereidError as exc:  # refused before running: Triton's wording, INTERNAL as Triton
-            await self._room(call.answer_room)
-            respond(None, (f"Model {name} - Error when running inference: {exc}", _INTERNAL), True)
+            await self._answer(call, respond, None, (f"Model {name} - Error when running inference: {exc}", _INTERNAL))
             return
         if model.config.model_transaction_policy.decoupled:
             await self._stream(model, request, respond, call.flow, call.answer_room)
@@ -167,11 +166,15 @@ class BlsService:
         try:
             outputs = await model.infer(request)
         except Exception as exc:
-            await self._room(call.answer_room)
-            respond(None, failure(exc), True)
+            await self._answer(call, respond, None, failure(exc))
             return
+        await self._answer(call, respond, outputs, None)
+
+    async def _answer(self, call: BlsCall, respond: Respond, outputs: dict[str, np.ndarray] | None,
+                      fail: Failure | None) -> None:
+        """A call's one (final) answer, once the caller's socket has room for it."""
         await self._room(call.answer_room)
-        respond(outputs, None, True)
+        respond(outputs, fail, True)
 
     @staticmethod
     async def _room(room: AnswerRoom | None) -> None:
