@@ -68,16 +68,22 @@ def _unload(srv: ServerProcess, name: str) -> float:
         channel.close()
 
 
+def _unload_in_time_then_iterate(srv: ServerProcess, repo: Path, thread: threading.Thread, name: str) -> None:
+    """Unload `name` while the caller is stalled: it must end within the exit timeout; then the
+    caller iterates (its thread ends)."""
+    took = _unload(srv, name)
+    print(f"unload of {name} while the caller is stalled: {took:.2f} s")
+    assert took < EXIT_TIMEOUT_S + scaled(5), f"the unload took {took:.1f} s"
+    (repo / "caller" / "go").touch()
+    thread.join(scaled(30))
+
+
 def test_unloading_the_callee_of_a_stalled_bls_caller_ends_in_time(stalled) -> None:
     """The callee is unloaded while its answers wait for the caller: the unload ends within
     the exit timeout, and the caller, once it iterates, gets its answer (the callee finished
     its request) or an error, not a hang."""
     srv, repo, result, thread = stalled
-    took = _unload(srv, "many")
-    print(f"unload of the held callee: {took:.2f} s")
-    assert took < EXIT_TIMEOUT_S + scaled(5), f"the unload took {took:.1f} s"
-    (repo / "caller" / "go").touch()
-    thread.join(scaled(30))
+    _unload_in_time_then_iterate(srv, repo, thread, "many")
     assert result == [CALLS * COUNT] or (len(result) == 1 and isinstance(result[0], Exception)), result
 
 
@@ -86,11 +92,7 @@ def test_unloading_a_stalled_bls_caller_ends_in_time(stalled) -> None:
     timeout (a busy instance is left alone, as any model busy in `execute`); once the caller
     iterates, it gets every answer, and the callees serve the next client."""
     srv, repo, result, thread = stalled
-    took = _unload(srv, "caller")
-    print(f"unload of the stalled caller: {took:.2f} s")
-    assert took < EXIT_TIMEOUT_S + scaled(5), f"the unload took {took:.1f} s"
-    (repo / "caller" / "go").touch()
-    thread.join(scaled(30))
+    _unload_in_time_then_iterate(srv, repo, thread, "caller")
     assert result == [CALLS * COUNT], result
     _read_burst_on_new_channel(srv, "many", 5, SIZE, scaled(20))
     assert _wait_marker(repo / "many" / "sent-5", scaled(10))
