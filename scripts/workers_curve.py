@@ -97,6 +97,11 @@ def own_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def per_request(cores: float, rate: float | None) -> str:
+    """CPU µs per request from cores in use and infer/s ('—' without a rate)."""
+    return f"{1e6 * cores / rate:.0f}" if rate else "—"
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, 15)
@@ -109,13 +114,15 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
-def perf(pa: str, port: int, concurrency: int, logs: Path, tag: str) -> tuple[float | None, str]:
+def perf(pa: str, port: int, concurrency: int, logs: Path, tag: str, streaming: bool = False) -> tuple[float | None, str]:
     """(infer/s, 'infer/s | p50 ms' cells) from one perf_analyzer run; retried with a looser bound."""
     for stability in (20, 50):
         csv_path = logs / f"{tag}.csv"
         cmd = [pa, "-i", "grpc", "-u", f"127.0.0.1:{port}", "-m", "mlp", "-b", "1",
                f"--concurrency-range={concurrency}:{concurrency}", "--measurement-interval", "2000",
                "--stability-percentage", str(stability), "--max-trials", "6", "--async", "-f", str(csv_path)]
+        if streaming:
+            cmd.append("--streaming")
         with (logs / f"{tag}-s{stability}.log").open("w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=150).returncode
         if rc == 0 and csv_path.exists():
@@ -133,6 +140,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=256, help="in flight, all N (default 256)")
     ap.add_argument("--model-repository", default=str(ROOT / "model_repository"))
     ap.add_argument("--echo", action="store_true", help="also N echo processes on one port (the ceiling)")
+    ap.add_argument("--streaming", action="store_true", help="ModelStreamInfer (perf_analyzer --streaming)")
     ap.add_argument("--nereid-arg", action="append", default=[],
                     help="an extra flag for every nereid server, e.g. --nereid-arg=--connection-balance=hash")
     ap.add_argument("--out", default="", help="append the markdown here")
@@ -145,12 +153,14 @@ def main() -> int:
     cpu = platform.processor() or platform.machine()
     extra = "".join(" --nereid-arg=" + a for a in args.nereid_arg)
     lines = [f"`scripts/workers_curve.py --workers {args.workers} --concurrency {args.concurrency}"
-             f"{' --echo' if args.echo else ''}{extra}` on {os.cpu_count()} cores ({cpu}), "
-             f"Python {platform.python_version()}, unpinned, model `mlp`, batch 1, unary, "
+             f"{' --echo' if args.echo else ''}{' --streaming' if args.streaming else ''}{extra}` on "
+             f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, unpinned, model `mlp`, batch 1, "
+             f"{'streaming' if args.streaming else 'unary'}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| N | nereid infer/s | p50 ms | vs N=1 | target 0.8 x N | owner cores | all server cores "
-             "| busiest frontend's calls | echo x N infer/s | p50 ms | nereid % of echo |",
-             "|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---:|"]
+             "| owner µs/req | server µs/req | busiest frontend's calls | echo x N infer/s | p50 ms | echo µs/req "
+             "| nereid % of echo |",
+             "|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     base: float | None = None
     for n in counts:
         log = logs / f"nereid-w{n}.log"
@@ -161,22 +171,29 @@ def main() -> int:
             # frontend bounds it too: connections, not calls, are spread (workers/balance.py).
             calls0 = worker_calls(log)
             owner0, all0, wall0 = own_cpu_seconds(proc.pid), tree_cpu_seconds(proc.pid), time.monotonic()
-            rate, cells = perf(args.perf_analyzer, port, args.concurrency, logs, f"nereid-w{n}")
+            rate, cells = perf(args.perf_analyzer, port, args.concurrency, logs, f"nereid-w{n}", args.streaming)
             wall = time.monotonic() - wall0
             owner_cores = (own_cpu_seconds(proc.pid) - owner0) / wall
-            cores = f"{owner_cores:.2f} | {(tree_cpu_seconds(proc.pid) - all0) / wall:.2f} " \
-                    f"| {busiest_share(calls0, worker_calls(log))}"
+            all_cores = (tree_cpu_seconds(proc.pid) - all0) / wall
+            # Per request: cores over the whole run (warm-up trials included, at the same load)
+            # divided by the measured rate: the owner's and the whole server's CPU per request.
+            cores = f"{owner_cores:.2f} | {all_cores:.2f} | {per_request(owner_cores, rate)} " \
+                    f"| {per_request(all_cores, rate)} | {busiest_share(calls0, worker_calls(log))}"
         finally:
             stop(proc)
         if n == 1:
             base = rate
         ratio = rate / base if rate and base else None
         met = "—" if ratio is None or n == 1 else ("met" if ratio >= 0.8 * n else f"not met ({0.8 * n:.1f})")
-        echo_cells, of_echo = "— | —", "—"
+        echo_cells, of_echo = "— | — | —", "—"
         if args.echo:
             eproc, eport = start_echo(n, config, logs / f"echo-x{n}.log")
             try:
-                erate, echo_cells = perf(args.perf_analyzer, eport, args.concurrency, logs, f"echo-x{n}")
+                ecpu0, ewall0 = tree_cpu_seconds(eproc.pid), time.monotonic()
+                erate, echo_cells = perf(args.perf_analyzer, eport, args.concurrency, logs, f"echo-x{n}",
+                                         args.streaming)
+                ecores = (tree_cpu_seconds(eproc.pid) - ecpu0) / (time.monotonic() - ewall0)
+                echo_cells += f" | {per_request(ecores, erate)}"
             finally:
                 stop(eproc)
             if erate and rate:
