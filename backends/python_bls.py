@@ -161,8 +161,9 @@ class BlsHost(Protocol):
 
     def infer(self, call: BlsCall, respond: Respond) -> None: ...
 
-    def control(self, op: str, args: dict[str, Any], respond: Respond) -> None:
-        """op: "ready" (answers {"ready": bool}), "load", "unload" (answer {})."""
+    def control(self, op: str, args: dict[str, Any], respond: Respond, room: AnswerRoom | None = None) -> None:
+        """op: "ready" (answers {"ready": bool}), "load", "unload" (answer {}); the answer waits
+        for `room` on the caller's socket as an inference answer does."""
 
 
 _HOST: BlsHost | None = None
@@ -275,7 +276,7 @@ class BlsRouter:
             if host is None:
                 respond(None, ("the model management API needs a running server", INTERNAL), True)
                 return
-            host.control(message[2], message[3], respond)
+            host.control(message[2], message[3], respond, self.room)
             return
         _, _, spec, metas, size = message
         try:

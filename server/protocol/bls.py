@@ -18,10 +18,10 @@ the callee's request.
 
 Answers are written to the caller's socket from the event loop, which must never block on
 it: a default-mode stub reads that socket only while one of its callers waits (or between
-requests), so several calls' windows can fill it. Before each inference answer the loop
-checks that the socket has room (a poll every few dozen answers: AnswerRoom,
-backends/python_bls.py) and otherwise waits for it, asynchronously; the answers wait here
-meanwhile, bounded by the windows. The wait ends when the stub goes away.
+requests), so several calls' windows can fill it. Before each answer (inference or model
+management) the loop checks that the socket has room (a poll every few dozen answers:
+AnswerRoom, backends/python_bls.py) and otherwise waits for it, asynchronously; the answers
+wait here meanwhile, bounded by the windows. The wait ends when the stub goes away.
 
 Failures come back to the model as a response with an error (Triton's messages and
 codes); the model-management calls (`is_model_ready`, `load_model`, `unload_model`)
@@ -141,8 +141,8 @@ class BlsService:
     def infer(self, call: BlsCall, respond: Respond) -> None:
         self._spawn(self._infer(call, respond), respond)
 
-    def control(self, op: str, args: dict[str, Any], respond: Respond) -> None:
-        self._spawn(self._control(op, args, respond), respond)
+    def control(self, op: str, args: dict[str, Any], respond: Respond, room: AnswerRoom | None = None) -> None:
+        self._spawn(self._control(op, args, respond, room), respond)
 
     def _spawn(self, coroutine: Any, respond: Respond) -> None:
         """Run on the event loop, from whichever thread read the stub's message (the loop's too)."""
@@ -229,10 +229,15 @@ class BlsService:
                 "'async_exec' calls for decoupled models.'")
         return model
 
-    async def _control(self, op: str, args: dict[str, Any], respond: Respond) -> None:
+    async def _control(self, op: str, args: dict[str, Any], respond: Respond, room: AnswerRoom | None) -> None:
+        """A model-management call. Its caller waits for the answer (and so its stub reads the
+        socket), but the answer still waits for room like every other: the loop never writes
+        to a full socket."""
         try:
             if op == "ready":
-                respond({"ready": np.array([self._ready(args["name"], args["version"])])}, None, True)
+                ready = self._ready(args["name"], args["version"])
+                await self._room(room)
+                respond({"ready": np.array([ready])}, None, True)
                 return
             if op not in ("load", "unload"):
                 raise InvalidInput(f"unknown model management call '{op}'")
@@ -244,8 +249,10 @@ class BlsService:
                 await self.loop.run_in_executor(self._loads, self.manager.unload_explicit, args["name"],
                                                 bool(args.get("unload_dependents", False)))
         except Exception as exc:
+            await self._room(room)
             respond(None, failure(exc), True)
             return
+        await self._room(room)
         respond({}, None, True)
 
     def _ready(self, name: str, version: str) -> bool:
