@@ -114,7 +114,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
-def perf(pa: str, port: int, concurrency: int, logs: Path, tag: str, streaming: bool = False) -> tuple[float | None, str]:
+def perf(pa: str, port: int, concurrency: int, logs: Path, tag: str,
+         streaming: bool = False) -> tuple[float | None, str]:
     """(infer/s, 'infer/s | p50 ms' cells) from one perf_analyzer run; retried with a looser bound."""
     for stability in (20, 50):
         csv_path = logs / f"{tag}.csv"
