@@ -3,6 +3,7 @@ the dashboard's queries read back from Prometheus.
 
     compose_e2e.py traffic --target 127.0.0.1:8001 --seconds 60
     compose_e2e.py queries --prometheus http://127.0.0.1:9090 --dashboard deploy/grafana/dashboards/nereid.json
+    compose_e2e.py spread --target 127.0.0.1:8001 --metrics http://127.0.0.1:8002 --connections 16
 
 `traffic` drives five example models from several threads, plus a backlog that queues (and
 sends a few requests that must fail, so that the error panels have something to show), counts answers by status
@@ -10,7 +11,11 @@ code and fails if a valid request failed. `queries` evaluates each panel's expre
 an instant query and over the last minutes (Grafana's variables replaced: every model and
 version, a 1 m rate window) and prints what Prometheus returned, now and at its largest;
 it fails when a panel that must have data has none.
-Both talk to 127.0.0.1 only.
+`spread` (scripts/compose_e2e balance) opens connections one after another to one
+`nereid serve --workers N` container, a few calls on each, and prints how many calls each
+frontend forwarded (`nereid_worker_calls_total`): in turn gives equal counts, the kernel's
+hash a random split.
+All talk to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 import threading
 import time
@@ -195,6 +201,39 @@ def queries(prometheus: str, dashboard_path: str, minutes: float) -> int:
     return 0
 
 
+def worker_calls(metrics: str) -> dict[int, int]:
+    """`nereid_worker_calls_total` per frontend, from the server's metrics endpoint."""
+    with urllib.request.urlopen(f"{metrics}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    found = re.findall(r'^nereid_worker_calls_total{worker="(\d+)"} ([0-9.e+]+)$', text, re.M)
+    return {int(w): int(float(v)) for w, v in found}
+
+
+def spread(target: str, metrics: str, connections: int, calls: int) -> int:
+    """`connections` clients opened one after another (each its own channel and so its own
+    TCP connection), `calls` infers of `simple` on each; the calls each frontend forwarded.
+    Exits 0 when the connections are spread evenly (in turn: the frontends' counts differ by
+    at most one connection), 3 when they are not (the hash, most of the time)."""
+    import tritonclient.grpc as grpcclient
+
+    before = worker_calls(metrics)
+    for _ in range(connections):
+        client = grpcclient.InferenceServerClient(target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(calls):
+            client.infer("simple", _inputs("simple"))
+        client.close()
+    after = worker_calls(metrics)
+    moved = {w: after[w] - before.get(w, 0) for w in sorted(after)}
+    per_connection = {w: n / calls for w, n in moved.items()}
+    print(f"calls per frontend ({connections} connections x {calls} calls): {moved}; "
+          f"connections per frontend: {per_connection}")
+    if sum(moved.values()) != connections * calls:
+        print(f"expected {connections * calls} calls in all")
+        return 1
+    connected = [n // calls for n in moved.values()]
+    return 0 if len(moved) > 1 and max(connected) - min(connected) <= 1 else 3
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,13 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--prometheus", default="http://127.0.0.1:9090")
     q.add_argument("--dashboard", default="deploy/grafana/dashboards/nereid.json")
     q.add_argument("--minutes", type=float, default=3.0, help="window for each series' maximum")
+    s = sub.add_parser("spread")
+    s.add_argument("--target", default="127.0.0.1:8001")
+    s.add_argument("--metrics", default="http://127.0.0.1:8002")
+    s.add_argument("--connections", type=int, default=16)
+    s.add_argument("--calls", type=int, default=3)
     args = parser.parse_args(argv)
-    for url in (getattr(args, "target", ""), getattr(args, "prometheus", "")):
+    for url in (getattr(args, "target", ""), getattr(args, "prometheus", ""), getattr(args, "metrics", "")):
         host = urllib.parse.urlsplit(url if "//" in url else f"//{url}").hostname
         if url and host not in ("127.0.0.1", "localhost"):
             parser.error(f"{url}: only 127.0.0.1 is allowed")
     if args.command == "traffic":
         return traffic(args.target, args.seconds, args.threads)
+    if args.command == "spread":
+        return spread(args.target, args.metrics, args.connections, args.calls)
     return queries(args.prometheus, args.dashboard, args.minutes)
 
 

@@ -125,7 +125,9 @@ def test_without_bpf_the_server_says_so_and_serves_by_the_hash(ident_repo) -> No
     srv = ServerProcess([ident_repo], ["--workers", "2"], prefix=WITHOUT_BPF)
     try:
         assert "connections are spread over the 2 frontends by the kernel's hash, not in turn: the eBPF " \
-               "program could not be loaded ([Errno 1] bpf(): Operation not permitted)" in srv.log, srv.log
+               "program could not be loaded ([Errno 1] bpf(): Operation not permitted); what a container needs " \
+               "for it: docs/DEPLOYMENT.md, \"--workers N in a container\"; --connection-balance=hash chooses " \
+               "the hash without this warning" in srv.log, srv.log
         assert "in turn (eBPF" not in srv.log
         assert sum(_one_call_per_connection(srv, 4).values()) == 4
     finally:

@@ -16,9 +16,12 @@ frontend joins a group that already spreads (the program belongs to the group, n
 socket). An index past the sockets present (a frontend is restarting) makes the kernel fall
 back to its hash for that connection.
 
-Loading needs the bpf() system call, which containers often forbid (CAP_BPF or
-CAP_SYS_ADMIN, or `kernel.unprivileged_bpf_disabled` = 0): then the server logs why and
-connections are spread by the hash, as before. Only balance changes; nothing else depends
+Loading needs the bpf() system call: CAP_BPF or CAP_SYS_ADMIN in the process's effective set
+(or `kernel.unprivileged_bpf_disabled` = 0) and a seccomp profile that lets it through. In a
+container that takes more than `--cap-add BPF` (a non-root user gets no added capability under
+Docker; default seccomp profiles may allow bpf() only with CAP_SYS_ADMIN): docs/DEPLOYMENT.md,
+"`--workers N` in a container". Where it is refused the server logs why and connections are
+spread by the hash, as before. Only balance changes; nothing else depends
 on it. The program is hand-assembled (15 instructions) so that no compiler or BPF library
 is needed at run time.
 """

@@ -77,8 +77,11 @@ class WorkerPool:
         try:
             fd = balance.load(settings.workers)
         except (balance.BalanceUnavailable, OSError) as exc:
+            # The hint: in a container `--cap-add BPF` alone is not enough (measured in the doc).
             log.warning("connections are spread over the %d frontends by the kernel's hash, not in turn: "
-                        "the eBPF program could not be loaded (%s)", settings.workers, exc)
+                        "the eBPF program could not be loaded (%s); what a container needs for it: "
+                        "docs/DEPLOYMENT.md, \"--workers N in a container\"; --connection-balance=hash "
+                        "chooses the hash without this warning", settings.workers, exc)
             return None
         log.info("new connections go to the %d frontends in turn (eBPF reuseport program)", settings.workers)
         return fd
