@@ -305,13 +305,6 @@ def _requested_outputs(
 _TEMPLATES_MAX = 256
 _ID_TAG = b"\x1a"  # ModelInferResponse.id, length-delimited
 _RAW_TAG = b"\x32"  # ModelInferResponse.raw_output_contents
-_SMALL = [bytes((n,)) for n in range(128)]  # one-byte varints
-
-
-def _length(n: int) -> bytes:
-    return _SMALL[n] if n < 128 else encode_varint(n)
-
-
 def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.ndarray],
                           in_shm: frozenset[str] = frozenset()) -> list[Any]:
     """The serialized ModelInferResponse as pieces for one `b"".join`: the metadata (names,
@@ -341,7 +334,7 @@ def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.n
     parts: list[Any] = [header]
     if request_id:
         rid = request_id.encode("utf-8")
-        parts += (_ID_TAG, _length(len(rid)), rid)
+        parts += (_ID_TAG, encode_varint(len(rid)), rid)
     for name, arr in outputs.items():
         data: Any
         if in_shm and name in in_shm:
@@ -352,7 +345,7 @@ def encode_infer_response(model: Model, request_id: str, outputs: dict[str, np.n
             data = arr.tobytes()
         else:
             data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
-        parts += (_RAW_TAG, _length(len(data)), data)
+        parts += (_RAW_TAG, encode_varint(len(data)), data)
     parameters = getattr(outputs, "parameters", None)  # backends.base.ResponseOutputs
     if parameters:
         parts.append(encode_response_parameters(parameters))
