@@ -148,3 +148,26 @@ def test_a_known_plain_input_sent_twice_is_refused(tmp_path: Path) -> None:
     msg.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
     with pytest.raises(InvalidInput, match="input 'A' already exists in request"):
         decode_infer_request(msg, opt)
+
+
+def test_a_known_plain_output_does_not_stand_in_for_one_with_parameters(model: Model) -> None:
+    """One output requested without parameters is remembered by its serialized bytes (codec.py);
+    the same output asking for classification, or shared memory, is still read as asked."""
+    plain = request([1, 2])
+    plain.outputs.add(name="Y")
+    assert decode_infer_request(plain, model).requested_outputs == ("Y",)
+    assert decode_infer_request(plain, model).requested_outputs == ("Y",)  # from the cache
+    assert len(model.wire_cache["plain_outputs"]) == 1
+    classified = request([1, 2])
+    classified.outputs.add(name="Y").parameters["classification"].int64_param = 2
+    decoded = decode_infer_request(classified, model)
+    assert decoded.requested_outputs == ("Y",) and decoded.classification == {"Y": 2}
+    in_shm = request([1, 2])
+    in_shm.outputs.add(name="Y").parameters["shared_memory_region"].string_param = "nowhere"
+    with pytest.raises(InvalidInput, match="'shared_memory_byte_size' must be specified"):
+        decode_infer_request(in_shm, model)
+    unknown = request([1, 2])
+    unknown.outputs.add(name="Z")
+    with pytest.raises(InvalidInput, match="unexpected inference output 'Z' for model 'ragged'"):
+        decode_infer_request(unknown, model)
+    assert len(model.wire_cache["plain_outputs"]) == 1  # none of those was remembered

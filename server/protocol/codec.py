@@ -286,7 +286,16 @@ def _requested_outputs(
     outputs: Any, model: Model, regions: SharedMemoryRegistry
 ) -> tuple[tuple[str, ...], dict[str, int] | None, dict[str, OutputSlot] | None]:
     """The requested outputs' names, the class count of those asking for classification, and
-    where those to be written to shared memory go."""
+    where those to be written to shared memory go.
+
+    One output asked for plainly (no classification, no shared memory: the common case) is
+    remembered by its serialized bytes, as inputs are (~640 -> ~400 ns)."""
+    serialized = b""
+    if len(outputs) == 1:
+        serialized = outputs[0].SerializeToString()
+        known = model.wire_cache.get("plain_outputs", _NO_OUTPUTS).get(serialized)
+        if known is not None:
+            return known, None, None
     names: list[str] = []
     classes: dict[str, int] | None = None
     slots: dict[str, OutputSlot] | None = None
@@ -311,7 +320,15 @@ def _requested_outputs(
         if name in names:
             raise InvalidInput(f"output '{name}' is requested more than once")
         names.append(name)
-    return tuple(names), classes, slots
+    wanted = tuple(names)
+    if serialized and classes is None and slots is None:
+        plain = model.wire_cache.setdefault("plain_outputs", {})
+        if len(plain) < _ACCEPTED_MAX:
+            plain[serialized] = wanted
+    return wanted, classes, slots
+
+
+_NO_OUTPUTS: dict[bytes, tuple[str, ...]] = {}
 
 
 # Per model, at most this many serialized response headers (one per distinct set of output shapes).
