@@ -10,7 +10,11 @@ all its threads) per call. `--inflight 1` is a lightly loaded owner (one call pe
 32 a busy one (many calls per read). `--echo` replaces ModelInfer with a handler that returns
 its request: the link's own cost. `--streams S` sends the calls as messages of S open
 ModelStreamInfer streams instead (the frontend stand-in returns the SEND credit as a frontend
-does): the owner's cost per streamed request. Measures the tree it runs from:
+does): the owner's cost per streamed request. `--in-process` leaves out the socket and the
+client process (frames are fed straight into the owner's link, `--inflight` per read): the
+owner's Python per call, which varies less run to run on a shared machine, since how many
+calls a read brings no longer depends on how the two processes share the cores. Measures the
+tree it runs from:
 `cd <tree> && .venv/bin/python scripts/bench_owner.py --inflight 1,4,32`.
 """
 
@@ -137,6 +141,55 @@ async def measure(handlers: list[Any], payload: bytes, calls: int, inflight: int
     return 1e6 * (user + system) / calls, 1e6 * system / calls, calls / wall
 
 
+async def measure_in_process(handlers: list[Any], payload: bytes, calls: int, inflight: int,
+                             streams: int = 0) -> tuple[float, float, float]:
+    """`measure` without the socket and the client process: `inflight` frames written straight
+    into the owner's LinkProtocol per read, answers counted as it sends them (and each stream's
+    SEND credit returned once a read's answers are in). What is left is the owner's Python per
+    call; its batching no longer depends on how the two processes share the cores."""
+    body = link.split_call(payload)[2]
+    owner = OwnerLink(0, handlers, lambda i, p: None, lambda i: None, [0])
+    protocol = owner.protocol
+    answered = [0] * (streams + 1)  # unary: [count]; streams: per stream id
+
+    def send(parts: list[Any]) -> None:
+        _, kind, call_id = link.HEADER.unpack(parts[0])
+        if kind == link.REPLY:
+            answered[0] += 1
+        elif kind == link.SEND:
+            answered[call_id] += 1
+
+    protocol.send = send  # type: ignore[method-assign]
+
+    def feed(data: bytes) -> None:
+        protocol.get_buffer(len(data))[:len(data)] = data
+        protocol.buffer_updated(len(data))
+
+    if streams:
+        head = link.call_payload(STREAM, META)
+        feed(b"".join(link.HEADER.pack(len(head), link.OPEN, i + 1) + head for i in range(streams)))
+        frames = b"".join(link.HEADER.pack(len(body), link.MESSAGE, 1 + i % streams) + bytes(body)
+                          for i in range(inflight))
+    else:
+        frames = b"".join(link.HEADER.pack(len(payload), link.CALL, i + 1) + payload for i in range(inflight))
+    rounds = max(1, calls // inflight)
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(rounds):
+        feed(frames)
+        while sum(answered) < inflight:
+            await asyncio.sleep(0)  # streamed calls (and calls queued for an instance) take loop passes
+        if streams:
+            feed(b"".join(link.HEADER.pack(link.CREDIT_HEAD.size, link.CREDIT_SENDS, i)
+                          + link.CREDIT_HEAD.pack(answered[i], 0) for i in range(1, streams + 1) if answered[i]))
+        answered[:] = [0] * len(answered)
+    after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
+    for task in list(owner._tasks.values()):  # the streams' handlers
+        task.cancel()
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    done = rounds * inflight
+    return 1e6 * (user + system) / done, 1e6 * system / done, done / wall
+
+
 async def main(args: argparse.Namespace) -> None:
     settings = settings_from_args(build_parser().parse_args(
         ["serve", "--model-repository", str(ROOT / "model_repository"), "--model-control-mode", "explicit",
@@ -160,11 +213,13 @@ async def main(args: argparse.Namespace) -> None:
 
         handlers[METHOD] = grpc.stream_unary_rpc_method_handler(echo)
     payload = link.call_payload(METHOD, META) + request_body()
+    run = measure_in_process if args.in_process else measure
     for inflight in (int(n) for n in args.inflight.split(",")):
-        await measure(handlers, payload, 2000, inflight, args.streams)  # warm-up: inline-cost estimate, caches
+        await run(handlers, payload, 2000, inflight, args.streams)  # warm-up: inline-cost estimate, caches
         for _ in range(args.repeat):
-            cpu, system, rate = await measure(handlers, payload, args.calls, inflight, args.streams)
+            cpu, system, rate = await run(handlers, payload, args.calls, inflight, args.streams)
             what = "echo" if args.echo else f"mlp streamed on {args.streams}" if args.streams else "mlp"
+            what += " in process" if args.in_process else ""
             print(f"{what} inflight {inflight:3d}: owner {cpu:6.1f} us CPU per call "
                   f"(system {system:4.1f}), {rate:6.0f} calls/s, load {os.getloadavg()[0]:.2f}", flush=True)
 
@@ -177,6 +232,9 @@ if __name__ == "__main__":
     ap.add_argument("--streams", type=int, default=0,
                     help="send the calls as messages of this many open ModelStreamInfer streams (default 0: unary)")
     ap.add_argument("--echo", action="store_true", help="an echo handler instead of ModelInfer (the link alone)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="no socket and no client process: frames fed straight into the owner's link, "
+                         "--inflight per read (the owner's Python per call, steadier run to run)")
     ap.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                     help="the owner's event loop (the server's default is uvloop when installed)")
     arguments = ap.parse_args()

