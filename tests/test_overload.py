@@ -71,8 +71,10 @@ def test_default_queue_bound_refuses_the_excess(slow_server: ServerProcess, mode
     ok = [o for o in outcomes if o == "OK"]
     refused = [o for o in outcomes if o.startswith("UNAVAILABLE: Exceeds maximum queue size")]
     assert len(ok) + len(refused) == 8, outcomes
-    # 1 running + 3 queued; one more may slip in if the first finishes before the last arrives
-    assert 4 <= len(ok) <= 5 and len(refused) >= 3, outcomes
+    # 1 running + 3 queued; one more may slip in if the first finishes before the last arrives,
+    # and one fewer fits when the burst fills the queue before the instance has taken the first
+    # request out of it (seen once under CI's load with the dynamic batcher). Unbounded, all 8 pass.
+    assert 3 <= len(ok) <= 5 and len(refused) >= 3, outcomes
     assert _burst(slow_server, model, 2) == ["OK", "OK"]  # back to normal
 
 
