@@ -94,13 +94,18 @@ output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] } ]
 """
 
 
-def test_optional_input_does_not_stand_in_for_a_missing_required_one(tmp_path: Path) -> None:
+def _opt_request(tmp_path: Path, name: str) -> tuple[Model, pb.ModelInferRequest]:
+    """Model `opt` (input B optional) and a request carrying only input `name` as raw bytes."""
     config = mc.ModelConfig()
     text_format.Parse(OPTIONAL, config)
-    opt = Model(config, tmp_path, 1)
     msg = pb.ModelInferRequest(model_name="opt")
-    msg.inputs.add(name="B", datatype="FP32", shape=[1, 2])
+    msg.inputs.add(name=name, datatype="FP32", shape=[1, 2])
     msg.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
+    return Model(config, tmp_path, 1), msg
+
+
+def test_optional_input_does_not_stand_in_for_a_missing_required_one(tmp_path: Path) -> None:
+    opt, msg = _opt_request(tmp_path, "B")
     with pytest.raises(InvalidInput, match=r"expected number of inputs between 1 and 2 but got 1 inputs for model "
                        r"'opt'. Got input\(s\) \['B'\], but missing required input\(s\) \['A'\]"):
         decode_infer_request(msg, opt)
@@ -136,12 +141,7 @@ def test_a_known_plain_input_still_gets_every_check_of_its_request(model: Model)
 
 
 def test_a_known_plain_input_sent_twice_is_refused(tmp_path: Path) -> None:
-    config = mc.ModelConfig()
-    text_format.Parse(OPTIONAL, config)
-    opt = Model(config, tmp_path, 1)
-    msg = pb.ModelInferRequest(model_name="opt")
-    msg.inputs.add(name="A", datatype="FP32", shape=[1, 2])
-    msg.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
+    opt, msg = _opt_request(tmp_path, "A")
     decode_infer_request(msg, opt)
     assert len(opt.wire_cache["plain_inputs"]) == 1
     msg.inputs.add(name="A", datatype="FP32", shape=[1, 2])  # found in the cache both times
