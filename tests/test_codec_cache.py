@@ -15,6 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 from server.core.model import Model
 from server.errors import InvalidInput
 from server.protocol.codec import decode_infer_request, encode_infer_response
+from server.protocol.wire import encode_varint
 
 CONFIG = """
 name: "ragged"
@@ -171,3 +172,23 @@ def test_a_known_plain_output_does_not_stand_in_for_one_with_parameters(model: M
     with pytest.raises(InvalidInput, match="unexpected inference output 'Z' for model 'ragged'"):
         decode_infer_request(unknown, model)
     assert len(model.wire_cache["plain_outputs"]) == 1  # none of those was remembered
+
+
+def _with_unknown_field(message: object, size: int) -> bytes:
+    """`message` serialized with an unknown length-delimited field (number 1000) of `size` bytes:
+    protobuf keeps it, and it is part of the message's serialized bytes."""
+    return message.SerializeToString() + b"\xc2\x3e" + encode_varint(size) + b"u" * size  # type: ignore[attr-defined]
+
+
+def test_plain_caches_keep_no_large_request_bytes(model: Model) -> None:
+    """The serialized-bytes caches must not hold on to what a client padded its input or output
+    with (unknown fields): a finished request's bytes would stay in memory with the model."""
+    msg = request([2, 3])
+    padded = pb.ModelInferRequest.InferInputTensor.FromString(_with_unknown_field(msg.inputs[0], 100_000))
+    msg.inputs[0].CopyFrom(padded)
+    msg.outputs.add().MergeFromString(_with_unknown_field(pb.ModelInferRequest.InferRequestedOutputTensor(
+        name="Y"), 100_000))
+    decoded = decode_infer_request(msg, model)
+    assert decoded.inputs["X"].shape == (2, 3) and decoded.requested_outputs == ("Y",)
+    kept = [*model.wire_cache.get("plain_inputs", {}), *model.wire_cache.get("plain_outputs", {})]
+    assert all(len(key) < 1000 for key in kept), [len(key) for key in kept]

@@ -205,7 +205,7 @@ def decode_infer_request(
                         f"contents field must not be specified when using raw_input_contents for '{name}' "
                         f"for model '{model.name}'"
                     )
-                if not tensor.parameters and len(plain) < _ACCEPTED_MAX:
+                if not tensor.parameters and len(serialized) <= _PLAIN_MAX_BYTES and len(plain) < _ACCEPTED_MAX:
                     plain[serialized] = (name, shape, info, size, count)
             data = raw[index if raw_at is None else raw_at[index]]
             if info.itemsize:
@@ -264,6 +264,10 @@ def _raw_positions(tensors: Any, given: int, model: str) -> list[int]:
 # Per model, at most this many accepted (name, datatype, shape) triples are remembered (and as many
 # serialized inputs without parameters or contents).
 _ACCEPTED_MAX = 256
+# A serialized input or output is remembered only up to this size: a name, a datatype and a few
+# dimensions take far less, and what is longer carries unknown fields a client added, which must
+# not stay in memory after its request.
+_PLAIN_MAX_BYTES = 256
 
 
 def _accept(name: str, datatype: str, shape: tuple[int, ...], model: Model) -> tuple[TensorInfo, int, int]:
@@ -321,7 +325,7 @@ def _requested_outputs(
             raise InvalidInput(f"output '{name}' is requested more than once")
         names.append(name)
     wanted = tuple(names)
-    if serialized and classes is None and slots is None:
+    if serialized and classes is None and slots is None and len(serialized) <= _PLAIN_MAX_BYTES:
         plain = model.wire_cache.setdefault("plain_outputs", {})
         if len(plain) < _ACCEPTED_MAX:
             plain[serialized] = wanted
