@@ -158,7 +158,8 @@ class BlsService:
             model = self._target(call)
             request = bls_request(model, call)
         except NereidError as exc:  # refused before running: Triton's wording, INTERNAL as Triton
-            await self._answer(call, respond, None, (f"Model {name} - Error when running inference: {exc}", _INTERNAL))
+            await self._answer(call.answer_room, respond, None,
+                               (f"Model {name} - Error when running inference: {exc}", _INTERNAL))
             return
         if model.config.model_transaction_policy.decoupled:
             await self._stream(model, request, respond, call.flow, call.answer_room)
@@ -166,14 +167,14 @@ class BlsService:
         try:
             outputs = await model.infer(request)
         except Exception as exc:
-            await self._answer(call, respond, None, failure(exc))
+            await self._answer(call.answer_room, respond, None, failure(exc))
             return
-        await self._answer(call, respond, outputs, None)
+        await self._answer(call.answer_room, respond, outputs, None)
 
-    async def _answer(self, call: BlsCall, respond: Respond, outputs: dict[str, np.ndarray] | None,
+    async def _answer(self, room: AnswerRoom | None, respond: Respond, outputs: dict[str, np.ndarray] | None,
                       fail: Failure | None) -> None:
         """A call's one (final) answer, once the caller's socket has room for it."""
-        await self._room(call.answer_room)
+        await self._room(room)
         respond(outputs, fail, True)
 
     @staticmethod
@@ -234,26 +235,25 @@ class BlsService:
         socket), but the answer still waits for room like every other: the loop never writes
         to a full socket."""
         try:
-            if op == "ready":
-                ready = self._ready(args["name"], args["version"])
-                await self._room(room)
-                respond({"ready": np.array([ready])}, None, True)
-                return
-            if op not in ("load", "unload"):
-                raise InvalidInput(f"unknown model management call '{op}'")
-            self.manager.require_explicit()
-            if op == "load":
-                await self.loop.run_in_executor(self._loads, self.manager.load_explicit, args["name"],
-                                                args["parameters"])
-            else:  # unload_dependents as RepositoryModelUnload (docs/ENSEMBLES.md)
-                await self.loop.run_in_executor(self._loads, self.manager.unload_explicit, args["name"],
-                                                bool(args.get("unload_dependents", False)))
+            outputs = await self._managed(op, args)
         except Exception as exc:
-            await self._room(room)
-            respond(None, failure(exc), True)
+            await self._answer(room, respond, None, failure(exc))
             return
-        await self._room(room)
-        respond({}, None, True)
+        await self._answer(room, respond, outputs, None)
+
+    async def _managed(self, op: str, args: dict[str, Any]) -> dict[str, np.ndarray]:
+        """What a model-management call answers: {"ready": [bool]}, or {} once loaded or unloaded."""
+        if op == "ready":
+            return {"ready": np.array([self._ready(args["name"], args["version"])])}
+        if op not in ("load", "unload"):
+            raise InvalidInput(f"unknown model management call '{op}'")
+        self.manager.require_explicit()
+        if op == "load":
+            await self.loop.run_in_executor(self._loads, self.manager.load_explicit, args["name"], args["parameters"])
+        else:  # unload_dependents as RepositoryModelUnload (docs/ENSEMBLES.md)
+            await self.loop.run_in_executor(self._loads, self.manager.unload_explicit, args["name"],
+                                            bool(args.get("unload_dependents", False)))
+        return {}
 
     def _ready(self, name: str, version: str) -> bool:
         """Triton's TRITONSERVER_ServerModelIsReady: false (not an error) for an unknown model."""
