@@ -19,6 +19,8 @@ import tritonclient.grpc as grpcclient
 from test_python_backend import ADD_SUB, BROKEN_INIT, PROBE, PROBE_CONFIG, PY_HEADER, _fp32, probe_spec
 from util import ServerProcess, client, expect_error, scaled, write_model
 
+from server.exit_guard import children
+
 IN_PROCESS = 'parameters { key: "nereid_in_process" value: { string_value: "true" } }\n'
 
 # Reports how many requests its `execute` got (BATCH) and doubles its input.
@@ -171,16 +173,11 @@ def _fails(code: str, pattern: str, model: str, inputs: list[grpcclient.InferInp
 def _children(pid: int) -> list[str]:
     """The command lines of `pid`'s child processes."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for child in children(pid):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            found.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode())
         except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(cmdline)
+            continue  # gone meanwhile
     return found
 
 
