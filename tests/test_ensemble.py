@@ -458,6 +458,47 @@ def test_load_waves_order_steps_before_ensembles_and_name_cycles(tmp_path: Path)
                       "e_loop_b": "circular dependency between ensembles: e_loop_a -> e_loop_b -> e_loop_a"}
 
 
+def test_step_ready_while_its_ensemble_loads_is_not_missed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Poll mode loads an ensemble and its step at once. When the step becomes ready after the
+    ensemble found it missing but before the ensemble's outcome is in place, the step's notice
+    finds the ensemble still LOADING; the ensemble must still end up READY, not stay blocked
+    (a full CI run under --workers 2 once saw `chain` never become ready)."""
+    from server.core.ensemble import EnsembleModel
+    from server.core.state import ModelState
+    from server.repository.actions import Source
+    from server.repository.changes import snapshot_model
+    from server.repository.manager import RepositoryManager
+    from server.settings import Settings
+
+    repo = tmp_path / "repo"
+    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
+    write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
+        _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
+    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="poll"))
+    original = EnsembleModel.load
+    calls: list[str] = []
+
+    def load_and_let_the_step_arrive(self: EnsembleModel) -> None:
+        calls.append(self.name)
+        try:
+            original(self)
+        finally:
+            if len(calls) == 1:  # the ensemble has found its step missing: now the step comes
+                assert self.blocked
+                manager.apply(Source(snapshot_model(repo / "postprocess")))
+
+    monkeypatch.setattr(EnsembleModel, "load", load_and_let_the_step_arrive)
+    try:
+        manager.apply(Source(snapshot_model(repo / "chain")))
+        assert wait_until(lambda: manager._models["chain"].latest_ready is not None, 10,
+                          what=lambda: f"chain READY; it is {manager._models['chain'].versions}")
+        assert manager._models["chain"].versions[1].state is ModelState.READY
+        assert len(calls) == 2  # loaded once more, not again and again
+    finally:
+        manager.unload_all(5.0)
+        manager.close()
+
+
 def test_poll_mode_ensemble_follows_its_steps(tmp_path: Path) -> None:
     """Poll mode loads every model at once: the ensemble serves as soon as its steps do, stops
     when a step's folder goes, and comes back when it returns."""

@@ -181,6 +181,7 @@ class RepositoryManager(ModelRegistry):
             self._report(entry, outcome)
             self._notify(entry)
             self._retire(outcome.retire)
+            self._steps_came_meanwhile(entry)
             return outcome
 
     def _gave_up(self, model: Model) -> None:
@@ -296,6 +297,19 @@ class RepositoryManager(ModelRegistry):
                 elif model.state is ModelState.UNAVAILABLE and model.blocked and ready:
                     self._retry_ensemble(entry)
                     break
+
+    def _steps_came_meanwhile(self, entry: ModelEntry) -> None:
+        """An ensemble just came out blocked: if its steps serve by now, load it again.
+
+        A step model that became ready while the ensemble was loading told `_ensembles_follow`
+        at a moment the ensemble was still LOADING (or not yet registered), so that notice
+        passed it by; without this look the ensemble would stay UNAVAILABLE until one of its
+        steps changed again (poll mode loads every model at once, so this happens at startup)."""
+        for model in list(entry.versions.values()):
+            if (isinstance(model, EnsembleModel) and model.state is ModelState.UNAVAILABLE and model.blocked
+                    and not model.steps_problem()):
+                self._retry_ensemble(entry)
+                return
 
     def _block(self, entry: ModelEntry, model: EnsembleModel, problem: str) -> None:
         def flip() -> None:
