@@ -115,8 +115,18 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def perf(pa: str, port: int, concurrency: int, logs: Path, tag: str,
-         streaming: bool = False) -> tuple[float | None, str]:
-    """(infer/s, 'infer/s | p50 ms' cells) from one perf_analyzer run; retried with a looser bound."""
+         streaming: bool = False, connections: int = 0) -> tuple[float | None, str]:
+    """(infer/s, 'infer/s | p50 ms' cells) from one perf_analyzer run; retried with a looser bound.
+
+    `connections`: the infer calls go on that many HTTP/2 connections (0: perf_analyzer's own
+    choice, one per 6 in flight). The Triton client shares a channel among at most
+    TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT of its clients (6 by default), and perf_analyzer
+    has one client per request in flight and one more, made first, for its metadata and
+    statistics calls (counted with `ss`: a share count of 16 at concurrency 16 gave 2
+    connections, 17 gave one). 1 is what a service with one tritonclient channel sends."""
+    env = dict(os.environ)
+    if connections:
+        env["TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT"] = str(-(-(concurrency + 1) // connections))
     for stability in (20, 50):
         csv_path = logs / f"{tag}.csv"
         cmd = [pa, "-i", "grpc", "-u", f"127.0.0.1:{port}", "-m", "mlp", "-b", "1",
@@ -125,7 +135,7 @@ def perf(pa: str, port: int, concurrency: int, logs: Path, tag: str,
         if streaming:
             cmd.append("--streaming")
         with (logs / f"{tag}-s{stability}.log").open("w") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=150).returncode
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=150, env=env).returncode
         if rc == 0 and csv_path.exists():
             row = list(csv.DictReader(csv_path.open()))[-1]
             rate = float(row["Inferences/Second"])
@@ -142,6 +152,9 @@ def main() -> int:
     ap.add_argument("--model-repository", default=str(ROOT / "model_repository"))
     ap.add_argument("--echo", action="store_true", help="also N echo processes on one port (the ceiling)")
     ap.add_argument("--streaming", action="store_true", help="ModelStreamInfer (perf_analyzer --streaming)")
+    ap.add_argument("--connections", type=int, default=0,
+                    help="infer calls on this many connections (default: perf_analyzer's, one per 6 in flight; "
+                         "1: a one-channel client)")
     ap.add_argument("--nereid-arg", action="append", default=[],
                     help="an extra flag for every nereid server, e.g. --nereid-arg=--connection-balance=hash")
     ap.add_argument("--out", default="", help="append the markdown here")
@@ -154,7 +167,8 @@ def main() -> int:
     cpu = platform.processor() or platform.machine()
     extra = "".join(" --nereid-arg=" + a for a in args.nereid_arg)
     lines = [f"`scripts/workers_curve.py --workers {args.workers} --concurrency {args.concurrency}"
-             f"{' --echo' if args.echo else ''}{' --streaming' if args.streaming else ''}{extra}` on "
+             f"{' --echo' if args.echo else ''}{' --streaming' if args.streaming else ''}"
+             f"{f' --connections {args.connections}' if args.connections else ''}{extra}` on "
              f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, unpinned, model `mlp`, batch 1, "
              f"{'streaming' if args.streaming else 'unary'}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
@@ -172,7 +186,8 @@ def main() -> int:
             # frontend bounds it too: connections, not calls, are spread (workers/balance.py).
             calls0 = worker_calls(log)
             owner0, all0, wall0 = own_cpu_seconds(proc.pid), tree_cpu_seconds(proc.pid), time.monotonic()
-            rate, cells = perf(args.perf_analyzer, port, args.concurrency, logs, f"nereid-w{n}", args.streaming)
+            rate, cells = perf(args.perf_analyzer, port, args.concurrency, logs, f"nereid-w{n}", args.streaming,
+                               args.connections)
             wall = time.monotonic() - wall0
             owner_cores = (own_cpu_seconds(proc.pid) - owner0) / wall
             all_cores = (tree_cpu_seconds(proc.pid) - all0) / wall
@@ -192,7 +207,7 @@ def main() -> int:
             try:
                 ecpu0, ewall0 = tree_cpu_seconds(eproc.pid), time.monotonic()
                 erate, echo_cells = perf(args.perf_analyzer, eport, args.concurrency, logs, f"echo-x{n}",
-                                         args.streaming)
+                                         args.streaming, args.connections)
                 ecores = (tree_cpu_seconds(eproc.pid) - ecpu0) / (time.monotonic() - ewall0)
                 echo_cells += f" | {per_request(ecores, erate)}"
             finally:

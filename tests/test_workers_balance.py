@@ -132,3 +132,39 @@ def test_without_bpf_the_server_says_so_and_serves_by_the_hash(ident_repo) -> No
         assert sum(_one_call_per_connection(srv, 4).values()) == 4
     finally:
         srv.stop()
+
+
+def test_a_one_channel_client_reaches_every_frontend_only_through_a_proxy(ident_repo, server_factory,
+                                                                         tmp_path) -> None:
+    """A service with one tritonclient channel holds one HTTP/2 connection, so it reaches one
+    frontend whatever its concurrency; behind an L7 proxy (nginx's grpc_pass, as
+    docs/DEPLOYMENT.md sets it up) its calls reach every frontend, because nginx opens its own
+    upstream connections, one per call in flight, and those go to the frontends in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as grpcclient
+    from balancer import Balancer
+
+    srv = server_factory(ident_repo, "--workers", "2")
+    data = np.ones((1, 3), np.float32)
+
+    def calls_from_one_channel(url: str) -> dict[int, int]:
+        before = _worker_values(srv, "nereid_worker_calls_total")
+        c = grpcclient.InferenceServerClient(url)  # one channel, shared by 8 threads
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                for result in pool.map(lambda _: c.infer("ident", _inputs(data)), range(160)):
+                    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+        finally:
+            c.close()
+        after = _worker_values(srv, "nereid_worker_calls_total")
+        return {w: int(after[w] - before.get(w, 0)) for w in after}
+
+    direct = calls_from_one_channel(srv.url)
+    assert sorted(direct.values()) == [0, 160], direct
+    proxy = Balancer("nginx", [srv.url], tmp_path / "nginx")
+    try:
+        spread = calls_from_one_channel(proxy.url)
+    finally:
+        proxy.stop()
+    assert sum(spread.values()) == 160 and min(spread.values()) >= 160 // 8, spread
