@@ -499,6 +499,41 @@ def test_step_ready_while_its_ensemble_loads_is_not_missed(tmp_path: Path, monke
         manager.close()
 
 
+def test_step_gone_while_its_ensemble_loads_is_not_missed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other side of the race above: the step's folder goes after the ensemble found the
+    step serving but before the ensemble's outcome is in place. The ensemble must not claim to
+    be READY with its step gone."""
+    from server.core.ensemble import EnsembleModel
+    from server.core.state import ModelState
+    from server.repository.actions import Source
+    from server.repository.changes import snapshot_model
+    from server.repository.manager import RepositoryManager
+    from server.settings import Settings
+
+    repo = tmp_path / "repo"
+    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
+    write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
+        _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
+    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="poll"))
+    original = EnsembleModel.load
+
+    def load_and_lose_the_step(self: EnsembleModel) -> None:
+        original(self)
+        assert self.state is ModelState.READY
+        manager.remove("postprocess")  # its folder went, as the poller reports it
+
+    try:
+        manager.apply(Source(snapshot_model(repo / "postprocess")))
+        monkeypatch.setattr(EnsembleModel, "load", load_and_lose_the_step)
+        manager.apply(Source(snapshot_model(repo / "chain")))
+        chain = manager._models["chain"]
+        assert chain.latest_ready is None and chain.versions[1].state is ModelState.UNAVAILABLE
+        assert "postprocess" in chain.versions[1].reason
+    finally:
+        manager.unload_all(5.0)
+        manager.close()
+
+
 def test_poll_mode_ensemble_follows_its_steps(tmp_path: Path) -> None:
     """Poll mode loads every model at once: the ensemble serves as soon as its steps do, stops
     when a step's folder goes, and comes back when it returns."""

@@ -181,7 +181,7 @@ class RepositoryManager(ModelRegistry):
             self._report(entry, outcome)
             self._notify(entry)
             self._retire(outcome.retire)
-            self._steps_came_meanwhile(entry)
+            self._steps_changed_meanwhile(entry)
             return outcome
 
     def _gave_up(self, model: Model) -> None:
@@ -298,16 +298,22 @@ class RepositoryManager(ModelRegistry):
                     self._retry_ensemble(entry)
                     break
 
-    def _steps_came_meanwhile(self, entry: ModelEntry) -> None:
-        """An ensemble just came out blocked: if its steps serve by now, load it again.
+    def _steps_changed_meanwhile(self, entry: ModelEntry) -> None:
+        """An ensemble's outcome is in place: hold it against the steps serving now.
 
-        A step model that became ready while the ensemble was loading told `_ensembles_follow`
-        at a moment the ensemble was still LOADING (or not yet registered), so that notice
-        passed it by; without this look the ensemble would stay UNAVAILABLE until one of its
-        steps changed again (poll mode loads every model at once, so this happens at startup)."""
+        A step model that changed while the ensemble was loading told `_ensembles_follow` at a
+        moment the ensemble was still LOADING (or not yet registered), so that notice passed it
+        by. Without this look an ensemble that came out blocked would stay UNAVAILABLE though its
+        steps serve by now (poll mode loads every model at once, so this happens at startup),
+        and one that came out READY would claim readiness with a step gone."""
         for model in list(entry.versions.values()):
-            if (isinstance(model, EnsembleModel) and model.state is ModelState.UNAVAILABLE and model.blocked
-                    and not model.steps_problem()):
+            if not isinstance(model, EnsembleModel):
+                continue
+            if model.state is ModelState.READY:
+                problem = model.steps_problem()
+                if problem:
+                    self._block(entry, model, problem)
+            elif model.state is ModelState.UNAVAILABLE and model.blocked and not model.steps_problem():
                 self._retry_ensemble(entry)
                 return
 
