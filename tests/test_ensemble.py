@@ -458,13 +458,9 @@ def test_load_waves_order_steps_before_ensembles_and_name_cycles(tmp_path: Path)
                       "e_loop_b": "circular dependency between ensembles: e_loop_a -> e_loop_b -> e_loop_a"}
 
 
-def test_step_ready_while_its_ensemble_loads_is_not_missed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Poll mode loads an ensemble and its step at once. When the step becomes ready after the
-    ensemble found it missing but before the ensemble's outcome is in place, the step's notice
-    finds the ensemble still LOADING; the ensemble must still end up READY, not stay blocked
-    (a full CI run under --workers 2 once saw `chain` never become ready)."""
-    from server.core.ensemble import EnsembleModel
-    from server.core.state import ModelState
+def _chain_manager(tmp_path: Path):
+    """An in-process poll-mode manager over `postprocess` and `chain` (one step of it), nothing
+    loaded yet; with `apply(name)` to load one of them as the poller would."""
     from server.repository.actions import Source
     from server.repository.changes import snapshot_model
     from server.repository.manager import RepositoryManager
@@ -475,6 +471,18 @@ def test_step_ready_while_its_ensemble_loads_is_not_missed(tmp_path: Path, monke
     write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
         _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
     manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="poll"))
+    return manager, lambda name: manager.apply(Source(snapshot_model(repo / name)))
+
+
+def test_step_ready_while_its_ensemble_loads_is_not_missed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Poll mode loads an ensemble and its step at once. When the step becomes ready after the
+    ensemble found it missing but before the ensemble's outcome is in place, the step's notice
+    finds the ensemble still LOADING; the ensemble must still end up READY, not stay blocked
+    (a full CI run under --workers 2 once saw `chain` never become ready)."""
+    from server.core.ensemble import EnsembleModel
+    from server.core.state import ModelState
+
+    manager, apply = _chain_manager(tmp_path)
     original = EnsembleModel.load
     calls: list[str] = []
 
@@ -485,11 +493,11 @@ def test_step_ready_while_its_ensemble_loads_is_not_missed(tmp_path: Path, monke
         finally:
             if len(calls) == 1:  # the ensemble has found its step missing: now the step comes
                 assert self.blocked
-                manager.apply(Source(snapshot_model(repo / "postprocess")))
+                apply("postprocess")
 
     monkeypatch.setattr(EnsembleModel, "load", load_and_let_the_step_arrive)
     try:
-        manager.apply(Source(snapshot_model(repo / "chain")))
+        apply("chain")
         assert wait_until(lambda: manager._models["chain"].latest_ready is not None, 10,
                           what=lambda: f"chain READY; it is {manager._models['chain'].versions}")
         assert manager._models["chain"].versions[1].state is ModelState.READY
@@ -505,16 +513,8 @@ def test_step_gone_while_its_ensemble_loads_is_not_missed(tmp_path: Path, monkey
     be READY with its step gone."""
     from server.core.ensemble import EnsembleModel
     from server.core.state import ModelState
-    from server.repository.actions import Source
-    from server.repository.changes import snapshot_model
-    from server.repository.manager import RepositoryManager
-    from server.settings import Settings
 
-    repo = tmp_path / "repo"
-    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
-    write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
-        _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
-    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="poll"))
+    manager, apply = _chain_manager(tmp_path)
     original = EnsembleModel.load
 
     def load_and_lose_the_step(self: EnsembleModel) -> None:
@@ -523,9 +523,9 @@ def test_step_gone_while_its_ensemble_loads_is_not_missed(tmp_path: Path, monkey
         manager.remove("postprocess")  # its folder went, as the poller reports it
 
     try:
-        manager.apply(Source(snapshot_model(repo / "postprocess")))
+        apply("postprocess")
         monkeypatch.setattr(EnsembleModel, "load", load_and_lose_the_step)
-        manager.apply(Source(snapshot_model(repo / "chain")))
+        apply("chain")
         chain = manager._models["chain"]
         assert chain.latest_ready is None and chain.versions[1].state is ModelState.UNAVAILABLE
         assert "postprocess" in chain.versions[1].reason

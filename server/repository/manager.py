@@ -181,7 +181,7 @@ class RepositoryManager(ModelRegistry):
             self._report(entry, outcome)
             self._notify(entry)
             self._retire(outcome.retire)
-            self._steps_changed_meanwhile(entry)
+            self._hold_to_steps(entry)
             return outcome
 
     def _gave_up(self, model: Model) -> None:
@@ -278,34 +278,24 @@ class RepositoryManager(ModelRegistry):
             return None
 
     def _ensembles_follow(self, name: str, ready: bool) -> None:
-        """A model's readiness may have changed: ensembles that call it follow (a listener).
-
-        A serving ensemble whose step stopped serving, or no longer fits, becomes UNAVAILABLE with
-        Triton's reason; an ensemble that is UNAVAILABLE because of its steps is loaded again (on
-        a loader thread), as Triton reloads an ensemble whose missing step model appears."""
+        """A model's readiness may have changed: ensembles that call it follow (a listener)."""
         for entry in list(self._models.values()):
             steps = config_steps(entry.config)
-            if entry.unloaded or not steps or name not in steps:
-                continue
-            for model in list(entry.versions.values()):
-                if not isinstance(model, EnsembleModel):
-                    continue
-                if model.state is ModelState.READY:
-                    problem = model.steps_problem()
-                    if problem:
-                        self._block(entry, model, problem)
-                elif model.state is ModelState.UNAVAILABLE and model.blocked and ready:
-                    self._retry_ensemble(entry)
-                    break
+            if not entry.unloaded and steps and name in steps:
+                self._hold_to_steps(entry)
 
-    def _steps_changed_meanwhile(self, entry: ModelEntry) -> None:
-        """An ensemble's outcome is in place: hold it against the steps serving now.
+    def _hold_to_steps(self, entry: ModelEntry) -> None:
+        """Hold an ensemble's versions against the step models serving now.
 
-        A step model that changed while the ensemble was loading told `_ensembles_follow` at a
-        moment the ensemble was still LOADING (or not yet registered), so that notice passed it
-        by. Without this look an ensemble that came out blocked would stay UNAVAILABLE though its
-        steps serve by now (poll mode loads every model at once, so this happens at startup),
-        and one that came out READY would claim readiness with a step gone."""
+        A serving ensemble whose step stopped serving, or no longer fits, becomes UNAVAILABLE with
+        Triton's reason; one that is UNAVAILABLE because of its steps is loaded again (on a loader
+        thread) once they fit, as Triton reloads an ensemble whose missing step model appears.
+        Called when a step changes (`_ensembles_follow`) and when the ensemble's own load ends
+        (`apply`): a step that changed while the ensemble was loading found it still LOADING, or
+        not yet registered, so its notice passed it by. Without the second look an ensemble that
+        came out blocked would stay UNAVAILABLE though its steps serve by now (poll mode loads
+        every model at once, so this happens at startup), and one that came out READY would
+        claim readiness with a step gone."""
         for model in list(entry.versions.values()):
             if not isinstance(model, EnsembleModel):
                 continue
