@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-import tomllib
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from util import ROOT
