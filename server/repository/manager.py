@@ -144,45 +144,49 @@ class RepositoryManager(ModelRegistry):
 
     def apply(self, source: Source) -> Outcome | None:
         """(Re)load a model from `source`, swap on success, keep serving on failure (actions.py)."""
+        with self._lock_for(source.snapshot.name):
+            return self._apply_locked(source)
+
+    def _apply_locked(self, source: Source) -> Outcome | None:
+        """`apply`, with the model's lock already held."""
         name = source.snapshot.name
-        with self._lock_for(name):
-            if self._closing:
-                return None
-            entry = self._models.get(name) or ModelEntry(name=name, path=source.snapshot.path)
+        if self._closing:
+            return None
+        entry = self._models.get(name) or ModelEntry(name=name, path=source.snapshot.path)
 
-            def show_loading(version: int, model: Model) -> None:
-                def put() -> None:
-                    entry.versions[version] = model
-                    self._models.setdefault(name, entry)
+        def show_loading(version: int, model: Model) -> None:
+            def put() -> None:
+                entry.versions[version] = model
+                self._models.setdefault(name, entry)
 
-                self._on_loop(put)
+            self._on_loop(put)
 
-            outcome = run_action(entry, source, self.settings, show_loading, steps=self)
-            rollout = prepare_rollout(name, source.snapshot.path, self.rollouts.replica)  # beside the config
+        outcome = run_action(entry, source, self.settings, show_loading, steps=self)
+        rollout = prepare_rollout(name, source.snapshot.path, self.rollouts.replica)  # beside the config
 
-            def swap() -> None:
-                entry.versions = outcome.rows
-                entry.keys, entry.failures = outcome.keys, outcome.failures
-                entry.error, entry.error_covered = outcome.error, outcome.covered
-                if outcome.config is not None:
-                    entry.config = outcome.config
-                entry.path, entry.override_dir, entry.unloaded = source.snapshot.path, source.override_dir, False
-                for model, _ in outcome.retire:
-                    model.state = ModelState.UNLOADING
-                entry.refresh_latest()
-                self._models[name] = entry
-                self.rollouts.install(name, rollout)
+        def swap() -> None:
+            entry.versions = outcome.rows
+            entry.keys, entry.failures = outcome.keys, outcome.failures
+            entry.error, entry.error_covered = outcome.error, outcome.covered
+            if outcome.config is not None:
+                entry.config = outcome.config
+            entry.path, entry.override_dir, entry.unloaded = source.snapshot.path, source.override_dir, False
+            for model, _ in outcome.retire:
+                model.state = ModelState.UNLOADING
+            entry.refresh_latest()
+            self._models[name] = entry
+            self.rollouts.install(name, rollout)
 
-            if source.override_dir is not None:
-                self._override_dirs.add(source.override_dir)
-            for model in outcome.loaded:
-                model.on_unavailable = self._gave_up
-            self._on_loop(swap)
-            self._report(entry, outcome)
-            self._notify(entry)
-            self._retire(outcome.retire)
-            self._hold_to_steps(entry)
-            return outcome
+        if source.override_dir is not None:
+            self._override_dirs.add(source.override_dir)
+        for model in outcome.loaded:
+            model.on_unavailable = self._gave_up
+        self._on_loop(swap)
+        self._report(entry, outcome)
+        self._notify(entry)
+        self._retire(outcome.retire)
+        self._hold_to_steps(entry)
+        return outcome
 
     def _gave_up(self, model: Model) -> None:
         """A version stopped serving because every instance kept failing (core/faults.py); called
@@ -317,17 +321,26 @@ class RepositoryManager(ModelRegistry):
         self._notify(entry)
 
     def _retry_ensemble(self, entry: ModelEntry) -> None:
+        """Load a blocked ensemble again, on a loader thread, from what its entry holds then.
+
+        The look (still registered, not unloaded, still blocked) and the source (its config and
+        override directory) are taken under the model's lock, with the load: an unload RPC, a
+        poll's removal or a newer load may run between the notice that queued this and the
+        retry, and a look taken before them would undo the unload (the ensemble READY again
+        after the client was told it was unloaded), bring a removed model back, or load the
+        config those replaced."""
         if self._closing:
             return
 
         def retry() -> None:
-            current = self._models.get(entry.name)
-            if current is not entry or entry.unloaded or self._closing:
-                return
-            if any(isinstance(m, EnsembleModel) and m.state is ModelState.UNAVAILABLE and m.blocked
-                   for m in entry.versions.values()):
-                self.apply(Source(snapshot_model(entry.path, entry.name), entry.config,
-                                  override_dir=entry.override_dir))
+            with self._lock_for(entry.name):
+                current = self._models.get(entry.name)
+                if current is not entry or entry.unloaded or self._closing:
+                    return
+                if any(isinstance(m, EnsembleModel) and m.state is ModelState.UNAVAILABLE and m.blocked
+                       for m in entry.versions.values()):
+                    self._apply_locked(Source(snapshot_model(entry.path, entry.name), entry.config,
+                                              override_dir=entry.override_dir))
 
         try:
             self.loader.submit(retry)
