@@ -52,6 +52,7 @@ class RepositoryManager(ModelRegistry):
         self._draining: set[Model] = set()
         self._drains: list[threading.Thread] = []
         self._override_dirs: set[Path] = set()
+        self._overrides_lock = threading.Lock()
         self._closing = False
         self.load_failures: dict[str, int] = {}  # model -> failed loads (metrics)
         # s3:// and gs:// repositories: local mirrors, scanned like any other repository (remote.py).
@@ -177,11 +178,12 @@ class RepositoryManager(ModelRegistry):
             self._models[name] = entry
             self.rollouts.install(name, rollout)
 
-        if source.override_dir is not None:
-            self._override_dirs.add(source.override_dir)
         for model in outcome.loaded:
             model.on_unavailable = self._gave_up
         self._on_loop(swap)
+        if source.override_dir is not None:  # only now that the entry shows it in use (_cleanup_overrides)
+            with self._overrides_lock:
+                self._override_dirs.add(source.override_dir)
         self._report(entry, outcome)
         self._notify(entry)
         self._retire(outcome.retire)
@@ -444,13 +446,21 @@ class RepositoryManager(ModelRegistry):
         thread.start()
 
     def _cleanup_overrides(self) -> None:
-        """Delete private override directories that no loaded or draining copy uses any more."""
-        live = {m.spec.model_dir for e in list(self._models.values()) for m in list(e.versions.values())
-                if m.state is not ModelState.UNAVAILABLE}
-        live.update(m.spec.model_dir for m in list(self._draining))
-        live.update(e.override_dir for e in list(self._models.values()) if e.override_dir is not None)
-        for path in list(self._override_dirs - live):
-            self._override_dirs.discard(path)
+        """Delete private override directories that no loaded or draining copy uses any more.
+
+        Runs on drain threads and loader threads at once. A load's directory joins the set
+        only after its swap, under the same lock as this look: added before, as it was, a
+        cleanup in the hop to the event loop found it in the set but in no entry yet (a reload
+        keeps its new copy out of the registry until the swap) and deleted the folder the new
+        copy was about to serve from."""
+        with self._overrides_lock:
+            live = {m.spec.model_dir for e in list(self._models.values()) for m in list(e.versions.values())
+                    if m.state is not ModelState.UNAVAILABLE}
+            live.update(m.spec.model_dir for m in list(self._draining))
+            live.update(e.override_dir for e in list(self._models.values()) if e.override_dir is not None)
+            unused = self._override_dirs - live
+            self._override_dirs -= unused
+        for path in unused:
             remove_override_dir(path)
 
     def close(self) -> None:

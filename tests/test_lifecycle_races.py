@@ -1,0 +1,68 @@
+"""Races between the repository manager's threads (loader threads, drain threads, RPC loads
+and unloads), each made to happen deterministically: an in-process RepositoryManager with one
+method wrapped so that the other side of the race runs at the exact point where it hurts
+(the ensemble races are in test_ensemble.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from util import identity_config, write_model
+
+from server.core.state import ModelState
+from server.repository.manager import RepositoryManager
+from server.settings import Settings
+
+
+def _config_json(name: str) -> str:
+    return json.dumps({
+        "name": name, "backend": "identity", "max_batch_size": 0,
+        "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [4]}],
+        "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [4]}],
+    })
+
+
+def _explicit(tmp_path: Path, *names: str) -> RepositoryManager:
+    repo = tmp_path / "repo"
+    for name in names:
+        write_model(repo, name, identity_config(name, [("INPUT0", "FP32", [4])]))
+    return RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="explicit"))
+
+
+def test_override_dir_of_a_reload_survives_a_cleanup_during_the_swap(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load with file overrides replaces a serving copy: the new copy, loaded from the private
+    override directory, is not in the registry until the swap. Another thread's override cleanup
+    (a drain thread finishing, an unload of another model) landing in the hop to the event loop
+    must not delete that directory: the new copy serves from it, and a later reload reads it."""
+    manager = _explicit(tmp_path, "m")
+    original = manager._on_loop
+    armed: list[bool] = []
+
+    def on_loop(fn: Callable[[], None]) -> None:
+        if armed and getattr(fn, "__name__", "") == "swap":
+            armed.clear()
+            manager._cleanup_overrides()  # as a drain thread of another model would, right now
+        original(fn)
+
+    monkeypatch.setattr(manager, "_on_loop", on_loop)
+    try:
+        manager.load_explicit("m", {})
+        armed.append(True)
+        manager.load_explicit("m", {"config": _config_json("m"), "file:1/weights.bin": b"x"})
+        assert not armed, "the swap never ran"
+        entry = manager._models["m"]
+        serving = entry.versions[1]
+        assert serving.state is ModelState.READY and entry.override_dir is not None
+        assert serving.spec.model_dir == entry.override_dir
+        assert entry.override_dir.is_dir(), "the override directory of the serving copy was deleted"
+        private = entry.override_dir
+        assert private in manager._override_dirs  # so still deleted once nothing uses it
+        manager.unload_explicit("m")
+        assert not private.exists()
+    finally:
+        manager.unload_all(5.0)
+        manager.close()
