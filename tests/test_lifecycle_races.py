@@ -66,3 +66,63 @@ def test_override_dir_of_a_reload_survives_a_cleanup_during_the_swap(tmp_path: P
     finally:
         manager.unload_all(5.0)
         manager.close()
+
+
+def test_model_health_ends_with_the_models_state_when_notices_cross(tmp_path: Path) -> None:
+    """Two threads tell the listeners about one model: the ensemble's own load (READY) and a
+    step's removal that blocks it (UNAVAILABLE). Each reads the readiness it passes on before
+    calling the listeners, so the READY notice can reach the health service after the blocked
+    one; the per-model health service must still end NOT_SERVING, as the model is."""
+    import asyncio
+    import threading
+
+    from server.app import follow_model_health
+    from server.protocol.health import NOT_SERVING, HealthReporter
+    from server.repository.actions import Source
+    from server.repository.changes import snapshot_model
+
+    repo = tmp_path / "repo"
+    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
+    write_model(repo, "chain", _chain_config())
+    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="poll"))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    health = HealthReporter()
+    health.bind_loop(loop)
+    follow_model_health(manager, health)
+    follow = manager._listeners[0]  # _ensembles_follow: runs before the health listener
+    crossed: list[bool] = []
+
+    def follow_then_cross(name: str, ready: bool) -> None:
+        if name == "chain" and ready and not crossed:
+            crossed.append(True)  # chain's READY notice is on its way: now its step goes
+            manager.remove("postprocess")
+        follow(name, ready)
+
+    manager._listeners[0] = follow_then_cross
+    try:
+        manager.apply(Source(snapshot_model(repo / "postprocess")))
+        manager.apply(Source(snapshot_model(repo / "chain")))
+        assert crossed, "chain never became READY"
+        assert manager._models["chain"].latest_ready is None  # blocked: its step is gone
+        for _ in range(3):  # the scheduled updates, and the tasks they start, have run
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(10)
+        assert health.servicer._status.get("chain") == NOT_SERVING
+    finally:
+        manager.unload_all(5.0)
+        manager.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def _chain_config() -> str:
+    return """name: "chain"
+platform: "ensemble"
+max_batch_size: 0
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] } ]
+ensemble_scheduling { step [ { model_name: "postprocess" model_version: -1
+  input_map { key: "INPUT0" value: "IN" } output_map { key: "OUTPUT0" value: "OUT" } } ] }
+"""
