@@ -235,10 +235,15 @@ class RepositoryManager(ModelRegistry):
         else:
             source = Source(snapshot_model(self._find(name), name), request.config, force=request.overridden)
         self._load_steps_of(name, source)
-        outcome = self.apply(source)
-        entry = self._models.get(name)
-        if entry is not None:
-            entry.as_step = as_step
+        with self._lock_for(name):
+            before = self._models.get(name)
+            by_name_before = before is not None and not before.unloaded and not before.as_step
+            outcome = self._apply_locked(source)
+            entry = self._models.get(name)
+            if entry is not None:
+                # Marked under the lock, and a step load keeps a model loaded by name as it was: the
+                # ensemble's look (not serving) may predate a load by name that won the lock first.
+                entry.as_step = as_step and not by_name_before
         if outcome is None:
             if source.override_dir is not None:
                 remove_override_dir(source.override_dir)
