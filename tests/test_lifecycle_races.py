@@ -126,3 +126,42 @@ output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] } ]
 ensemble_scheduling { step [ { model_name: "postprocess" model_version: -1
   input_map { key: "INPUT0" value: "IN" } output_map { key: "OUTPUT0" value: "OUT" } } ] }
 """
+
+
+def test_two_retires_at_once_keep_both_drain_threads(tmp_path: Path) -> None:
+    """Two loader threads retire copies at once (two models reloaded together, as poll mode
+    does). Both drain threads must stay in the list that unload_all joins at shutdown: one
+    lost there is not waited for, and its model (counted as draining) is not unloaded either,
+    so the process could exit in the middle of its unload."""
+    import threading
+
+    from util import scaled
+
+    manager = _explicit(tmp_path, "a", "b")
+    try:
+        manager.load_explicit("a", {})
+        manager.load_explicit("b", {})
+        a, b = manager._models["a"].versions[1], manager._models["b"].versions[1]
+        other: list[threading.Thread] = []
+
+        class Finished:
+            """A finished drain thread whose is_alive() lets the other loader thread retire meanwhile."""
+
+            def is_alive(self) -> bool:
+                if not other:
+                    other.append(threading.Thread(target=manager._retire, args=([(b, "replaced")],)))
+                    other[0].start()
+                    other[0].join(scaled(2))  # it has retired b, unless it waits for this one
+                return False
+
+        manager._drains = [Finished()]  # type: ignore[list-item]
+        manager._retire([(a, "replaced")])
+        other[0].join(scaled(10))
+        drains = [t for t in manager._drains if isinstance(t, threading.Thread)]
+        for thread in drains:
+            thread.join(scaled(10))
+        assert len(drains) == 2, f"a drain thread was lost: {manager._drains}"
+        assert a.state is b.state is ModelState.UNAVAILABLE
+    finally:
+        manager.unload_all(5.0)
+        manager.close()

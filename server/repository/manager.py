@@ -51,6 +51,7 @@ class RepositoryManager(ModelRegistry):
         self._guard = threading.Lock()
         self._draining: set[Model] = set()
         self._drains: list[threading.Thread] = []
+        self._drains_lock = threading.Lock()
         self._override_dirs: set[Path] = set()
         self._overrides_lock = threading.Lock()
         self._closing = False
@@ -447,7 +448,8 @@ class RepositoryManager(ModelRegistry):
             self._cleanup_overrides()
 
         thread = threading.Thread(target=drain, name="nereid-drain", daemon=True)
-        self._drains = [t for t in self._drains if t.is_alive()] + [thread]
+        with self._drains_lock:  # loader threads retire at once: no list update may be lost (unload_all joins it)
+            self._drains = [t for t in self._drains if t.is_alive()] + [thread]
         thread.start()
 
     def _cleanup_overrides(self) -> None:
@@ -476,7 +478,9 @@ class RepositoryManager(ModelRegistry):
     def unload_all(self, timeout: float | None = None) -> None:
         self._closing = True
         self.loader.shutdown(wait=True)
-        for thread in list(self._drains):
+        with self._drains_lock:
+            drains = list(self._drains)
+        for thread in drains:
             thread.join(timeout)
         for entry in list(self._models.values()):
             for model in entry.versions.values():
