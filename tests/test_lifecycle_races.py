@@ -142,6 +142,12 @@ def test_two_retires_at_once_keep_both_drain_threads(tmp_path: Path) -> None:
         manager.load_explicit("a", {})
         manager.load_explicit("b", {})
         a, b = manager._models["a"].versions[1], manager._models["b"].versions[1]
+        gate = threading.Event()  # the drains last (in-flight requests to wait for) until the check
+        for model in (a, b):
+            def unload(timeout: float | None = None, release=model.unload) -> None:
+                gate.wait(scaled(10))
+                release(timeout)
+            model.unload = unload  # type: ignore[method-assign]
         other: list[threading.Thread] = []
 
         class Finished:
@@ -158,9 +164,10 @@ def test_two_retires_at_once_keep_both_drain_threads(tmp_path: Path) -> None:
         manager._retire([(a, "replaced")])
         other[0].join(scaled(10))
         drains = [t for t in manager._drains if isinstance(t, threading.Thread)]
+        assert len(drains) == 2, f"a drain thread was lost: {manager._drains}"
+        gate.set()
         for thread in drains:
             thread.join(scaled(10))
-        assert len(drains) == 2, f"a drain thread was lost: {manager._drains}"
         assert a.state is b.state is ModelState.UNAVAILABLE
     finally:
         manager.unload_all(5.0)

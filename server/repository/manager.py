@@ -449,8 +449,8 @@ class RepositoryManager(ModelRegistry):
 
         thread = threading.Thread(target=drain, name="nereid-drain", daemon=True)
         with self._drains_lock:  # loader threads retire at once: no list update may be lost (unload_all joins it)
+            thread.start()  # before it joins the list: another retire keeps only the threads alive
             self._drains = [t for t in self._drains if t.is_alive()] + [thread]
-        thread.start()
 
     def _cleanup_overrides(self) -> None:
         """Delete private override directories that no loaded or draining copy uses any more.
