@@ -564,3 +564,79 @@ def test_poll_mode_ensemble_follows_its_steps(tmp_path: Path) -> None:
         np.testing.assert_array_equal(run(), X)
     finally:
         srv.stop()
+
+
+def test_unload_while_a_blocked_ensemble_is_retried_stays_unloaded(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Explicit mode: `chain` is blocked (its step was unloaded); loading the step again queues a
+    retry of `chain` on a loader thread. A client's unload of `chain` that lands between the
+    retry's look (blocked, not unloaded) and its load must win: the unload RPC answered OK, so
+    `chain` must not come back READY (nor a stale config win over a newer load)."""
+    from server.repository.manager import RepositoryManager
+    from server.settings import Settings
+
+    repo = tmp_path / "repo"
+    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
+    write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
+        _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
+    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="explicit",
+                                         model_load_thread_count=1))
+    original = manager._lock_for
+    armed: list[bool] = []
+
+    def lock_for(name: str):
+        if name == "chain" and armed:
+            armed.clear()  # the retry is about to take chain's lock: the client's unload comes first
+            manager.unload_explicit("chain")
+        return original(name)
+
+    monkeypatch.setattr(manager, "_lock_for", lock_for)
+    try:
+        manager.load_explicit("chain", {})
+        manager.unload_explicit("postprocess")
+        chain = manager._models["chain"]
+        assert chain.latest_ready is None and chain.versions[1].blocked
+        armed.append(True)
+        manager.load_explicit("postprocess", {})  # its notice queues the retry of chain
+        manager.loader.submit(lambda: None).result(scaled(10))  # one loader thread: the retry is done
+        assert not armed, "the retry never ran"
+        assert chain.unloaded and chain.latest_ready is None, f"chain came back: {chain.versions}"
+        assert manager._models["chain"] is chain
+    finally:
+        manager.unload_all(5.0)
+        manager.close()
+
+
+def test_load_by_name_during_an_ensembles_step_load_keeps_the_step(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client loads `postprocess` by name while another loads `chain`, which found the step
+    not serving and loads it as a step. When the load by name comes first, the step load that
+    follows must not mark the model as loaded only for the ensemble: unloading `chain` with
+    unload_dependents would then unload a model the client loaded by name."""
+    from server.repository.manager import RepositoryManager
+    from server.settings import Settings
+
+    repo = tmp_path / "repo"
+    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
+    write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
+        _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
+    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="explicit"))
+    original = manager._lock_for
+    armed = [True]
+
+    def lock_for(name: str):
+        if name == "postprocess" and armed:
+            armed.clear()  # chain's step load is about to take the step's lock: the load by name wins it
+            manager.load_explicit("postprocess", {})
+        return original(name)
+
+    monkeypatch.setattr(manager, "_lock_for", lock_for)
+    try:
+        manager.load_explicit("chain", {})
+        assert not armed
+        assert not manager._models["postprocess"].as_step
+        manager.unload_explicit("chain", unload_dependents=True)
+        assert manager._models["postprocess"].latest_ready is not None, "the model loaded by name was unloaded"
+    finally:
+        manager.unload_all(5.0)
+        manager.close()

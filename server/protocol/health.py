@@ -15,6 +15,7 @@ with UNAVAILABLE so the client reconnects elsewhere.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -102,6 +103,16 @@ class HealthReporter:
         self.servicer = HealthServicer()
         self._models: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready_of: Callable[[str], bool] | None = None
+
+    def read_model_readiness(self, ready_of: Callable[[str], bool]) -> None:
+        """Take a model's readiness from `ready_of`, read on the event loop when its update runs,
+        rather than from the notice: notices about one model come from several threads (its own
+        load or unload, a step's change that blocks an ensemble, an instance giving up), each
+        reading readiness before it calls the listeners, so the last to arrive may carry a value
+        that is no longer true. Read on the loop, after every change (they run on the loop too),
+        the last update always tells the truth."""
+        self._ready_of = ready_of
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -122,7 +133,8 @@ class HealthReporter:
             return
 
         def schedule() -> None:
-            asyncio.ensure_future(self.set_model(name, ready))
+            now = ready if self._ready_of is None else self._ready_of(name)
+            asyncio.ensure_future(self.set_model(name, now))
 
         try:
             loop.call_soon_threadsafe(schedule)

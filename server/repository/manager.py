@@ -51,7 +51,9 @@ class RepositoryManager(ModelRegistry):
         self._guard = threading.Lock()
         self._draining: set[Model] = set()
         self._drains: list[threading.Thread] = []
+        self._drains_lock = threading.Lock()
         self._override_dirs: set[Path] = set()
+        self._overrides_lock = threading.Lock()
         self._closing = False
         self.load_failures: dict[str, int] = {}  # model -> failed loads (metrics)
         # s3:// and gs:// repositories: local mirrors, scanned like any other repository (remote.py).
@@ -144,45 +146,50 @@ class RepositoryManager(ModelRegistry):
 
     def apply(self, source: Source) -> Outcome | None:
         """(Re)load a model from `source`, swap on success, keep serving on failure (actions.py)."""
+        with self._lock_for(source.snapshot.name):
+            return self._apply_locked(source)
+
+    def _apply_locked(self, source: Source) -> Outcome | None:
+        """`apply`, with the model's lock already held."""
         name = source.snapshot.name
-        with self._lock_for(name):
-            if self._closing:
-                return None
-            entry = self._models.get(name) or ModelEntry(name=name, path=source.snapshot.path)
+        if self._closing:
+            return None
+        entry = self._models.get(name) or ModelEntry(name=name, path=source.snapshot.path)
 
-            def show_loading(version: int, model: Model) -> None:
-                def put() -> None:
-                    entry.versions[version] = model
-                    self._models.setdefault(name, entry)
+        def show_loading(version: int, model: Model) -> None:
+            def put() -> None:
+                entry.versions[version] = model
+                self._models.setdefault(name, entry)
 
-                self._on_loop(put)
+            self._on_loop(put)
 
-            outcome = run_action(entry, source, self.settings, show_loading, steps=self)
-            rollout = prepare_rollout(name, source.snapshot.path, self.rollouts.replica)  # beside the config
+        outcome = run_action(entry, source, self.settings, show_loading, steps=self)
+        rollout = prepare_rollout(name, source.snapshot.path, self.rollouts.replica)  # beside the config
 
-            def swap() -> None:
-                entry.versions = outcome.rows
-                entry.keys, entry.failures = outcome.keys, outcome.failures
-                entry.error, entry.error_covered = outcome.error, outcome.covered
-                if outcome.config is not None:
-                    entry.config = outcome.config
-                entry.path, entry.override_dir, entry.unloaded = source.snapshot.path, source.override_dir, False
-                for model, _ in outcome.retire:
-                    model.state = ModelState.UNLOADING
-                entry.refresh_latest()
-                self._models[name] = entry
-                self.rollouts.install(name, rollout)
+        def swap() -> None:
+            entry.versions = outcome.rows
+            entry.keys, entry.failures = outcome.keys, outcome.failures
+            entry.error, entry.error_covered = outcome.error, outcome.covered
+            if outcome.config is not None:
+                entry.config = outcome.config
+            entry.path, entry.override_dir, entry.unloaded = source.snapshot.path, source.override_dir, False
+            for model, _ in outcome.retire:
+                model.state = ModelState.UNLOADING
+            entry.refresh_latest()
+            self._models[name] = entry
+            self.rollouts.install(name, rollout)
 
-            if source.override_dir is not None:
+        for model in outcome.loaded:
+            model.on_unavailable = self._gave_up
+        self._on_loop(swap)
+        if source.override_dir is not None:  # only now that the entry shows it in use (_cleanup_overrides)
+            with self._overrides_lock:
                 self._override_dirs.add(source.override_dir)
-            for model in outcome.loaded:
-                model.on_unavailable = self._gave_up
-            self._on_loop(swap)
-            self._report(entry, outcome)
-            self._notify(entry)
-            self._retire(outcome.retire)
-            self._hold_to_steps(entry)
-            return outcome
+        self._report(entry, outcome)
+        self._notify(entry)
+        self._retire(outcome.retire)
+        self._hold_to_steps(entry)
+        return outcome
 
     def _gave_up(self, model: Model) -> None:
         """A version stopped serving because every instance kept failing (core/faults.py); called
@@ -229,10 +236,15 @@ class RepositoryManager(ModelRegistry):
         else:
             source = Source(snapshot_model(self._find(name), name), request.config, force=request.overridden)
         self._load_steps_of(name, source)
-        outcome = self.apply(source)
-        entry = self._models.get(name)
-        if entry is not None:
-            entry.as_step = as_step
+        with self._lock_for(name):
+            before = self._models.get(name)
+            by_name_before = before is not None and not before.unloaded and not before.as_step
+            outcome = self._apply_locked(source)
+            entry = self._models.get(name)
+            if entry is not None:
+                # Marked under the lock, and a step load keeps a model loaded by name as it was: the
+                # ensemble's look (not serving) may predate a load by name that won the lock first.
+                entry.as_step = as_step and not by_name_before
         if outcome is None:
             if source.override_dir is not None:
                 remove_override_dir(source.override_dir)
@@ -317,17 +329,26 @@ class RepositoryManager(ModelRegistry):
         self._notify(entry)
 
     def _retry_ensemble(self, entry: ModelEntry) -> None:
+        """Load a blocked ensemble again, on a loader thread, from what its entry holds then.
+
+        The look (still registered, not unloaded, still blocked) and the source (its config and
+        override directory) are taken under the model's lock, with the load: an unload RPC, a
+        poll's removal or a newer load may run between the notice that queued this and the
+        retry, and a look taken before them would undo the unload (the ensemble READY again
+        after the client was told it was unloaded), bring a removed model back, or load the
+        config those replaced."""
         if self._closing:
             return
 
         def retry() -> None:
-            current = self._models.get(entry.name)
-            if current is not entry or entry.unloaded or self._closing:
-                return
-            if any(isinstance(m, EnsembleModel) and m.state is ModelState.UNAVAILABLE and m.blocked
-                   for m in entry.versions.values()):
-                self.apply(Source(snapshot_model(entry.path, entry.name), entry.config,
-                                  override_dir=entry.override_dir))
+            with self._lock_for(entry.name):
+                current = self._models.get(entry.name)
+                if current is not entry or entry.unloaded or self._closing:
+                    return
+                if any(isinstance(m, EnsembleModel) and m.state is ModelState.UNAVAILABLE and m.blocked
+                       for m in entry.versions.values()):
+                    self._apply_locked(Source(snapshot_model(entry.path, entry.name), entry.config,
+                                              override_dir=entry.override_dir))
 
         try:
             self.loader.submit(retry)
@@ -427,17 +448,26 @@ class RepositoryManager(ModelRegistry):
             self._cleanup_overrides()
 
         thread = threading.Thread(target=drain, name="nereid-drain", daemon=True)
-        self._drains = [t for t in self._drains if t.is_alive()] + [thread]
-        thread.start()
+        with self._drains_lock:  # loader threads retire at once: no list update may be lost (unload_all joins it)
+            thread.start()  # before it joins the list: another retire keeps only the threads alive
+            self._drains = [t for t in self._drains if t.is_alive()] + [thread]
 
     def _cleanup_overrides(self) -> None:
-        """Delete private override directories that no loaded or draining copy uses any more."""
-        live = {m.spec.model_dir for e in list(self._models.values()) for m in list(e.versions.values())
-                if m.state is not ModelState.UNAVAILABLE}
-        live.update(m.spec.model_dir for m in list(self._draining))
-        live.update(e.override_dir for e in list(self._models.values()) if e.override_dir is not None)
-        for path in list(self._override_dirs - live):
-            self._override_dirs.discard(path)
+        """Delete private override directories that no loaded or draining copy uses any more.
+
+        Runs on drain threads and loader threads at once. A load's directory joins the set
+        only after its swap, under the same lock as this look: added before, as it was, a
+        cleanup in the hop to the event loop found it in the set but in no entry yet (a reload
+        keeps its new copy out of the registry until the swap) and deleted the folder the new
+        copy was about to serve from."""
+        with self._overrides_lock:
+            live = {m.spec.model_dir for e in list(self._models.values()) for m in list(e.versions.values())
+                    if m.state is not ModelState.UNAVAILABLE}
+            live.update(m.spec.model_dir for m in list(self._draining))
+            live.update(e.override_dir for e in list(self._models.values()) if e.override_dir is not None)
+            unused = self._override_dirs - live
+            self._override_dirs -= unused
+        for path in unused:
             remove_override_dir(path)
 
     def close(self) -> None:
@@ -448,7 +478,9 @@ class RepositoryManager(ModelRegistry):
     def unload_all(self, timeout: float | None = None) -> None:
         self._closing = True
         self.loader.shutdown(wait=True)
-        for thread in list(self._drains):
+        with self._drains_lock:
+            drains = list(self._drains)
+        for thread in drains:
             thread.join(timeout)
         for entry in list(self._models.values()):
             for model in entry.versions.values():

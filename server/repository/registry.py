@@ -136,6 +136,11 @@ class ModelRegistry:
         arbitrary names would otherwise grow the label set without bound)."""
         return name in self._models
 
+    def has_ready_version(self, name: str) -> bool:
+        """Whether `name` has a READY version now (its per-model health); read on the event loop."""
+        entry = self._models.get(name)
+        return entry is not None and entry.latest_ready is not None
+
     def states(self) -> list[tuple[str, str, str]]:
         """(model, version, state) of every version the registry holds."""
         return [(name, str(version), model.state.value) for name in self.names()
