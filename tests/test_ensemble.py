@@ -640,3 +640,45 @@ def test_load_by_name_during_an_ensembles_step_load_keeps_the_step(tmp_path: Pat
     finally:
         manager.unload_all(5.0)
         manager.close()
+
+
+def test_load_by_name_while_unload_dependents_decides_keeps_the_step(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`chain` is unloaded with unload_dependents; its step `postprocess` was loaded only for it.
+    A client's load of `postprocess` by name lands just after the server decided the step is a
+    dependent to unload: the client's load must win (the step READY, loaded by name), not be
+    undone by the unload that follows. The load runs on another thread and is given 0.5 s: with
+    the decision taken under the step's lock it waits for the unload and loads after it."""
+    import threading
+
+    from server.repository.manager import RepositoryManager
+    from server.settings import Settings
+
+    repo = tmp_path / "repo"
+    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
+    write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
+        _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
+    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="explicit"))
+    original = manager._dependent_to_unload
+    loads: list[threading.Thread] = []
+
+    def decide_then_a_load_by_name(step: str) -> bool:
+        decided = original(step)
+        if decided and not loads:
+            loads.append(threading.Thread(target=manager.load_explicit, args=(step, {})))
+            loads[0].start()
+            loads[0].join(0.5)  # old code: done by now; under the step's lock: waits for the unload
+        return decided
+
+    monkeypatch.setattr(manager, "_dependent_to_unload", decide_then_a_load_by_name)
+    try:
+        manager.load_explicit("chain", {})
+        assert manager._models["postprocess"].as_step
+        manager.unload_explicit("chain", unload_dependents=True)
+        assert loads, "the step was never found to be a dependent"
+        loads[0].join(scaled(10))
+        step = manager._models["postprocess"]
+        assert step.latest_ready is not None and not step.as_step, "the client's load by name was undone"
+    finally:
+        manager.unload_all(5.0)
+        manager.close()

@@ -363,30 +363,44 @@ class RepositoryManager(ModelRegistry):
         no other ensemble uses are unloaded too, and theirs in turn."""
         check_model_name(name)
         with self._lock_for(name):
-            entry = self._models.get(name)
-            if entry is None:
-                raise InvalidInput(f"failed to unload '{name}': Model to be unloaded has not been served")
-            retire = [m for m in entry.versions.values() if m.state in (ModelState.READY, ModelState.LOADING)]
-
-            def swap() -> None:
-                for model in retire:
-                    model.state = ModelState.UNLOADING
-                entry.versions = {v: m for v, m in entry.versions.items() if m in retire or m.reason == "unloaded"}
-                entry.failures, entry.keys, entry.error, entry.unloaded = {}, {}, "", True
-                entry.override_dir = None  # deleted once the unload below has finished
-                entry.refresh_latest()
-
-            self._on_loop(swap)
-            self._notify(entry)
-            for model in retire:
-                model.unload(self.settings.exit_timeout_secs)
-                log.info("unloaded model %s", model.label)
-            self._cleanup_overrides()
+            entry = self._unload_locked(name)
         if unload_dependents:
-            for step in dict.fromkeys(config_steps(entry.config) or ()):
-                if self._dependent_to_unload(step):
-                    log.info("unloading model '%s': loaded for ensemble '%s', which no longer needs it", step, name)
-                    self.unload_explicit(step, True)
+            self._unload_dependents_of(entry)
+
+    def _unload_dependents_of(self, ensemble: ModelEntry) -> None:
+        """Each step is looked at and unloaded under its own lock: a load by name of the step
+        that lands between the look and the unload would otherwise be undone."""
+        for step in dict.fromkeys(config_steps(ensemble.config) or ()):
+            with self._lock_for(step):
+                if not self._dependent_to_unload(step):
+                    continue
+                log.info("unloading model '%s': loaded for ensemble '%s', which no longer needs it",
+                         step, ensemble.name)
+                entry = self._unload_locked(step)
+            self._unload_dependents_of(entry)
+
+    def _unload_locked(self, name: str) -> ModelEntry:
+        """`unload_explicit` of one model, with its lock held; the entry it unloaded."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise InvalidInput(f"failed to unload '{name}': Model to be unloaded has not been served")
+        retire = [m for m in entry.versions.values() if m.state in (ModelState.READY, ModelState.LOADING)]
+
+        def swap() -> None:
+            for model in retire:
+                model.state = ModelState.UNLOADING
+            entry.versions = {v: m for v, m in entry.versions.items() if m in retire or m.reason == "unloaded"}
+            entry.failures, entry.keys, entry.error, entry.unloaded = {}, {}, "", True
+            entry.override_dir = None  # deleted once the unload below has finished
+            entry.refresh_latest()
+
+        self._on_loop(swap)
+        self._notify(entry)
+        for model in retire:
+            model.unload(self.settings.exit_timeout_secs)
+            log.info("unloaded model %s", model.label)
+        self._cleanup_overrides()
+        return entry
 
     def _dependent_to_unload(self, step: str) -> bool:
         """A step model loaded only for ensembles, none of which (loaded or not) still lists it."""
