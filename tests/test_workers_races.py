@@ -11,9 +11,11 @@ import socket
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from server.settings import Settings
+from server.workers import link
 from server.workers import pool as pool_module
 from server.workers.frontend import FrontendLink
 from server.workers.owner import OwnerLink
@@ -96,3 +98,46 @@ def test_an_owner_that_did_not_run_for_a_while_does_not_kill_its_answering_front
 
     asyncio.run(run())
 
+
+
+class _Context:
+    """What FrontendLink.start reads of a grpc.aio call."""
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def time_remaining(self) -> None:
+        return None
+
+
+def test_open_streams_do_not_use_up_a_frontends_inflight_cap() -> None:
+    """--max-inflight-requests N in a frontend bounds the unary calls it holds for a stuck owner.
+    Open streams counted in it too, so N idle streams through one frontend made it refuse every
+    other call, ServerReady and health checks included (RESOURCE_EXHAUSTED; one process serves
+    them: its cap counts requests, not open streams). A stream's buffered messages are bounded
+    by its link window instead."""
+    async def run() -> None:
+        forward = FrontendLink(secure=False, limit=2)
+        context = _Context()
+        streams = [forward.start(link.OPEN, 0, context, b"", streaming=True) for _ in range(2)]
+        ready_id, ready = forward.start(link.CALL, 1, context, b"", streaming=False)
+        assert ready.future is not None and not ready.future.done(), ready.future  # held, not refused
+        _, second = forward.start(link.CALL, 1, context, b"", streaming=False)
+        _, third = forward.start(link.CALL, 1, context, b"", streaming=False)
+        assert not second.future.done()  # type: ignore[union-attr]
+        assert third.future.result()[0] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]  # type: ignore[union-attr]
+        # Calls ending every way give their place back: a reply, a status, a cancel.
+        forward._frame(link.STATUS, streams[0][0], link.status_payload(0, ""))
+        forward.forget(streams[1][0], cancel=True)
+        forward._frame(link.REPLY, ready_id, b"r")
+        _, fourth = forward.start(link.CALL, 1, context, b"", streaming=False)
+        assert not fourth.future.done()  # type: ignore[union-attr]
+        _, fifth = forward.start(link.CALL, 1, context, b"", streaming=False)
+        assert fifth.future.result()[0] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]  # type: ignore[union-attr]
+        forward.protocol.connection_lost(None)
+        assert forward._calls == {} and forward._held == 0
+
+    asyncio.run(run())
