@@ -18,6 +18,7 @@ from server.settings import Settings
 from server.workers import link
 from server.workers import pool as pool_module
 from server.workers.frontend import FrontendLink
+from server.workers.methods import method_table
 from server.workers.owner import OwnerLink
 from server.workers.pool import WorkerPool, _Worker
 
@@ -100,6 +101,11 @@ def test_an_owner_that_did_not_run_for_a_while_does_not_kill_its_answering_front
 
 
 
+_NUMBERS = {(m.service.rsplit(".", 1)[-1], m.name): i for i, m in enumerate(method_table())}
+_INFER = _NUMBERS["GRPCInferenceService", "ModelInfer"]
+_STREAM = _NUMBERS["GRPCInferenceService", "ModelStreamInfer"]
+
+
 class _Context:
     """What FrontendLink.start reads of a grpc.aio call."""
 
@@ -122,21 +128,42 @@ def test_open_streams_do_not_use_up_a_frontends_inflight_cap() -> None:
     async def run() -> None:
         forward = FrontendLink(secure=False, limit=2)
         context = _Context()
-        streams = [forward.start(link.OPEN, 0, context, b"", streaming=True) for _ in range(2)]
-        ready_id, ready = forward.start(link.CALL, 1, context, b"", streaming=False)
+        streams = [forward.start(link.OPEN, _STREAM, context, b"", streaming=True) for _ in range(2)]
+        ready_id, ready = forward.start(link.CALL, _INFER, context, b"", streaming=False)
         assert ready.future is not None and not ready.future.done(), ready.future  # held, not refused
-        _, second = forward.start(link.CALL, 1, context, b"", streaming=False)
-        _, third = forward.start(link.CALL, 1, context, b"", streaming=False)
+        _, second = forward.start(link.CALL, _INFER, context, b"", streaming=False)
+        _, third = forward.start(link.CALL, _INFER, context, b"", streaming=False)
         assert not second.future.done()  # type: ignore[union-attr]
         assert third.future.result()[0] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]  # type: ignore[union-attr]
         # Calls ending every way give their place back: a reply, a status, a cancel.
         forward._frame(link.STATUS, streams[0][0], link.status_payload(0, ""))
         forward.forget(streams[1][0], cancel=True)
         forward._frame(link.REPLY, ready_id, b"r")
-        _, fourth = forward.start(link.CALL, 1, context, b"", streaming=False)
+        _, fourth = forward.start(link.CALL, _INFER, context, b"", streaming=False)
         assert not fourth.future.done()  # type: ignore[union-attr]
-        _, fifth = forward.start(link.CALL, 1, context, b"", streaming=False)
+        _, fifth = forward.start(link.CALL, _INFER, context, b"", streaming=False)
         assert fifth.future.result()[0] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]  # type: ignore[union-attr]
+        forward.protocol.connection_lost(None)
+        assert forward._calls == {} and forward._held == 0
+
+    asyncio.run(run())
+
+
+def test_a_frontend_at_its_inflight_cap_still_answers_readiness_and_health() -> None:
+    """The cap mirrors the owner's (servicer.infer), which counts inference requests only: a
+    frontend holding N ModelInfer calls refused ServerReady and health Check as well, so a gRPC
+    readiness or liveness probe failed under a load one process serves them through."""
+    async def run() -> None:
+        forward = FrontendLink(secure=False, limit=1)
+        context = _Context()
+        _, infer = forward.start(link.CALL, _INFER, context, b"", streaming=False)
+        for name in (("GRPCInferenceService", "ServerReady"), ("Health", "Check"),
+                     ("GRPCInferenceService", "ModelMetadata")):
+            _, call = forward.start(link.CALL, _NUMBERS[name], context, b"", streaming=False)
+            assert call.future is not None and not call.future.done(), (name, call.future)
+        _, over = forward.start(link.CALL, _INFER, context, b"", streaming=False)
+        assert over.future.result()[0] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]  # type: ignore[union-attr]
+        assert not infer.future.done()  # type: ignore[union-attr]
         forward.protocol.connection_lost(None)
         assert forward._calls == {} and forward._held == 0
 

@@ -41,12 +41,13 @@ _EOF = grpc.aio.EOF
 
 
 class _Call:
-    __slots__ = ("future", "queue", "window")
+    __slots__ = ("future", "queue", "window", "counted")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, streaming: bool) -> None:
         self.future: asyncio.Future[Any] | None = None if streaming else loop.create_future()
         self.queue: Mailbox[Any] | None = Mailbox() if streaming else None
         self.window: link.Window | None = None  # a client stream's MESSAGE frames (set by _pump)
+        self.counted = False  # a ModelInfer call: it counts toward the --max-inflight-requests cap
 
     def resolve(self, item: Any) -> None:
         if self.future is not None:
@@ -64,11 +65,14 @@ class FrontendLink:
         self._calls: dict[int, _Call] = {}
         # --max-inflight-requests, applied here too: the owner refuses only what it has read, so a
         # stuck owner would otherwise let this process buffer calls without bound. It counts the
-        # unary calls held (`_held`), not open streams: a stream buffers at most its link window,
-        # and its requests count in the owner as in one process; counted here, N idle streams
-        # made this frontend refuse every other call, ServerReady and health checks included.
+        # ModelInfer calls held (`_held`), as the owner's cap counts inference requests only
+        # (servicer.infer): not open streams (a stream buffers at most its link window, and its
+        # requests count in the owner as in one process), nor readiness, health or metadata
+        # calls. Counting those, N idle streams or N inferences made this frontend refuse every
+        # other call, ServerReady and health checks included (a probe failed under load).
         self._limit = limit
         self._held = 0
+        self._capped = frozenset(i for i, m in enumerate(method_table()) if m.name == "ModelInfer")
         self._next = 1
         self._secure = secure
         self.stopped: asyncio.Future[float | None] = self._loop.create_future()  # grace, or None if lost
@@ -85,13 +89,15 @@ class FrontendLink:
         call = _Call(self._loop, streaming)
         if self.protocol.closed:  # never answered by a frame: not kept in _calls
             call.resolve((grpc.StatusCode.UNAVAILABLE.value[0], OWNER_GONE))
-        elif not streaming and self._limit and self._held >= self._limit:
+        elif self._limit and self._held >= self._limit and method in self._capped:
             call.resolve((grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
                           f"server is at its limit of {self._limit} requests in flight through this frontend "
                           "(--max-inflight-requests; the model process is not keeping up); retry later"))
         else:
             self._calls[call_id] = call
-            self._held += not streaming
+            if method in self._capped:
+                call.counted = True
+                self._held += 1
             self.protocol.send(frame(kind, call_id, link.call_payload(method, self.meta(context)), body))
         return call_id, call
 
@@ -103,9 +109,9 @@ class FrontendLink:
             self.send(link.CANCEL, call_id)
 
     def _pop(self, call_id: int) -> _Call | None:
-        """Take an ended call out of the table (and out of the unary count)."""
+        """Take an ended call out of the table (and out of the cap's count)."""
         call = self._calls.pop(call_id, None)
-        if call is not None and call.future is not None:
+        if call is not None and call.counted:
             self._held -= 1
         return call
 
