@@ -151,7 +151,7 @@ def test_a_client_stream_the_owner_does_not_read_is_held_back_in_the_client(flow
         except grpc.RpcError as exc:
             errors.append(repr(exc))
 
-    os.kill(srv.proc.pid, signal.SIGSTOP)  # under 10 s: longer, and the owner would replace its frontends
+    os.kill(srv.proc.pid, signal.SIGSTOP)
     reader = threading.Thread(target=read, daemon=True)
     try:
         reader.start()

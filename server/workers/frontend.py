@@ -41,12 +41,13 @@ _EOF = grpc.aio.EOF
 
 
 class _Call:
-    __slots__ = ("future", "queue", "window")
+    __slots__ = ("future", "queue", "window", "counted")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, streaming: bool) -> None:
         self.future: asyncio.Future[Any] | None = None if streaming else loop.create_future()
         self.queue: Mailbox[Any] | None = Mailbox() if streaming else None
         self.window: link.Window | None = None  # a client stream's MESSAGE frames (set by _pump)
+        self.counted = False  # a ModelInfer call: it counts toward the --max-inflight-requests cap
 
     def resolve(self, item: Any) -> None:
         if self.future is not None:
@@ -63,8 +64,15 @@ class FrontendLink:
         self._loop = asyncio.get_running_loop()
         self._calls: dict[int, _Call] = {}
         # --max-inflight-requests, applied here too: the owner refuses only what it has read, so a
-        # stuck owner would otherwise let this process buffer calls without bound.
+        # stuck owner would otherwise let this process buffer calls without bound. It counts the
+        # ModelInfer calls held (`_held`), as the owner's cap counts inference requests only
+        # (servicer.infer): not open streams (a stream buffers at most its link window, and its
+        # requests count in the owner as in one process), nor readiness, health or metadata
+        # calls. Counting those, N idle streams or N inferences made this frontend refuse every
+        # other call, ServerReady and health checks included (a probe failed under load).
         self._limit = limit
+        self._held = 0
+        self._capped = frozenset(i for i, m in enumerate(method_table()) if m.name == "ModelInfer")
         self._next = 1
         self._secure = secure
         self.stopped: asyncio.Future[float | None] = self._loop.create_future()  # grace, or None if lost
@@ -81,12 +89,15 @@ class FrontendLink:
         call = _Call(self._loop, streaming)
         if self.protocol.closed:  # never answered by a frame: not kept in _calls
             call.resolve((grpc.StatusCode.UNAVAILABLE.value[0], OWNER_GONE))
-        elif self._limit and len(self._calls) >= self._limit:
+        elif self._limit and self._held >= self._limit and method in self._capped:
             call.resolve((grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
                           f"server is at its limit of {self._limit} requests in flight through this frontend "
                           "(--max-inflight-requests; the model process is not keeping up); retry later"))
         else:
             self._calls[call_id] = call
+            if method in self._capped:
+                call.counted = True
+                self._held += 1
             self.protocol.send(frame(kind, call_id, link.call_payload(method, self.meta(context)), body))
         return call_id, call
 
@@ -94,14 +105,21 @@ class FrontendLink:
         self.protocol.send(frame(kind, call_id, body) if body else frame(kind, call_id))
 
     def forget(self, call_id: int, cancel: bool) -> None:
-        if self._calls.pop(call_id, None) is not None and cancel:
+        if self._pop(call_id) is not None and cancel:
             self.send(link.CANCEL, call_id)
+
+    def _pop(self, call_id: int) -> _Call | None:
+        """Take an ended call out of the table (and out of the cap's count)."""
+        call = self._calls.pop(call_id, None)
+        if call is not None and call.counted:
+            self._held -= 1
+        return call
 
     def _frame(self, kind: int, call_id: int, payload: bytes | memoryview) -> None:
         if isinstance(payload, memoryview):  # a large answer: grpcio sends bytes only
             payload = bytes(payload)
         if kind == link.REPLY:
-            call = self._calls.pop(call_id, None)
+            call = self._pop(call_id)
             if call is not None:
                 call.resolve(payload)
         elif kind == link.SEND:
@@ -113,7 +131,7 @@ class FrontendLink:
             if call is not None and call.window is not None:
                 call.window.credit(payload)
         elif kind == link.STATUS:
-            call = self._calls.pop(call_id, None)
+            call = self._pop(call_id)
             if call is not None:
                 call.resolve(link.split_status(payload))
         elif kind == link.PING:
@@ -122,7 +140,7 @@ class FrontendLink:
             self.stopped.set_result(marshal.loads(payload))
 
     def _lost(self, exc: Exception | None) -> None:
-        calls, self._calls = self._calls, {}
+        calls, self._calls, self._held = self._calls, {}, 0
         for call in calls.values():
             call.resolve((grpc.StatusCode.UNAVAILABLE.value[0], OWNER_GONE))
         if not self.stopped.done():

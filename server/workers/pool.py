@@ -98,14 +98,24 @@ class WorkerPool:
         self._pinger = asyncio.get_running_loop().create_task(self._ping())
 
     async def _ping(self) -> None:
-        """Kill a frontend whose event loop no longer turns; its watcher restarts it."""
+        """Kill a frontend whose event loop no longer turns; its watcher restarts it.
+
+        Only time this process ran counts as a frontend's silence: when the owner itself did
+        not run for a while (SIGSTOP, a paused container, a long call blocking its loop) it sent
+        no PING and read no PONG meanwhile, and this loop runs before the next PING goes out, so
+        without the shift below every frontend looked hung on resume and was killed."""
+        last = time.monotonic()
         while not self._stopping:
             await asyncio.sleep(_PING_S)
             now = time.monotonic()
+            stalled = now - last - _PING_S  # how much later than asked this loop woke up
+            last = now
             for worker in self._workers:
                 process, link = worker.process, worker.link
                 if process is None or link is None or process.returncode is not None or link.protocol.closed:
                     continue
+                if stalled > _PING_S:  # a whole round or more missed: not the frontend's doing
+                    link.answered += stalled
                 if worker.ready is not None and worker.ready.done() and now - link.answered > _HUNG_S:
                     log.error("worker %d (pid %d) did not answer for %.0fs: killed, to be restarted",
                               worker.index, process.pid, now - link.answered)
