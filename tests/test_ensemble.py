@@ -10,6 +10,7 @@ import queue
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -458,9 +459,10 @@ def test_load_waves_order_steps_before_ensembles_and_name_cycles(tmp_path: Path)
                       "e_loop_b": "circular dependency between ensembles: e_loop_a -> e_loop_b -> e_loop_a"}
 
 
-def _chain_manager(tmp_path: Path):
-    """An in-process poll-mode manager over `postprocess` and `chain` (one step of it), nothing
-    loaded yet; with `apply(name)` to load one of them as the poller would."""
+def _chain_manager(tmp_path: Path, mode: str = "poll", **settings: Any):
+    """An in-process manager (`mode`: its model control mode) over `postprocess` and `chain`
+    (one step of it), nothing loaded yet; with `apply(name)` to load one of them as the poller
+    would."""
     from server.repository.actions import Source
     from server.repository.changes import snapshot_model
     from server.repository.manager import RepositoryManager
@@ -470,7 +472,7 @@ def _chain_manager(tmp_path: Path):
     write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
     write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
         _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
-    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="poll"))
+    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode=mode, **settings))
     return manager, lambda name: manager.apply(Source(snapshot_model(repo / name)))
 
 
@@ -572,15 +574,7 @@ def test_unload_while_a_blocked_ensemble_is_retried_stays_unloaded(tmp_path: Pat
     retry of `chain` on a loader thread. A client's unload of `chain` that lands between the
     retry's look (blocked, not unloaded) and its load must win: the unload RPC answered OK, so
     `chain` must not come back READY (nor a stale config win over a newer load)."""
-    from server.repository.manager import RepositoryManager
-    from server.settings import Settings
-
-    repo = tmp_path / "repo"
-    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
-    write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
-        _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
-    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="explicit",
-                                         model_load_thread_count=1))
+    manager, _ = _chain_manager(tmp_path, "explicit", model_load_thread_count=1)
     original = manager._lock_for
     armed: list[bool] = []
 
@@ -613,14 +607,7 @@ def test_load_by_name_during_an_ensembles_step_load_keeps_the_step(tmp_path: Pat
     not serving and loads it as a step. When the load by name comes first, the step load that
     follows must not mark the model as loaded only for the ensemble: unloading `chain` with
     unload_dependents would then unload a model the client loaded by name."""
-    from server.repository.manager import RepositoryManager
-    from server.settings import Settings
-
-    repo = tmp_path / "repo"
-    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
-    write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
-        _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
-    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="explicit"))
+    manager, _ = _chain_manager(tmp_path, "explicit")
     original = manager._lock_for
     armed = [True]
 
@@ -651,14 +638,7 @@ def test_load_by_name_while_unload_dependents_decides_keeps_the_step(tmp_path: P
     the decision taken under the step's lock it waits for the unload and loads after it."""
     import threading
 
-    from server.repository.manager import RepositoryManager
-    from server.settings import Settings
-
-    repo = tmp_path / "repo"
-    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
-    write_model(repo, "chain", ensemble_config("chain", [_t("IN")], [_t("OUT")], [
-        _step("postprocess", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
-    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="explicit"))
+    manager, _ = _chain_manager(tmp_path, "explicit")
     original = manager._dependent_to_unload
     loads: list[threading.Thread] = []
 
