@@ -119,7 +119,10 @@ def test_failed_load_keeps_serving_and_a_fix_is_picked_up(tmp_path: Path, server
     model, srv, c = _onnx_model_polled(tmp_path, server_factory)
 
     write_version_atomically(model, 2, {"model.onnx": b"\x08\x07corrupt"})
-    rows = wait_until(lambda: (r := index_of(c, "m")) and len(r) == 2 and r, what="version 2 to fail")
+    # While version 2 loads the index shows it LOADING (seen once under --workers 2 and load):
+    # wait for its load to end, then check how it ended.
+    rows = wait_until(lambda: (r := index_of(c, "m")) and len(r) == 2 and r[1][1] != "LOADING" and r,
+                      what="version 2 to fail")
     assert rows[0] == ("1", "READY", "")
     assert rows[1][:2] == ("2", "UNAVAILABLE") and "model.onnx" in rows[1][2]
     assert infer_fp32(c, "m", _x()).get_response().model_version == "1"

@@ -110,17 +110,27 @@ def test_counters_after_known_traffic(metrics_server: ServerProcess) -> None:
 
 
 def test_queue_depth_while_requests_wait_and_rejections(metrics_server: ServerProcess) -> None:
-    """One 1.5 s instance and a queue of 2: with three sent at once the gauge shows the two waiting
-    (for 1.5 s: long enough to scrape on a busy machine), a fourth is REJECTED, and a client
-    that gives up is CANCELED. Channels connect before anything is sent, so that the three
-    arrive together even on a loaded machine (a connection made by the first call can take
-    longer than the instance's 1.5 s, and then the queue never holds two)."""
+    """One 1.5 s instance and a queue of 2: with one running and two more sent the gauge shows
+    the two waiting (for 1.5 s: long enough to scrape on a busy machine), a fourth is REJECTED,
+    and a client that gives up is CANCELED. Channels connect before anything is sent (a
+    connection made by the first call can take longer than the instance's 1.5 s). The first
+    call is running before the next two are sent: sent together, all three could reach the
+    queue before the instance took the first out of it, and the third was then refused as
+    over the queue's bound (correct, and seen once in CI: the depth never showed 2)."""
     channels = [metrics_server.channel() for _ in range(5)]
     for channel in channels:
         grpc.channel_ready_future(channel).result(timeout=scaled(10))
     try:
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(_call, ch, _body("slow")) for ch in channels[:3]]
+            futures = [pool.submit(_call, channels[0], _body("slow"))]
+
+            def first_runs() -> bool:  # received, answered by nobody yet, and not waiting in the queue
+                samples = scrape(metrics_server)
+                return (value(samples, "nereid_inflight_requests") >= 1
+                        and value(samples, "nv_inference_pending_request_count", model="slow", version="1") == 0)
+
+            wait_until(lambda: first_runs() and first_runs(), timeout=scaled(5), what="the first call running")
+            futures += [pool.submit(_call, ch, _body("slow")) for ch in channels[1:3]]
             # One runs, two wait (the queue holds 2); the gauge shows the two.
             depths: list[float] = []
 
