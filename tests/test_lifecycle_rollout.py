@@ -104,8 +104,9 @@ def test_rollout_under_steady_traffic(tmp_path: Path, server_factory) -> None:
 
         # 2. A corrupt version 3: its load fails, version 2 keeps serving, the index says why.
         write_version_atomically(model, 3, {"model.onnx": b"this is not an onnx model"})
-        rows = wait_until(lambda: (r := index_of(c, "ver")) and any(v == "3" for v, _, _ in r) and r,
-                          what="version 3 to be tried")
+        # (the index shows version 3 LOADING while its load runs: wait for the load to end)
+        rows = wait_until(lambda: (r := index_of(c, "ver")) and any(v == "3" and s != "LOADING" for v, s, _ in r)
+                          and r, what="version 3 to be tried")
         story["v3 corrupt"] = rows
         _traffic_continues(steady)
         assert c.is_server_ready(), "a failed update while v2 serves must not make the server unready"
@@ -119,7 +120,9 @@ def test_rollout_under_steady_traffic(tmp_path: Path, server_factory) -> None:
         # 4. The config changes (OUTPUT1 added): version 2 reloads with it, 3 is tried again and still fails.
         (model / "config.pbtxt").write_text(add_config("ver", with_output1=True))
         wait_until(lambda: steady.results and steady.results[-1][3], what="answers from the new config")
-        story["config changed"] = index_of(c, "ver")
+        story["config changed"] = wait_until(
+            lambda: (r := index_of(c, "ver")) and all(s != "LOADING" for _, s, _ in r) and r,
+            what="no version loading after the config change")
         _traffic_continues(steady)
         assert c.is_server_ready()
     finally:
