@@ -66,7 +66,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     manager.bind_loop(loop)
     bls = BlsService(manager, loop)  # Python models' calls to other models, in process
     bls.install()
-    health = HealthReporter()
+    health = HealthReporter(manager.has_ready_version)
     health.bind_loop(loop)
     try:
         tracer = Tracer(settings.trace_config)
@@ -76,7 +76,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     server, port = grpc_listener(settings, servicer, health)
     metrics = start_metrics(settings, manager, servicer, server if isinstance(server, WorkerPool) else None)
     await health.set_server(False)
-    follow_model_health(manager, health)
+    manager.add_listener(health.model_changed_threadsafe)
     manager.add_listener(_server_health_follower(loop, servicer, health))
     if server is not None:
         await server.start()
@@ -270,13 +270,6 @@ async def _poll_forever(poller: Poller, interval: float) -> None:
             await loop.run_in_executor(None, poller.poll)
         except Exception:
             log.exception("repository poll failed; trying again in %.1fs", interval)
-
-
-def follow_model_health(manager: RepositoryManager, health: HealthReporter) -> None:
-    """Each model's health service follows the model's readiness, as the registry has it when
-    the update runs on the event loop (HealthReporter.read_model_readiness says why)."""
-    health.read_model_readiness(manager.has_ready_version)
-    manager.add_listener(health.model_changed_threadsafe)
 
 
 def _server_health_follower(

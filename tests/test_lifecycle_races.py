@@ -76,7 +76,6 @@ def test_model_health_ends_with_the_models_state_when_notices_cross(tmp_path: Pa
     import asyncio
     import threading
 
-    from server.app import follow_model_health
     from server.protocol.health import NOT_SERVING, HealthReporter
     from server.repository.actions import Source
     from server.repository.changes import snapshot_model
@@ -88,9 +87,9 @@ def test_model_health_ends_with_the_models_state_when_notices_cross(tmp_path: Pa
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    health = HealthReporter()
+    health = HealthReporter(manager.has_ready_version)
     health.bind_loop(loop)
-    follow_model_health(manager, health)
+    manager.add_listener(health.model_changed_threadsafe)
     follow = manager._listeners[0]  # _ensembles_follow: runs before the health listener
     crossed: list[bool] = []
 

@@ -99,19 +99,17 @@ class HealthServicer:
 
 
 class HealthReporter:
-    def __init__(self) -> None:
-        self.servicer = HealthServicer()
-        self._models: set[str] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready_of: Callable[[str], bool] | None = None
-
-    def read_model_readiness(self, ready_of: Callable[[str], bool]) -> None:
-        """Take a model's readiness from `ready_of`, read on the event loop when its update runs,
-        rather than from the notice: notices about one model come from several threads (its own
+    def __init__(self, ready_of: Callable[[str], bool]) -> None:
+        """`ready_of(name)`: whether the model has a READY version now. Per-model health takes the
+        readiness from it, read on the event loop when an update runs, rather than from the notice
+        that asked for the update: notices about one model come from several threads (its own
         load or unload, a step's change that blocks an ensemble, an instance giving up), each
         reading readiness before it calls the listeners, so the last to arrive may carry a value
         that is no longer true. Read on the loop, after every change (they run on the loop too),
         the last update always tells the truth."""
+        self.servicer = HealthServicer()
+        self._models: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ready_of = ready_of
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -127,14 +125,14 @@ class HealthReporter:
         self.servicer.set(name, SERVING if ready else NOT_SERVING)
 
     def model_changed_threadsafe(self, name: str, ready: bool) -> None:
-        """For listeners on loader threads: schedule the update on the event loop."""
+        """For listeners on loader threads: schedule the update on the event loop. The notice's
+        `ready` is not used: the update reads the model's readiness when it runs (__init__)."""
         loop = self._loop
         if loop is None:
             return
 
         def schedule() -> None:
-            now = ready if self._ready_of is None else self._ready_of(name)
-            asyncio.ensure_future(self.set_model(name, now))
+            asyncio.ensure_future(self.set_model(name, self._ready_of(name)))
 
         try:
             loop.call_soon_threadsafe(schedule)
