@@ -76,14 +76,11 @@ def test_model_health_ends_with_the_models_state_when_notices_cross(tmp_path: Pa
     import asyncio
     import threading
 
-    from server.protocol.health import NOT_SERVING, HealthReporter
-    from server.repository.actions import Source
-    from server.repository.changes import snapshot_model
+    from test_ensemble import _chain_manager
 
-    repo = tmp_path / "repo"
-    write_model(repo, "postprocess", identity_config("postprocess", [("INPUT0", "FP32", [4])]))
-    write_model(repo, "chain", _chain_config())
-    manager = RepositoryManager(Settings(model_repositories=(repo,), model_control_mode="poll"))
+    from server.protocol.health import NOT_SERVING, HealthReporter
+
+    manager, apply = _chain_manager(tmp_path)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -101,8 +98,8 @@ def test_model_health_ends_with_the_models_state_when_notices_cross(tmp_path: Pa
 
     manager._listeners[0] = follow_then_cross
     try:
-        manager.apply(Source(snapshot_model(repo / "postprocess")))
-        manager.apply(Source(snapshot_model(repo / "chain")))
+        apply("postprocess")
+        apply("chain")
         assert crossed, "chain never became READY"
         assert manager._models["chain"].latest_ready is None  # blocked: its step is gone
         for _ in range(3):  # the scheduled updates, and the tasks they start, have run
@@ -114,17 +111,6 @@ def test_model_health_ends_with_the_models_state_when_notices_cross(tmp_path: Pa
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
-
-
-def _chain_config() -> str:
-    return """name: "chain"
-platform: "ensemble"
-max_batch_size: 0
-input [ { name: "IN" data_type: TYPE_FP32 dims: [ 4 ] } ]
-output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] } ]
-ensemble_scheduling { step [ { model_name: "postprocess" model_version: -1
-  input_map { key: "INPUT0" value: "IN" } output_map { key: "OUTPUT0" value: "OUT" } } ] }
-"""
 
 
 def test_two_retires_at_once_keep_both_drain_threads(tmp_path: Path) -> None:
