@@ -152,6 +152,13 @@ class Backend(abc.ABC):
         return cls
 
     @classmethod
+    def gpu_unusable(cls) -> str | None:
+        """Why this installation cannot run a `supports_gpu` backend on a GPU that is visible,
+        or None. KIND_AUTO then stays on the CPU instead of failing the load: a default group
+        is not a request for the GPU (a CPU build of the framework on a GPU machine)."""
+        return None
+
+    @classmethod
     def describe(cls, model_file: Path) -> Signature | None:
         """Read the model file's I/O for auto-complete; None if the format cannot say."""
         return None

@@ -54,6 +54,14 @@ class OnnxRuntimeBackend(Backend):
     supports_gpu = True
 
     @classmethod
+    def gpu_unusable(cls) -> str | None:
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" in available:
+            return None
+        return (f"this onnxruntime has no CUDAExecutionProvider (available: {', '.join(available)}); "
+                'for the GPU: pip install "nereid[gpu]"')
+
+    @classmethod
     def describe(cls, model_file: Path) -> Signature:
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -82,6 +82,15 @@ def supports_gpu(name: str) -> bool:
         return False
 
 
+def gpu_unusable(name: str) -> str | None:
+    """Why backend `name` (one that `supports_gpu`) cannot use a visible GPU on this
+    installation, or None. Imports the framework: ask only where a GPU is visible."""
+    try:
+        return backend_class(name).gpu_unusable()
+    except BackendError as exc:
+        return str(exc)
+
+
 def _hint(name: str, target: str, exc: ImportError) -> str:
     missing = (exc.name or "").split(".")[0]
     return INSTALL_HINT.get(name) or INSTALL_HINT.get(missing) or f"install the package that provides {target}"

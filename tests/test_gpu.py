@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import model_config_pb2 as mc
 from util import ROOT, ServerProcess, client, write_model
 
 from server.core.placement import visible_gpus
@@ -198,5 +199,28 @@ def test_string_and_classification_models_on_the_gpu(tmp_path: Path) -> None:
         for row, classes in zip(scores, top, strict=True):
             value, index, _label = classes[0].decode().split(":", 2)
             assert int(index) == int(np.argmax(row)) and abs(float(value) - row.max()) < 1e-4
+    finally:
+        server.stop()
+
+
+def test_onnx_default_group_serves_on_the_cpu_where_onnxruntime_has_no_cuda(tmp_path: Path) -> None:
+    """The example `mlp` (no instance_group) on a GPU machine with the CPU onnxruntime: its
+    default group runs on the CPU, with a warning, instead of failing the load (which made
+    every example ONNX model unavailable on the GPU machine, 2026-11-27)."""
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the default group goes to the GPU")
+    shutil.copytree(ROOT / "model_repository" / "mlp", tmp_path / "mlp")
+    server = ServerProcess([tmp_path])
+    try:
+        assert "its KIND_AUTO instances run on the CPU although a GPU is visible" in server.log, server.log
+        c = client(server)
+        (group,) = c.get_model_config("mlp").config.instance_group
+        assert group.kind == mc.ModelInstanceGroup.KIND_CPU and group.count == 2, group
+        x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+        inp = grpcclient.InferInput("INPUT0", [3, 64], "FP32")
+        inp.set_data_from_numpy(x)
+        want = ort.InferenceSession(str(tmp_path / "mlp" / "1" / "model.onnx")).run(None, {"INPUT0": x})[0]
+        np.testing.assert_allclose(c.infer("mlp", [inp]).as_numpy("OUTPUT0"), want, rtol=1e-5, atol=1e-6)
     finally:
         server.stop()

@@ -83,10 +83,28 @@ def _normalised(backend: str, groups: list[mc.ModelInstanceGroup], visible: list
     return config
 
 
-def test_config_default_group_on_a_gpu_machine() -> None:
+def test_config_default_group_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.repository.config.gpu_unusable", lambda name: None)  # as with onnxruntime-gpu
     config = _normalised("onnxruntime", [], visible=[0, 1])
     (only,) = config.instance_group
     assert (only.name, only.kind, only.count, list(only.gpus)) == ("m_0", GPU, 1, [0, 1])
+
+
+def test_config_auto_group_stays_on_cpu_where_onnxruntime_has_no_cuda(caplog: pytest.LogCaptureFixture) -> None:
+    # This machine's onnxruntime is the CPU build: on a GPU machine the default group (and any
+    # KIND_AUTO group) runs on the CPU with a warning instead of failing every ONNX model's load.
+    pytest.importorskip("onnxruntime")
+    from backends.onnxruntime import OnnxRuntimeBackend
+    if OnnxRuntimeBackend.gpu_unusable() is None:
+        pytest.skip("this onnxruntime has CUDAExecutionProvider")
+    with caplog.at_level("WARNING", logger="nereid.config"):
+        (default,) = _normalised("onnxruntime", [], visible=[0]).instance_group
+        auto, gpu = _normalised("onnxruntime", [mc.ModelInstanceGroup(kind=AUTO, count=3),
+                                                mc.ModelInstanceGroup(kind=GPU)], visible=[0]).instance_group
+    assert (default.kind, default.count, list(default.gpus)) == (CPU, 2, [])
+    assert (auto.kind, auto.count) == (CPU, 3)
+    assert (gpu.kind, list(gpu.gpus)) == (GPU, [0])  # asked for by name: the load refuses it with the reason
+    assert "CUDAExecutionProvider" in caplog.text and "model 'm'" in caplog.text
 
 
 def test_config_default_group_without_gpu_keeps_triton_cpu_counts() -> None:

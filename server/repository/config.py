@@ -23,6 +23,7 @@ from backends.registry import (
     PLATFORM_BACKEND,
     backend_class,
     backend_for_file,
+    gpu_unusable,
     supports_gpu,
 )
 from server.confine import require_regular
@@ -181,12 +182,20 @@ def _auto_complete_io(config: mc.ModelConfig, model_dir: ModelDir, settings: Set
 def _fill_instance_groups(config: mc.ModelConfig, visible: Sequence[int] | None = None) -> None:
     """Name every group, resolve KIND_AUTO to where the instances will really run (so the
     ModelConfig RPC tells the truth), list the GPUs of KIND_GPU groups, default the counts.
-    A KIND_GPU group on a machine without GPUs is left as is: the load fails with a reason."""
+    A KIND_GPU group on a machine without GPUs is left as is: the load fails with a reason.
+    KIND_AUTO (the default group too) stays on the CPU where the backend's framework cannot use
+    the visible GPU (a CPU onnxruntime on a GPU machine), with a warning, instead of a failed load."""
     if visible is None:
         visible = visible_gpus()
     if not len(config.instance_group):
         config.instance_group.add()
     uses_gpu = supports_gpu(config.backend)
+    if uses_gpu and visible and any(g.kind == mc.ModelInstanceGroup.KIND_AUTO for g in config.instance_group):
+        reason = gpu_unusable(config.backend)
+        if reason is not None:
+            uses_gpu = False
+            log.warning("model '%s': its KIND_AUTO instances run on the CPU although a GPU is visible: %s",
+                        config.name, reason)
     for index, group in enumerate(config.instance_group):
         if not group.name:
             group.name = f"{config.name}_{index}"
