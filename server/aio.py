@@ -83,20 +83,27 @@ def start(run: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop,
             done(None)
         return None
     rest = _continued(run, waiting)
-    next(rest)
-    task: asyncio.Task[Any] = loop.create_task(rest, context=ctx)  # type: ignore[arg-type]
+    rest.send(None)  # primed: see _rest
+    task: asyncio.Task[Any] = loop.create_task(rest, context=ctx)
     if done is not None:
         task.add_done_callback(done)
     return task
 
 
+async def _continued(run: Coroutine[Any, Any, Any], waiting: Any) -> None:
+    """A Task's coroutine for `_rest`. From Python 3.12 on, a Task takes only coroutines, not
+    generator-based ones (`asyncio.iscoroutine`): handing it `_rest` itself made every call
+    that `start` put in a Task fail there (streaming, and every call in the `--workers`
+    owner), found on the GPU machine's Python 3.12."""
+    await _rest(run, waiting)
+
+
 @types.coroutine
-def _continued(run: Coroutine[Any, Any, Any], waiting: Any) -> Generator[Any, Any, None]:
-    """The rest of a coroutine whose first step ran outside a Task (`start`), as a Task's
-    coroutine: it hands the Task what `run` waits on, and passes on what the Task sends or
-    throws (its cancellation). Advanced to its first `yield` before the Task takes it, so a
-    cancellation arriving before the Task's first step still reaches `run` (thrown into an
-    unstarted generator it would not)."""
+def _rest(run: Coroutine[Any, Any, Any], waiting: Any) -> Generator[Any, Any, None]:
+    """The rest of a coroutine whose first step ran outside a Task (`start`): it hands the
+    Task what `run` waits on, and passes on what the Task sends or throws (its cancellation).
+    Advanced to its first `yield` before the Task takes it, so a cancellation arriving before
+    the Task's first step still reaches `run` (thrown into an unstarted generator it would not)."""
     try:
         yield  # primed past here
     except BaseException as exc:  # cancelled before the Task's first step

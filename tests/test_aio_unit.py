@@ -7,7 +7,9 @@ run yet, the context a Task would have, and the done callback in both cases."""
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextvars
+import types
 
 import pytest
 
@@ -119,5 +121,41 @@ def test_an_error_in_the_first_step_reaches_the_caller() -> None:
 
         with pytest.raises(ValueError, match="boom"):
             start(fails(), asyncio.get_running_loop())
+
+    asyncio.run(run())
+
+
+def test_start_hands_its_task_a_coroutine_as_python_3_12_requires() -> None:
+    """From Python 3.12, `asyncio.iscoroutine` (which a Task checks) accepts only coroutines,
+    not generator-based ones; `start` once handed its Task a generator, so every call it put
+    in a Task failed on Python 3.12 (streaming; every call of the `--workers` owner). The same
+    check is made here on any Python."""
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        create_task = loop.create_task
+
+        def strict(coro, **kwargs):  # type: ignore[no-untyped-def]
+            if not isinstance(coro, (types.CoroutineType, collections.abc.Coroutine)):
+                raise TypeError(f"a coroutine was expected, got {coro!r}")
+            return create_task(coro, **kwargs)
+
+        loop.create_task = strict  # type: ignore[method-assign]
+        gate = loop.create_future()
+
+        async def waits() -> str:
+            return await gate
+
+        task = start(waits(), loop)
+        assert task is not None
+        gate.set_result("go")
+        await task
+        cancelled = start(waits_forever(loop), loop)
+        assert cancelled is not None
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+
+    async def waits_forever(loop: asyncio.AbstractEventLoop) -> None:
+        await loop.create_future()
 
     asyncio.run(run())
