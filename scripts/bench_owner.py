@@ -131,7 +131,11 @@ async def measure(handlers: list[Any], payload: bytes, calls: int, inflight: int
         client(theirs, payload, calls, inflight, streams)
     theirs.close()
     done: asyncio.Future[None] = loop.create_future()  # the client closes its end when it has all
-    owner = OwnerLink(0, handlers, lambda i, p: None, lambda i: done.done() or done.set_result(None), [0])
+    def closed(_worker: int) -> None:
+        if not done.done():
+            done.set_result(None)
+
+    owner = OwnerLink(0, handlers, lambda i, p: None, closed, [0])
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     await loop.connect_accepted_socket(lambda: owner.protocol, ours)
     await done
@@ -197,7 +201,7 @@ async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     manager = RepositoryManager(settings)
     manager.bind_loop(loop)
-    health = HealthReporter()
+    health = HealthReporter(manager.has_ready_version)
     health.bind_loop(loop)
     servicer = InferenceServicer(manager, rate_limiter(settings), Tracer(settings.trace_config), SharedMemoryRegistry())
     await loop.run_in_executor(None, manager.load_startup)

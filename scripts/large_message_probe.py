@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import multiprocessing.synchronize
 import os
 import re
 import subprocess
@@ -63,7 +64,7 @@ def _echo_server(port_queue: mp.Queue) -> None:
     uvloop.run(main())
 
 
-def _probe(url: str, stop: mp.Event, result: mp.Queue) -> None:
+def _probe(url: str, stop: multiprocessing.synchronize.Event, result: mp.Queue) -> None:
     with grpc.insecure_channel(url) as channel:
         live = channel.unary_unary(LIVE)
         worst = 0.0
@@ -110,22 +111,24 @@ def _start_nereid(repo: Path) -> tuple[subprocess.Popen, str]:
 def run(target: str, mb: int, repeat: int) -> None:
     body = _request(mb)
     with tempfile.TemporaryDirectory() as tmp:
+        proc: subprocess.Popen | mp.Process
         if target == "nereid":
             proc, url = _start_nereid(Path(tmp))
-            pid = proc.pid
         else:
             ports: mp.Queue = mp.Queue()
-            proc = mp.Process(target=_echo_server, args=(ports,), daemon=True)  # type: ignore[assignment]
-            proc.start()  # type: ignore[call-arg]
+            proc = mp.Process(target=_echo_server, args=(ports,), daemon=True)
+            proc.start()
             url = f"127.0.0.1:{ports.get(timeout=30)}"
-            pid = proc.pid  # type: ignore[assignment]
+        pid = proc.pid
+        assert pid is not None
         try:
             with grpc.insecure_channel(url, options=OPTIONS) as channel:
                 infer = channel.unary_unary(INFER)
                 channel.unary_unary(LIVE)(b"", timeout=30)
                 idle = _status_mb(pid, "VmRSS")
                 for _ in range(repeat):
-                    stop, result = mp.Event(), mp.Queue()
+                    stop = mp.Event()
+                    result: mp.Queue = mp.Queue()
                     prober = mp.Process(target=_probe, args=(url, stop, result))
                     prober.start()
                     time.sleep(0.3)
@@ -141,7 +144,7 @@ def run(target: str, mb: int, repeat: int) -> None:
                           f"{(peak - idle) / mb:.2f} x payload, RSS after idle + {_status_mb(pid, 'VmRSS') - idle:.0f} "
                           f"MB, longest ServerLive {worst:.3f} s", flush=True)
         finally:
-            proc.terminate()  # type: ignore[union-attr]
+            proc.terminate()
             if isinstance(proc, subprocess.Popen):
                 proc.wait(30)
 

@@ -122,8 +122,10 @@ def shm_views(shm: shared_memory.SharedMemory, slot: int) -> tuple[Any, Any, mem
     import numpy as np
     lens = np.ndarray((SLOTS,), dtype=np.int64, buffer=shm.buf, offset=0)
     rlens = np.ndarray((SLOTS,), dtype=np.int64, buffer=shm.buf, offset=8 * SLOTS)
-    req = shm.buf[HDR:HDR + SLOTS * slot]
-    resp = shm.buf[HDR + SLOTS * slot:HDR + 2 * SLOTS * slot]
+    buf = shm.buf
+    assert buf is not None  # None only once closed
+    req = buf[HDR:HDR + SLOTS * slot]
+    resp = buf[HDR + SLOTS * slot:HDR + 2 * SLOTS * slot]
     return lens, rlens, req, resp
 
 

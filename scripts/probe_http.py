@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import http.client
 import multiprocessing as mp
+import multiprocessing.synchronize
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ ANSWER = (b'{"model_name":"m","model_version":"1",'
           b'"outputs":[{"name":"OUT","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}')
 
 
-def serve(stack: str, ready: mp.Queue, stop: mp.Event) -> None:
+def serve(stack: str, ready: mp.Queue, stop: multiprocessing.synchronize.Event) -> None:
     import uvloop
 
     async def main() -> None:
@@ -32,11 +33,11 @@ def serve(stack: str, ready: mp.Queue, stop: mp.Event) -> None:
             async def handler(request: Request) -> Response:
                 return Response(200, ANSWER)
 
-            server = HttpServer(handler, 1 << 20)
-            ready.put(await server.start("127.0.0.1", 0))
+            ours = HttpServer(handler, 1 << 20)
+            ready.put(await ours.start("127.0.0.1", 0))
             while not stop.is_set():
                 await asyncio.sleep(0.1)
-            await server.stop(1.0)
+            await ours.stop(1.0)
         else:
             import socket
 
