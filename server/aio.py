@@ -84,7 +84,10 @@ def start(run: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop,
         return None
     rest = _continued(run, waiting)
     rest.send(None)  # primed: see _rest
-    task: asyncio.Task[Any] = loop.create_task(rest, context=ctx)
+    # The Task goes on in a copy of `ctx` (what the first step set included). Not
+    # `create_task(rest, context=ctx)`: that argument is Python 3.11's, and on 3.10 (which
+    # pyproject.toml allows) every call that waited raised TypeError here.
+    task: asyncio.Task[Any] = ctx.run(loop.create_task, rest)
     if done is not None:
         task.add_done_callback(done)
     return task

@@ -123,7 +123,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
                  "(at most %.0fs)", _QUIET_S, lame_duck)
         try:
             await asyncio.wait_for(servicer.quiet(_QUIET_S), lame_duck)
-        except TimeoutError:
+        # asyncio.TimeoutError, not TimeoutError: the same class from Python 3.11 on, but on 3.10
+        # (which pyproject.toml allows) wait_for raises asyncio's own, which TimeoutError misses.
+        except asyncio.TimeoutError:
             ignored = True
             log.warning("requests still arriving %.0fs after readiness went off (a load balancer that does "
                         "not check readiness?)", lame_duck)
@@ -144,7 +146,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await _drain(servicer, settings.exit_timeout_secs)
         try:  # a short wait for refused clients to go elsewhere before the listener closes
             await asyncio.wait_for(servicer.quiet(_QUIET_S), max(0.0, min(_REFUSE_S, deadline - loop.time())))
-        except TimeoutError:
+        except asyncio.TimeoutError:
             log.info("closing while calls still arrive: those the listener holds end CANCELLED")
         await _stop_listeners(server, http, _CLOSE_GRACE_S)
     if not loading.done():
@@ -256,7 +258,7 @@ async def _drain(servicer: InferenceServicer, timeout: float) -> None:
     """Wait for every request already received to be answered, up to the exit timeout."""
     try:
         await asyncio.wait_for(servicer.drained(), timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         log.warning("exit timeout (%.0fs): closing with %d request(s) in flight (cancelled)", timeout,
                     servicer.inflight)
 

@@ -159,3 +159,33 @@ def test_start_hands_its_task_a_coroutine_as_python_3_12_requires() -> None:
         await loop.create_future()
 
     asyncio.run(run())
+
+
+def test_start_runs_on_python_3_10s_create_task() -> None:
+    """pyproject.toml allows Python 3.10, whose `loop.create_task` has no `context` argument
+    (3.11 added it): `start` once passed one, and every call that waited raised TypeError on
+    3.10. 3.10's signature is imposed here on any Python; the Task still has the context the
+    first step set."""
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        create_task = loop.create_task
+
+        def py310(coro, *, name=None):  # type: ignore[no-untyped-def]
+            return create_task(coro, name=name)
+
+        loop.create_task = py310  # type: ignore[method-assign]
+        gate = loop.create_future()
+        seen: list[str] = []
+
+        async def waits() -> None:
+            _VAR.set("inner")
+            await gate
+            seen.append(_VAR.get())
+
+        task = start(waits(), loop)
+        assert task is not None
+        gate.set_result(None)
+        await task
+        assert seen == ["inner"] and _VAR.get() == "outer"
+
+    asyncio.run(run())

@@ -50,6 +50,18 @@ BLOCKER = textwrap.dedent('''
 
     allowed = closure(BASE)
     owners = md.packages_distributions()
+    if sys.version_info < (3, 11):
+        # 3.10 reads only top_level.txt, which protobuf's wheel (the `google` package) lacks, so
+        # `google` looked owned by google-cloud-storage alone. 3.11 infers the missing ones from
+        # each distribution's files: the same here.
+        import inspect
+        for dist in md.distributions():
+            if dist.read_text("top_level.txt") is not None:
+                continue
+            for file in dist.files or ():
+                top = file.parts[0] if len(file.parts) > 1 else (inspect.getmodulename(str(file)) or str(file))
+                if "." not in top and dist.metadata["Name"] not in owners.get(top, []):
+                    owners.setdefault(top, []).append(dist.metadata["Name"])
 
     class OnlyBase(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):

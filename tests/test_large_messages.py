@@ -46,6 +46,7 @@ def big_server(tmp_path_factory: pytest.TempPathFactory):
     srv.stop()
 
 
+@pytest.mark.filterwarnings("error::DeprecationWarning")
 def test_300_mb_request_peak_memory_and_other_calls(big_server: ServerProcess) -> None:
     size = 300 * MB
     body = _body(size)
@@ -55,8 +56,11 @@ def test_300_mb_request_peak_memory_and_other_calls(big_server: ServerProcess) -
                                                         ("grpc.max_send_message_length", limit)]) as channel:
         infer = channel.unary_unary(INFER)
         idle = proc_status_mb(pid, "VmRSS")
-        stop, result = mp.Event(), mp.Queue()
-        prober = mp.Process(target=_probe, args=(big_server.url, stop, result))
+        # Spawned, not forked: this process holds gRPC's threads, and Python 3.12 warns that fork() here
+        # may deadlock the child (3.14 no longer forks by default).
+        spawn = mp.get_context("spawn")
+        stop, result = spawn.Event(), spawn.Queue()
+        prober = spawn.Process(target=_probe, args=(big_server.url, stop, result))
         prober.start()
         time.sleep(0.3)
         sent = time.monotonic()

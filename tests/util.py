@@ -28,7 +28,9 @@ from skip_policy import ALLOW_SKIPS_ENV, skips_allowed
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = ROOT / "model_repository"
-PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+# Servers and helper scripts run on the interpreter that runs the suite (not whatever .venv holds), so that
+# `<venv>/bin/python -m pytest` under another Python version tests that version end to end.
+PYTHON = sys.executable
 
 # Set to N to start every ServerProcess with --workers N (tests/test_workers.py runs modules so).
 WORKERS_ENV = "NEREID_TEST_WORKERS"
